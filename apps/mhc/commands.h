@@ -1,0 +1,13 @@
+// Subcommands of the `mhc` tool. Each registers its options on the CLI11 app and returns
+// the exit code when run: 0 success, 1 a check failed, 2 bad input (message on stderr).
+#pragma once
+#include <CLI/CLI.hpp>
+#include <functional>
+
+namespace mhc::app {
+
+using Command = std::function<int()>;
+
+Command add_parity_command(CLI::App& app);
+
+}  // namespace mhc::app

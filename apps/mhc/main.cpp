@@ -1,0 +1,29 @@
+// The `mhc` command: one binary, one subcommand per job.
+#include <cstdio>
+#include <vector>
+
+#include "apps/mhc/commands.h"
+#include "core/error.h"
+
+int main(int argc, char** argv) {
+  CLI::App app{"mhc: transformer language models with Manifold-Constrained Hyper-Connections (mHC)"};
+  app.require_subcommand(1);
+  app.set_help_all_flag("--help-all", "Expand all help");
+  const std::vector<mhc::app::Command> commands = {mhc::app::add_parity_command(app)};
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    const int code = app.exit(e);
+    return code == 0 ? 0 : 2;
+  }
+  try {
+    for (const auto& command : commands) {
+      const int code = command();
+      if (code >= 0) return code;
+    }
+  } catch (const mhc::Error& e) {
+    std::fprintf(stderr, "mhc: error: %s\n", e.what());
+    return 2;
+  }
+  return 2;
+}

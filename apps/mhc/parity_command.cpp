@@ -1,0 +1,67 @@
+// mhc parity FILE...: recompute Megatron reference files and report the worst error.
+#include <cstdio>
+#include <string>
+#include <vector>
+
+#include "apps/mhc/commands.h"
+#include "check/parity.h"
+#include "core/error.h"
+
+namespace mhc::app {
+
+namespace {
+
+struct ParityOptions {
+  std::vector<std::string> files;
+  std::string dtype = "double";
+  bool verbose = false;
+};
+
+int run_parity(const ParityOptions& options) {
+  const bool use_float = options.dtype == "float";
+  const double tolerance = use_float ? 1e-5 : 1e-10;
+  int exit_code = 0;
+  for (const std::string& path : options.files) {
+    try {
+      const Safetensors file = read_safetensors(path);
+      const ParityResult result = use_float ? check_parity<float>(file, path) : check_parity<double>(file, path);
+      const TensorError& worst = result.worst();
+      const bool ok = worst.error <= tolerance;
+      std::printf("%-50s %-16s worst %s error %.3e in %-26s %s\n", path.c_str(), result.kind.c_str(),
+                  worst.relative ? "relative" : "absolute", worst.error, worst.name.c_str(), ok ? "ok" : "FAIL");
+      if (options.verbose)
+        for (const TensorError& e : result.errors)
+          std::printf("    %-28s %s %.3e\n", e.name.c_str(), e.relative ? "rel" : "abs", e.error);
+      for (const std::string& name : result.ignored)
+        std::fprintf(stderr, "mhc parity: %s: tensor '%s' is not an input or output of kind %s; not checked\n",
+                     path.c_str(), name.c_str(), result.kind.c_str());
+      if (!ok && exit_code == 0) exit_code = 1;
+    } catch (const Error& e) {
+      std::fprintf(stderr, "mhc parity: %s\n", e.what());
+      exit_code = 2;
+    }
+  }
+  std::printf("%zu file(s), dtype %s, tolerance %.0e: %s\n", options.files.size(), options.dtype.c_str(), tolerance,
+              exit_code == 0 ? "all within tolerance" : exit_code == 1 ? "FAILED" : "unreadable file(s)");
+  return exit_code;
+}
+
+}  // namespace
+
+Command add_parity_command(CLI::App& app) {
+  auto options = std::make_shared<ParityOptions>();
+  CLI::App* cmd = app.add_subcommand(
+      "parity",
+      "Recompute Megatron-core reference files (kinds hyper_connection and sinkhorn) and print, per file, the "
+      "worst relative error ||ours-ref||/||ref|| over every output and gradient (absolute where the reference is "
+      "all zeros). Exit 0 when all are within tolerance (1e-10 double, 1e-5 float), 1 otherwise, 2 when a file "
+      "cannot be read.");
+  cmd->add_option("files", options->files, "reference .safetensors files")->required();
+  cmd->add_option("--dtype", options->dtype, "compute precision")
+      ->check(CLI::IsMember({"double", "float"}))
+      ->capture_default_str();
+  cmd->add_flag("-v,--verbose", options->verbose, "print the error of every tensor");
+  return [cmd, options] { return cmd->parsed() ? run_parity(*options) : -1; };
+}
+
+}  // namespace mhc::app

@@ -1,0 +1,170 @@
+#include "core/safetensors.h"
+
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <limits>
+#include <nlohmann/json.hpp>
+
+#include "core/error.h"
+
+namespace mhc {
+
+namespace {
+constexpr uint64_t kMaxHeaderBytes = 100ull << 20;  // the format's own limit
+
+uint64_t read_u64_le(const uint8_t* p) {
+  uint64_t v = 0;
+  for (int i = 7; i >= 0; --i) v = (v << 8) | p[i];
+  return v;
+}
+
+void write_u64_le(uint8_t* p, uint64_t v) {
+  for (int i = 0; i < 8; ++i) p[i] = static_cast<uint8_t>(v >> (8 * i));
+}
+
+uint64_t json_unsigned(const nlohmann::json& value, const std::string& what) {
+  check(value.is_number_unsigned() || (value.is_number_integer() && value.get<int64_t>() >= 0),
+        what + " is not a non-negative integer");
+  return value.get<uint64_t>();
+}
+}  // namespace
+
+const HostTensor& Safetensors::at(const std::string& name) const {
+  auto it = tensors.find(name);
+  check(it != tensors.end(), "missing tensor '" + name + "'");
+  return it->second;
+}
+
+Safetensors parse_safetensors(std::span<const uint8_t> bytes, const std::string& origin) {
+  const std::string where = origin + ": ";
+  check(bytes.size() >= 8, where + "file is " + std::to_string(bytes.size()) +
+                               " bytes, too short for the 8-byte header length");
+  const uint64_t header_len = read_u64_le(bytes.data());
+  check(header_len <= kMaxHeaderBytes, where + "header length " + std::to_string(header_len) + " is implausible");
+  check(header_len <= bytes.size() - 8, where + "header length " + std::to_string(header_len) +
+                                            " runs past the end of the file (" + std::to_string(bytes.size()) +
+                                            " bytes): truncated?");
+  const char* header_begin = reinterpret_cast<const char*>(bytes.data() + 8);
+  const nlohmann::json header = nlohmann::json::parse(header_begin, header_begin + header_len, nullptr, false);
+  check(!header.is_discarded(), where + "header is not valid JSON");
+  check(header.is_object(), where + "header is not a JSON object");
+
+  const std::span<const uint8_t> data = bytes.subspan(8 + header_len);
+  Safetensors file;
+  std::vector<std::pair<uint64_t, uint64_t>> ranges;
+  for (const auto& [name, entry] : header.items()) {
+    if (name == "__metadata__") {
+      check(entry.is_object(), where + "__metadata__ is not an object");
+      for (const auto& [key, value] : entry.items()) {
+        check(value.is_string(), where + "metadata value '" + key + "' is not a string");
+        file.metadata[key] = value.get<std::string>();
+      }
+      continue;
+    }
+    const std::string tensor_where = where + "tensor '" + name + "': ";
+    check(entry.is_object(), tensor_where + "entry is not an object");
+    check(entry.contains("dtype") && entry["dtype"].is_string(), tensor_where + "missing dtype");
+    check(entry.contains("shape") && entry["shape"].is_array(), tensor_where + "missing shape");
+    check(entry.contains("data_offsets") && entry["data_offsets"].is_array() && entry["data_offsets"].size() == 2,
+          tensor_where + "data_offsets is not a pair");
+    HostTensor tensor;
+    check(parse_dtype(entry["dtype"].get<std::string>(), tensor.dtype),
+          tensor_where + "unsupported dtype '" + entry["dtype"].get<std::string>() + "'");
+    const uint64_t element_size = dtype_size(tensor.dtype);
+    uint64_t numel = 1;
+    for (const auto& dim : entry["shape"]) {
+      const uint64_t d = json_unsigned(dim, tensor_where + "a shape entry");
+      check(d == 0 || numel <= (std::numeric_limits<uint64_t>::max() / 16) / d, tensor_where + "shape overflows");
+      numel *= d;
+      tensor.shape.push_back(static_cast<int64_t>(d));
+    }
+    const uint64_t begin = json_unsigned(entry["data_offsets"][0], tensor_where + "data_offsets[0]");
+    const uint64_t end = json_unsigned(entry["data_offsets"][1], tensor_where + "data_offsets[1]");
+    check(begin <= end && end <= data.size(), tensor_where + "data_offsets [" + std::to_string(begin) + ", " +
+                                                  std::to_string(end) + "] outside the " +
+                                                  std::to_string(data.size()) + " data bytes: truncated?");
+    check(end - begin == numel * element_size,
+          tensor_where + "holds " + std::to_string(end - begin) + " bytes but shape " + tensor.shape_string() +
+              " of " + dtype_name(tensor.dtype) + " needs " + std::to_string(numel * element_size));
+    tensor.bytes.assign(data.begin() + static_cast<ptrdiff_t>(begin), data.begin() + static_cast<ptrdiff_t>(end));
+    ranges.emplace_back(begin, end);
+    file.tensors.emplace(name, std::move(tensor));
+  }
+  std::sort(ranges.begin(), ranges.end());
+  for (size_t i = 1; i < ranges.size(); ++i)
+    check(ranges[i].first >= ranges[i - 1].second, where + "tensor data ranges overlap");
+  return file;
+}
+
+std::vector<uint8_t> serialize_safetensors(const Safetensors& file) {
+  nlohmann::json header = nlohmann::json::object();
+  if (!file.metadata.empty()) header["__metadata__"] = file.metadata;
+  uint64_t offset = 0;
+  for (const auto& [name, tensor] : file.tensors) {
+    check(tensor.bytes.size() == static_cast<size_t>(tensor.numel()) * dtype_size(tensor.dtype),
+          "tensor '" + name + "' byte size does not match its shape");
+    header[name] = {{"dtype", dtype_name(tensor.dtype)},
+                    {"shape", tensor.shape},
+                    {"data_offsets", {offset, offset + tensor.bytes.size()}}};
+    offset += tensor.bytes.size();
+  }
+  std::string text = header.dump();
+  text.resize((text.size() + 7) / 8 * 8, ' ');  // pad so the data starts 8-byte aligned
+  std::vector<uint8_t> out(8 + text.size() + offset);
+  write_u64_le(out.data(), text.size());
+  std::memcpy(out.data() + 8, text.data(), text.size());
+  uint8_t* cursor = out.data() + 8 + text.size();
+  for (const auto& [name, tensor] : file.tensors) {
+    std::memcpy(cursor, tensor.bytes.data(), tensor.bytes.size());
+    cursor += tensor.bytes.size();
+  }
+  return out;
+}
+
+Safetensors read_safetensors(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  check(in.good(), path + ": cannot open: " + std::strerror(errno));
+  std::vector<uint8_t> bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  check(!in.bad(), path + ": read error");
+  return parse_safetensors(bytes, path);
+}
+
+void write_safetensors(const std::string& path, const Safetensors& file) {
+  const std::vector<uint8_t> bytes = serialize_safetensors(file);
+  const std::string temporary = path + ".tmp." + std::to_string(getpid());
+  const int fd = ::open(temporary.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+  check(fd >= 0, temporary + ": cannot create: " + std::strerror(errno));
+  size_t written = 0;
+  while (written < bytes.size()) {
+    const ssize_t n = ::write(fd, bytes.data() + written, bytes.size() - written);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) {
+      const std::string reason = std::strerror(errno);
+      ::close(fd);
+      ::unlink(temporary.c_str());
+      fail(temporary + ": write failed: " + reason);
+    }
+    written += static_cast<size_t>(n);
+  }
+  const bool synced = ::fsync(fd) == 0;
+  ::close(fd);
+  if (!synced || std::rename(temporary.c_str(), path.c_str()) != 0) {
+    const std::string reason = std::strerror(errno);
+    ::unlink(temporary.c_str());
+    fail(path + ": cannot commit checkpoint file: " + reason);
+  }
+  const std::string dir = std::filesystem::absolute(path).parent_path().string();
+  const int dir_fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY);
+  if (dir_fd >= 0) {  // make the rename itself durable
+    ::fsync(dir_fd);
+    ::close(dir_fd);
+  }
+}
+
+}  // namespace mhc

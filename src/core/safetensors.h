@@ -1,0 +1,31 @@
+// safetensors: 8-byte little-endian header length N, N bytes of JSON header
+// ({name: {dtype, shape, data_offsets: [begin, end]}, "__metadata__": {str: str}}), then
+// the raw data. Reading checks every length, offset and shape against the bytes actually
+// present, so a truncated or malformed file is an Error naming the file, never a crash.
+#pragma once
+#include <cstdint>
+#include <map>
+#include <span>
+#include <string>
+
+#include "core/tensor.h"
+
+namespace mhc {
+
+struct Safetensors {
+  std::map<std::string, HostTensor> tensors;
+  std::map<std::string, std::string> metadata;
+
+  bool has(const std::string& name) const { return tensors.count(name) != 0; }
+  const HostTensor& at(const std::string& name) const;  // Error naming the missing tensor
+};
+
+// `origin` names the source (usually the path) in error messages.
+Safetensors parse_safetensors(std::span<const uint8_t> bytes, const std::string& origin);
+std::vector<uint8_t> serialize_safetensors(const Safetensors& file);
+
+Safetensors read_safetensors(const std::string& path);
+// Atomic: writes a temporary file beside `path`, fsyncs it, then renames it over `path`.
+void write_safetensors(const std::string& path, const Safetensors& file);
+
+}  // namespace mhc
