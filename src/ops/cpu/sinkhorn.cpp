@@ -21,15 +21,21 @@ template <typename T> void normalise(T* M, int n, int stride_major, int stride_m
 }
 
 // dv = (dy - [s >= eps] * sum(dy * y)) / s for each row (or column), in place on dy.
+// Entries that are exactly zero (exp underflow) stay zero through every step and end
+// multiplied by M0 = 0: their gradient is 0, kept so rather than let clamped sums grow it
+// by 1/eps per step into inf * 0 = NaN.
 template <typename T> void normalise_backward(T* grad, const T* y, const T* sums, int n, int stride_major, int stride_minor) {
   for (int a = 0; a < n; ++a) {
     T dot = 0;
-    for (int b = 0; b < n; ++b) dot += grad[a * stride_major + b * stride_minor] * y[a * stride_major + b * stride_minor];
+    for (int b = 0; b < n; ++b) {
+      const int k = a * stride_major + b * stride_minor;
+      if (y[k] != T(0)) dot += grad[k] * y[k];
+    }
     // s > eps exactly when the clamp was inactive (an unclamped sum equal to eps is measure zero)
     if (!(sums[a] > T(kSinkhornEps))) dot = 0;
     for (int b = 0; b < n; ++b) {
-      T& g = grad[a * stride_major + b * stride_minor];
-      g = (g - dot) / sums[a];
+      const int k = a * stride_major + b * stride_minor;
+      grad[k] = y[k] != T(0) ? (grad[k] - dot) / sums[a] : T(0);
     }
   }
 }

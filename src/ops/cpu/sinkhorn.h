@@ -9,7 +9,8 @@
 // per-thread scratch, back-propagates through each normalisation
 //   y = v / s,  s = max(sum v, eps):  dv = (dy - [s >= eps] * sum(dy * y)) / s
 // and finishes with dL = dM0 * M0 (the row-max shift is constant: a per-row scale is
-// cancelled by the first row normalisation). dL is overwritten.
+// cancelled by the first row normalisation). dL is overwritten. Entries exactly zero in
+// forward (exp underflow at large logit gaps) get a zero gradient, not inf * 0 = NaN.
 #pragma once
 #include <cstdint>
 

@@ -1,0 +1,84 @@
+#include <gtest/gtest.h>
+
+#include <cmath>
+
+#include "core/rng.h"
+#include "ops/cpu/h_post_bda.h"
+#include "test_util.h"
+
+namespace mhc {
+namespace {
+
+constexpr const double* kNoBias = nullptr;
+
+// Known-answer vectors of Philox4x32-10 from the Random123 distribution (kat_vectors).
+TEST(Philox, KnownAnswers) {
+  const Philox4x32 zero = philox4x32(0, 0, 0);
+  EXPECT_EQ(zero.v[0], 0x6627e8d5u);
+  EXPECT_EQ(zero.v[1], 0xe169c58du);
+  EXPECT_EQ(zero.v[2], 0xbc57ac4cu);
+  EXPECT_EQ(zero.v[3], 0x9b00dbd8u);
+  const Philox4x32 ones = philox4x32(~0ull, ~0ull, ~0ull);
+  EXPECT_EQ(ones.v[0], 0x408f276du);
+  EXPECT_EQ(ones.v[1], 0x41c83b0eu);
+  EXPECT_EQ(ones.v[2], 0xa20bc7c6u);
+  EXPECT_EQ(ones.v[3], 0x6d5451fdu);
+}
+
+TEST(Dropout, ZeroProbabilityIsTheIdentity) {
+  for (uint64_t i = 0; i < 10000; ++i) EXPECT_EQ(dropout_scale<double>(77, i, 0.0f), 1.0);
+  const int64_t tokens = 4, C = 11;
+  const int n = 3;
+  const auto x = test::random_vector(tokens * n * C, 1), h_res = test::random_vector(tokens * n * n, 2);
+  const auto h_post = test::random_vector(tokens * n, 3), y = test::random_vector(tokens * C, 4);
+  std::vector<double> a(x.size()), b(x.size());
+  cpu::h_post_bda_forward(x.data(), h_res.data(), h_post.data(), y.data(), kNoBias, tokens, n, C, {0.0f, 1}, a.data());
+  cpu::h_post_bda_forward(x.data(), h_res.data(), h_post.data(), y.data(), kNoBias, tokens, n, C, {0.0f, 2}, b.data());
+  EXPECT_EQ(a, b);
+}
+
+TEST(Dropout, ReplayGivesIdenticalMasks) {
+  const int64_t tokens = 8, C = 33;
+  const int n = 4;
+  const auto x = test::random_vector(tokens * n * C, 1), h_res = test::random_vector(tokens * n * n, 2);
+  const auto h_post = test::random_vector(tokens * n, 3), y = test::random_vector(tokens * C, 4);
+  std::vector<double> first(x.size()), replay(x.size()), other(x.size());
+  const uint64_t key = rng_key(1234, /*layer=*/3, /*step=*/17);
+  cpu::h_post_bda_forward(x.data(), h_res.data(), h_post.data(), y.data(), kNoBias, tokens, n, C, {0.4f, key},
+                          first.data());
+  cpu::h_post_bda_forward(x.data(), h_res.data(), h_post.data(), y.data(), kNoBias, tokens, n, C, {0.4f, key},
+                          replay.data());
+  cpu::h_post_bda_forward(x.data(), h_res.data(), h_post.data(), y.data(), kNoBias, tokens, n, C,
+                          {0.4f, rng_key(1234, 3, 18)}, other.data());
+  EXPECT_EQ(first, replay);
+  EXPECT_NE(first, other);
+}
+
+TEST(Dropout, KeptFractionAndScale) {
+  const int count = 1 << 20;
+  for (float p : {0.1f, 0.5f, 0.9f}) {
+    int kept = 0;
+    for (int i = 0; i < count; ++i) {
+      const double s = dropout_scale<double>(rng_key(5, 6), i, p);
+      if (s != 0) {
+        ++kept;
+        EXPECT_DOUBLE_EQ(s, 1.0 / (1.0 - static_cast<double>(p)));
+      }
+    }
+    const double fraction = static_cast<double>(kept) / count;
+    const double sigma = std::sqrt(p * (1.0 - p) / count);
+    EXPECT_NEAR(fraction, 1.0 - p, 6 * sigma) << "p=" << p;
+  }
+}
+
+TEST(Dropout, KeysOfDifferentSitesAreIndependent) {
+  // Masks keyed by neighbouring layers must not coincide more often than chance.
+  const int count = 100000;
+  int same = 0;
+  for (int i = 0; i < count; ++i)
+    same += (dropout_scale<double>(rng_key(1, 0), i, 0.5f) == dropout_scale<double>(rng_key(1, 1), i, 0.5f));
+  EXPECT_NEAR(static_cast<double>(same) / count, 0.5, 0.01);
+}
+
+}  // namespace
+}  // namespace mhc

@@ -1,0 +1,130 @@
+#include <gtest/gtest.h>
+
+#include <filesystem>
+#include <random>
+
+#include "core/error.h"
+#include "core/safetensors.h"
+
+namespace mhc {
+namespace {
+
+Safetensors sample_file() {
+  Safetensors f;
+  f.metadata["kind"] = "test";
+  f.tensors["a.f64"] = HostTensor::from_values<double>(DType::F64, {2, 3}, {1, -2, 3.5, 4, 5e-300, -6e300});
+  f.tensors["b.f32"] = HostTensor::from_values<float>(DType::F32, {4}, {0.25f, -1.5f, 3e10f, 7});
+  f.tensors["c.bf16"] = HostTensor::from_values<float>(DType::BF16, {3}, {1.0f, -2.5f, 0.1f});
+  f.tensors["d.i64"] = HostTensor::from_values<int64_t>(DType::I64, {2}, {42, -7});
+  f.tensors["e.empty"] = HostTensor::from_values<float>(DType::F32, {0, 5}, {});
+  return f;
+}
+
+TEST(Safetensors, RoundTripInMemoryAndOnDisk) {
+  const Safetensors f = sample_file();
+  const auto bytes = serialize_safetensors(f);
+  const Safetensors back = parse_safetensors(bytes, "memory");
+  EXPECT_EQ(back.metadata, f.metadata);
+  ASSERT_EQ(back.tensors.size(), f.tensors.size());
+  for (const auto& [name, t] : f.tensors) {
+    EXPECT_EQ(back.at(name).dtype, t.dtype) << name;
+    EXPECT_EQ(back.at(name).shape, t.shape) << name;
+    EXPECT_EQ(back.at(name).bytes, t.bytes) << name;
+  }
+  const auto path = (std::filesystem::temp_directory_path() / "mhc_test_roundtrip.safetensors").string();
+  write_safetensors(path, f);
+  EXPECT_EQ(serialize_safetensors(read_safetensors(path)), bytes);
+  std::filesystem::remove(path);
+}
+
+TEST(Safetensors, ValuesConvert) {
+  const Safetensors f = sample_file();
+  EXPECT_EQ(f.at("a.f64").to_vector<double>()[5], -6e300);
+  EXPECT_EQ(f.at("b.f32").to_vector<double>()[1], -1.5);
+  const auto bf = f.at("c.bf16").to_vector<float>();
+  EXPECT_EQ(bf[0], 1.0f);
+  EXPECT_EQ(bf[1], -2.5f);
+  EXPECT_NEAR(bf[2], 0.1f, 0.1f / 128);
+  EXPECT_THROW(f.at("d.i64").to_vector<double>(), Error);
+  EXPECT_THROW(f.at("missing"), Error);
+}
+
+TEST(Safetensors, BF16RoundsToNearestEven) {
+  EXPECT_EQ(float_to_bf16(1.0f), 0x3F80);
+  EXPECT_EQ(float_to_bf16(std::bit_cast<float>(0x3F808000u)), 0x3F80);  // tie, even stays
+  EXPECT_EQ(float_to_bf16(std::bit_cast<float>(0x3F818000u)), 0x3F82);  // tie, odd rounds up
+  EXPECT_EQ(float_to_bf16(std::bit_cast<float>(0x3F808001u)), 0x3F81);
+  EXPECT_TRUE(std::isnan(bf16_to_float(float_to_bf16(NAN))));
+}
+
+TEST(Safetensors, EveryTruncationIsRejected) {
+  const auto bytes = serialize_safetensors(sample_file());
+  for (size_t length = 0; length < bytes.size(); ++length) {
+    std::span<const uint8_t> prefix(bytes.data(), length);
+    EXPECT_THROW(parse_safetensors(prefix, "truncated"), Error) << "length " << length;
+  }
+}
+
+TEST(Safetensors, MutatedFilesNeverCrash) {
+  const auto original = serialize_safetensors(sample_file());
+  std::mt19937 gen(2024);
+  int rejected = 0;
+  for (int trial = 0; trial < 400; ++trial) {
+    auto bytes = original;
+    const int flips = 1 + trial % 4;
+    for (int k = 0; k < flips; ++k) {
+      // Mostly the length and header, where the structure lives.
+      const size_t limit = trial % 3 == 0 ? bytes.size() : std::min<size_t>(bytes.size(), 200);
+      bytes[gen() % limit] = static_cast<uint8_t>(gen());
+    }
+    try {
+      const Safetensors f = parse_safetensors(bytes, "mutated");
+      for (const auto& [name, t] : f.tensors)
+        EXPECT_EQ(t.bytes.size(), static_cast<size_t>(t.numel()) * dtype_size(t.dtype)) << name;
+    } catch (const Error&) {
+      ++rejected;
+    }
+  }
+  EXPECT_GT(rejected, 100);  // most mutations of the header must be caught
+}
+
+TEST(Safetensors, MalformedHeadersAreNamed) {
+  auto make = [](const std::string& header, size_t data_bytes) {
+    std::vector<uint8_t> b(8 + header.size() + data_bytes, 0);
+    for (int i = 0; i < 8; ++i) b[i] = static_cast<uint8_t>(header.size() >> (8 * i));
+    std::copy(header.begin(), header.end(), b.begin() + 8);
+    return b;
+  };
+  auto message = [&](const std::string& header, size_t data_bytes) -> std::string {
+    try {
+      parse_safetensors(make(header, data_bytes), "bad.safetensors");
+    } catch (const Error& e) {
+      return e.what();
+    }
+    return "accepted";
+  };
+  EXPECT_EQ(message(R"({"t":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}})", 8), "accepted");
+  EXPECT_NE(message(R"({"t":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}})", 8).find("needs 12"), std::string::npos);
+  EXPECT_NE(message(R"({"t":{"dtype":"F32","shape":[2],"data_offsets":[0,16]}})", 8).find("truncated"),
+            std::string::npos);
+  EXPECT_NE(message(R"({"t":{"dtype":"Q7","shape":[2],"data_offsets":[0,8]}})", 8).find("unsupported dtype"),
+            std::string::npos);
+  EXPECT_NE(message(R"({"t":{"dtype":"F32","shape":[-2],"data_offsets":[0,8]}})", 8).find("shape"), std::string::npos);
+  EXPECT_NE(message(R"({"t":{"dtype":"F32","shape":[4294967296,4294967296],"data_offsets":[0,8]}})", 8)
+                .find("overflow"),
+            std::string::npos);
+  EXPECT_NE(message(R"({"t":)", 0).find("not valid JSON"), std::string::npos);
+  EXPECT_NE(message(R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},)"
+                    R"("b":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}})",
+                    12)
+                .find("overlap"),
+            std::string::npos);
+  EXPECT_NE(message(R"([1,2])", 0).find("bad.safetensors"), std::string::npos);
+}
+
+TEST(Safetensors, MissingFileIsAnError) {
+  EXPECT_THROW(read_safetensors("/nonexistent/dir/file.safetensors"), Error);
+}
+
+}  // namespace
+}  // namespace mhc
