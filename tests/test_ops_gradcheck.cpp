@@ -65,8 +65,8 @@ INSTANTIATE_TEST_SUITE_P(Shapes, MappingsGradient,
                                            MappingCase{3, 2, 13, 1, cpu::ResMapping::Sinkhorn},
                                            MappingCase{3, 4, 9, 0, cpu::ResMapping::Unconstrained},
                                            MappingCase{2, 1, 3, 0, cpu::ResMapping::Unconstrained}),
-                         [](const auto& info) {
-                           const MappingCase& c = info.param;
+                         [](const auto& param_info) {
+                           const MappingCase& c = param_info.param;
                            return "tokens" + std::to_string(c.tokens) + "_n" + std::to_string(c.n) + "_C" +
                                   std::to_string(c.C) + "_T" + std::to_string(c.iterations) +
                                   (c.res_mapping == cpu::ResMapping::Sinkhorn ? "_mhc" : "_hc");
@@ -156,9 +156,9 @@ TEST_P(StreamOpsGradient, ExpandAndContract) {
 INSTANTIATE_TEST_SUITE_P(Shapes, StreamOpsGradient,
                          ::testing::Values(StreamCase{3, 1, 5}, StreamCase{2, 6, 7}, StreamCase{5, 4, 8},
                                            StreamCase{1, 2, 13}),
-                         [](const auto& info) {
-                           return "tokens" + std::to_string(info.param.tokens) + "_n" + std::to_string(info.param.n) +
-                                  "_C" + std::to_string(info.param.C);
+                         [](const auto& param_info) {
+                           return "tokens" + std::to_string(param_info.param.tokens) + "_n" + std::to_string(param_info.param.n) +
+                                  "_C" + std::to_string(param_info.param.C);
                          });
 
 // The whole module: loss = sum(out * g_out) + sum(aggregated * g_agg), y an independent input.
