@@ -9,5 +9,7 @@ namespace mhc::app {
 using Command = std::function<int()>;
 
 Command add_parity_command(CLI::App& app);
+Command add_check_grad_command(CLI::App& app);
+Command add_bench_memory_command(CLI::App& bench);  // under `mhc bench`
 
 }  // namespace mhc::app

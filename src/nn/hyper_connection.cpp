@@ -60,7 +60,12 @@ void HyperConnection<T>::forward(const T* x, int64_t tokens, HcActivations<T>& a
   const T alpha[3] = {alpha_pre.value[0], alpha_post.value[0], alpha_res.value[0]};
   cpu::mhc_mappings_forward(shape(tokens), x, weight.value.data(), alpha, bias.value.data(), act.proj.data(),
                             act.r.data(), act.h_pre.data(), act.h_post.data(), act.h_res.data());
-  cpu::aggregate_forward(x, act.h_pre.data(), tokens, n_, C_, aggregated);
+  aggregate(x, act, aggregated);
+}
+
+template <typename T>
+void HyperConnection<T>::aggregate(const T* x, const HcActivations<T>& act, T* aggregated) const {
+  cpu::aggregate_forward(x, act.h_pre.data(), act.tokens, n_, C_, aggregated);
 }
 
 template <typename T>

@@ -39,6 +39,8 @@ template <typename T> class HyperConnection {
   std::vector<Parameter<T>*> parameters();  // in state-dict order
 
   void forward(const T* x, int64_t tokens, HcActivations<T>& act, T* aggregated) const;
+  // The aggregate alone from kept mappings (selective recompute restores it this way).
+  void aggregate(const T* x, const HcActivations<T>& act, T* aggregated) const;
   void residual_forward(const T* x, const HcActivations<T>& act, const T* y, const T* y_bias,
                         cpu::DropoutSpec dropout, T* out) const;
 

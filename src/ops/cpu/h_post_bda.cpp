@@ -13,14 +13,14 @@ void h_post_bda_forward(const T* x, const T* h_res, const T* h_post, const T* y,
     const T* yt = y + t * C;
     for (int i = 0; i < n; ++i) {
       T* o = out + (t * n + i) * C;
-      const T post = h_post[t * n + i];
+      const T post = h_post ? h_post[t * n + i] : T(1);
       const uint64_t base = static_cast<uint64_t>(t * n + i) * C;
       for (int64_t c = 0; c < C; ++c) {
         const T sublayer = yt[c] + (y_bias ? y_bias[c] : T(0));
         o[c] = dropout_scale<T>(dropout.key, base + c, dropout.p) * post * sublayer;
       }
       for (int j = 0; j < n; ++j) {
-        const T mix = h_res[(t * n + i) * n + j];
+        const T mix = h_res ? h_res[(t * n + i) * n + j] : T(i == j);
         const T* xj = xt + j * C;
         for (int64_t c = 0; c < C; ++c) o[c] += mix * xj[c];
       }
@@ -40,7 +40,7 @@ void h_post_bda_backward(const T* grad_out, const T* x, const T* h_res, const T*
     for (int64_t c = 0; c < C; ++c) gy[c] = 0;
     for (int i = 0; i < n; ++i) {
       const T* go = grad_out + (t * n + i) * C;
-      const T post = h_post[t * n + i];
+      const T post = h_post ? h_post[t * n + i] : T(1);
       const uint64_t base = static_cast<uint64_t>(t * n + i) * C;
       double dpost = 0;  // reductions over C accumulate in double (float parity)
       for (int64_t c = 0; c < C; ++c) {
@@ -48,9 +48,9 @@ void h_post_bda_backward(const T* grad_out, const T* x, const T* h_res, const T*
         dpost += static_cast<double>(masked) * (yt[c] + (y_bias ? y_bias[c] : T(0)));
         gy[c] += masked * post;
       }
-      grad_h_post[t * n + i] = static_cast<T>(dpost);
+      if (grad_h_post) grad_h_post[t * n + i] = static_cast<T>(dpost);
       for (int j = 0; j < n; ++j) {
-        const T mix = h_res[(t * n + i) * n + j];
+        const T mix = h_res ? h_res[(t * n + i) * n + j] : T(i == j);
         const T* xj = xt + j * C;
         T* gxj = grad_x + (t * n + j) * C;
         double dmix = 0;
@@ -58,7 +58,7 @@ void h_post_bda_backward(const T* grad_out, const T* x, const T* h_res, const T*
           dmix += static_cast<double>(go[c]) * xj[c];
           gxj[c] += mix * go[c];
         }
-        grad_h_res[(t * n + i) * n + j] = static_cast<T>(dmix);
+        if (grad_h_res) grad_h_res[(t * n + i) * n + j] = static_cast<T>(dmix);
       }
     }
   }

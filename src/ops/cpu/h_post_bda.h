@@ -4,7 +4,9 @@
 //   out[i][c] = sum_j H_res[i][j] x[j][c] + D[i][c] * H_post[i] * (y[c] + y_bias[c])
 //
 // with D the inverted-dropout multiplier of element (t*n + i)*C + c of the Philox stream
-// `dropout.key` (0 or 1/(1-p); 1 when p = 0). y_bias may be null. Saves nothing: the
+// `dropout.key` (0 or 1/(1-p); 1 when p = 0). y_bias may be null. Null h_res and h_post
+// mean the identity and ones: the plain residual out = x + dropout(y + y_bias) (n = 1),
+// and their gradients are then not produced. Saves nothing: the
 // mask is replayed from its key. Reductions over C accumulate in double. Backward:
 //   dx[j][c]     += sum_i H_res[i][j] dout[i][c]          (accumulates)
 //   dH_res[i][j]  = sum_c dout[i][c] x[j][c]              (overwrites)

@@ -1,0 +1,73 @@
+// GPT with a residual, hc or mhc residual connection (DESIGN.md §1), on the CPU.
+//
+//   e = wte[tokens] + wpe;  x = expand_n(e);  x = layer_l(x) for l < L;
+//   h = final_norm(contract_n(x));  loss = cross_entropy(h wte^T, targets)   (tied head)
+//
+// mhc layer:  x' = HC_attn(x, Attention∘norm1),  x'' = HC_mlp(x', MLP∘norm2)
+// residual:   x' = x + dropout(Attention(norm1(x)) + b),  x'' likewise with the MLP.
+//
+// Every activation and gradient buffer is sized once at construction for (batch, seq):
+// a training step allocates nothing. With recompute = mhc the discardable tensors of
+// each layer live in a workspace of one recompute block (RecomputePlan) and are restored
+// before the block's backward; loss and gradients are bitwise those without recompute.
+#pragma once
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "core/config.h"
+#include "nn/hyper_connection.h"
+#include "nn/parameter.h"
+#include "nn/recompute_plan.h"
+
+namespace mhc {
+
+// Bytes of activations held from forward to backward, and of the recompute workspace.
+struct ActivationBytes {
+  int64_t kept = 0;
+  int64_t workspace = 0;
+  int64_t total() const { return kept + workspace; }
+};
+
+// Computed without allocating: the same sizes the model allocates.
+ActivationBytes activation_bytes(const ModelConfig& config, int64_t batch, int64_t seq, size_t element_size);
+
+// Gain magnitudes of one hyper connection's H_res (paper Fig. 3 and 7), over tokens:
+// forward gain = max absolute row sum, backward gain = max absolute column sum, of H_res
+// itself and of the composite product of all H_res from the first module up to this one.
+struct GainStats {
+  double forward_max = 0, forward_mean = 0, backward_max = 0, backward_mean = 0;
+  double composite_forward_max = 0, composite_forward_mean = 0, composite_backward_max = 0,
+         composite_backward_mean = 0;
+};
+
+template <typename T> class Gpt {
+ public:
+  Gpt(const ModelConfig& config, int64_t batch, int64_t seq);
+  ~Gpt();
+  Gpt(const Gpt&) = delete;
+  Gpt& operator=(const Gpt&) = delete;
+
+  void init(uint64_t seed);
+  std::vector<Parameter<T>*> parameters();
+  void zero_grad();
+
+  // Returns the mean cross-entropy. `step` keys the dropout masks; `embeddings`, when
+  // given ([batch*seq, C]), replaces wte[tokens] + wpe (for gradient checks).
+  double forward(const int32_t* tokens, const int32_t* targets, uint64_t step, const T* embeddings = nullptr);
+  // Accumulates every parameter's gradient; grad_embeddings() holds d loss / d e.
+  void backward();
+
+  const std::vector<T>& embeddings() const;
+  const std::vector<T>& grad_embeddings() const;
+  const std::vector<GainStats>& gains() const;  // 2 per layer (attention, MLP); empty for residual
+  const ModelConfig& config() const { return config_; }
+  ActivationBytes bytes() const;
+
+ private:
+  struct State;
+  ModelConfig config_;
+  std::unique_ptr<State> s_;
+};
+
+}  // namespace mhc
