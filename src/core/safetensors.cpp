@@ -121,6 +121,7 @@ std::vector<uint8_t> serialize_safetensors(const Safetensors& file) {
   std::memcpy(out.data() + 8, text.data(), text.size());
   uint8_t* cursor = out.data() + 8 + text.size();
   for (const auto& [name, tensor] : file.tensors) {
+    if (tensor.bytes.empty()) continue;  // memcpy from an empty vector's null data is undefined
     std::memcpy(cursor, tensor.bytes.data(), tensor.bytes.size());
     cursor += tensor.bytes.size();
   }

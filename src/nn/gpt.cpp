@@ -100,7 +100,7 @@ template <typename T> struct Gpt<T>::State {
   std::vector<T> dx_a, dx_b, dx_mid, dagg, dln, dy, dctx, dqkv, dfc, dact, dh, dhf, de;
   // stability metrics
   std::vector<GainStats> gains;
-  std::vector<T> composite;
+  std::vector<T> composite, product;
 
   static T* ptr(Parameter<T>& p) { return p.value.empty() ? nullptr : p.value.data(); }
   static T* gptr(Parameter<T>& p) { return p.grad.empty() ? nullptr : p.grad.data(); }
@@ -217,16 +217,17 @@ template <typename T> struct Gpt<T>::State {
     }
   }
 
-  void update_gains(const std::vector<const HcActivations<T>*>& modules) {
-    // composite_t = H_res(module) @ composite_t, starting from the identity.
+  // Gains of every module's H_res in forward order (attention, MLP of each layer), and of
+  // the composite composite_t = H_res(module) @ composite_t from the identity.
+  void update_gains() {
     for (int64_t t = 0; t < N; ++t)
       for (int64_t k = 0; k < n * n; ++k) composite[t * n * n + k] = T(k / n == k % n);
-    gains.assign(modules.size(), GainStats{});
-    std::vector<T> product(static_cast<size_t>(n * n));
-    for (size_t m = 0; m < modules.size(); ++m) {
+    std::fill(gains.begin(), gains.end(), GainStats{});
+    for (size_t m = 0; m < gains.size(); ++m) {
       GainStats& g = gains[m];
+      const HcActivations<T>& module = m % 2 == 0 ? layers[m / 2].act_attn : layers[m / 2].act_mlp;
       for (int64_t t = 0; t < N; ++t) {
-        const T* Hres = modules[m]->h_res.data() + t * n * n;
+        const T* Hres = module.h_res.data() + t * n * n;
         T* P = composite.data() + t * n * n;
         for (int64_t i = 0; i < n; ++i)
           for (int64_t j = 0; j < n; ++j) {
@@ -363,7 +364,11 @@ template <typename T> Gpt<T>::Gpt(const ModelConfig& config, int64_t batch, int6
   s.dqkv.resize(N * 3 * C);
   s.dfc.resize(N * s.width);
   s.dact.resize(N * s.F);
-  if (s.hc) s.composite.resize(N * n * n);
+  if (s.hc) {
+    s.composite.resize(N * n * n);
+    s.product.resize(n * n);
+    s.gains.resize(2 * s.layers.size());
+  }
 }
 
 template <typename T> Gpt<T>::~Gpt() = default;
@@ -443,14 +448,7 @@ double Gpt<T>::forward(const int32_t* tokens, const int32_t* targets, uint64_t s
   cpu::stream_contract_forward(s.layers.back().x_out, s.N, static_cast<int>(s.n), s.C, s.h.data());
   s.norm(s.h.data(), s.lnf_w, s.lnf_b, c, s.hf.data(), s.lnf_mean, s.lnf_rstd);
   const double loss = cpu::lm_head_forward(s.hf.data(), s.wte.value.data(), targets, s.N, s.C, s.V, s.probs.data());
-  if (s.hc) {
-    std::vector<const HcActivations<T>*> modules;
-    for (Layer<T>& L : s.layers) {
-      modules.push_back(&L.act_attn);
-      modules.push_back(&L.act_mlp);
-    }
-    s.update_gains(modules);
-  }
+  if (s.hc) s.update_gains();
   return loss;
 }
 
