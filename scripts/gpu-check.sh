@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Runs the GPU test binary on a machine with an NVIDIA GPU. Usage:
+#   scripts/gpu-check.sh DIR   where DIR holds mhc_cuda_tests (and, when the machine
+#   lacks them, the shared libraries it was linked against: it is put on LD_LIBRARY_PATH).
+set -euo pipefail
+dir=${1:?usage: gpu-check.sh DIR}
+export LD_LIBRARY_PATH="$dir${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+"$dir/mhc_cuda_tests" --gtest_brief=1

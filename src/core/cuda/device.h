@@ -1,0 +1,71 @@
+// The one place for CUDA error checking and device memory. Every runtime call goes
+// through MHC_CUDA_CHECK, which turns a failure into an mhc::Error naming the call and
+// the place; DeviceBuffer owns one cudaMalloc allocation (never managed memory).
+#pragma once
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <string>
+#include <vector>
+
+#include "core/error.h"
+
+namespace mhc::cuda {
+
+[[noreturn]] void throw_cuda_error(cudaError_t status, const char* call, const char* file, int line);
+
+#define MHC_CUDA_CHECK(call)                                                                     \
+  do {                                                                                           \
+    const cudaError_t mhc_status_ = (call);                                                      \
+    if (mhc_status_ != cudaSuccess) ::mhc::cuda::throw_cuda_error(mhc_status_, #call, __FILE__, __LINE__); \
+  } while (0)
+
+// True when a CUDA device can be used (GPU tests skip themselves otherwise).
+bool device_available();
+
+template <typename T> class DeviceBuffer {
+ public:
+  DeviceBuffer() = default;
+  explicit DeviceBuffer(size_t count) : count_(count) {
+    if (count) MHC_CUDA_CHECK(cudaMalloc(&data_, count * sizeof(T)));
+  }
+  explicit DeviceBuffer(const std::vector<T>& host) : DeviceBuffer(host.size()) { upload(host); }
+  ~DeviceBuffer() {
+    if (data_) cudaFree(data_);
+  }
+  DeviceBuffer(DeviceBuffer&& other) noexcept : data_(other.data_), count_(other.count_) {
+    other.data_ = nullptr;
+    other.count_ = 0;
+  }
+  DeviceBuffer& operator=(DeviceBuffer&& other) noexcept {
+    std::swap(data_, other.data_);
+    std::swap(count_, other.count_);
+    return *this;
+  }
+  DeviceBuffer(const DeviceBuffer&) = delete;
+  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
+
+  T* data() { return data_; }
+  const T* data() const { return data_; }
+  size_t size() const { return count_; }
+
+  void upload(const std::vector<T>& host) {
+    check(host.size() == count_, "DeviceBuffer::upload: size mismatch");
+    if (count_) MHC_CUDA_CHECK(cudaMemcpy(data_, host.data(), count_ * sizeof(T), cudaMemcpyHostToDevice));
+  }
+  std::vector<T> download() const {
+    std::vector<T> host(count_);
+    if (count_) MHC_CUDA_CHECK(cudaMemcpy(host.data(), data_, count_ * sizeof(T), cudaMemcpyDeviceToHost));
+    return host;
+  }
+  // Fills every byte with `byte` (tests poison outputs with 0xFF: NaN in bf16 and fp32).
+  void fill_bytes(int byte) {
+    if (count_) MHC_CUDA_CHECK(cudaMemset(data_, byte, count_ * sizeof(T)));
+  }
+
+ private:
+  T* data_ = nullptr;
+  size_t count_ = 0;
+};
+
+}  // namespace mhc::cuda

@@ -1,0 +1,220 @@
+#include <type_traits>
+
+#include "core/cuda/device.h"
+#include "core/rng.h"
+#include "ops/cuda/stream_mix.h"
+
+namespace mhc::cuda {
+
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+
+// Sums V per-thread values over the block in a fixed order; the result is valid in
+// thread 0 .. V-1 of `out` (shared) after the call. Deterministic for a fixed launch.
+template <int V> __device__ void block_sum(float (&values)[V], float* out) {
+  __shared__ float partial[V][kWarps];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+#pragma unroll
+  for (int v = 0; v < V; ++v) {
+    float s = values[v];
+    for (int offset = 16; offset > 0; offset /= 2) s += __shfl_xor_sync(0xffffffffu, s, offset);
+    if (lane == 0) partial[v][warp] = s;
+  }
+  __syncthreads();
+  for (int v = threadIdx.x; v < V; v += blockDim.x) {
+    float s = 0;
+    for (int w = 0; w < kWarps; ++w) s += partial[v][w];
+    out[v] = s;
+  }
+  __syncthreads();
+}
+
+template <int N>
+__global__ void aggregate_forward_kernel(const bf16* x, const float* h_pre, int64_t C, bf16* agg) {
+  const int64_t t = blockIdx.x;
+  float gate[N];
+#pragma unroll
+  for (int j = 0; j < N; ++j) gate[j] = h_pre[t * N + j];
+  const bf16* xt = x + t * N * C;
+  for (int64_t c = threadIdx.x; c < C; c += blockDim.x) {
+    float acc = 0;
+#pragma unroll
+    for (int j = 0; j < N; ++j) acc += gate[j] * __bfloat162float(xt[j * C + c]);
+    agg[t * C + c] = __float2bfloat16(acc);
+  }
+}
+
+template <int N>
+__global__ void aggregate_backward_kernel(const bf16* grad_agg, const bf16* x, const float* h_pre, int64_t C,
+                                          bf16* grad_x, float* grad_h_pre) {
+  const int64_t t = blockIdx.x;
+  float gate[N], dot[N];
+#pragma unroll
+  for (int j = 0; j < N; ++j) {
+    gate[j] = h_pre[t * N + j];
+    dot[j] = 0;
+  }
+  const bf16* xt = x + t * N * C;
+  bf16* gxt = grad_x + t * N * C;
+  for (int64_t c = threadIdx.x; c < C; c += blockDim.x) {
+    const float g = __bfloat162float(grad_agg[t * C + c]);
+#pragma unroll
+    for (int j = 0; j < N; ++j) {
+      dot[j] += g * __bfloat162float(xt[j * C + c]);
+      gxt[j * C + c] = __float2bfloat16(__bfloat162float(gxt[j * C + c]) + gate[j] * g);
+    }
+  }
+  __shared__ float sums[N];
+  block_sum<N>(dot, sums);
+  if (threadIdx.x < N) grad_h_pre[t * N + threadIdx.x] = sums[threadIdx.x];
+}
+
+template <int N>
+__global__ void h_post_bda_forward_kernel(const bf16* x, const float* h_res, const float* h_post, const bf16* y,
+                                          const bf16* y_bias, int64_t C, float p, uint64_t key, bf16* out) {
+  const int64_t t = blockIdx.x;
+  float mix[N][N], post[N];
+#pragma unroll
+  for (int i = 0; i < N; ++i) {
+    post[i] = h_post[t * N + i];
+#pragma unroll
+    for (int j = 0; j < N; ++j) mix[i][j] = h_res[(t * N + i) * N + j];
+  }
+  const bf16* xt = x + t * N * C;
+  for (int64_t c = threadIdx.x; c < C; c += blockDim.x) {
+    const float sublayer = __bfloat162float(y[t * C + c]) + (y_bias ? __bfloat162float(y_bias[c]) : 0.0f);
+    float xs[N];
+#pragma unroll
+    for (int j = 0; j < N; ++j) xs[j] = __bfloat162float(xt[j * C + c]);
+#pragma unroll
+    for (int i = 0; i < N; ++i) {
+      const uint64_t index = static_cast<uint64_t>(t * N + i) * C + c;
+      float acc = dropout_scale<float>(key, index, p) * post[i] * sublayer;
+#pragma unroll
+      for (int j = 0; j < N; ++j) acc += mix[i][j] * xs[j];
+      out[(t * N + i) * C + c] = __float2bfloat16(acc);
+    }
+  }
+}
+
+template <int N>
+__global__ void h_post_bda_backward_kernel(const bf16* grad_out, const bf16* x, const float* h_res,
+                                           const float* h_post, const bf16* y, const bf16* y_bias, int64_t C,
+                                           float p, uint64_t key, bf16* grad_x, float* grad_h_res,
+                                           float* grad_h_post, bf16* grad_y) {
+  const int64_t t = blockIdx.x;
+  float mix[N][N], post[N];
+  float partial[N * N + N];  // dH_res row-major, then dH_post
+#pragma unroll
+  for (int i = 0; i < N; ++i) {
+    post[i] = h_post[t * N + i];
+#pragma unroll
+    for (int j = 0; j < N; ++j) mix[i][j] = h_res[(t * N + i) * N + j];
+  }
+#pragma unroll
+  for (int k = 0; k < N * N + N; ++k) partial[k] = 0;
+  const bf16* xt = x + t * N * C;
+  for (int64_t c = threadIdx.x; c < C; c += blockDim.x) {
+    const float sublayer = __bfloat162float(y[t * C + c]) + (y_bias ? __bfloat162float(y_bias[c]) : 0.0f);
+    float g[N], xs[N];
+    float dy = 0;
+#pragma unroll
+    for (int i = 0; i < N; ++i) {
+      g[i] = __bfloat162float(grad_out[(t * N + i) * C + c]);
+      xs[i] = __bfloat162float(xt[i * C + c]);
+      const float masked = g[i] * dropout_scale<float>(key, static_cast<uint64_t>(t * N + i) * C + c, p);
+      dy += masked * post[i];
+      partial[N * N + i] += masked * sublayer;
+    }
+#pragma unroll
+    for (int j = 0; j < N; ++j) {
+      float dx = 0;
+#pragma unroll
+      for (int i = 0; i < N; ++i) {
+        dx += mix[i][j] * g[i];
+        partial[i * N + j] += g[i] * xs[j];
+      }
+      grad_x[(t * N + j) * C + c] = __float2bfloat16(dx);
+    }
+    grad_y[t * C + c] = __float2bfloat16(dy);
+  }
+  __shared__ float sums[N * N + N];
+  block_sum<N * N + N>(partial, sums);
+  for (int k = threadIdx.x; k < N * N; k += blockDim.x) grad_h_res[t * N * N + k] = sums[k];
+  for (int i = threadIdx.x; i < N; i += blockDim.x) grad_h_post[t * N + i] = sums[N * N + i];
+}
+
+// One thread per channel, tokens in order: deterministic.
+__global__ void column_sum_kernel(const bf16* grad_y, int64_t tokens, int64_t C, float* grad_bias) {
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= C) return;
+  float sum = 0;
+  for (int64_t t = 0; t < tokens; ++t) sum += __bfloat162float(grad_y[t * C + c]);
+  grad_bias[c] += sum;
+}
+
+template <typename Launch> void dispatch_streams(int n, Launch&& launch) {
+  switch (n) {
+    case 1: launch(std::integral_constant<int, 1>{}); break;
+    case 2: launch(std::integral_constant<int, 2>{}); break;
+    case 4: launch(std::integral_constant<int, 4>{}); break;
+    case 6: launch(std::integral_constant<int, 6>{}); break;
+    case 8: launch(std::integral_constant<int, 8>{}); break;
+    default: fail("num_residual_streams: " + std::to_string(n) + " has no CUDA kernel (1, 2, 4, 6 or 8)");
+  }
+}
+
+unsigned grid_of(int64_t tokens) {
+  check(tokens >= 1 && tokens <= 0x7fffffff, "token count out of range for the CUDA kernels");
+  return static_cast<unsigned>(tokens);
+}
+
+}  // namespace
+
+bool stream_count_supported(int n) { return n == 1 || n == 2 || n == 4 || n == 6 || n == 8; }
+
+void aggregate_forward(const bf16* x, const float* h_pre, int64_t tokens, int n, int64_t C, bf16* agg,
+                       cudaStream_t stream) {
+  dispatch_streams(n, [&](auto N) {
+    aggregate_forward_kernel<N.value><<<grid_of(tokens), kThreads, 0, stream>>>(x, h_pre, C, agg);
+  });
+  MHC_CUDA_CHECK(cudaGetLastError());
+}
+
+void aggregate_backward(const bf16* grad_agg, const bf16* x, const float* h_pre, int64_t tokens, int n, int64_t C,
+                        bf16* grad_x, float* grad_h_pre, cudaStream_t stream) {
+  dispatch_streams(n, [&](auto N) {
+    aggregate_backward_kernel<N.value><<<grid_of(tokens), kThreads, 0, stream>>>(grad_agg, x, h_pre, C, grad_x,
+                                                                                 grad_h_pre);
+  });
+  MHC_CUDA_CHECK(cudaGetLastError());
+}
+
+void h_post_bda_forward(const bf16* x, const float* h_res, const float* h_post, const bf16* y, const bf16* y_bias,
+                        int64_t tokens, int n, int64_t C, cpu::DropoutSpec dropout, bf16* out, cudaStream_t stream) {
+  dispatch_streams(n, [&](auto N) {
+    h_post_bda_forward_kernel<N.value><<<grid_of(tokens), kThreads, 0, stream>>>(x, h_res, h_post, y, y_bias, C,
+                                                                                 dropout.p, dropout.key, out);
+  });
+  MHC_CUDA_CHECK(cudaGetLastError());
+}
+
+void h_post_bda_backward(const bf16* grad_out, const bf16* x, const float* h_res, const float* h_post, const bf16* y,
+                         const bf16* y_bias, int64_t tokens, int n, int64_t C, cpu::DropoutSpec dropout, bf16* grad_x,
+                         float* grad_h_res, float* grad_h_post, bf16* grad_y, float* grad_y_bias,
+                         cudaStream_t stream) {
+  dispatch_streams(n, [&](auto N) {
+    h_post_bda_backward_kernel<N.value><<<grid_of(tokens), kThreads, 0, stream>>>(
+        grad_out, x, h_res, h_post, y, y_bias, C, dropout.p, dropout.key, grad_x, grad_h_res, grad_h_post, grad_y);
+  });
+  MHC_CUDA_CHECK(cudaGetLastError());
+  if (grad_y_bias) {
+    column_sum_kernel<<<static_cast<unsigned>((C + kThreads - 1) / kThreads), kThreads, 0, stream>>>(grad_y, tokens,
+                                                                                                   C, grad_y_bias);
+    MHC_CUDA_CHECK(cudaGetLastError());
+  }
+}
+
+}  // namespace mhc::cuda

@@ -1,0 +1,42 @@
+// CUDA kernels of the per-token n-stream ops (bf16 activations, fp32 H_pre/H_res/H_post,
+// fp32 accumulation), the GPU counterparts of ops/cpu/aggregate.h and ops/cpu/h_post_bda.h
+// with the same math, the same dropout stream and the same accumulate/overwrite rules:
+//
+//   aggregate:   agg[c] = sum_j H_pre[j] x[j][c]
+//                backward: dx[j][c] += H_pre[j] dagg[c] (bf16 read-add-write), dH_pre[j] = sum_c dagg x[j]
+//   h_post_bda:  out[i][c] = sum_j H_res[i][j] x[j][c] + D[i][c] H_post[i] (y[c] + y_bias[c])
+//                backward: dx[j][c] = sum_i H_res[i][j] dout[i][c]         (overwrites)
+//                          dH_res[i][j] = sum_c dout[i][c] x[j][c],  dH_post[i] = sum_c dout D (y + y_bias)
+//                          dy[c] = sum_i dout[i][c] D H_post[i],  dy_bias += sum over tokens (fp32)
+//
+// One thread block per token; per-token reductions are block reductions in a fixed order,
+// and dy_bias is reduced over tokens by one thread per channel in token order, so every
+// output is deterministic. n is a template parameter (1, 2, 4, 6, 8 supported).
+#pragma once
+#include <cuda_bf16.h>
+
+#include <cstdint>
+
+#include "ops/cpu/h_post_bda.h"
+
+namespace mhc::cuda {
+
+using bf16 = __nv_bfloat16;
+
+bool stream_count_supported(int n);
+
+void aggregate_forward(const bf16* x, const float* h_pre, int64_t tokens, int n, int64_t C, bf16* agg,
+                       cudaStream_t stream = nullptr);
+void aggregate_backward(const bf16* grad_agg, const bf16* x, const float* h_pre, int64_t tokens, int n, int64_t C,
+                        bf16* grad_x, float* grad_h_pre, cudaStream_t stream = nullptr);
+
+void h_post_bda_forward(const bf16* x, const float* h_res, const float* h_post, const bf16* y, const bf16* y_bias,
+                        int64_t tokens, int n, int64_t C, cpu::DropoutSpec dropout, bf16* out,
+                        cudaStream_t stream = nullptr);
+// grad_y_bias (fp32, accumulated) may be null; it is reduced from the bf16 grad_y.
+void h_post_bda_backward(const bf16* grad_out, const bf16* x, const float* h_res, const float* h_post, const bf16* y,
+                         const bf16* y_bias, int64_t tokens, int n, int64_t C, cpu::DropoutSpec dropout, bf16* grad_x,
+                         float* grad_h_res, float* grad_h_post, bf16* grad_y, float* grad_y_bias,
+                         cudaStream_t stream = nullptr);
+
+}  // namespace mhc::cuda

@@ -1,0 +1,161 @@
+// CUDA stream-mixing kernels against the CPU double reference, on fresh random inputs
+// with every output poisoned (0xFF bytes: NaN) before the run. Skipped without a GPU.
+#include <gtest/gtest.h>
+
+#include <cmath>
+
+#include "core/cuda/device.h"
+#include "core/rng.h"
+#include "core/tensor.h"
+#include "ops/cpu/aggregate.h"
+#include "ops/cpu/h_post_bda.h"
+#include "ops/cuda/stream_mix.h"
+#include "test_util.h"
+
+namespace mhc {
+namespace {
+
+using cuda::bf16;
+using cuda::DeviceBuffer;
+
+constexpr double kBf16Tolerance = 1e-2, kFp32Tolerance = 2e-5;
+
+// Random values exactly representable in bf16, as bf16 bits and as doubles.
+struct Bf16Data {
+  std::vector<bf16> bits;
+  std::vector<double> values;
+};
+Bf16Data random_bf16(size_t count, uint64_t seed) {
+  Bf16Data d;
+  for (double v : test::random_vector(count, seed)) {
+    const uint16_t b = float_to_bf16(static_cast<float>(v));
+    d.bits.push_back(std::bit_cast<bf16>(b));
+    d.values.push_back(bf16_to_float(b));
+  }
+  return d;
+}
+std::vector<float> random_float(size_t count, uint64_t seed, double lo = -1, double hi = 1) {
+  const auto v = test::random_vector(count, seed, lo, hi);
+  return {v.begin(), v.end()};
+}
+std::vector<double> widen(const std::vector<float>& v) { return {v.begin(), v.end()}; }
+std::vector<double> widen(const std::vector<bf16>& v) {
+  std::vector<double> out;
+  for (bf16 b : v) out.push_back(bf16_to_float(std::bit_cast<uint16_t>(b)));
+  return out;
+}
+template <typename T> DeviceBuffer<T> poisoned(size_t count) {
+  DeviceBuffer<T> b(count);
+  b.fill_bytes(0xFF);
+  return b;
+}
+
+struct Shape {
+  int64_t tokens;
+  int n;
+  int64_t C;
+};
+
+class CudaStreamMix : public ::testing::TestWithParam<Shape> {
+ protected:
+  void SetUp() override {
+    if (!cuda::device_available()) GTEST_SKIP() << "no CUDA device";
+  }
+};
+
+TEST_P(CudaStreamMix, AggregateForwardAndBackward) {
+  const auto [tokens, n, C] = GetParam();
+  const Bf16Data x = random_bf16(tokens * n * C, 1), g = random_bf16(tokens * C, 2), gx0 = random_bf16(x.bits.size(), 3);
+  const std::vector<float> h_pre = random_float(tokens * n, 4, 0, 1);
+  DeviceBuffer<bf16> d_x(x.bits), d_g(g.bits), d_gx(gx0.bits);
+  DeviceBuffer<float> d_pre(h_pre);
+  auto d_agg = poisoned<bf16>(tokens * C);
+  auto d_dpre = poisoned<float>(tokens * n);
+  cuda::aggregate_forward(d_x.data(), d_pre.data(), tokens, n, C, d_agg.data());
+  cuda::aggregate_backward(d_g.data(), d_x.data(), d_pre.data(), tokens, n, C, d_gx.data(), d_dpre.data());
+  MHC_CUDA_CHECK(cudaDeviceSynchronize());
+
+  std::vector<double> agg(tokens * C), gx = gx0.values, dpre(tokens * n);
+  const auto pre = widen(h_pre);
+  cpu::aggregate_forward(x.values.data(), pre.data(), tokens, n, C, agg.data());
+  cpu::aggregate_backward(g.values.data(), x.values.data(), pre.data(), tokens, n, C, gx.data(), dpre.data());
+  EXPECT_LT(test::relative_error(widen(d_agg.download()), agg), kBf16Tolerance);
+  EXPECT_LT(test::relative_error(widen(d_gx.download()), gx), kBf16Tolerance);
+  EXPECT_LT(test::relative_error(widen(d_dpre.download()), dpre), kFp32Tolerance);
+}
+
+TEST_P(CudaStreamMix, HPostBiasDropoutAddForwardAndBackward) {
+  const auto [tokens, n, C] = GetParam();
+  for (float p : {0.0f, 0.25f}) {
+    const cpu::DropoutSpec dropout{p, rng_key(99, static_cast<uint64_t>(n), static_cast<uint64_t>(C))};
+    const Bf16Data x = random_bf16(tokens * n * C, 11), y = random_bf16(tokens * C, 12), yb = random_bf16(C, 13);
+    const Bf16Data gout = random_bf16(tokens * n * C, 14);
+    const std::vector<float> h_res = random_float(tokens * n * n, 15, 0, 1), h_post = random_float(tokens * n, 16, 0, 2);
+    const std::vector<float> dyb0 = random_float(C, 17);
+    DeviceBuffer<bf16> d_x(x.bits), d_y(y.bits), d_yb(yb.bits), d_gout(gout.bits);
+    DeviceBuffer<float> d_res(h_res), d_post(h_post), d_dyb(dyb0);
+    auto d_out = poisoned<bf16>(tokens * n * C);
+    auto d_dx = poisoned<bf16>(tokens * n * C);
+    auto d_dy = poisoned<bf16>(tokens * C);
+    auto d_dres = poisoned<float>(tokens * n * n);
+    auto d_dpost = poisoned<float>(tokens * n);
+    cuda::h_post_bda_forward(d_x.data(), d_res.data(), d_post.data(), d_y.data(), d_yb.data(), tokens, n, C, dropout,
+                             d_out.data());
+    cuda::h_post_bda_backward(d_gout.data(), d_x.data(), d_res.data(), d_post.data(), d_y.data(), d_yb.data(), tokens,
+                              n, C, dropout, d_dx.data(), d_dres.data(), d_dpost.data(), d_dy.data(), d_dyb.data());
+    MHC_CUDA_CHECK(cudaDeviceSynchronize());
+
+    const auto res = widen(h_res), post = widen(h_post);
+    std::vector<double> out(tokens * n * C), dx(tokens * n * C, 0.0), dres(tokens * n * n), dpost(tokens * n),
+        dy(tokens * C), dyb = widen(dyb0);
+    cpu::h_post_bda_forward(x.values.data(), res.data(), post.data(), y.values.data(), yb.values.data(), tokens, n, C,
+                            dropout, out.data());
+    cpu::h_post_bda_backward(gout.values.data(), x.values.data(), res.data(), post.data(), y.values.data(),
+                             yb.values.data(), tokens, n, C, dropout, dx.data(), dres.data(), dpost.data(), dy.data(),
+                             dyb.data());
+    const std::string label = "p=" + std::to_string(p);
+    EXPECT_LT(test::relative_error(widen(d_out.download()), out), kBf16Tolerance) << label;
+    EXPECT_LT(test::relative_error(widen(d_dx.download()), dx), kBf16Tolerance) << label;
+    EXPECT_LT(test::relative_error(widen(d_dy.download()), dy), kBf16Tolerance) << label;
+    EXPECT_LT(test::relative_error(widen(d_dres.download()), dres), kFp32Tolerance) << label;
+    EXPECT_LT(test::relative_error(widen(d_dpost.download()), dpost), kFp32Tolerance) << label;
+    // dy_bias sums the bf16-rounded dy over tokens: bf16-level agreement.
+    EXPECT_LT(test::relative_error(widen(d_dyb.download()), dyb), kBf16Tolerance) << label;
+  }
+}
+
+TEST_P(CudaStreamMix, DeterministicBits) {
+  const auto [tokens, n, C] = GetParam();
+  const Bf16Data x = random_bf16(tokens * n * C, 21), gout = random_bf16(tokens * n * C, 22), y = random_bf16(tokens * C, 23);
+  const std::vector<float> h_res = random_float(tokens * n * n, 24), h_post = random_float(tokens * n, 25);
+  DeviceBuffer<bf16> d_x(x.bits), d_gout(gout.bits), d_y(y.bits);
+  DeviceBuffer<float> d_res(h_res), d_post(h_post);
+  std::vector<float> first;
+  for (int run = 0; run < 2; ++run) {
+    auto d_dx = poisoned<bf16>(tokens * n * C);
+    auto d_dy = poisoned<bf16>(tokens * C);
+    auto d_dres = poisoned<float>(tokens * n * n);
+    auto d_dpost = poisoned<float>(tokens * n);
+    cuda::h_post_bda_backward(d_gout.data(), d_x.data(), d_res.data(), d_post.data(), d_y.data(), nullptr, tokens, n,
+                              C, {}, d_dx.data(), d_dres.data(), d_dpost.data(), d_dy.data(), nullptr);
+    const auto dres = d_dres.download();
+    if (run == 0) first = dres;
+    else EXPECT_EQ(std::memcmp(first.data(), dres.data(), dres.size() * sizeof(float)), 0);
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Shapes, CudaStreamMix,
+                         ::testing::Values(Shape{7, 1, 5}, Shape{33, 2, 13}, Shape{64, 4, 768}, Shape{5, 6, 100},
+                                           Shape{3, 8, 257}, Shape{300, 4, 1023}, Shape{256, 4, 7168}),
+                         [](const auto& param_info) {
+                           return "tokens" + std::to_string(param_info.param.tokens) + "_n" +
+                                  std::to_string(param_info.param.n) + "_C" + std::to_string(param_info.param.C);
+                         });
+
+TEST(CudaStreamMix, UnsupportedStreamCountIsAnError) {
+  EXPECT_FALSE(cuda::stream_count_supported(3));
+  EXPECT_THROW(cuda::aggregate_forward(nullptr, nullptr, 1, 3, 8, nullptr), Error);
+}
+
+}  // namespace
+}  // namespace mhc
