@@ -7,3 +7,6 @@ dir=${1:?usage: gpu-check.sh DIR}
 export LD_LIBRARY_PATH="$dir${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 "$dir/mhc_cuda_tests" --gtest_brief=1
+if [ -x "$dir/mhc" ]; then
+  "$dir/mhc" bench kernels
+fi

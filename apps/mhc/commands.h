@@ -10,6 +10,7 @@ using Command = std::function<int()>;
 
 Command add_parity_command(CLI::App& app);
 Command add_check_grad_command(CLI::App& app);
-Command add_bench_memory_command(CLI::App& bench);  // under `mhc bench`
+Command add_bench_memory_command(CLI::App& bench);   // under `mhc bench`
+Command add_bench_kernels_command(CLI::App& bench);  // under `mhc bench`
 
 }  // namespace mhc::app

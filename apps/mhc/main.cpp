@@ -13,7 +13,8 @@ int main(int argc, char** argv) {
   bench->require_subcommand(1);
   const std::vector<mhc::app::Command> commands = {mhc::app::add_parity_command(app),
                                                     mhc::app::add_check_grad_command(app),
-                                                    mhc::app::add_bench_memory_command(*bench)};
+                                                    mhc::app::add_bench_memory_command(*bench),
+                                                    mhc::app::add_bench_kernels_command(*bench)};
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
