@@ -130,17 +130,23 @@ TEST_P(CudaStreamMix, DeterministicBits) {
   const std::vector<float> h_res = random_float(tokens * n * n, 24), h_post = random_float(tokens * n, 25);
   DeviceBuffer<bf16> d_x(x.bits), d_gout(gout.bits), d_y(y.bits);
   DeviceBuffer<float> d_res(h_res), d_post(h_post);
-  std::vector<float> first;
+  std::vector<float> first_res, first_bias;
   for (int run = 0; run < 2; ++run) {
     auto d_dx = poisoned<bf16>(tokens * n * C);
     auto d_dy = poisoned<bf16>(tokens * C);
     auto d_dres = poisoned<float>(tokens * n * n);
     auto d_dpost = poisoned<float>(tokens * n);
+    DeviceBuffer<float> d_dyb(std::vector<float>(C, 0.0f));
     cuda::h_post_bda_backward(d_gout.data(), d_x.data(), d_res.data(), d_post.data(), d_y.data(), nullptr, tokens, n,
-                              C, {}, d_dx.data(), d_dres.data(), d_dpost.data(), d_dy.data(), nullptr);
-    const auto dres = d_dres.download();
-    if (run == 0) first = dres;
-    else EXPECT_EQ(std::memcmp(first.data(), dres.data(), dres.size() * sizeof(float)), 0);
+                              C, {}, d_dx.data(), d_dres.data(), d_dpost.data(), d_dy.data(), d_dyb.data());
+    const auto dres = d_dres.download(), dyb = d_dyb.download();
+    if (run == 0) {
+      first_res = dres;
+      first_bias = dyb;
+    } else {
+      EXPECT_EQ(std::memcmp(first_res.data(), dres.data(), dres.size() * sizeof(float)), 0);
+      EXPECT_EQ(std::memcmp(first_bias.data(), dyb.data(), dyb.size() * sizeof(float)), 0);
+    }
   }
 }
 

@@ -146,13 +146,22 @@ __global__ void h_post_bda_backward_kernel(const bf16* grad_out, const bf16* x, 
   for (int i = threadIdx.x; i < N; i += blockDim.x) grad_h_post[t * N + i] = sums[N * N + i];
 }
 
-// One thread per channel, tokens in order: deterministic.
+// dy_bias: a block owns 32 channels; its 32 rows of threads take every 32nd token, and
+// the rows are summed in order. A fixed partition, so deterministic.
+constexpr int kColumnRows = 32;
 __global__ void column_sum_kernel(const bf16* grad_y, int64_t tokens, int64_t C, float* grad_bias) {
-  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (c >= C) return;
+  __shared__ float partial[kColumnRows][33];
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * 32 + threadIdx.x;
   float sum = 0;
-  for (int64_t t = 0; t < tokens; ++t) sum += __bfloat162float(grad_y[t * C + c]);
-  grad_bias[c] += sum;
+  if (c < C)
+    for (int64_t t = threadIdx.y; t < tokens; t += kColumnRows) sum += __bfloat162float(grad_y[t * C + c]);
+  partial[threadIdx.y][threadIdx.x] = sum;
+  __syncthreads();
+  if (threadIdx.y == 0 && c < C) {
+    float total = 0;
+    for (int r = 0; r < kColumnRows; ++r) total += partial[r][threadIdx.x];
+    grad_bias[c] += total;
+  }
 }
 
 template <typename Launch> void dispatch_streams(int n, Launch&& launch) {
@@ -211,8 +220,8 @@ void h_post_bda_backward(const bf16* grad_out, const bf16* x, const float* h_res
   });
   MHC_CUDA_CHECK(cudaGetLastError());
   if (grad_y_bias) {
-    column_sum_kernel<<<static_cast<unsigned>((C + kThreads - 1) / kThreads), kThreads, 0, stream>>>(grad_y, tokens,
-                                                                                                   C, grad_y_bias);
+    column_sum_kernel<<<static_cast<unsigned>((C + 31) / 32), dim3(32, kColumnRows), 0, stream>>>(grad_y, tokens, C,
+                                                                                                grad_y_bias);
     MHC_CUDA_CHECK(cudaGetLastError());
   }
 }
