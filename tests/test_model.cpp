@@ -32,6 +32,21 @@ TEST(ModelGradient, WithRecompute) {
   for (const GradCheckEntry& e : check_model_gradients(o)) EXPECT_LT(e.error, 1e-6) << e.name;
 }
 
+TEST(ModelGradient, RmsNormSwiGluWithoutBiases) {
+  for (const char* connection : {"residual", "mhc"}) {
+    GradCheckOptions o;
+    o.connection = connection;
+    o.samples_per_tensor = 6;
+    o.overrides = {"normalization=RMSNorm", "activation=swiglu", "add_bias_linear=false"};
+    const auto entries = check_model_gradients(o);
+    for (const GradCheckEntry& e : entries) {
+      EXPECT_LT(e.error, 1e-6) << connection << " " << e.name;
+      if (e.name.find("hyper_connection") == std::string::npos)
+        EXPECT_EQ(e.name.find(".bias"), std::string::npos) << "unexpected bias " << e.name;
+    }
+  }
+}
+
 TEST(RecomputePlan, BlockEnds) {
   auto ends = [](int layers, std::optional<int64_t> k) {
     const RecomputePlan plan(layers, k);

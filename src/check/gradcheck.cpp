@@ -26,6 +26,7 @@ ModelConfig gradcheck_config(const GradCheckOptions& o) {
     c.recompute = "mhc";
     c.mhc_recompute_layer_num = o.recompute_layers;
   }
+  for (const std::string& assignment : o.overrides) apply_config_override(c, assignment);
   c.validate();
   return c;
 }

@@ -16,6 +16,7 @@ struct GradCheckOptions {
   std::optional<int64_t> recompute_layers;  // set: recompute = mhc with this many layers per block
   uint64_t seed = 1;
   int64_t samples_per_tensor = 16;
+  std::vector<std::string> overrides;  // key=value applied last (e.g. normalization=RMSNorm)
 };
 
 // Gradients whose norm is below this floor are judged by absolute error: some are exactly
