@@ -41,8 +41,9 @@ TEST(ModelGradient, RmsNormSwiGluWithoutBiases) {
     const auto entries = check_model_gradients(o);
     for (const GradCheckEntry& e : entries) {
       EXPECT_LT(e.error, 1e-6) << connection << " " << e.name;
-      if (e.name.find("hyper_connection") == std::string::npos)
+      if (e.name.find("hyper_connection") == std::string::npos) {
         EXPECT_EQ(e.name.find(".bias"), std::string::npos) << "unexpected bias " << e.name;
+      }
     }
   }
 }
