@@ -144,7 +144,7 @@ Command add_bench_kernels_command(CLI::App& bench) {
     return run_bench_kernels(*shapes, *repeats);
 #else
     (void)repeats;
-    fail("bench kernels: this mhc was built without CUDA (no nvcc found at configure time)");
+    fail("bench kernels: this mhc was built without CUDA (no nvcc at configure time, or -DMHC_CUDA=OFF)");
 #endif
   };
 }
