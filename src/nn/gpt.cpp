@@ -81,7 +81,7 @@ template <typename T> struct Layer {
   std::vector<T> ln1_mean, ln1_rstd, qkv, probs, ctx, attn_y, ln2_mean, ln2_rstd, fc, act, mlp_y;
   std::vector<T> own;  // restorable tensors without recompute; the boundary output with it
   T *agg1 = nullptr, *ln1_out = nullptr, *x_mid = nullptr, *agg2 = nullptr, *ln2_out = nullptr, *x_out = nullptr;
-  uint64_t key_attn = 0, key_mlp = 0, key_probs = 0;  // dropout streams of the last forward
+  cpu::DropoutSpec drop_attn, drop_mlp, drop_probs;  // dropout of the last forward, replayed by backward
 };
 
 template <typename T> struct Gpt<T>::State {
@@ -105,7 +105,6 @@ template <typename T> struct Gpt<T>::State {
   static T* ptr(Parameter<T>& p) { return p.value.empty() ? nullptr : p.value.data(); }
   static T* gptr(Parameter<T>& p) { return p.grad.empty() ? nullptr : p.grad.data(); }
   const T* layer_input(int l) const { return l == 0 ? x0.data() : layers[l - 1].x_out; }
-  float p_hidden(const ModelConfig& c) const { return static_cast<float>(c.hidden_dropout); }
 
   void norm(const T* x, Parameter<T>& w, Parameter<T>& b, const ModelConfig& c, T* out, std::vector<T>& mean,
             std::vector<T>& rstd) {
@@ -138,12 +137,12 @@ template <typename T> struct Gpt<T>::State {
   void restore(Layer<T>& L, const T* x_in, const ModelConfig& c, bool with_output) {
     L.hc_attn->aggregate(x_in, L.act_attn, L.agg1);
     norm(L.agg1, L.ln1_w, L.ln1_b, c, L.ln1_out, L.ln1_mean, L.ln1_rstd);
-    residual_forward(L.hc_attn.get(), L.act_attn, x_in, L.attn_y.data(), L.proj_b, {p_hidden(c), L.key_attn},
+    residual_forward(L.hc_attn.get(), L.act_attn, x_in, L.attn_y.data(), L.proj_b, L.drop_attn,
                      L.x_mid);
     L.hc_mlp->aggregate(L.x_mid, L.act_mlp, L.agg2);
     norm(L.agg2, L.ln2_w, L.ln2_b, c, L.ln2_out, L.ln2_mean, L.ln2_rstd);
     if (with_output)
-      residual_forward(L.hc_mlp.get(), L.act_mlp, L.x_mid, L.mlp_y.data(), L.fc2_b, {p_hidden(c), L.key_mlp},
+      residual_forward(L.hc_mlp.get(), L.act_mlp, L.x_mid, L.mlp_y.data(), L.fc2_b, L.drop_mlp,
                        L.x_out);
   }
 
@@ -156,10 +155,10 @@ template <typename T> struct Gpt<T>::State {
     }
     norm(norm1_in, L.ln1_w, L.ln1_b, c, L.ln1_out, L.ln1_mean, L.ln1_rstd);
     cpu::linear_forward(L.ln1_out, L.qkv_w.value.data(), ptr(L.qkv_b), N, C, 3 * C, L.qkv.data());
-    cpu::attention_forward(shape, L.qkv.data(), {static_cast<float>(c.attention_dropout), L.key_probs},
+    cpu::attention_forward(shape, L.qkv.data(), L.drop_probs,
                            L.probs.data(), L.ctx.data());
     cpu::linear_forward<T>(L.ctx.data(), L.proj_w.value.data(), nullptr, N, C, C, L.attn_y.data());
-    residual_forward(L.hc_attn.get(), L.act_attn, x_in, L.attn_y.data(), L.proj_b, {p_hidden(c), L.key_attn},
+    residual_forward(L.hc_attn.get(), L.act_attn, x_in, L.attn_y.data(), L.proj_b, L.drop_attn,
                      L.x_mid);
     const T* norm2_in = L.x_mid;
     if (hc) {
@@ -170,17 +169,16 @@ template <typename T> struct Gpt<T>::State {
     cpu::linear_forward(L.ln2_out, L.fc1_w.value.data(), ptr(L.fc1_b), N, C, width, L.fc.data());
     cpu::activation_forward(activation, L.fc.data(), N, F, L.act.data());
     cpu::linear_forward<T>(L.act.data(), L.fc2_w.value.data(), nullptr, N, F, C, L.mlp_y.data());
-    residual_forward(L.hc_mlp.get(), L.act_mlp, L.x_mid, L.mlp_y.data(), L.fc2_b, {p_hidden(c), L.key_mlp}, L.x_out);
+    residual_forward(L.hc_mlp.get(), L.act_mlp, L.x_mid, L.mlp_y.data(), L.fc2_b, L.drop_mlp, L.x_out);
   }
 
   // grad_out: d loss / d x_out; grad_in (overwritten): d loss / d x_in; grad_mid is the
   // scratch for d loss / d x_mid.
-  void layer_backward(Layer<T>& L, const T* x_in, const ModelConfig& c, const T* grad_out, T* grad_in,
-                      T* grad_mid) {
+  void layer_backward(Layer<T>& L, const T* x_in, const T* grad_out, T* grad_in, T* grad_mid) {
     const cpu::AttentionShape shape{B, S, H, C};
     const int64_t stream_elems = N * n * C;
     std::fill_n(grad_mid, stream_elems, T(0));
-    residual_backward(L.hc_mlp.get(), L.act_mlp, grad_out, L.x_mid, L.mlp_y.data(), L.fc2_b, {p_hidden(c), L.key_mlp},
+    residual_backward(L.hc_mlp.get(), L.act_mlp, grad_out, L.x_mid, L.mlp_y.data(), L.fc2_b, L.drop_mlp,
                       grad_mid, dy.data());
     std::fill(dact.begin(), dact.end(), T(0));
     cpu::linear_backward<T>(dy.data(), L.act.data(), L.fc2_w.value.data(), N, F, C, dact.data(), L.fc2_w.grad.data(),
@@ -199,12 +197,12 @@ template <typename T> struct Gpt<T>::State {
 
     std::fill_n(grad_in, stream_elems, T(0));
     residual_backward(L.hc_attn.get(), L.act_attn, grad_mid, x_in, L.attn_y.data(), L.proj_b,
-                      {p_hidden(c), L.key_attn}, grad_in, dy.data());
+                      L.drop_attn, grad_in, dy.data());
     std::fill(dctx.begin(), dctx.end(), T(0));
     cpu::linear_backward<T>(dy.data(), L.ctx.data(), L.proj_w.value.data(), N, C, C, dctx.data(),
                             L.proj_w.grad.data(), nullptr);
     cpu::attention_backward(shape, dctx.data(), L.qkv.data(), L.probs.data(),
-                            {static_cast<float>(c.attention_dropout), L.key_probs}, dqkv.data());
+                            L.drop_probs, dqkv.data());
     std::fill(dln.begin(), dln.end(), T(0));
     cpu::linear_backward(dqkv.data(), L.ln1_out, L.qkv_w.value.data(), N, C, 3 * C, dln.data(), L.qkv_w.grad.data(),
                          gptr(L.qkv_b));
@@ -440,9 +438,10 @@ double Gpt<T>::forward(const int32_t* tokens, const int32_t* targets, uint64_t s
   cpu::stream_expand_forward(s.e.data(), s.N, static_cast<int>(s.n), s.C, s.x0.data());
   for (int l = 0; l < c.num_layers; ++l) {
     Layer<T>& L = s.layers[l];
-    L.key_attn = rng_key(s.seed, l, step, kAttentionResidual);
-    L.key_mlp = rng_key(s.seed, l, step, kMlpResidual);
-    L.key_probs = rng_key(s.seed, l, step, kAttentionProbs);
+    const auto hidden_p = static_cast<float>(c.hidden_dropout);
+    L.drop_attn = {hidden_p, rng_key(s.seed, l, step, kAttentionResidual)};
+    L.drop_mlp = {hidden_p, rng_key(s.seed, l, step, kMlpResidual)};
+    L.drop_probs = {static_cast<float>(c.attention_dropout), rng_key(s.seed, l, step, kAttentionProbs)};
     s.layer_forward(L, s.layer_input(l), c);
   }
   cpu::stream_contract_forward(s.layers.back().x_out, s.N, static_cast<int>(s.n), s.C, s.h.data());
@@ -469,7 +468,7 @@ template <typename T> void Gpt<T>::backward() {
       for (int k = block.first; k <= block.last; ++k)
         s.restore(s.layers[k], s.layer_input(k), c, /*with_output=*/k != block.last);
     }
-    s.layer_backward(s.layers[l], s.layer_input(l), c, grad_out, grad_in, s.dx_mid.data());
+    s.layer_backward(s.layers[l], s.layer_input(l), grad_out, grad_in, s.dx_mid.data());
     std::swap(grad_out, grad_in);
   }
   cpu::stream_expand_backward(grad_out, s.N, static_cast<int>(s.n), s.C, s.de.data());
