@@ -1,6 +1,7 @@
-// mhc bench kernels: median time, bytes moved, achieved GB/s and the fraction of a
-// device-to-device copy (measured in the same run) of each CUDA mHC kernel that exists so
-// far, at the shapes of the reference figures. Prints a table, then one JSON line per row.
+// mhc bench kernels: per shape, forward and forward+backward median time of each CUDA mHC
+// op and of one sublayer's whole mHC work, bytes moved, GB/s, the fraction of a
+// device-to-device copy measured in the same run, and the speed-up over Megatron-core's
+// figure. Prints a table, then one JSON line per row.
 #include <algorithm>
 #include <cstdio>
 #include <nlohmann/json.hpp>
@@ -11,6 +12,7 @@
 
 #if MHC_WITH_CUDA
 #include "core/cuda/device.h"
+#include "ops/cuda/mhc_mappings.h"
 #include "ops/cuda/stream_mix.h"
 #endif
 
@@ -58,66 +60,125 @@ template <typename Body> double median_ms(int repeats, Body&& body) {
   return times[times.size() / 2];
 }
 
+// Megatron-core's figures on an H100 (reference README), ms: fwd and fwd+bwd per op.
+struct MegatronFigures {
+  const char* shape;
+  double mappings[2], aggregate[2], h_post_bda[2], sublayer_fwd_bwd;
+};
+constexpr MegatronFigures kMegatron[] = {
+    {"8192,4,4,7168", {2.23, 13.27}, {0.76, 4.06}, {9.15, 22.15}, 34.14},
+    {"1024,16,4,768", {2.07, 13.11}, {0.15, 0.63}, {0.66, 1.45}, 15.66},
+    {"1024,16,4,1024", {1.75, 11.19}, {0.19, 0.63}, {0.85, 1.85}, 16.02},
+};
+
 int run_bench_kernels(const std::vector<std::string>& shapes, int repeats) {
   check(cuda::device_available(), "bench kernels: no CUDA device");
   cudaDeviceProp prop{};
   MHC_CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
-  std::printf("device: %s\n", prop.name);
-  std::printf("%-16s %-18s %10s %10s %9s %8s\n", "shape", "op", "ms", "MB", "GB/s", "of copy");
+  std::printf("device: %s; times are medians of %d runs; bytes are what each op must move\n", prop.name, repeats);
+  std::printf("%-15s %-16s %9s %9s %9s %8s %8s %10s\n", "shape", "op", "fwd ms", "f+b ms", "f+b GB", "GB/s",
+              "of copy", "x Megatron");
   std::vector<nlohmann::json> rows;
   for (const std::string& text : shapes) {
     const KernelShape k = parse_shape(text);
-    const int64_t tokens = k.s * k.b, n = k.n, C = k.C, streams = tokens * n * C;
-    check(cuda::stream_count_supported(static_cast<int>(n)), "--shape: n = " + std::to_string(n) + " has no kernel");
+    const int64_t tokens = k.s * k.b, n = k.n, C = k.C, streams = tokens * n * C, m = n * n + 2 * n;
+    const int ni = static_cast<int>(n);
+    check(cuda::stream_count_supported(ni), "--shape: n = " + std::to_string(n) + " has no kernel");
+    const cuda::MappingsArgs args{tokens, ni, C, 20};
     DeviceBuffer<bf16> x(streams), out(streams), grad_out(streams), grad_x(streams), copy(streams);
     DeviceBuffer<bf16> y(tokens * C), bias(C), agg(tokens * C), grad_agg(tokens * C), grad_y(tokens * C);
-    DeviceBuffer<float> h_pre(tokens * n), h_post(tokens * n), h_res(tokens * n * n), grad_pre(tokens * n),
-        grad_post(tokens * n), grad_res(tokens * n * n), grad_bias(C);
-    for (auto* b : {&x, &out, &grad_out, &grad_x}) b->fill_bytes(0x3C);  // small finite bf16 values
-    for (auto* b : {&y, &bias, &agg, &grad_agg}) b->fill_bytes(0x3C);
-    for (auto* b : {&h_pre, &h_post, &h_res, &grad_bias}) b->fill_bytes(0x3C);
-    const double stream_bytes = 2.0 * static_cast<double>(streams), row_bytes = 2.0 * static_cast<double>(tokens * C);
-    const int ni = static_cast<int>(n);
+    DeviceBuffer<float> weight(m * n * C), alpha(3), map_bias(m), proj(tokens * m), r(tokens), h_pre(tokens * n),
+        h_post(tokens * n), h_res(tokens * n * n), grad_pre(tokens * n), grad_post(tokens * n),
+        grad_res(tokens * n * n), grad_bias(C), grad_weight(m * n * C), grad_alpha(3), grad_map_bias(m),
+        workspace(cuda::mappings_backward_workspace_floats(args));
+    for (auto* b : {&x, &out, &grad_out, &grad_x, &y, &bias, &agg, &grad_agg}) b->fill_bytes(0x3C);  // ~0.011
+    for (auto* b : {&weight, &alpha, &map_bias, &h_pre, &h_post, &h_res, &grad_pre, &grad_post, &grad_res})
+      b->fill_bytes(0x3C);  // ~0.011 in fp32
+    const double S = 2.0 * static_cast<double>(streams), R = 2.0 * static_cast<double>(tokens * C);
     const double copy_ms = median_ms(repeats, [&] {
-      MHC_CUDA_CHECK(cudaMemcpyAsync(copy.data(), x.data(), static_cast<size_t>(stream_bytes), cudaMemcpyDeviceToDevice));
+      MHC_CUDA_CHECK(cudaMemcpyAsync(copy.data(), x.data(), static_cast<size_t>(S), cudaMemcpyDeviceToDevice));
     });
-    const double copy_gbs = 2 * stream_bytes / copy_ms / 1e6;
+    const double copy_gbs = 2 * S / copy_ms / 1e6;
+    const MegatronFigures* megatron = nullptr;
+    for (const auto& f : kMegatron)
+      if (text == f.shape) megatron = &f;
+
+    auto mappings_fwd = [&] {
+      cuda::mhc_mappings_forward(args, x.data(), weight.data(), alpha.data(), map_bias.data(), proj.data(), r.data(),
+                                 h_pre.data(), h_post.data(), h_res.data());
+    };
+    auto mappings_bwd = [&] {
+      cuda::mhc_mappings_backward(args, x.data(), weight.data(), alpha.data(), map_bias.data(), proj.data(), r.data(),
+                                  h_pre.data(), h_post.data(), grad_pre.data(), grad_post.data(), grad_res.data(),
+                                  grad_x.data(), grad_weight.data(), grad_alpha.data(), grad_map_bias.data(),
+                                  workspace.data());
+    };
+    auto aggregate_fwd = [&] { cuda::aggregate_forward(x.data(), h_pre.data(), tokens, ni, C, agg.data()); };
+    auto aggregate_bwd = [&] {
+      cuda::aggregate_backward(grad_agg.data(), x.data(), h_pre.data(), tokens, ni, C, grad_x.data(), grad_pre.data());
+    };
+    auto bda_fwd = [&] {
+      cuda::h_post_bda_forward(x.data(), h_res.data(), h_post.data(), y.data(), bias.data(), tokens, ni, C, {},
+                               out.data());
+    };
+    auto bda_bwd = [&] {
+      cuda::h_post_bda_backward(grad_out.data(), x.data(), h_res.data(), h_post.data(), y.data(), bias.data(), tokens,
+                                ni, C, {}, grad_x.data(), grad_res.data(), grad_post.data(), grad_y.data(),
+                                grad_bias.data());
+    };
     struct Op {
       const char* name;
-      double bytes;
-      std::function<void()> run;
+      std::function<void()> fwd, bwd;
+      double bytes;  // forward + backward
+      double megatron_fwd, megatron_fwd_bwd;
     };
     const std::vector<Op> ops = {
-        {"d2d copy", 2 * stream_bytes, [&] {
-           MHC_CUDA_CHECK(cudaMemcpyAsync(copy.data(), x.data(), static_cast<size_t>(stream_bytes),
-                                          cudaMemcpyDeviceToDevice));
-         }},
-        {"aggregate fwd", stream_bytes + row_bytes,
-         [&] { cuda::aggregate_forward(x.data(), h_pre.data(), tokens, ni, C, agg.data()); }},
-        {"aggregate bwd", 3 * stream_bytes + row_bytes,
+        // fwd reads x; bwd reads x and accumulates into dx
+        {"mappings", mappings_fwd, mappings_bwd, 4 * S, megatron ? megatron->mappings[0] : 0,
+         megatron ? megatron->mappings[1] : 0},
+        // fwd reads x, writes agg; bwd reads dagg and x, accumulates into dx
+        {"aggregate", aggregate_fwd, aggregate_bwd, 4 * S + 2 * R, megatron ? megatron->aggregate[0] : 0,
+         megatron ? megatron->aggregate[1] : 0},
+        // fwd reads x, y, writes out; bwd reads dout, x, y, writes dx, dy
+        {"h_post_bda", bda_fwd, bda_bwd, 5 * S + 3 * R, megatron ? megatron->h_post_bda[0] : 0,
+         megatron ? megatron->h_post_bda[1] : 0},
+        {"sublayer (all 3)",
          [&] {
-           cuda::aggregate_backward(grad_agg.data(), x.data(), h_pre.data(), tokens, ni, C, grad_x.data(),
-                                    grad_pre.data());
-         }},
-        {"h_post_bda fwd", 2 * stream_bytes + row_bytes,
+           mappings_fwd();
+           aggregate_fwd();
+           bda_fwd();
+         },
          [&] {
-           cuda::h_post_bda_forward(x.data(), h_res.data(), h_post.data(), y.data(), bias.data(), tokens, ni, C, {},
-                                    out.data());
-         }},
-        {"h_post_bda bwd", 3 * stream_bytes + 3 * row_bytes,
-         [&] {
-           cuda::h_post_bda_backward(grad_out.data(), x.data(), h_res.data(), h_post.data(), y.data(), bias.data(),
-                                     tokens, ni, C, {}, grad_x.data(), grad_res.data(), grad_post.data(),
-                                     grad_y.data(), grad_bias.data());
-         }},
+           bda_bwd();
+           aggregate_bwd();
+           mappings_bwd();
+         },
+         13 * S + 5 * R, 0, megatron ? megatron->sublayer_fwd_bwd : 0},
     };
+    std::printf("%-15s %-16s %9s %9.3f %9.2f %8.0f %7.0f%%\n", text.c_str(), "d2d copy", "", copy_ms, 2 * S / 1e9,
+                copy_gbs, 100.0);
     for (const Op& op : ops) {
-      const double ms = op.name == std::string("d2d copy") ? copy_ms : median_ms(repeats, op.run);
-      const double gbs = op.bytes / ms / 1e6;
-      std::printf("%-16s %-18s %10.3f %10.1f %9.0f %7.0f%%\n", text.c_str(), op.name, ms, op.bytes / 1e6, gbs,
-                  100 * gbs / copy_gbs);
-      rows.push_back({{"shape", text}, {"op", op.name}, {"ms", ms}, {"bytes", op.bytes}, {"gb_per_s", gbs},
-                      {"fraction_of_copy", gbs / copy_gbs}, {"device", prop.name}});
+      const double fwd_ms = median_ms(repeats, op.fwd);
+      const double both_ms = median_ms(repeats, [&] {
+        op.fwd();
+        op.bwd();
+      });
+      const double gbs = op.bytes / both_ms / 1e6;
+      const double speedup = op.megatron_fwd_bwd > 0 ? op.megatron_fwd_bwd / both_ms : 0;
+      std::printf("%-15s %-16s %9.3f %9.3f %9.2f %8.0f %7.0f%% %10s\n", text.c_str(), op.name, fwd_ms, both_ms,
+                  op.bytes / 1e9, gbs, 100 * gbs / copy_gbs,
+                  speedup > 0 ? (std::to_string(speedup).substr(0, 5) + "x").c_str() : "-");
+      rows.push_back({{"shape", text},
+                      {"op", op.name},
+                      {"fwd_ms", fwd_ms},
+                      {"fwd_bwd_ms", both_ms},
+                      {"bytes", op.bytes},
+                      {"gb_per_s", gbs},
+                      {"fraction_of_copy", gbs / copy_gbs},
+                      {"copy_gb_per_s", copy_gbs},
+                      {"megatron_fwd_bwd_ms", op.megatron_fwd_bwd},
+                      {"speedup_vs_megatron", speedup},
+                      {"device", prop.name}});
     }
   }
   for (const auto& r : rows) std::printf("%s\n", r.dump().c_str());
@@ -133,8 +194,10 @@ Command add_bench_kernels_command(CLI::App& bench) {
   auto repeats = std::make_shared<int>(20);
   CLI::App* cmd = bench.add_subcommand(
       "kernels",
-      "Median time, bytes, GB/s and fraction of a device-to-device copy of each CUDA mHC kernel built so far "
-      "(aggregate, fused h_post_bda; forward and backward), per shape s,b,n,C. Needs a CUDA build and a GPU.");
+      "Per shape s,b,n,C: forward and forward+backward median time of each mHC op (mappings, aggregate, fused "
+      "h_post_bda) and of one whole sublayer's mHC work, the bytes each must move, GB/s, the fraction of a "
+      "device-to-device copy measured in the same run, and the speed-up over Megatron-core's figure for that shape. "
+      "Needs a CUDA build and a GPU.");
   cmd->add_option("--shape", *shapes, "shapes s,b,n,C (repeatable)")->capture_default_str();
   cmd->add_option("--repeats", *repeats, "timed repetitions (median reported)")->check(CLI::PositiveNumber)->capture_default_str();
   return [cmd, shapes, repeats]() -> int {

@@ -1,35 +1,15 @@
-#include <type_traits>
-
 #include "core/cuda/device.h"
 #include "core/rng.h"
+#include "ops/cuda/kernel_utils.cuh"
 #include "ops/cuda/stream_mix.h"
 
 namespace mhc::cuda {
 
 namespace {
 
-constexpr int kThreads = 256;
-constexpr int kWarps = kThreads / 32;
-
-// Sums V per-thread values over the block in a fixed order; the result is valid in
-// thread 0 .. V-1 of `out` (shared) after the call. Deterministic for a fixed launch.
-template <int V> __device__ void block_sum(float (&values)[V], float* out) {
-  __shared__ float partial[V][kWarps];
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-#pragma unroll
-  for (int v = 0; v < V; ++v) {
-    float s = values[v];
-    for (int offset = 16; offset > 0; offset /= 2) s += __shfl_xor_sync(0xffffffffu, s, offset);
-    if (lane == 0) partial[v][warp] = s;
-  }
-  __syncthreads();
-  for (int v = threadIdx.x; v < V; v += blockDim.x) {
-    float s = 0;
-    for (int w = 0; w < kWarps; ++w) s += partial[v][w];
-    out[v] = s;
-  }
-  __syncthreads();
-}
+using detail::block_sum;
+using detail::dispatch_streams;
+constexpr int kThreads = detail::kBlockThreads;
 
 template <int N>
 __global__ void aggregate_forward_kernel(const bf16* x, const float* h_pre, int64_t C, bf16* agg) {
@@ -161,17 +141,6 @@ __global__ void column_sum_kernel(const bf16* grad_y, int64_t tokens, int64_t C,
     float total = 0;
     for (int r = 0; r < kColumnRows; ++r) total += partial[r][threadIdx.x];
     grad_bias[c] += total;
-  }
-}
-
-template <typename Launch> void dispatch_streams(int n, Launch&& launch) {
-  switch (n) {
-    case 1: launch(std::integral_constant<int, 1>{}); break;
-    case 2: launch(std::integral_constant<int, 2>{}); break;
-    case 4: launch(std::integral_constant<int, 4>{}); break;
-    case 6: launch(std::integral_constant<int, 6>{}); break;
-    case 8: launch(std::integral_constant<int, 8>{}); break;
-    default: fail("num_residual_streams: " + std::to_string(n) + " has no CUDA kernel (1, 2, 4, 6 or 8)");
   }
 }
 

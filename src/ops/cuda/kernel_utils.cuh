@@ -1,0 +1,89 @@
+// Shared pieces of the CUDA kernels: the stream-count dispatch (n as a template
+// parameter, so per-token n×n work stays in registers), a fixed-order block reduction,
+// and bf16 vector loads.
+#pragma once
+#include <cuda_bf16.h>
+
+#include <string>
+#include <type_traits>
+
+#include "core/error.h"
+
+namespace mhc::cuda::detail {
+
+constexpr int kBlockThreads = 256;
+constexpr int kBlockWarps = kBlockThreads / 32;
+
+// Sums V per-thread values over a kBlockThreads block in a fixed order; `out` (shared,
+// V floats) holds the sums after the call. Deterministic for a fixed launch shape.
+template <int V> __device__ void block_sum(float (&values)[V], float* out) {
+  __shared__ float partial[V][kBlockWarps];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+#pragma unroll
+  for (int v = 0; v < V; ++v) {
+    float s = values[v];
+    for (int offset = 16; offset > 0; offset /= 2) s += __shfl_xor_sync(0xffffffffu, s, offset);
+    if (lane == 0) partial[v][warp] = s;
+  }
+  __syncthreads();
+  for (int v = threadIdx.x; v < V; v += blockDim.x) {
+    float s = 0;
+    for (int w = 0; w < kBlockWarps; ++w) s += partial[v][w];
+    out[v] = s;
+  }
+  __syncthreads();
+}
+
+__device__ inline float warp_sum(float v) {
+  for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  return v;
+}
+
+// Loads VEC consecutive bf16 (16-byte vector when VEC == 8) as floats.
+template <int VEC> __device__ inline void load_bf16(const __nv_bfloat16* p, float (&out)[VEC]) {
+  if constexpr (VEC == 8) {
+    const uint4 raw = *reinterpret_cast<const uint4*>(p);
+    const __nv_bfloat162* pairs = reinterpret_cast<const __nv_bfloat162*>(&raw);
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      const float2 f = __bfloat1622float2(pairs[k]);
+      out[2 * k] = f.x;
+      out[2 * k + 1] = f.y;
+    }
+  } else {
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) out[k] = __bfloat162float(p[k]);
+  }
+}
+
+template <int VEC> __device__ inline void store_bf16(__nv_bfloat16* p, const float (&in)[VEC]) {
+  if constexpr (VEC == 8) {
+    uint4 raw;
+    __nv_bfloat162* pairs = reinterpret_cast<__nv_bfloat162*>(&raw);
+#pragma unroll
+    for (int k = 0; k < 4; ++k) pairs[k] = __floats2bfloat162_rn(in[2 * k], in[2 * k + 1]);
+    *reinterpret_cast<uint4*>(p) = raw;
+  } else {
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) p[k] = __float2bfloat16(in[k]);
+  }
+}
+
+template <typename Launch> void dispatch_streams(int n, Launch&& launch) {
+  switch (n) {
+    case 1: launch(std::integral_constant<int, 1>{}); break;
+    case 2: launch(std::integral_constant<int, 2>{}); break;
+    case 4: launch(std::integral_constant<int, 4>{}); break;
+    case 6: launch(std::integral_constant<int, 6>{}); break;
+    case 8: launch(std::integral_constant<int, 8>{}); break;
+    default: fail("num_residual_streams: " + std::to_string(n) + " has no CUDA kernel (1, 2, 4, 6 or 8)");
+  }
+}
+
+inline unsigned blocks_for(int64_t count, int64_t per_block) {
+  const int64_t blocks = (count + per_block - 1) / per_block;
+  check(blocks >= 1 && blocks <= 0x7fffffff, "work size out of range for the CUDA kernels");
+  return static_cast<unsigned>(blocks);
+}
+
+}  // namespace mhc::cuda::detail

@@ -1,0 +1,426 @@
+#include <algorithm>
+
+#include "core/cuda/device.h"
+#include "ops/cuda/kernel_utils.cuh"
+#include "ops/cuda/mhc_mappings.h"
+
+namespace mhc::cuda {
+
+namespace {
+
+using detail::kBlockThreads;
+using detail::kBlockWarps;
+
+constexpr float kNormEps = 1e-6f, kSinkhornEps = 1e-6f;
+
+template <int N> constexpr int width() { return N * N + 2 * N; }
+// Tokens per warp in the projection kernels: at most 4, and about 96 fp32 accumulators.
+template <int N> constexpr int tokens_per_warp() { return width<N>() >= 48 ? 96 / width<N>() > 1 ? 2 : 1 : 4; }
+
+
+// ---- Sinkhorn in registers -------------------------------------------------------------
+
+template <int N> __device__ void exp_shifted(const float (&L)[N][N], float (&M)[N][N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) {
+    float mx = L[i][0];
+#pragma unroll
+    for (int j = 1; j < N; ++j) mx = fmaxf(mx, L[i][j]);
+#pragma unroll
+    for (int j = 0; j < N; ++j) M[i][j] = expf(L[i][j] - mx);
+  }
+}
+
+// One half step: rows (step even) or columns (odd) divided by max(sum, eps).
+template <int N> __device__ void normalise(float (&M)[N][N], bool rows, float (&sums)[N]) {
+#pragma unroll
+  for (int a = 0; a < N; ++a) {
+    float s = 0;
+#pragma unroll
+    for (int b = 0; b < N; ++b) s += rows ? M[a][b] : M[b][a];
+    s = fmaxf(s, kSinkhornEps);
+    sums[a] = s;
+#pragma unroll
+    for (int b = 0; b < N; ++b) {
+      if (rows) M[a][b] /= s;
+      else M[b][a] /= s;
+    }
+  }
+}
+
+template <int N> __device__ void sinkhorn_forward(const float (&L)[N][N], int iterations, float (&M)[N][N]) {
+  exp_shifted(L, M);
+  float sums[N];
+  for (int h = 0; h < 2 * iterations; ++h) normalise(M, h % 2 == 0, sums);
+}
+
+// G holds dM on entry and dL on exit. The state before each half step is recomputed from
+// M0 (O(T^2 N^2) work, no arrays indexed at run time), as the CPU reference does with its
+// stored copies; the same zero-entry rule applies.
+template <int N> __device__ void sinkhorn_backward(const float (&L)[N][N], int iterations, float (&G)[N][N]) {
+  float M0[N][N];
+  exp_shifted(L, M0);
+  for (int half = 2 * iterations - 1; half >= 0; --half) {
+    float Y[N][N], sums[N];
+#pragma unroll
+    for (int i = 0; i < N; ++i)
+#pragma unroll
+      for (int j = 0; j < N; ++j) Y[i][j] = M0[i][j];
+    for (int h = 0; h <= half; ++h) normalise(Y, h % 2 == 0, sums);
+    const bool rows = half % 2 == 0;
+#pragma unroll
+    for (int a = 0; a < N; ++a) {
+      float dot = 0;
+#pragma unroll
+      for (int b = 0; b < N; ++b) {
+        const float y = rows ? Y[a][b] : Y[b][a], g = rows ? G[a][b] : G[b][a];
+        if (y != 0.0f) dot += g * y;
+      }
+      if (!(sums[a] > kSinkhornEps)) dot = 0;
+#pragma unroll
+      for (int b = 0; b < N; ++b) {
+        float& g = rows ? G[a][b] : G[b][a];
+        const float y = rows ? Y[a][b] : Y[b][a];
+        g = y != 0.0f ? (g - dot) / sums[a] : 0.0f;
+      }
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < N; ++i)
+#pragma unroll
+    for (int j = 0; j < N; ++j) G[i][j] *= M0[i][j];
+}
+
+// ---- forward ---------------------------------------------------------------------------
+
+// Each warp owns TT tokens; its lanes stride over K in chunks of VEC. proj = W x, r.
+template <int N, int VEC>
+__global__ void __launch_bounds__(kBlockThreads) project_kernel(const bf16* x, const float* weight, int64_t tokens,
+                                                                int64_t K, float* proj, float* r) {
+  constexpr int M = width<N>(), TT = tokens_per_warp<N>();
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int64_t first = (static_cast<int64_t>(blockIdx.x) * kBlockWarps + warp) * TT;
+  float acc[TT][M], ss[TT];
+#pragma unroll
+  for (int i = 0; i < TT; ++i) {
+    ss[i] = 0;
+#pragma unroll
+    for (int o = 0; o < M; ++o) acc[i][o] = 0;
+  }
+  for (int64_t k = static_cast<int64_t>(lane) * VEC; k < K; k += 32 * VEC) {
+    float xv[TT][VEC];
+#pragma unroll
+    for (int i = 0; i < TT; ++i) {
+      if (first + i < tokens) detail::load_bf16<VEC>(x + (first + i) * K + k, xv[i]);
+      else
+#pragma unroll
+        for (int v = 0; v < VEC; ++v) xv[i][v] = 0;
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) ss[i] += xv[i][v] * xv[i][v];
+    }
+#pragma unroll
+    for (int o = 0; o < M; ++o) {
+      float w[VEC];
+      if constexpr (VEC == 8) {
+        const float4 a = *reinterpret_cast<const float4*>(weight + o * K + k);
+        const float4 b = *reinterpret_cast<const float4*>(weight + o * K + k + 4);
+        w[0] = a.x, w[1] = a.y, w[2] = a.z, w[3] = a.w, w[4] = b.x, w[5] = b.y, w[6] = b.z, w[7] = b.w;
+      } else {
+#pragma unroll
+        for (int v = 0; v < VEC; ++v) w[v] = weight[o * K + k + v];
+      }
+#pragma unroll
+      for (int i = 0; i < TT; ++i)
+#pragma unroll
+        for (int v = 0; v < VEC; ++v) acc[i][o] += w[v] * xv[i][v];
+    }
+  }
+  const float sqrt_k = sqrtf(static_cast<float>(K));
+#pragma unroll
+  for (int i = 0; i < TT; ++i) {
+    const bool valid = first + i < tokens;
+#pragma unroll
+    for (int o = 0; o < M; ++o) {
+      const float total = detail::warp_sum(acc[i][o]);
+      if (valid && lane == (i * M + o) % 32) proj[(first + i) * M + o] = total;
+    }
+    const float norm = sqrtf(detail::warp_sum(ss[i]));
+    if (valid && lane == 0) r[first + i] = 1.0f / (norm / sqrt_k + kNormEps);
+  }
+}
+
+template <int N>
+__global__ void finish_kernel(const float* proj, const float* r, const float* alpha, const float* bias,
+                              int64_t tokens, int iterations, float* h_pre, float* h_post, float* h_res) {
+  constexpr int M = width<N>();
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (t >= tokens) return;
+  const float rt = r[t];
+  const float* p = proj + t * M;
+#pragma unroll
+  for (int i = 0; i < N; ++i) {
+    h_pre[t * N + i] = 1.0f / (1.0f + expf(-(rt * p[i] * alpha[0] + bias[i])));
+    h_post[t * N + i] = 2.0f / (1.0f + expf(-(rt * p[N + i] * alpha[1] + bias[N + i])));
+  }
+  float L[N][N], H[N][N];
+#pragma unroll
+  for (int i = 0; i < N; ++i)
+#pragma unroll
+    for (int j = 0; j < N; ++j) L[i][j] = rt * p[2 * N + i * N + j] * alpha[2] + bias[2 * N + i * N + j];
+  if (iterations > 0) {
+    sinkhorn_forward(L, iterations, H);
+  } else {
+#pragma unroll
+    for (int i = 0; i < N; ++i)
+#pragma unroll
+      for (int j = 0; j < N; ++j) H[i][j] = L[i][j] + (i == j ? 1.0f : 0.0f);
+  }
+#pragma unroll
+  for (int i = 0; i < N; ++i)
+#pragma unroll
+    for (int j = 0; j < N; ++j) h_res[t * N * N + i * N + j] = H[i][j];
+}
+
+// ---- backward --------------------------------------------------------------------------
+
+// Per token: dh, dproj = dh r a, the alpha terms dh r proj by gate, and the coefficient of
+// x in dx from r: -dr r^2 / (sqrt(K) ||x||).
+template <int N>
+__global__ void grad_h_kernel(const float* proj, const float* r, const float* alpha, const float* bias,
+                              const float* h_pre, const float* h_post, const float* grad_h_pre,
+                              const float* grad_h_post, const float* grad_h_res, int64_t tokens, int64_t K,
+                              int iterations, float* grad_h, float* grad_proj, float* alpha_terms, float* coef) {
+  constexpr int M = width<N>();
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (t >= tokens) return;
+  const float rt = r[t];
+  const float* p = proj + t * M;
+  float dh[M];
+#pragma unroll
+  for (int i = 0; i < N; ++i) {
+    const float pre = h_pre[t * N + i], post = h_post[t * N + i];
+    dh[i] = grad_h_pre[t * N + i] * pre * (1.0f - pre);
+    dh[N + i] = grad_h_post[t * N + i] * post * (1.0f - 0.5f * post);
+  }
+  float G[N][N];
+#pragma unroll
+  for (int i = 0; i < N; ++i)
+#pragma unroll
+    for (int j = 0; j < N; ++j) G[i][j] = grad_h_res[t * N * N + i * N + j];
+  if (iterations > 0) {
+    float L[N][N];
+#pragma unroll
+    for (int i = 0; i < N; ++i)
+#pragma unroll
+      for (int j = 0; j < N; ++j) L[i][j] = rt * p[2 * N + i * N + j] * alpha[2] + bias[2 * N + i * N + j];
+    sinkhorn_backward(L, iterations, G);
+  }
+#pragma unroll
+  for (int i = 0; i < N; ++i)
+#pragma unroll
+    for (int j = 0; j < N; ++j) dh[2 * N + i * N + j] = G[i][j];
+  float dr = 0, terms[3] = {0, 0, 0};
+#pragma unroll
+  for (int k = 0; k < M; ++k) {
+    const int g = k < N ? 0 : (k < 2 * N ? 1 : 2);
+    dr += dh[k] * p[k] * alpha[g];
+    terms[g] += dh[k] * rt * p[k];
+    grad_h[t * M + k] = dh[k];
+    grad_proj[t * M + k] = dh[k] * rt * alpha[g];
+  }
+#pragma unroll
+  for (int g = 0; g < 3; ++g) alpha_terms[t * 3 + g] = terms[g];
+  const float sqrt_k = sqrtf(static_cast<float>(K));
+  const float norm = sqrt_k * (1.0f / rt - kNormEps);
+  coef[t] = norm > 0.0f ? -dr * rt * rt / (sqrt_k * norm) : 0.0f;
+}
+
+// dx += dproj W + coef x, each warp owning TT tokens, lanes striding over K.
+template <int N, int VEC>
+__global__ void __launch_bounds__(kBlockThreads) grad_x_kernel(const bf16* x, const float* weight,
+                                                               const float* grad_proj, const float* coef,
+                                                               int64_t tokens, int64_t K, bf16* grad_x) {
+  constexpr int M = width<N>(), TT = tokens_per_warp<N>();
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int64_t first = (static_cast<int64_t>(blockIdx.x) * kBlockWarps + warp) * TT;
+  float dp[TT][M], c[TT];
+#pragma unroll
+  for (int i = 0; i < TT; ++i) {
+    const bool valid = first + i < tokens;
+    c[i] = valid ? coef[first + i] : 0.0f;
+#pragma unroll
+    for (int o = 0; o < M; ++o) dp[i][o] = valid ? grad_proj[(first + i) * M + o] : 0.0f;
+  }
+  for (int64_t k = static_cast<int64_t>(lane) * VEC; k < K; k += 32 * VEC) {
+    float acc[TT][VEC];
+#pragma unroll
+    for (int i = 0; i < TT; ++i)
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) acc[i][v] = 0;
+#pragma unroll
+    for (int o = 0; o < M; ++o) {
+      float w[VEC];
+      if constexpr (VEC == 8) {
+        const float4 a = *reinterpret_cast<const float4*>(weight + o * K + k);
+        const float4 b = *reinterpret_cast<const float4*>(weight + o * K + k + 4);
+        w[0] = a.x, w[1] = a.y, w[2] = a.z, w[3] = a.w, w[4] = b.x, w[5] = b.y, w[6] = b.z, w[7] = b.w;
+      } else {
+#pragma unroll
+        for (int v = 0; v < VEC; ++v) w[v] = weight[o * K + k + v];
+      }
+#pragma unroll
+      for (int i = 0; i < TT; ++i)
+#pragma unroll
+        for (int v = 0; v < VEC; ++v) acc[i][v] += dp[i][o] * w[v];
+    }
+#pragma unroll
+    for (int i = 0; i < TT; ++i) {
+      if (first + i >= tokens) continue;
+      float xv[VEC], gx[VEC];
+      detail::load_bf16<VEC>(x + (first + i) * K + k, xv);
+      detail::load_bf16<VEC>(grad_x + (first + i) * K + k, gx);
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) gx[v] += acc[i][v] + c[i] * xv[v];
+      detail::store_bf16<VEC>(grad_x + (first + i) * K + k, gx);
+    }
+  }
+}
+
+// Segment `blockIdx.y` of the tokens: partial[seg][o][k] = sum_t dproj[t][o] x[t][k].
+template <int N, int KV>
+__global__ void grad_w_partial_kernel(const bf16* x, const float* grad_proj, int64_t tokens, int64_t K,
+                                      int64_t tokens_per_segment, float* partial) {
+  constexpr int M = width<N>();
+  const int64_t k = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * KV;
+  const int64_t begin = blockIdx.y * tokens_per_segment;
+  const int64_t end = min(tokens, begin + tokens_per_segment);
+  if (k >= K) return;
+  float acc[M][KV];
+#pragma unroll
+  for (int o = 0; o < M; ++o)
+#pragma unroll
+    for (int v = 0; v < KV; ++v) acc[o][v] = 0;
+  for (int64_t t = begin; t < end; ++t) {
+    float xv[KV];
+    if constexpr (KV == 2) {
+      const float2 f = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(x + t * K + k));
+      xv[0] = f.x;
+      xv[1] = f.y;
+    } else {
+      xv[0] = __bfloat162float(x[t * K + k]);
+    }
+#pragma unroll
+    for (int o = 0; o < M; ++o) {
+      const float d = grad_proj[t * M + o];
+#pragma unroll
+      for (int v = 0; v < KV; ++v) acc[o][v] += d * xv[v];
+    }
+  }
+  float* out = partial + static_cast<int64_t>(blockIdx.y) * M * K;
+#pragma unroll
+  for (int o = 0; o < M; ++o)
+#pragma unroll
+    for (int v = 0; v < KV; ++v) out[o * K + k + v] = acc[o][v];
+}
+
+// out[c] += sum over rows of in[row][c], rows in order (a segment sum or a token sum).
+__global__ void sum_rows_kernel(const float* in, int64_t rows, int64_t cols, float* out) {
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= cols) return;
+  float s = 0;
+  for (int64_t row = 0; row < rows; ++row) s += in[row * cols + c];
+  out[c] += s;
+}
+
+struct Layout {
+  int64_t M, K, segments, tokens_per_segment;
+  size_t grad_h, grad_proj, alpha_terms, coef, partial, total;  // offsets in floats
+};
+
+Layout layout_of(const MappingsArgs& a) {
+  Layout l{};
+  l.M = static_cast<int64_t>(a.n) * a.n + 2 * a.n;
+  l.K = a.n * a.C;
+  const int kv = (l.K % 2 == 0 && l.M <= 48) ? 2 : 1;
+  const int64_t column_blocks = (l.K / kv + kBlockThreads - 1) / kBlockThreads;
+  // Enough blocks for about four waves of 132 multiprocessors; a pure function of the shape.
+  l.segments = std::clamp<int64_t>((528 + column_blocks - 1) / column_blocks, 1, std::max<int64_t>(a.tokens, 1));
+  l.tokens_per_segment = (a.tokens + l.segments - 1) / l.segments;
+  l.segments = (a.tokens + l.tokens_per_segment - 1) / l.tokens_per_segment;
+  l.grad_h = 0;
+  l.grad_proj = l.grad_h + a.tokens * l.M;
+  l.alpha_terms = l.grad_proj + a.tokens * l.M;
+  l.coef = l.alpha_terms + a.tokens * 3;
+  l.partial = l.coef + a.tokens;
+  l.total = l.partial + l.segments * l.M * l.K;
+  return l;
+}
+
+void check_args(const MappingsArgs& a) {
+  check(a.tokens >= 1 && a.C >= 1, "mhc mappings: empty input");
+  check(a.sinkhorn_iterations >= 0, "mhc_sinkhorn_iterations: must be >= 0 here (0 is HC)");
+}
+
+}  // namespace
+
+void mhc_mappings_forward(const MappingsArgs& a, const bf16* x, const float* weight, const float* alpha,
+                          const float* bias, float* proj, float* r, float* h_pre, float* h_post, float* h_res,
+                          cudaStream_t stream) {
+  check_args(a);
+  const int64_t K = a.n * a.C;
+  detail::dispatch_streams(a.n, [&](auto Ns) {
+    constexpr int N = decltype(Ns)::value;
+    const unsigned blocks = detail::blocks_for(a.tokens, kBlockWarps * tokens_per_warp<N>());
+    if (K % 8 == 0) project_kernel<N, 8><<<blocks, kBlockThreads, 0, stream>>>(x, weight, a.tokens, K, proj, r);
+    else project_kernel<N, 1><<<blocks, kBlockThreads, 0, stream>>>(x, weight, a.tokens, K, proj, r);
+    MHC_CUDA_CHECK(cudaGetLastError());
+    finish_kernel<N><<<detail::blocks_for(a.tokens, 128), 128, 0, stream>>>(
+        proj, r, alpha, bias, a.tokens, a.sinkhorn_iterations, h_pre, h_post, h_res);
+  });
+  MHC_CUDA_CHECK(cudaGetLastError());
+}
+
+size_t mappings_backward_workspace_floats(const MappingsArgs& a) { return layout_of(a).total; }
+
+void mhc_mappings_backward(const MappingsArgs& a, const bf16* x, const float* weight, const float* alpha,
+                           const float* bias, const float* proj, const float* r, const float* h_pre,
+                           const float* h_post, const float* grad_h_pre, const float* grad_h_post,
+                           const float* grad_h_res, bf16* grad_x, float* grad_weight, float* grad_alpha,
+                           float* grad_bias, float* workspace, cudaStream_t stream) {
+  check_args(a);
+  const Layout l = layout_of(a);
+  float* grad_h = workspace + l.grad_h;
+  float* grad_proj = workspace + l.grad_proj;
+  float* alpha_terms = workspace + l.alpha_terms;
+  float* coef = workspace + l.coef;
+  float* partial = workspace + l.partial;
+  detail::dispatch_streams(a.n, [&](auto Ns) {
+    constexpr int N = decltype(Ns)::value;
+    grad_h_kernel<N><<<detail::blocks_for(a.tokens, 128), 128, 0, stream>>>(
+        proj, r, alpha, bias, h_pre, h_post, grad_h_pre, grad_h_post, grad_h_res, a.tokens, l.K,
+        a.sinkhorn_iterations, grad_h, grad_proj, alpha_terms, coef);
+    MHC_CUDA_CHECK(cudaGetLastError());
+    const unsigned blocks = detail::blocks_for(a.tokens, kBlockWarps * tokens_per_warp<N>());
+    if (l.K % 8 == 0)
+      grad_x_kernel<N, 8><<<blocks, kBlockThreads, 0, stream>>>(x, weight, grad_proj, coef, a.tokens, l.K, grad_x);
+    else
+      grad_x_kernel<N, 1><<<blocks, kBlockThreads, 0, stream>>>(x, weight, grad_proj, coef, a.tokens, l.K, grad_x);
+    MHC_CUDA_CHECK(cudaGetLastError());
+    const bool pairs = l.K % 2 == 0 && l.M <= 48;
+    const dim3 grid(detail::blocks_for(l.K / (pairs ? 2 : 1), kBlockThreads), static_cast<unsigned>(l.segments));
+    if (pairs)
+      grad_w_partial_kernel<N, 2><<<grid, kBlockThreads, 0, stream>>>(x, grad_proj, a.tokens, l.K,
+                                                                      l.tokens_per_segment, partial);
+    else
+      grad_w_partial_kernel<N, 1><<<grid, kBlockThreads, 0, stream>>>(x, grad_proj, a.tokens, l.K,
+                                                                      l.tokens_per_segment, partial);
+    MHC_CUDA_CHECK(cudaGetLastError());
+  });
+  sum_rows_kernel<<<detail::blocks_for(l.M * l.K, kBlockThreads), kBlockThreads, 0, stream>>>(partial, l.segments,
+                                                                                             l.M * l.K, grad_weight);
+  sum_rows_kernel<<<1, kBlockThreads, 0, stream>>>(grad_h, a.tokens, l.M, grad_bias);
+  sum_rows_kernel<<<1, 32, 0, stream>>>(alpha_terms, a.tokens, 3, grad_alpha);
+  MHC_CUDA_CHECK(cudaGetLastError());
+}
+
+}  // namespace mhc::cuda

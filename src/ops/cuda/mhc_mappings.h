@@ -1,0 +1,44 @@
+// CUDA kernels of the mHC mappings (ops/cpu/mhc_mappings.h has the math), x bf16, the
+// parameters and every mapping value fp32, all sums fp32:
+//
+//   forward:  project    proj = W x and r = 1/(||x||/sqrt(K) + 1e-6)       (one pass over x)
+//             finish     gates, Sinkhorn in registers -> H_pre, H_post, H_res
+//   backward: grad_h     dh (sigmoid and Sinkhorn backward, the iterations recomputed in
+//                        registers), dproj = dh r a, and the per-token dr coefficient
+//             grad_x     dx += dproj W + coef x                              (bf16 accumulate)
+//             grad_w     dW += dproj^T x, dalpha, dbias: token segments into an fp32
+//                        scratch, then summed over segments in order (deterministic)
+//
+// Saved for backward: proj [tokens, m] and r [tokens], fp32. n is a template parameter
+// (1, 2, 4, 6, 8); the workspace of the backward is mappings_backward_workspace_floats().
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace mhc::cuda {
+
+using bf16 = __nv_bfloat16;
+
+struct MappingsArgs {
+  int64_t tokens;
+  int n;
+  int64_t C;
+  int sinkhorn_iterations;  // 0: unconstrained HC mixing, H_res = I + logits
+};
+
+void mhc_mappings_forward(const MappingsArgs& a, const bf16* x, const float* weight, const float* alpha,
+                          const float* bias, float* proj, float* r, float* h_pre, float* h_post, float* h_res,
+                          cudaStream_t stream = nullptr);
+
+size_t mappings_backward_workspace_floats(const MappingsArgs& a);
+
+// grad_x accumulates (bf16); grad_weight, grad_alpha [3], grad_bias accumulate (fp32).
+void mhc_mappings_backward(const MappingsArgs& a, const bf16* x, const float* weight, const float* alpha,
+                           const float* bias, const float* proj, const float* r, const float* h_pre,
+                           const float* h_post, const float* grad_h_pre, const float* grad_h_post,
+                           const float* grad_h_res, bf16* grad_x, float* grad_weight, float* grad_alpha,
+                           float* grad_bias, float* workspace, cudaStream_t stream = nullptr);
+
+}  // namespace mhc::cuda
