@@ -183,13 +183,14 @@ __global__ void finish_kernel(const float* proj, const float* r, const float* al
 
 // ---- backward --------------------------------------------------------------------------
 
-// Per token: dh, dproj = dh r a, the alpha terms dh r proj by gate, and the coefficient of
-// x in dx from r: -dr r^2 / (sqrt(K) ||x||).
+// Per token: the row [dh, alpha terms (dh r proj summed by gate)] of width M + 3 (summed
+// over tokens into dbias and dalpha), dproj = dh r a, and the coefficient of x in dx from
+// r: -dr r^2 / (sqrt(K) ||x||).
 template <int N>
 __global__ void grad_h_kernel(const float* proj, const float* r, const float* alpha, const float* bias,
                               const float* h_pre, const float* h_post, const float* grad_h_pre,
                               const float* grad_h_post, const float* grad_h_res, int64_t tokens, int64_t K,
-                              int iterations, float* grad_h, float* grad_proj, float* alpha_terms, float* coef) {
+                              int iterations, float* grad_h, float* grad_proj, float* coef) {
   constexpr int M = width<N>();
   const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (t >= tokens) return;
@@ -225,11 +226,11 @@ __global__ void grad_h_kernel(const float* proj, const float* r, const float* al
     const int g = k < N ? 0 : (k < 2 * N ? 1 : 2);
     dr += dh[k] * p[k] * alpha[g];
     terms[g] += dh[k] * rt * p[k];
-    grad_h[t * M + k] = dh[k];
+    grad_h[t * (M + 3) + k] = dh[k];
     grad_proj[t * M + k] = dh[k] * rt * alpha[g];
   }
 #pragma unroll
-  for (int g = 0; g < 3; ++g) alpha_terms[t * 3 + g] = terms[g];
+  for (int g = 0; g < 3; ++g) grad_h[t * (M + 3) + M + g] = terms[g];
   const float sqrt_k = sqrtf(static_cast<float>(K));
   const float norm = sqrt_k * (1.0f / rt - kNormEps);
   coef[t] = norm > 0.0f ? -dr * rt * rt / (sqrt_k * norm) : 0.0f;
@@ -323,18 +324,37 @@ __global__ void grad_w_partial_kernel(const bf16* x, const float* grad_proj, int
     for (int v = 0; v < KV; ++v) out[o * K + k + v] = acc[o][v];
 }
 
-// out[c] += sum over rows of in[row][c], rows in order (a segment sum or a token sum).
-__global__ void sum_rows_kernel(const float* in, int64_t rows, int64_t cols, float* out) {
+// out[c] += sum over rows of in[row * stride + c], rows in order.
+__global__ void sum_rows_kernel(const float* in, int64_t rows, int64_t cols, int64_t stride, float* out) {
   const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (c >= cols) return;
   float s = 0;
-  for (int64_t row = 0; row < rows; ++row) s += in[row * cols + c];
+  for (int64_t row = 0; row < rows; ++row) s += in[row * stride + c];
   out[c] += s;
 }
 
+// First pass of a long column sum: chunk blockIdx.y of kChunkRows rows, 32 columns per
+// block, 8 rows of threads summed in order. partial[chunk][c].
+constexpr int64_t kChunkRows = 256;
+__global__ void column_chunk_sums_kernel(const float* in, int64_t rows, int64_t cols, float* partial) {
+  __shared__ float sums[8][33];
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * 32 + threadIdx.x;
+  const int64_t begin = blockIdx.y * kChunkRows, end = min(rows, begin + kChunkRows);
+  float s = 0;
+  if (c < cols)
+    for (int64_t row = begin + threadIdx.y; row < end; row += 8) s += in[row * cols + c];
+  sums[threadIdx.y][threadIdx.x] = s;
+  __syncthreads();
+  if (threadIdx.y == 0 && c < cols) {
+    float total = 0;
+    for (int k = 0; k < 8; ++k) total += sums[k][threadIdx.x];
+    partial[blockIdx.y * cols + c] = total;
+  }
+}
+
 struct Layout {
-  int64_t M, K, segments, tokens_per_segment;
-  size_t grad_h, grad_proj, alpha_terms, coef, partial, total;  // offsets in floats
+  int64_t M, K, segments, tokens_per_segment, chunks;
+  size_t grad_h, grad_proj, coef, chunk_sums, partial, total;  // offsets in floats
 };
 
 Layout layout_of(const MappingsArgs& a) {
@@ -347,11 +367,12 @@ Layout layout_of(const MappingsArgs& a) {
   l.segments = std::clamp<int64_t>((528 + column_blocks - 1) / column_blocks, 1, std::max<int64_t>(a.tokens, 1));
   l.tokens_per_segment = (a.tokens + l.segments - 1) / l.segments;
   l.segments = (a.tokens + l.tokens_per_segment - 1) / l.tokens_per_segment;
+  l.chunks = (a.tokens + kChunkRows - 1) / kChunkRows;
   l.grad_h = 0;
-  l.grad_proj = l.grad_h + a.tokens * l.M;
-  l.alpha_terms = l.grad_proj + a.tokens * l.M;
-  l.coef = l.alpha_terms + a.tokens * 3;
-  l.partial = l.coef + a.tokens;
+  l.grad_proj = l.grad_h + a.tokens * (l.M + 3);
+  l.coef = l.grad_proj + a.tokens * l.M;
+  l.chunk_sums = l.coef + a.tokens;
+  l.partial = l.chunk_sums + l.chunks * (l.M + 3);
   l.total = l.partial + l.segments * l.M * l.K;
   return l;
 }
@@ -391,14 +412,14 @@ void mhc_mappings_backward(const MappingsArgs& a, const bf16* x, const float* we
   const Layout l = layout_of(a);
   float* grad_h = workspace + l.grad_h;
   float* grad_proj = workspace + l.grad_proj;
-  float* alpha_terms = workspace + l.alpha_terms;
   float* coef = workspace + l.coef;
+  float* chunk_sums = workspace + l.chunk_sums;
   float* partial = workspace + l.partial;
   detail::dispatch_streams(a.n, [&](auto Ns) {
     constexpr int N = decltype(Ns)::value;
     grad_h_kernel<N><<<detail::blocks_for(a.tokens, 128), 128, 0, stream>>>(
         proj, r, alpha, bias, h_pre, h_post, grad_h_pre, grad_h_post, grad_h_res, a.tokens, l.K,
-        a.sinkhorn_iterations, grad_h, grad_proj, alpha_terms, coef);
+        a.sinkhorn_iterations, grad_h, grad_proj, coef);
     MHC_CUDA_CHECK(cudaGetLastError());
     const unsigned blocks = detail::blocks_for(a.tokens, kBlockWarps * tokens_per_warp<N>());
     if (l.K % 8 == 0)
@@ -416,10 +437,13 @@ void mhc_mappings_backward(const MappingsArgs& a, const bf16* x, const float* we
                                                                       l.tokens_per_segment, partial);
     MHC_CUDA_CHECK(cudaGetLastError());
   });
-  sum_rows_kernel<<<detail::blocks_for(l.M * l.K, kBlockThreads), kBlockThreads, 0, stream>>>(partial, l.segments,
-                                                                                             l.M * l.K, grad_weight);
-  sum_rows_kernel<<<1, kBlockThreads, 0, stream>>>(grad_h, a.tokens, l.M, grad_bias);
-  sum_rows_kernel<<<1, 32, 0, stream>>>(alpha_terms, a.tokens, 3, grad_alpha);
+  sum_rows_kernel<<<detail::blocks_for(l.M * l.K, kBlockThreads), kBlockThreads, 0, stream>>>(
+      partial, l.segments, l.M * l.K, l.M * l.K, grad_weight);
+  const int64_t row = l.M + 3;  // [dh, alpha terms]
+  column_chunk_sums_kernel<<<dim3(detail::blocks_for(row, 32), static_cast<unsigned>(l.chunks)), dim3(32, 8), 0,
+                             stream>>>(grad_h, a.tokens, row, chunk_sums);
+  sum_rows_kernel<<<1, 128, 0, stream>>>(chunk_sums, l.chunks, l.M, row, grad_bias);
+  sum_rows_kernel<<<1, 32, 0, stream>>>(chunk_sums + l.M, l.chunks, 3, row, grad_alpha);
   MHC_CUDA_CHECK(cudaGetLastError());
 }
 
