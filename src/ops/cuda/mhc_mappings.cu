@@ -54,34 +54,41 @@ template <int N> __device__ void sinkhorn_forward(const float (&L)[N][N], int it
   for (int h = 0; h < 2 * iterations; ++h) normalise(M, h % 2 == 0, sums);
 }
 
-// G holds dM on entry and dL on exit. The state before each half step is recomputed from
-// M0 (O(T^2 N^2) work, no arrays indexed at run time), as the CPU reference does with its
-// stored copies; the same zero-entry rule applies.
+// G holds dM on entry and dL on exit. Forward is re-run once, keeping only each half
+// step's divisors (kMaxIterations x 2 x N floats in local memory); walking back, the
+// state before a half step is its output times those divisors (exact up to rounding,
+// also where a sum was clamped to eps). Same zero-entry rule as the CPU reference.
+constexpr int kMaxIterations = 64;
 template <int N> __device__ void sinkhorn_backward(const float (&L)[N][N], int iterations, float (&G)[N][N]) {
-  float M0[N][N];
+  float M0[N][N], Y[N][N], sums[2 * kMaxIterations][N];
   exp_shifted(L, M0);
+#pragma unroll
+  for (int i = 0; i < N; ++i)
+#pragma unroll
+    for (int j = 0; j < N; ++j) Y[i][j] = M0[i][j];
+  for (int h = 0; h < 2 * iterations; ++h) normalise(Y, h % 2 == 0, sums[h]);
   for (int half = 2 * iterations - 1; half >= 0; --half) {
-    float Y[N][N], sums[N];
-#pragma unroll
-    for (int i = 0; i < N; ++i)
-#pragma unroll
-      for (int j = 0; j < N; ++j) Y[i][j] = M0[i][j];
-    for (int h = 0; h <= half; ++h) normalise(Y, h % 2 == 0, sums);
     const bool rows = half % 2 == 0;
+    // Y is the output of this half step: back-propagate through it, then undo it.
 #pragma unroll
     for (int a = 0; a < N; ++a) {
+      const float s = sums[half][a];
       float dot = 0;
 #pragma unroll
       for (int b = 0; b < N; ++b) {
         const float y = rows ? Y[a][b] : Y[b][a], g = rows ? G[a][b] : G[b][a];
         if (y != 0.0f) dot += g * y;
       }
-      if (!(sums[a] > kSinkhornEps)) dot = 0;
+      if (!(s > kSinkhornEps)) dot = 0;
 #pragma unroll
       for (int b = 0; b < N; ++b) {
-        float& g = rows ? G[a][b] : G[b][a];
-        const float y = rows ? Y[a][b] : Y[b][a];
-        g = y != 0.0f ? (g - dot) / sums[a] : 0.0f;
+        if (rows) {
+          G[a][b] = Y[a][b] != 0.0f ? (G[a][b] - dot) / s : 0.0f;
+          Y[a][b] *= s;
+        } else {
+          G[b][a] = Y[b][a] != 0.0f ? (G[b][a] - dot) / s : 0.0f;
+          Y[b][a] *= s;
+        }
       }
     }
   }
@@ -93,11 +100,27 @@ template <int N> __device__ void sinkhorn_backward(const float (&L)[N][N], int i
 
 // ---- forward ---------------------------------------------------------------------------
 
-// Each warp owns TT tokens; its lanes stride over K in chunks of VEC. proj = W x, r.
+// Every thread of the block copies its share of W[:, k0 : k0 + TK] (fp32, M rows) into
+// shared memory `tile` laid out [M][TK]; columns past K are zero. TK = 32 * VEC: one
+// column group per lane.
+template <int M, int TK>
+__device__ void load_weight_tile(const float* weight, int64_t K, int64_t k0, float* tile) {
+  for (int e = threadIdx.x; e < M * TK; e += blockDim.x) {
+    const int o = e / TK, kk = e % TK;
+    tile[e] = k0 + kk < K ? weight[o * K + k0 + kk] : 0.0f;
+  }
+}
+
+template <int N, int VEC> constexpr size_t weight_tile_bytes() { return sizeof(float) * width<N>() * 32 * VEC; }
+
+
+// Each warp owns TT tokens; the block walks K in tiles of 32 VEC, W's tile staged once in
+// shared memory for its 8 warps, each lane taking VEC consecutive columns. proj = W x, r.
 template <int N, int VEC>
 __global__ void __launch_bounds__(kBlockThreads) project_kernel(const bf16* x, const float* weight, int64_t tokens,
                                                                 int64_t K, float* proj, float* r) {
-  constexpr int M = width<N>(), TT = tokens_per_warp<N>();
+  constexpr int M = width<N>(), TT = tokens_per_warp<N>(), TK = 32 * VEC;
+  extern __shared__ float tile[];  // [M][TK]
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int64_t first = (static_cast<int64_t>(blockIdx.x) * kBlockWarps + warp) * TT;
   float acc[TT][M], ss[TT];
@@ -107,33 +130,39 @@ __global__ void __launch_bounds__(kBlockThreads) project_kernel(const bf16* x, c
 #pragma unroll
     for (int o = 0; o < M; ++o) acc[i][o] = 0;
   }
-  for (int64_t k = static_cast<int64_t>(lane) * VEC; k < K; k += 32 * VEC) {
+  for (int64_t k0 = 0; k0 < K; k0 += TK) {
+    // x first, so its loads are in flight while the tile is copied.
+    const int64_t k = k0 + lane * VEC;
     float xv[TT][VEC];
 #pragma unroll
     for (int i = 0; i < TT; ++i) {
-      if (first + i < tokens) detail::load_bf16<VEC>(x + (first + i) * K + k, xv[i]);
-      else
+      if (first + i < tokens && k < K) {
+        if constexpr (VEC == 8) detail::load_bf16<8>(x + (first + i) * K + k, xv[i]);
+        else
+#pragma unroll
+          for (int v = 0; v < VEC; ++v) xv[i][v] = k + v < K ? __bfloat162float(x[(first + i) * K + k + v]) : 0.0f;
+      } else {
 #pragma unroll
         for (int v = 0; v < VEC; ++v) xv[i][v] = 0;
+      }
+    }
+    load_weight_tile<M, TK>(weight, K, k0, tile);
+    __syncthreads();
+#pragma unroll
+    for (int i = 0; i < TT; ++i)
 #pragma unroll
       for (int v = 0; v < VEC; ++v) ss[i] += xv[i][v] * xv[i][v];
-    }
 #pragma unroll
     for (int o = 0; o < M; ++o) {
       float w[VEC];
-      if constexpr (VEC == 8) {
-        const float4 a = *reinterpret_cast<const float4*>(weight + o * K + k);
-        const float4 b = *reinterpret_cast<const float4*>(weight + o * K + k + 4);
-        w[0] = a.x, w[1] = a.y, w[2] = a.z, w[3] = a.w, w[4] = b.x, w[5] = b.y, w[6] = b.z, w[7] = b.w;
-      } else {
 #pragma unroll
-        for (int v = 0; v < VEC; ++v) w[v] = weight[o * K + k + v];
-      }
+      for (int v = 0; v < VEC; ++v) w[v] = tile[o * TK + lane * VEC + v];
 #pragma unroll
       for (int i = 0; i < TT; ++i)
 #pragma unroll
         for (int v = 0; v < VEC; ++v) acc[i][o] += w[v] * xv[i][v];
     }
+    __syncthreads();
   }
   const float sqrt_k = sqrtf(static_cast<float>(K));
 #pragma unroll
@@ -236,12 +265,14 @@ __global__ void grad_h_kernel(const float* proj, const float* r, const float* al
   coef[t] = norm > 0.0f ? -dr * rt * rt / (sqrt_k * norm) : 0.0f;
 }
 
-// dx += dproj W + coef x, each warp owning TT tokens, lanes striding over K.
+// dx += dproj W + coef x, each warp owning TT tokens, the block walking K in tiles of
+// 32 VEC with W's tile in shared memory (as project_kernel).
 template <int N, int VEC>
 __global__ void __launch_bounds__(kBlockThreads) grad_x_kernel(const bf16* x, const float* weight,
                                                                const float* grad_proj, const float* coef,
                                                                int64_t tokens, int64_t K, bf16* grad_x) {
-  constexpr int M = width<N>(), TT = tokens_per_warp<N>();
+  constexpr int M = width<N>(), TT = tokens_per_warp<N>(), TK = 32 * VEC;
+  extern __shared__ float tile[];  // [M][TK]
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int64_t first = (static_cast<int64_t>(blockIdx.x) * kBlockWarps + warp) * TT;
   float dp[TT][M], c[TT];
@@ -252,7 +283,10 @@ __global__ void __launch_bounds__(kBlockThreads) grad_x_kernel(const bf16* x, co
 #pragma unroll
     for (int o = 0; o < M; ++o) dp[i][o] = valid ? grad_proj[(first + i) * M + o] : 0.0f;
   }
-  for (int64_t k = static_cast<int64_t>(lane) * VEC; k < K; k += 32 * VEC) {
+  for (int64_t k0 = 0; k0 < K; k0 += TK) {
+    load_weight_tile<M, TK>(weight, K, k0, tile);
+    __syncthreads();
+    const int64_t k = k0 + lane * VEC;
     float acc[TT][VEC];
 #pragma unroll
     for (int i = 0; i < TT; ++i)
@@ -261,62 +295,84 @@ __global__ void __launch_bounds__(kBlockThreads) grad_x_kernel(const bf16* x, co
 #pragma unroll
     for (int o = 0; o < M; ++o) {
       float w[VEC];
-      if constexpr (VEC == 8) {
-        const float4 a = *reinterpret_cast<const float4*>(weight + o * K + k);
-        const float4 b = *reinterpret_cast<const float4*>(weight + o * K + k + 4);
-        w[0] = a.x, w[1] = a.y, w[2] = a.z, w[3] = a.w, w[4] = b.x, w[5] = b.y, w[6] = b.z, w[7] = b.w;
-      } else {
 #pragma unroll
-        for (int v = 0; v < VEC; ++v) w[v] = weight[o * K + k + v];
-      }
+      for (int v = 0; v < VEC; ++v) w[v] = tile[o * TK + lane * VEC + v];
 #pragma unroll
       for (int i = 0; i < TT; ++i)
 #pragma unroll
         for (int v = 0; v < VEC; ++v) acc[i][v] += dp[i][o] * w[v];
     }
+    __syncthreads();
+    if (k >= K) continue;
 #pragma unroll
     for (int i = 0; i < TT; ++i) {
       if (first + i >= tokens) continue;
       float xv[VEC], gx[VEC];
-      detail::load_bf16<VEC>(x + (first + i) * K + k, xv);
-      detail::load_bf16<VEC>(grad_x + (first + i) * K + k, gx);
+      if constexpr (VEC == 8) {
+        detail::load_bf16<8>(x + (first + i) * K + k, xv);
+        detail::load_bf16<8>(grad_x + (first + i) * K + k, gx);
 #pragma unroll
-      for (int v = 0; v < VEC; ++v) gx[v] += acc[i][v] + c[i] * xv[v];
-      detail::store_bf16<VEC>(grad_x + (first + i) * K + k, gx);
+        for (int v = 0; v < VEC; ++v) gx[v] += acc[i][v] + c[i] * xv[v];
+        detail::store_bf16<8>(grad_x + (first + i) * K + k, gx);
+      } else {
+        const int64_t at = (first + i) * K + k;
+        grad_x[at] = __float2bfloat16(__bfloat162float(grad_x[at]) + acc[i][0] + c[i] * __bfloat162float(x[at]));
+      }
     }
   }
 }
 
-// Segment `blockIdx.y` of the tokens: partial[seg][o][k] = sum_t dproj[t][o] x[t][k].
+// Segment `blockIdx.y` of the tokens: partial[seg][o][k] = sum_t dproj[t][o] x[t][k], each
+// thread owning KV columns. dproj comes through shared memory 32 tokens at a time, and x
+// is loaded 8 tokens ahead so that several loads are in flight.
 template <int N, int KV>
-__global__ void grad_w_partial_kernel(const bf16* x, const float* grad_proj, int64_t tokens, int64_t K,
-                                      int64_t tokens_per_segment, float* partial) {
-  constexpr int M = width<N>();
+__global__ void __launch_bounds__(kBlockThreads) grad_w_partial_kernel(const bf16* x, const float* grad_proj,
+                                                                       int64_t tokens, int64_t K,
+                                                                       int64_t tokens_per_segment, float* partial) {
+  constexpr int M = width<N>(), kChunk = 32, kAhead = 8;
+  __shared__ float dp[kChunk][M];
   const int64_t k = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * KV;
   const int64_t begin = blockIdx.y * tokens_per_segment;
   const int64_t end = min(tokens, begin + tokens_per_segment);
-  if (k >= K) return;
   float acc[M][KV];
 #pragma unroll
   for (int o = 0; o < M; ++o)
 #pragma unroll
     for (int v = 0; v < KV; ++v) acc[o][v] = 0;
-  for (int64_t t = begin; t < end; ++t) {
-    float xv[KV];
-    if constexpr (KV == 2) {
-      const float2 f = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(x + t * K + k));
-      xv[0] = f.x;
-      xv[1] = f.y;
-    } else {
-      xv[0] = __bfloat162float(x[t * K + k]);
-    }
+  for (int64_t t0 = begin; t0 < end; t0 += kChunk) {
+    const int64_t count = min(static_cast<int64_t>(kChunk), end - t0);
+    __syncthreads();
+    for (int e = threadIdx.x; e < kChunk * M; e += blockDim.x)
+      dp[e / M][e % M] = e / M < count ? grad_proj[(t0 + e / M) * M + e % M] : 0.0f;
+    __syncthreads();
+    if (k >= K) continue;
+    for (int tt = 0; tt < count; tt += kAhead) {
+      float xv[kAhead][KV];
 #pragma unroll
-    for (int o = 0; o < M; ++o) {
-      const float d = grad_proj[t * M + o];
+      for (int u = 0; u < kAhead; ++u) {
+        const int64_t t = t0 + tt + u;
+        if (tt + u < count) {
+          if constexpr (KV == 2) {
+            const float2 f = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(x + t * K + k));
+            xv[u][0] = f.x;
+            xv[u][1] = f.y;
+          } else {
+            xv[u][0] = __bfloat162float(x[t * K + k]);
+          }
+        } else {
 #pragma unroll
-      for (int v = 0; v < KV; ++v) acc[o][v] += d * xv[v];
+          for (int v = 0; v < KV; ++v) xv[u][v] = 0;
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < kAhead; ++u)
+#pragma unroll
+        for (int o = 0; o < M; ++o)
+#pragma unroll
+          for (int v = 0; v < KV; ++v) acc[o][v] += dp[tt + u][o] * xv[u][v];
     }
   }
+  if (k >= K) return;
   float* out = partial + static_cast<int64_t>(blockIdx.y) * M * K;
 #pragma unroll
   for (int o = 0; o < M; ++o)
@@ -377,9 +433,18 @@ Layout layout_of(const MappingsArgs& a) {
   return l;
 }
 
+// Tiles above 48 KB (n = 8: 80 KB) need the kernel's opt-in to more shared memory.
+template <int N, int VEC, typename Kernel> void enable_shared(Kernel kernel) {
+  if constexpr (weight_tile_bytes<N, VEC>() > 48 * 1024)
+    MHC_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(weight_tile_bytes<N, VEC>())));
+}
+
 void check_args(const MappingsArgs& a) {
   check(a.tokens >= 1 && a.C >= 1, "mhc mappings: empty input");
-  check(a.sinkhorn_iterations >= 0, "mhc_sinkhorn_iterations: must be >= 0 here (0 is HC)");
+  check(a.sinkhorn_iterations >= 0 && a.sinkhorn_iterations <= kMaxIterations,
+        "mhc_sinkhorn_iterations: the CUDA kernels take 0 (HC) to " + std::to_string(kMaxIterations) + ", got " +
+            std::to_string(a.sinkhorn_iterations));
 }
 
 }  // namespace
@@ -392,8 +457,14 @@ void mhc_mappings_forward(const MappingsArgs& a, const bf16* x, const float* wei
   detail::dispatch_streams(a.n, [&](auto Ns) {
     constexpr int N = decltype(Ns)::value;
     const unsigned blocks = detail::blocks_for(a.tokens, kBlockWarps * tokens_per_warp<N>());
-    if (K % 8 == 0) project_kernel<N, 8><<<blocks, kBlockThreads, 0, stream>>>(x, weight, a.tokens, K, proj, r);
-    else project_kernel<N, 1><<<blocks, kBlockThreads, 0, stream>>>(x, weight, a.tokens, K, proj, r);
+    if (K % 8 == 0) {
+      enable_shared<N, 8>(project_kernel<N, 8>);
+      project_kernel<N, 8><<<blocks, kBlockThreads, weight_tile_bytes<N, 8>(), stream>>>(x, weight, a.tokens, K,
+                                                                                          proj, r);
+    } else {
+      project_kernel<N, 1><<<blocks, kBlockThreads, weight_tile_bytes<N, 1>(), stream>>>(x, weight, a.tokens, K,
+                                                                                          proj, r);
+    }
     MHC_CUDA_CHECK(cudaGetLastError());
     finish_kernel<N><<<detail::blocks_for(a.tokens, 128), 128, 0, stream>>>(
         proj, r, alpha, bias, a.tokens, a.sinkhorn_iterations, h_pre, h_post, h_res);
@@ -422,10 +493,14 @@ void mhc_mappings_backward(const MappingsArgs& a, const bf16* x, const float* we
         a.sinkhorn_iterations, grad_h, grad_proj, coef);
     MHC_CUDA_CHECK(cudaGetLastError());
     const unsigned blocks = detail::blocks_for(a.tokens, kBlockWarps * tokens_per_warp<N>());
-    if (l.K % 8 == 0)
-      grad_x_kernel<N, 8><<<blocks, kBlockThreads, 0, stream>>>(x, weight, grad_proj, coef, a.tokens, l.K, grad_x);
-    else
-      grad_x_kernel<N, 1><<<blocks, kBlockThreads, 0, stream>>>(x, weight, grad_proj, coef, a.tokens, l.K, grad_x);
+    if (l.K % 8 == 0) {
+      enable_shared<N, 8>(grad_x_kernel<N, 8>);
+      grad_x_kernel<N, 8><<<blocks, kBlockThreads, weight_tile_bytes<N, 8>(), stream>>>(x, weight, grad_proj, coef,
+                                                                                         a.tokens, l.K, grad_x);
+    } else {
+      grad_x_kernel<N, 1><<<blocks, kBlockThreads, weight_tile_bytes<N, 1>(), stream>>>(x, weight, grad_proj, coef,
+                                                                                         a.tokens, l.K, grad_x);
+    }
     MHC_CUDA_CHECK(cudaGetLastError());
     const bool pairs = l.K % 2 == 0 && l.M <= 48;
     const dim3 grid(detail::blocks_for(l.K / (pairs ? 2 : 1), kBlockThreads), static_cast<unsigned>(l.segments));
