@@ -100,27 +100,11 @@ template <int N> __device__ void sinkhorn_backward(const float (&L)[N][N], int i
 
 // ---- forward ---------------------------------------------------------------------------
 
-// Every thread of the block copies its share of W[:, k0 : k0 + TK] (fp32, M rows) into
-// shared memory `tile` laid out [M][TK]; columns past K are zero. TK = 32 * VEC: one
-// column group per lane.
-template <int M, int TK>
-__device__ void load_weight_tile(const float* weight, int64_t K, int64_t k0, float* tile) {
-  for (int e = threadIdx.x; e < M * TK; e += blockDim.x) {
-    const int o = e / TK, kk = e % TK;
-    tile[e] = k0 + kk < K ? weight[o * K + k0 + kk] : 0.0f;
-  }
-}
-
-template <int N, int VEC> constexpr size_t weight_tile_bytes() { return sizeof(float) * width<N>() * 32 * VEC; }
-
-
-// Each warp owns TT tokens; the block walks K in tiles of 32 VEC, W's tile staged once in
-// shared memory for its 8 warps, each lane taking VEC consecutive columns. proj = W x, r.
+// Each warp owns TT tokens; its lanes stride over K in chunks of VEC. proj = W x, r.
 template <int N, int VEC>
 __global__ void __launch_bounds__(kBlockThreads) project_kernel(const bf16* x, const float* weight, int64_t tokens,
                                                                 int64_t K, float* proj, float* r) {
-  constexpr int M = width<N>(), TT = tokens_per_warp<N>(), TK = 32 * VEC;
-  extern __shared__ float tile[];  // [M][TK]
+  constexpr int M = width<N>(), TT = tokens_per_warp<N>();
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int64_t first = (static_cast<int64_t>(blockIdx.x) * kBlockWarps + warp) * TT;
   float acc[TT][M], ss[TT];
@@ -130,39 +114,33 @@ __global__ void __launch_bounds__(kBlockThreads) project_kernel(const bf16* x, c
 #pragma unroll
     for (int o = 0; o < M; ++o) acc[i][o] = 0;
   }
-  for (int64_t k0 = 0; k0 < K; k0 += TK) {
-    // x first, so its loads are in flight while the tile is copied.
-    const int64_t k = k0 + lane * VEC;
+  for (int64_t k = static_cast<int64_t>(lane) * VEC; k < K; k += 32 * VEC) {
     float xv[TT][VEC];
 #pragma unroll
     for (int i = 0; i < TT; ++i) {
-      if (first + i < tokens && k < K) {
-        if constexpr (VEC == 8) detail::load_bf16<8>(x + (first + i) * K + k, xv[i]);
-        else
-#pragma unroll
-          for (int v = 0; v < VEC; ++v) xv[i][v] = k + v < K ? __bfloat162float(x[(first + i) * K + k + v]) : 0.0f;
-      } else {
+      if (first + i < tokens) detail::load_bf16<VEC>(x + (first + i) * K + k, xv[i]);
+      else
 #pragma unroll
         for (int v = 0; v < VEC; ++v) xv[i][v] = 0;
-      }
-    }
-    load_weight_tile<M, TK>(weight, K, k0, tile);
-    __syncthreads();
-#pragma unroll
-    for (int i = 0; i < TT; ++i)
 #pragma unroll
       for (int v = 0; v < VEC; ++v) ss[i] += xv[i][v] * xv[i][v];
+    }
 #pragma unroll
     for (int o = 0; o < M; ++o) {
       float w[VEC];
+      if constexpr (VEC == 8) {
+        const float4 a = *reinterpret_cast<const float4*>(weight + o * K + k);
+        const float4 b = *reinterpret_cast<const float4*>(weight + o * K + k + 4);
+        w[0] = a.x, w[1] = a.y, w[2] = a.z, w[3] = a.w, w[4] = b.x, w[5] = b.y, w[6] = b.z, w[7] = b.w;
+      } else {
 #pragma unroll
-      for (int v = 0; v < VEC; ++v) w[v] = tile[o * TK + lane * VEC + v];
+        for (int v = 0; v < VEC; ++v) w[v] = weight[o * K + k + v];
+      }
 #pragma unroll
       for (int i = 0; i < TT; ++i)
 #pragma unroll
         for (int v = 0; v < VEC; ++v) acc[i][o] += w[v] * xv[i][v];
     }
-    __syncthreads();
   }
   const float sqrt_k = sqrtf(static_cast<float>(K));
 #pragma unroll
@@ -265,14 +243,12 @@ __global__ void grad_h_kernel(const float* proj, const float* r, const float* al
   coef[t] = norm > 0.0f ? -dr * rt * rt / (sqrt_k * norm) : 0.0f;
 }
 
-// dx += dproj W + coef x, each warp owning TT tokens, the block walking K in tiles of
-// 32 VEC with W's tile in shared memory (as project_kernel).
+// dx += dproj W + coef x, each warp owning TT tokens, lanes striding over K.
 template <int N, int VEC>
 __global__ void __launch_bounds__(kBlockThreads) grad_x_kernel(const bf16* x, const float* weight,
                                                                const float* grad_proj, const float* coef,
                                                                int64_t tokens, int64_t K, bf16* grad_x) {
-  constexpr int M = width<N>(), TT = tokens_per_warp<N>(), TK = 32 * VEC;
-  extern __shared__ float tile[];  // [M][TK]
+  constexpr int M = width<N>(), TT = tokens_per_warp<N>();
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int64_t first = (static_cast<int64_t>(blockIdx.x) * kBlockWarps + warp) * TT;
   float dp[TT][M], c[TT];
@@ -283,10 +259,7 @@ __global__ void __launch_bounds__(kBlockThreads) grad_x_kernel(const bf16* x, co
 #pragma unroll
     for (int o = 0; o < M; ++o) dp[i][o] = valid ? grad_proj[(first + i) * M + o] : 0.0f;
   }
-  for (int64_t k0 = 0; k0 < K; k0 += TK) {
-    load_weight_tile<M, TK>(weight, K, k0, tile);
-    __syncthreads();
-    const int64_t k = k0 + lane * VEC;
+  for (int64_t k = static_cast<int64_t>(lane) * VEC; k < K; k += 32 * VEC) {
     float acc[TT][VEC];
 #pragma unroll
     for (int i = 0; i < TT; ++i)
@@ -295,29 +268,28 @@ __global__ void __launch_bounds__(kBlockThreads) grad_x_kernel(const bf16* x, co
 #pragma unroll
     for (int o = 0; o < M; ++o) {
       float w[VEC];
+      if constexpr (VEC == 8) {
+        const float4 a = *reinterpret_cast<const float4*>(weight + o * K + k);
+        const float4 b = *reinterpret_cast<const float4*>(weight + o * K + k + 4);
+        w[0] = a.x, w[1] = a.y, w[2] = a.z, w[3] = a.w, w[4] = b.x, w[5] = b.y, w[6] = b.z, w[7] = b.w;
+      } else {
 #pragma unroll
-      for (int v = 0; v < VEC; ++v) w[v] = tile[o * TK + lane * VEC + v];
+        for (int v = 0; v < VEC; ++v) w[v] = weight[o * K + k + v];
+      }
 #pragma unroll
       for (int i = 0; i < TT; ++i)
 #pragma unroll
         for (int v = 0; v < VEC; ++v) acc[i][v] += dp[i][o] * w[v];
     }
-    __syncthreads();
-    if (k >= K) continue;
 #pragma unroll
     for (int i = 0; i < TT; ++i) {
       if (first + i >= tokens) continue;
       float xv[VEC], gx[VEC];
-      if constexpr (VEC == 8) {
-        detail::load_bf16<8>(x + (first + i) * K + k, xv);
-        detail::load_bf16<8>(grad_x + (first + i) * K + k, gx);
+      detail::load_bf16<VEC>(x + (first + i) * K + k, xv);
+      detail::load_bf16<VEC>(grad_x + (first + i) * K + k, gx);
 #pragma unroll
-        for (int v = 0; v < VEC; ++v) gx[v] += acc[i][v] + c[i] * xv[v];
-        detail::store_bf16<8>(grad_x + (first + i) * K + k, gx);
-      } else {
-        const int64_t at = (first + i) * K + k;
-        grad_x[at] = __float2bfloat16(__bfloat162float(grad_x[at]) + acc[i][0] + c[i] * __bfloat162float(x[at]));
-      }
+      for (int v = 0; v < VEC; ++v) gx[v] += acc[i][v] + c[i] * xv[v];
+      detail::store_bf16<VEC>(grad_x + (first + i) * K + k, gx);
     }
   }
 }
@@ -433,13 +405,6 @@ Layout layout_of(const MappingsArgs& a) {
   return l;
 }
 
-// Tiles above 48 KB (n = 8: 80 KB) need the kernel's opt-in to more shared memory.
-template <int N, int VEC, typename Kernel> void enable_shared(Kernel kernel) {
-  if constexpr (weight_tile_bytes<N, VEC>() > 48 * 1024)
-    MHC_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        static_cast<int>(weight_tile_bytes<N, VEC>())));
-}
-
 void check_args(const MappingsArgs& a) {
   check(a.tokens >= 1 && a.C >= 1, "mhc mappings: empty input");
   check(a.sinkhorn_iterations >= 0 && a.sinkhorn_iterations <= kMaxIterations,
@@ -457,14 +422,8 @@ void mhc_mappings_forward(const MappingsArgs& a, const bf16* x, const float* wei
   detail::dispatch_streams(a.n, [&](auto Ns) {
     constexpr int N = decltype(Ns)::value;
     const unsigned blocks = detail::blocks_for(a.tokens, kBlockWarps * tokens_per_warp<N>());
-    if (K % 8 == 0) {
-      enable_shared<N, 8>(project_kernel<N, 8>);
-      project_kernel<N, 8><<<blocks, kBlockThreads, weight_tile_bytes<N, 8>(), stream>>>(x, weight, a.tokens, K,
-                                                                                          proj, r);
-    } else {
-      project_kernel<N, 1><<<blocks, kBlockThreads, weight_tile_bytes<N, 1>(), stream>>>(x, weight, a.tokens, K,
-                                                                                          proj, r);
-    }
+    if (K % 8 == 0) project_kernel<N, 8><<<blocks, kBlockThreads, 0, stream>>>(x, weight, a.tokens, K, proj, r);
+    else project_kernel<N, 1><<<blocks, kBlockThreads, 0, stream>>>(x, weight, a.tokens, K, proj, r);
     MHC_CUDA_CHECK(cudaGetLastError());
     finish_kernel<N><<<detail::blocks_for(a.tokens, 128), 128, 0, stream>>>(
         proj, r, alpha, bias, a.tokens, a.sinkhorn_iterations, h_pre, h_post, h_res);
@@ -493,14 +452,10 @@ void mhc_mappings_backward(const MappingsArgs& a, const bf16* x, const float* we
         a.sinkhorn_iterations, grad_h, grad_proj, coef);
     MHC_CUDA_CHECK(cudaGetLastError());
     const unsigned blocks = detail::blocks_for(a.tokens, kBlockWarps * tokens_per_warp<N>());
-    if (l.K % 8 == 0) {
-      enable_shared<N, 8>(grad_x_kernel<N, 8>);
-      grad_x_kernel<N, 8><<<blocks, kBlockThreads, weight_tile_bytes<N, 8>(), stream>>>(x, weight, grad_proj, coef,
-                                                                                         a.tokens, l.K, grad_x);
-    } else {
-      grad_x_kernel<N, 1><<<blocks, kBlockThreads, weight_tile_bytes<N, 1>(), stream>>>(x, weight, grad_proj, coef,
-                                                                                         a.tokens, l.K, grad_x);
-    }
+    if (l.K % 8 == 0)
+      grad_x_kernel<N, 8><<<blocks, kBlockThreads, 0, stream>>>(x, weight, grad_proj, coef, a.tokens, l.K, grad_x);
+    else
+      grad_x_kernel<N, 1><<<blocks, kBlockThreads, 0, stream>>>(x, weight, grad_proj, coef, a.tokens, l.K, grad_x);
     MHC_CUDA_CHECK(cudaGetLastError());
     const bool pairs = l.K % 2 == 0 && l.M <= 48;
     const dim3 grid(detail::blocks_for(l.K / (pairs ? 2 : 1), kBlockThreads), static_cast<unsigned>(l.segments));
