@@ -43,8 +43,9 @@ TEST_P(CudaMappings, ForwardAndBackwardMatchTheCpuReference) {
   auto d_post = poisoned<float>(T * c.n);
   auto d_res = poisoned<float>(T * c.n * c.n);
   auto d_work = poisoned<float>(cuda::mappings_backward_workspace_floats(args));
+  auto d_forward_work = poisoned<float>(cuda::mappings_forward_workspace_floats(args));
   cuda::mhc_mappings_forward(args, d_x.data(), d_w.data(), d_alpha.data(), d_bias.data(), d_proj.data(), d_r.data(),
-                             d_pre.data(), d_post.data(), d_res.data());
+                             d_pre.data(), d_post.data(), d_res.data(), d_forward_work.data());
   cuda::mhc_mappings_backward(args, d_x.data(), d_w.data(), d_alpha.data(), d_bias.data(), d_proj.data(), d_r.data(),
                               d_pre.data(), d_post.data(), d_gpre.data(), d_gpost.data(), d_gres.data(), d_gx.data(),
                               d_gw.data(), d_galpha.data(), d_gbias.data(), d_work.data());

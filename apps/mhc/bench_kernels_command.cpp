@@ -90,7 +90,8 @@ int run_bench_kernels(const std::vector<std::string>& shapes, int repeats) {
     DeviceBuffer<float> weight(m * n * C), alpha(3), map_bias(m), proj(tokens * m), r(tokens), h_pre(tokens * n),
         h_post(tokens * n), h_res(tokens * n * n), grad_pre(tokens * n), grad_post(tokens * n),
         grad_res(tokens * n * n), grad_bias(C), grad_weight(m * n * C), grad_alpha(3), grad_map_bias(m),
-        workspace(cuda::mappings_backward_workspace_floats(args));
+        workspace(cuda::mappings_backward_workspace_floats(args)),
+        forward_workspace(cuda::mappings_forward_workspace_floats(args));
     for (auto* b : {&x, &out, &grad_out, &grad_x, &y, &bias, &agg, &grad_agg}) b->fill_bytes(0x3C);  // ~0.011
     for (auto* b : {&weight, &alpha, &map_bias, &h_pre, &h_post, &h_res, &grad_pre, &grad_post, &grad_res})
       b->fill_bytes(0x3C);  // ~0.011 in fp32
@@ -105,7 +106,7 @@ int run_bench_kernels(const std::vector<std::string>& shapes, int repeats) {
 
     auto mappings_fwd = [&] {
       cuda::mhc_mappings_forward(args, x.data(), weight.data(), alpha.data(), map_bias.data(), proj.data(), r.data(),
-                                 h_pre.data(), h_post.data(), h_res.data());
+                                 h_pre.data(), h_post.data(), h_res.data(), forward_workspace.data());
     };
     auto mappings_bwd = [&] {
       cuda::mhc_mappings_backward(args, x.data(), weight.data(), alpha.data(), map_bias.data(), proj.data(), r.data(),

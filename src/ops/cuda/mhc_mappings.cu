@@ -100,70 +100,135 @@ template <int N> __device__ void sinkhorn_backward(const float (&L)[N][N], int i
 
 // ---- forward ---------------------------------------------------------------------------
 
-// Each warp owns TT tokens; its lanes stride over K in chunks of VEC. proj = W x, r.
-template <int N, int VEC>
-__global__ void __launch_bounds__(kBlockThreads) project_kernel(const bf16* x, const float* weight, int64_t tokens,
-                                                                int64_t K, float* proj, float* r) {
-  constexpr int M = width<N>(), TT = tokens_per_warp<N>();
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  const int64_t first = (static_cast<int64_t>(blockIdx.x) * kBlockWarps + warp) * TT;
-  float acc[TT][M], ss[TT];
-#pragma unroll
-  for (int i = 0; i < TT; ++i) {
-    ss[i] = 0;
-#pragma unroll
-    for (int o = 0; o < M; ++o) acc[i][o] = 0;
-  }
-  for (int64_t k = static_cast<int64_t>(lane) * VEC; k < K; k += 32 * VEC) {
-    float xv[TT][VEC];
-#pragma unroll
-    for (int i = 0; i < TT; ++i) {
-      if (first + i < tokens) detail::load_bf16<VEC>(x + (first + i) * K + k, xv[i]);
-      else
-#pragma unroll
-        for (int v = 0; v < VEC; ++v) xv[i][v] = 0;
-#pragma unroll
-      for (int v = 0; v < VEC; ++v) ss[i] += xv[i][v] * xv[i][v];
-    }
-#pragma unroll
-    for (int o = 0; o < M; ++o) {
-      float w[VEC];
-      if constexpr (VEC == 8) {
-        const float4 a = *reinterpret_cast<const float4*>(weight + o * K + k);
-        const float4 b = *reinterpret_cast<const float4*>(weight + o * K + k + 4);
-        w[0] = a.x, w[1] = a.y, w[2] = a.z, w[3] = a.w, w[4] = b.x, w[5] = b.y, w[6] = b.z, w[7] = b.w;
-      } else {
-#pragma unroll
-        for (int v = 0; v < VEC; ++v) w[v] = weight[o * K + k + v];
-      }
-#pragma unroll
-      for (int i = 0; i < TT; ++i)
-#pragma unroll
-        for (int v = 0; v < VEC; ++v) acc[i][o] += w[v] * xv[i][v];
-    }
-  }
-  const float sqrt_k = sqrtf(static_cast<float>(K));
-#pragma unroll
-  for (int i = 0; i < TT; ++i) {
-    const bool valid = first + i < tokens;
-#pragma unroll
-    for (int o = 0; o < M; ++o) {
-      const float total = detail::warp_sum(acc[i][o]);
-      if (valid && lane == (i * M + o) % 32) proj[(first + i) * M + o] = total;
-    }
-    const float norm = sqrtf(detail::warp_sum(ss[i]));
-    if (valid && lane == 0) r[first + i] = 1.0f / (norm / sqrt_k + kNormEps);
+// The projection kernels cut K into slices of kSlice columns: a block holds its slice of
+// W in shared memory for its whole life and walks a run of tokens, each warp TT tokens at
+// a time, each lane 8 (or, when K % 8 != 0, 1) adjacent columns per step. W is read from
+// L2 once per block instead of once per token group.
+constexpr int kSlice = 512, kSliceThreads = 128, kSliceWarps = kSliceThreads / 32;
+
+template <int N> constexpr size_t slice_bytes() { return sizeof(float) * width<N>() * kSlice; }
+
+struct SliceGrid {
+  int64_t slices, tokens_per_block, token_blocks;
+};
+
+// A pure function of the shape: about 1000 blocks, whole token groups per block.
+template <int N> SliceGrid slice_grid(int64_t tokens, int64_t K) {
+  SliceGrid g{};
+  g.slices = (K + kSlice - 1) / kSlice;
+  const int64_t group = kSliceWarps * tokens_per_warp<N>();
+  g.tokens_per_block = std::clamp<int64_t>(tokens * g.slices / 1024 / group * group, group, 64 * group);
+  g.token_blocks = (tokens + g.tokens_per_block - 1) / g.tokens_per_block;
+  return g;
+}
+
+template <int M> __device__ void load_slice(const float* weight, int64_t K, int64_t k0, float* tile) {
+  for (int e = threadIdx.x; e < M * kSlice; e += blockDim.x) {
+    const int o = e / kSlice, kk = e % kSlice;
+    tile[e] = k0 + kk < K ? weight[o * K + k0 + kk] : 0.0f;
   }
 }
 
+// Sums R = 32 Q values over the warp, leaving lane l the totals of [Q l, Q l + Q) in v[0, Q):
+// five halving exchange steps, R - Q shuffles instead of 5 R.
+template <int R, int OFFSET = 16> __device__ void warp_reduce_scatter(float (&v)[R], int lane) {
+  constexpr int half = R * OFFSET / 32;  // values still exchanged at this step, halved each step
+  const bool upper = lane & OFFSET;
+#pragma unroll
+  for (int i = 0; i < half; ++i) {
+    const float send = upper ? v[i] : v[i + half], keep = upper ? v[i + half] : v[i];
+    v[i] = keep + __shfl_xor_sync(0xffffffffu, send, OFFSET);
+  }
+  if constexpr (OFFSET > 1) warp_reduce_scatter<R, OFFSET / 2>(v, lane);
+}
+
+// Loads VEC columns of a token row at col (zeros past K or past the last token).
+template <int VEC>
+__device__ inline void load_columns(const bf16* row, int64_t col, int64_t K, bool valid, float (&out)[VEC]) {
+  if (valid && col + VEC <= K) {
+    detail::load_bf16<VEC>(row + col, out);
+  } else {
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) out[v] = valid && col + v < K ? __bfloat162float(row[col + v]) : 0.0f;
+  }
+}
+
+// partial[slice][t] = [W_slice x_slice (M values), ||x_slice||^2].
+template <int N, int VEC>
+__global__ void __launch_bounds__(kSliceThreads) project_kernel(const bf16* x, const float* weight, int64_t tokens,
+                                                                int64_t K, int64_t tokens_per_block,
+                                                                float* partial) {
+  constexpr int M = width<N>(), TT = tokens_per_warp<N>(), R = (TT * M + 31) / 32 * 32, Q = R / 32;
+  extern __shared__ float tile[];  // [M][kSlice]
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int64_t k0 = static_cast<int64_t>(blockIdx.x) * kSlice;
+  load_slice<M>(weight, K, k0, tile);
+  __syncthreads();
+  const int64_t begin = static_cast<int64_t>(blockIdx.y) * tokens_per_block;
+  const int64_t end = min(tokens, begin + tokens_per_block);
+  for (int64_t first = begin + warp * TT; first < end; first += kSliceWarps * TT) {
+    float acc[R], ss[TT];
+#pragma unroll
+    for (int i = 0; i < R; ++i) acc[i] = 0;
+#pragma unroll
+    for (int i = 0; i < TT; ++i) ss[i] = 0;
+#pragma unroll 1
+    for (int j = lane * VEC; j < kSlice; j += 32 * VEC) {
+      float xv[TT][VEC];
+#pragma unroll
+      for (int i = 0; i < TT; ++i) {
+        load_columns<VEC>(x + (first + i) * K, k0 + j, K, first + i < end, xv[i]);
+#pragma unroll
+        for (int v = 0; v < VEC; ++v) ss[i] += xv[i][v] * xv[i][v];
+      }
+#pragma unroll
+      for (int o = 0; o < M; ++o) {
+        float w[VEC];
+#pragma unroll
+        for (int v = 0; v < VEC; ++v) w[v] = tile[o * kSlice + j + v];
+#pragma unroll
+        for (int i = 0; i < TT; ++i)
+#pragma unroll
+          for (int v = 0; v < VEC; ++v) acc[i * M + o] += w[v] * xv[i][v];
+      }
+    }
+    warp_reduce_scatter<R>(acc, lane);
+    float* out = partial + (static_cast<int64_t>(blockIdx.x) * tokens) * (M + 1);
+#pragma unroll
+    for (int q = 0; q < Q; ++q) {
+      const int index = lane * Q + q, i = index / M, o = index % M;
+      if (index < TT * M && first + i < end) out[(first + i) * (M + 1) + o] = acc[q];
+    }
+#pragma unroll
+    for (int i = 0; i < TT; ++i) {
+      const float total = detail::warp_sum(ss[i]);
+      if (lane == 0 && first + i < end) out[(first + i) * (M + 1) + M] = total;
+    }
+  }
+}
+
+// Per token: proj and r from the slices' partial sums (in slice order), then the gates,
+// Sinkhorn in registers, H_pre, H_post, H_res.
 template <int N>
-__global__ void finish_kernel(const float* proj, const float* r, const float* alpha, const float* bias,
-                              int64_t tokens, int iterations, float* h_pre, float* h_post, float* h_res) {
+__global__ void finish_kernel(const float* partial, int64_t slices, int64_t K, const float* alpha, const float* bias,
+                              int64_t tokens, int iterations, float* proj, float* r, float* h_pre, float* h_post,
+                              float* h_res) {
   constexpr int M = width<N>();
   const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (t >= tokens) return;
-  const float rt = r[t];
-  const float* p = proj + t * M;
+  float p[M], ss = 0;
+#pragma unroll
+  for (int o = 0; o < M; ++o) p[o] = 0;
+  for (int64_t slice = 0; slice < slices; ++slice) {
+    const float* part = partial + (slice * tokens + t) * (M + 1);
+#pragma unroll
+    for (int o = 0; o < M; ++o) p[o] += part[o];
+    ss += part[M];
+  }
+#pragma unroll
+  for (int o = 0; o < M; ++o) proj[t * M + o] = p[o];
+  const float rt = 1.0f / (sqrtf(ss) / sqrtf(static_cast<float>(K)) + kNormEps);
+  r[t] = rt;
 #pragma unroll
   for (int i = 0; i < N; ++i) {
     h_pre[t * N + i] = 1.0f / (1.0f + expf(-(rt * p[i] * alpha[0] + bias[i])));
@@ -243,53 +308,68 @@ __global__ void grad_h_kernel(const float* proj, const float* r, const float* al
   coef[t] = norm > 0.0f ? -dr * rt * rt / (sqrt_k * norm) : 0.0f;
 }
 
-// dx += dproj W + coef x, each warp owning TT tokens, lanes striding over K.
+// dx += dproj W + coef x over one slice of K per block (W's slice in shared memory), each
+// warp TT tokens at a time: no reduction across lanes, each lane owns its columns.
 template <int N, int VEC>
-__global__ void __launch_bounds__(kBlockThreads) grad_x_kernel(const bf16* x, const float* weight,
+__global__ void __launch_bounds__(kSliceThreads) grad_x_kernel(const bf16* x, const float* weight,
                                                                const float* grad_proj, const float* coef,
-                                                               int64_t tokens, int64_t K, bf16* grad_x) {
+                                                               int64_t tokens, int64_t K, int64_t tokens_per_block,
+                                                               bf16* grad_x) {
   constexpr int M = width<N>(), TT = tokens_per_warp<N>();
+  extern __shared__ float tile[];  // [M][kSlice]
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  const int64_t first = (static_cast<int64_t>(blockIdx.x) * kBlockWarps + warp) * TT;
-  float dp[TT][M], c[TT];
+  const int64_t k0 = static_cast<int64_t>(blockIdx.x) * kSlice;
+  load_slice<M>(weight, K, k0, tile);
+  __syncthreads();
+  const int64_t begin = static_cast<int64_t>(blockIdx.y) * tokens_per_block;
+  const int64_t end = min(tokens, begin + tokens_per_block);
+  for (int64_t first = begin + warp * TT; first < end; first += kSliceWarps * TT) {
+    float dp[TT][M], c[TT];
 #pragma unroll
-  for (int i = 0; i < TT; ++i) {
-    const bool valid = first + i < tokens;
-    c[i] = valid ? coef[first + i] : 0.0f;
+    for (int i = 0; i < TT; ++i) {
+      const bool valid = first + i < end;
+      c[i] = valid ? coef[first + i] : 0.0f;
 #pragma unroll
-    for (int o = 0; o < M; ++o) dp[i][o] = valid ? grad_proj[(first + i) * M + o] : 0.0f;
-  }
-  for (int64_t k = static_cast<int64_t>(lane) * VEC; k < K; k += 32 * VEC) {
-    float acc[TT][VEC];
-#pragma unroll
-    for (int i = 0; i < TT; ++i)
-#pragma unroll
-      for (int v = 0; v < VEC; ++v) acc[i][v] = 0;
-#pragma unroll
-    for (int o = 0; o < M; ++o) {
-      float w[VEC];
-      if constexpr (VEC == 8) {
-        const float4 a = *reinterpret_cast<const float4*>(weight + o * K + k);
-        const float4 b = *reinterpret_cast<const float4*>(weight + o * K + k + 4);
-        w[0] = a.x, w[1] = a.y, w[2] = a.z, w[3] = a.w, w[4] = b.x, w[5] = b.y, w[6] = b.z, w[7] = b.w;
-      } else {
-#pragma unroll
-        for (int v = 0; v < VEC; ++v) w[v] = weight[o * K + k + v];
-      }
+      for (int o = 0; o < M; ++o) dp[i][o] = valid ? grad_proj[(first + i) * M + o] : 0.0f;
+    }
+#pragma unroll 2
+    for (int j = lane * VEC; j < kSlice; j += 32 * VEC) {
+      const int64_t col = k0 + j;
+      if (col >= K) break;
+      float acc[TT][VEC];
 #pragma unroll
       for (int i = 0; i < TT; ++i)
 #pragma unroll
-        for (int v = 0; v < VEC; ++v) acc[i][v] += dp[i][o] * w[v];
-    }
+        for (int v = 0; v < VEC; ++v) acc[i][v] = 0;
 #pragma unroll
-    for (int i = 0; i < TT; ++i) {
-      if (first + i >= tokens) continue;
-      float xv[VEC], gx[VEC];
-      detail::load_bf16<VEC>(x + (first + i) * K + k, xv);
-      detail::load_bf16<VEC>(grad_x + (first + i) * K + k, gx);
+      for (int o = 0; o < M; ++o) {
+        float w[VEC];
 #pragma unroll
-      for (int v = 0; v < VEC; ++v) gx[v] += acc[i][v] + c[i] * xv[v];
-      detail::store_bf16<VEC>(grad_x + (first + i) * K + k, gx);
+        for (int v = 0; v < VEC; ++v) w[v] = tile[o * kSlice + j + v];
+#pragma unroll
+        for (int i = 0; i < TT; ++i)
+#pragma unroll
+          for (int v = 0; v < VEC; ++v) acc[i][v] += dp[i][o] * w[v];
+      }
+#pragma unroll
+      for (int i = 0; i < TT; ++i) {
+        if (first + i >= end) continue;
+        const int64_t at = (first + i) * K + col;
+        if (VEC == 8 && col + VEC <= K) {
+          float xv[VEC], gx[VEC];
+          detail::load_bf16<VEC>(x + at, xv);
+          detail::load_bf16<VEC>(grad_x + at, gx);
+#pragma unroll
+          for (int v = 0; v < VEC; ++v) gx[v] += acc[i][v] + c[i] * xv[v];
+          detail::store_bf16<VEC>(grad_x + at, gx);
+        } else {
+#pragma unroll
+          for (int v = 0; v < VEC; ++v)
+            if (col + v < K)
+              grad_x[at + v] = __float2bfloat16(__bfloat162float(grad_x[at + v]) + acc[i][v] +
+                                                c[i] * __bfloat162float(x[at + v]));
+        }
+      }
     }
   }
 }
@@ -405,6 +485,12 @@ Layout layout_of(const MappingsArgs& a) {
   return l;
 }
 
+// Slices above 48 KB (n = 6 and 8) need the kernel's opt-in to more shared memory.
+template <typename Kernel> void enable_slice_memory(Kernel kernel, size_t bytes) {
+  if (bytes > 48 * 1024)
+    MHC_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+}
+
 void check_args(const MappingsArgs& a) {
   check(a.tokens >= 1 && a.C >= 1, "mhc mappings: empty input");
   check(a.sinkhorn_iterations >= 0 && a.sinkhorn_iterations <= kMaxIterations,
@@ -414,19 +500,37 @@ void check_args(const MappingsArgs& a) {
 
 }  // namespace
 
+size_t mappings_forward_workspace_floats(const MappingsArgs& a) {
+  check_args(a);
+  size_t floats = 0;
+  detail::dispatch_streams(a.n, [&](auto Ns) {
+    constexpr int N = decltype(Ns)::value;
+    floats = static_cast<size_t>(slice_grid<N>(a.tokens, a.n * a.C).slices * a.tokens * (width<N>() + 1));
+  });
+  return floats;
+}
+
 void mhc_mappings_forward(const MappingsArgs& a, const bf16* x, const float* weight, const float* alpha,
                           const float* bias, float* proj, float* r, float* h_pre, float* h_post, float* h_res,
-                          cudaStream_t stream) {
+                          float* workspace, cudaStream_t stream) {
   check_args(a);
   const int64_t K = a.n * a.C;
   detail::dispatch_streams(a.n, [&](auto Ns) {
     constexpr int N = decltype(Ns)::value;
-    const unsigned blocks = detail::blocks_for(a.tokens, kBlockWarps * tokens_per_warp<N>());
-    if (K % 8 == 0) project_kernel<N, 8><<<blocks, kBlockThreads, 0, stream>>>(x, weight, a.tokens, K, proj, r);
-    else project_kernel<N, 1><<<blocks, kBlockThreads, 0, stream>>>(x, weight, a.tokens, K, proj, r);
+    const SliceGrid g = slice_grid<N>(a.tokens, K);
+    const dim3 grid(static_cast<unsigned>(g.slices), static_cast<unsigned>(g.token_blocks));
+    if (K % 8 == 0) {
+      enable_slice_memory(project_kernel<N, 8>, slice_bytes<N>());
+      project_kernel<N, 8><<<grid, kSliceThreads, slice_bytes<N>(), stream>>>(x, weight, a.tokens, K,
+                                                                               g.tokens_per_block, workspace);
+    } else {
+      enable_slice_memory(project_kernel<N, 1>, slice_bytes<N>());
+      project_kernel<N, 1><<<grid, kSliceThreads, slice_bytes<N>(), stream>>>(x, weight, a.tokens, K,
+                                                                               g.tokens_per_block, workspace);
+    }
     MHC_CUDA_CHECK(cudaGetLastError());
     finish_kernel<N><<<detail::blocks_for(a.tokens, 128), 128, 0, stream>>>(
-        proj, r, alpha, bias, a.tokens, a.sinkhorn_iterations, h_pre, h_post, h_res);
+        workspace, g.slices, K, alpha, bias, a.tokens, a.sinkhorn_iterations, proj, r, h_pre, h_post, h_res);
   });
   MHC_CUDA_CHECK(cudaGetLastError());
 }
@@ -451,11 +555,17 @@ void mhc_mappings_backward(const MappingsArgs& a, const bf16* x, const float* we
         proj, r, alpha, bias, h_pre, h_post, grad_h_pre, grad_h_post, grad_h_res, a.tokens, l.K,
         a.sinkhorn_iterations, grad_h, grad_proj, coef);
     MHC_CUDA_CHECK(cudaGetLastError());
-    const unsigned blocks = detail::blocks_for(a.tokens, kBlockWarps * tokens_per_warp<N>());
-    if (l.K % 8 == 0)
-      grad_x_kernel<N, 8><<<blocks, kBlockThreads, 0, stream>>>(x, weight, grad_proj, coef, a.tokens, l.K, grad_x);
-    else
-      grad_x_kernel<N, 1><<<blocks, kBlockThreads, 0, stream>>>(x, weight, grad_proj, coef, a.tokens, l.K, grad_x);
+    const SliceGrid g = slice_grid<N>(a.tokens, l.K);
+    const dim3 slices(static_cast<unsigned>(g.slices), static_cast<unsigned>(g.token_blocks));
+    if (l.K % 8 == 0) {
+      enable_slice_memory(grad_x_kernel<N, 8>, slice_bytes<N>());
+      grad_x_kernel<N, 8><<<slices, kSliceThreads, slice_bytes<N>(), stream>>>(x, weight, grad_proj, coef, a.tokens,
+                                                                                l.K, g.tokens_per_block, grad_x);
+    } else {
+      enable_slice_memory(grad_x_kernel<N, 1>, slice_bytes<N>());
+      grad_x_kernel<N, 1><<<slices, kSliceThreads, slice_bytes<N>(), stream>>>(x, weight, grad_proj, coef, a.tokens,
+                                                                                l.K, g.tokens_per_block, grad_x);
+    }
     MHC_CUDA_CHECK(cudaGetLastError());
     const bool pairs = l.K % 2 == 0 && l.M <= 48;
     const dim3 grid(detail::blocks_for(l.K / (pairs ? 2 : 1), kBlockThreads), static_cast<unsigned>(l.segments));

@@ -1,8 +1,9 @@
 // CUDA kernels of the mHC mappings (ops/cpu/mhc_mappings.h has the math), x bf16, the
 // parameters and every mapping value fp32, all sums fp32:
 //
-//   forward:  project    proj = W x and r = 1/(||x||/sqrt(K) + 1e-6)       (one pass over x)
-//             finish     gates, Sinkhorn in registers -> H_pre, H_post, H_res
+//   forward:  project    per slice of K: partial W x and ||x||^2          (one pass over x)
+//             finish     slices summed in order -> proj, r; gates, Sinkhorn in registers
+//                        -> H_pre, H_post, H_res
 //   backward: grad_h     dh (sigmoid and Sinkhorn backward, the iterations recomputed in
 //                        registers), dproj = dh r a, and the per-token dr coefficient
 //             grad_x     dx += dproj W + coef x                              (bf16 accumulate)
@@ -10,7 +11,7 @@
 //                        scratch, then summed over segments in order (deterministic)
 //
 // Saved for backward: proj [tokens, m] and r [tokens], fp32. n is a template parameter
-// (1, 2, 4, 6, 8); the workspace of the backward is mappings_backward_workspace_floats().
+// (1, 2, 4, 6, 8); the workspaces are mappings_{forward,backward}_workspace_floats() floats.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -28,9 +29,11 @@ struct MappingsArgs {
   int sinkhorn_iterations;  // 0: unconstrained HC mixing, H_res = I + logits
 };
 
+size_t mappings_forward_workspace_floats(const MappingsArgs& a);
+
 void mhc_mappings_forward(const MappingsArgs& a, const bf16* x, const float* weight, const float* alpha,
                           const float* bias, float* proj, float* r, float* h_pre, float* h_post, float* h_res,
-                          cudaStream_t stream = nullptr);
+                          float* workspace, cudaStream_t stream = nullptr);
 
 size_t mappings_backward_workspace_floats(const MappingsArgs& a);
 
