@@ -11,22 +11,28 @@ using detail::block_sum;
 using detail::dispatch_streams;
 constexpr int kThreads = detail::kBlockThreads;
 
-template <int N>
+// Every kernel takes VEC adjacent channels per thread step: 8 (16-byte loads and stores)
+// when C % 8 == 0, else 1.
+template <int N, int VEC>
 __global__ void aggregate_forward_kernel(const bf16* x, const float* h_pre, int64_t C, bf16* agg) {
   const int64_t t = blockIdx.x;
   float gate[N];
 #pragma unroll
   for (int j = 0; j < N; ++j) gate[j] = h_pre[t * N + j];
   const bf16* xt = x + t * N * C;
-  for (int64_t c = threadIdx.x; c < C; c += blockDim.x) {
-    float acc = 0;
+  for (int64_t c = threadIdx.x * VEC; c < C; c += blockDim.x * VEC) {
+    float acc[VEC] = {}, xs[VEC];
 #pragma unroll
-    for (int j = 0; j < N; ++j) acc += gate[j] * __bfloat162float(xt[j * C + c]);
-    agg[t * C + c] = __float2bfloat16(acc);
+    for (int j = 0; j < N; ++j) {
+      detail::load_bf16<VEC>(xt + j * C + c, xs);
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) acc[v] += gate[j] * xs[v];
+    }
+    detail::store_bf16<VEC>(agg + t * C + c, acc);
   }
 }
 
-template <int N>
+template <int N, int VEC>
 __global__ void aggregate_backward_kernel(const bf16* grad_agg, const bf16* x, const float* h_pre, int64_t C,
                                           bf16* grad_x, float* grad_h_pre) {
   const int64_t t = blockIdx.x;
@@ -38,12 +44,20 @@ __global__ void aggregate_backward_kernel(const bf16* grad_agg, const bf16* x, c
   }
   const bf16* xt = x + t * N * C;
   bf16* gxt = grad_x + t * N * C;
-  for (int64_t c = threadIdx.x; c < C; c += blockDim.x) {
-    const float g = __bfloat162float(grad_agg[t * C + c]);
+  for (int64_t c = threadIdx.x * VEC; c < C; c += blockDim.x * VEC) {
+    float g[VEC];
+    detail::load_bf16<VEC>(grad_agg + t * C + c, g);
 #pragma unroll
     for (int j = 0; j < N; ++j) {
-      dot[j] += g * __bfloat162float(xt[j * C + c]);
-      gxt[j * C + c] = __float2bfloat16(__bfloat162float(gxt[j * C + c]) + gate[j] * g);
+      float xs[VEC], gx[VEC];
+      detail::load_bf16<VEC>(xt + j * C + c, xs);
+      detail::load_bf16<VEC>(gxt + j * C + c, gx);
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) {
+        dot[j] += g[v] * xs[v];
+        gx[v] += gate[j] * g[v];
+      }
+      detail::store_bf16<VEC>(gxt + j * C + c, gx);
     }
   }
   __shared__ float sums[N];
@@ -51,7 +65,18 @@ __global__ void aggregate_backward_kernel(const bf16* grad_agg, const bf16* x, c
   if (threadIdx.x < N) grad_h_pre[t * N + threadIdx.x] = sums[threadIdx.x];
 }
 
-template <int N>
+// y + y_bias for VEC channels from c.
+template <int VEC>
+__device__ inline void load_sublayer(const bf16* y, const bf16* y_bias, int64_t c, float (&out)[VEC]) {
+  detail::load_bf16<VEC>(y + c, out);
+  if (!y_bias) return;
+  float b[VEC];
+  detail::load_bf16<VEC>(y_bias + c, b);
+#pragma unroll
+  for (int v = 0; v < VEC; ++v) out[v] += b[v];
+}
+
+template <int N, int VEC>
 __global__ void h_post_bda_forward_kernel(const bf16* x, const float* h_res, const float* h_post, const bf16* y,
                                           const bf16* y_bias, int64_t C, float p, uint64_t key, bf16* out) {
   const int64_t t = blockIdx.x;
@@ -63,23 +88,27 @@ __global__ void h_post_bda_forward_kernel(const bf16* x, const float* h_res, con
     for (int j = 0; j < N; ++j) mix[i][j] = h_res[(t * N + i) * N + j];
   }
   const bf16* xt = x + t * N * C;
-  for (int64_t c = threadIdx.x; c < C; c += blockDim.x) {
-    const float sublayer = __bfloat162float(y[t * C + c]) + (y_bias ? __bfloat162float(y_bias[c]) : 0.0f);
-    float xs[N];
+  for (int64_t c = threadIdx.x * VEC; c < C; c += blockDim.x * VEC) {
+    float sublayer[VEC], xs[N][VEC];
+    load_sublayer<VEC>(y + t * C, y_bias, c, sublayer);
 #pragma unroll
-    for (int j = 0; j < N; ++j) xs[j] = __bfloat162float(xt[j * C + c]);
+    for (int j = 0; j < N; ++j) detail::load_bf16<VEC>(xt + j * C + c, xs[j]);
 #pragma unroll
     for (int i = 0; i < N; ++i) {
-      const uint64_t index = static_cast<uint64_t>(t * N + i) * C + c;
-      float acc = dropout_scale<float>(key, index, p) * post[i] * sublayer;
+      float acc[VEC];
 #pragma unroll
-      for (int j = 0; j < N; ++j) acc += mix[i][j] * xs[j];
-      out[(t * N + i) * C + c] = __float2bfloat16(acc);
+      for (int v = 0; v < VEC; ++v) {
+        const uint64_t index = static_cast<uint64_t>(t * N + i) * C + c + v;
+        acc[v] = dropout_scale<float>(key, index, p) * post[i] * sublayer[v];
+#pragma unroll
+        for (int j = 0; j < N; ++j) acc[v] += mix[i][j] * xs[j][v];
+      }
+      detail::store_bf16<VEC>(out + (t * N + i) * C + c, acc);
     }
   }
 }
 
-template <int N>
+template <int N, int VEC>
 __global__ void h_post_bda_backward_kernel(const bf16* grad_out, const bf16* x, const float* h_res,
                                            const float* h_post, const bf16* y, const bf16* y_bias, int64_t C,
                                            float p, uint64_t key, bf16* grad_x, float* grad_h_res,
@@ -96,29 +125,33 @@ __global__ void h_post_bda_backward_kernel(const bf16* grad_out, const bf16* x, 
 #pragma unroll
   for (int k = 0; k < N * N + N; ++k) partial[k] = 0;
   const bf16* xt = x + t * N * C;
-  for (int64_t c = threadIdx.x; c < C; c += blockDim.x) {
-    const float sublayer = __bfloat162float(y[t * C + c]) + (y_bias ? __bfloat162float(y_bias[c]) : 0.0f);
-    float g[N], xs[N];
-    float dy = 0;
+  for (int64_t c = threadIdx.x * VEC; c < C; c += blockDim.x * VEC) {
+    float sublayer[VEC], g[N][VEC], xs[N][VEC], dy[VEC] = {};
+    load_sublayer<VEC>(y + t * C, y_bias, c, sublayer);
 #pragma unroll
     for (int i = 0; i < N; ++i) {
-      g[i] = __bfloat162float(grad_out[(t * N + i) * C + c]);
-      xs[i] = __bfloat162float(xt[i * C + c]);
-      const float masked = g[i] * dropout_scale<float>(key, static_cast<uint64_t>(t * N + i) * C + c, p);
-      dy += masked * post[i];
-      partial[N * N + i] += masked * sublayer;
+      detail::load_bf16<VEC>(grad_out + (t * N + i) * C + c, g[i]);
+      detail::load_bf16<VEC>(xt + i * C + c, xs[i]);
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) {
+        const float masked = g[i][v] * dropout_scale<float>(key, static_cast<uint64_t>(t * N + i) * C + c + v, p);
+        dy[v] += masked * post[i];
+        partial[N * N + i] += masked * sublayer[v];
+      }
     }
 #pragma unroll
     for (int j = 0; j < N; ++j) {
-      float dx = 0;
+      float dx[VEC] = {};
 #pragma unroll
-      for (int i = 0; i < N; ++i) {
-        dx += mix[i][j] * g[i];
-        partial[i * N + j] += g[i] * xs[j];
-      }
-      grad_x[(t * N + j) * C + c] = __float2bfloat16(dx);
+      for (int i = 0; i < N; ++i)
+#pragma unroll
+        for (int v = 0; v < VEC; ++v) {
+          dx[v] += mix[i][j] * g[i][v];
+          partial[i * N + j] += g[i][v] * xs[j][v];
+        }
+      detail::store_bf16<VEC>(grad_x + (t * N + j) * C + c, dx);
     }
-    grad_y[t * C + c] = __float2bfloat16(dy);
+    detail::store_bf16<VEC>(grad_y + t * C + c, dy);
   }
   __shared__ float sums[N * N + N];
   block_sum<N * N + N>(partial, sums);
@@ -156,7 +189,8 @@ bool stream_count_supported(int n) { return n == 1 || n == 2 || n == 4 || n == 6
 void aggregate_forward(const bf16* x, const float* h_pre, int64_t tokens, int n, int64_t C, bf16* agg,
                        cudaStream_t stream) {
   dispatch_streams(n, [&](auto N) {
-    aggregate_forward_kernel<N.value><<<grid_of(tokens), kThreads, 0, stream>>>(x, h_pre, C, agg);
+    if (C % 8 == 0) aggregate_forward_kernel<N.value, 8><<<grid_of(tokens), kThreads, 0, stream>>>(x, h_pre, C, agg);
+    else aggregate_forward_kernel<N.value, 1><<<grid_of(tokens), kThreads, 0, stream>>>(x, h_pre, C, agg);
   });
   MHC_CUDA_CHECK(cudaGetLastError());
 }
@@ -164,8 +198,12 @@ void aggregate_forward(const bf16* x, const float* h_pre, int64_t tokens, int n,
 void aggregate_backward(const bf16* grad_agg, const bf16* x, const float* h_pre, int64_t tokens, int n, int64_t C,
                         bf16* grad_x, float* grad_h_pre, cudaStream_t stream) {
   dispatch_streams(n, [&](auto N) {
-    aggregate_backward_kernel<N.value><<<grid_of(tokens), kThreads, 0, stream>>>(grad_agg, x, h_pre, C, grad_x,
-                                                                                 grad_h_pre);
+    if (C % 8 == 0)
+      aggregate_backward_kernel<N.value, 8><<<grid_of(tokens), kThreads, 0, stream>>>(grad_agg, x, h_pre, C, grad_x,
+                                                                                      grad_h_pre);
+    else
+      aggregate_backward_kernel<N.value, 1><<<grid_of(tokens), kThreads, 0, stream>>>(grad_agg, x, h_pre, C, grad_x,
+                                                                                      grad_h_pre);
   });
   MHC_CUDA_CHECK(cudaGetLastError());
 }
@@ -173,8 +211,12 @@ void aggregate_backward(const bf16* grad_agg, const bf16* x, const float* h_pre,
 void h_post_bda_forward(const bf16* x, const float* h_res, const float* h_post, const bf16* y, const bf16* y_bias,
                         int64_t tokens, int n, int64_t C, cpu::DropoutSpec dropout, bf16* out, cudaStream_t stream) {
   dispatch_streams(n, [&](auto N) {
-    h_post_bda_forward_kernel<N.value><<<grid_of(tokens), kThreads, 0, stream>>>(x, h_res, h_post, y, y_bias, C,
-                                                                                 dropout.p, dropout.key, out);
+    if (C % 8 == 0)
+      h_post_bda_forward_kernel<N.value, 8><<<grid_of(tokens), kThreads, 0, stream>>>(x, h_res, h_post, y, y_bias, C,
+                                                                                      dropout.p, dropout.key, out);
+    else
+      h_post_bda_forward_kernel<N.value, 1><<<grid_of(tokens), kThreads, 0, stream>>>(x, h_res, h_post, y, y_bias, C,
+                                                                                      dropout.p, dropout.key, out);
   });
   MHC_CUDA_CHECK(cudaGetLastError());
 }
@@ -184,8 +226,12 @@ void h_post_bda_backward(const bf16* grad_out, const bf16* x, const float* h_res
                          float* grad_h_res, float* grad_h_post, bf16* grad_y, float* grad_y_bias,
                          cudaStream_t stream) {
   dispatch_streams(n, [&](auto N) {
-    h_post_bda_backward_kernel<N.value><<<grid_of(tokens), kThreads, 0, stream>>>(
-        grad_out, x, h_res, h_post, y, y_bias, C, dropout.p, dropout.key, grad_x, grad_h_res, grad_h_post, grad_y);
+    if (C % 8 == 0)
+      h_post_bda_backward_kernel<N.value, 8><<<grid_of(tokens), kThreads, 0, stream>>>(
+          grad_out, x, h_res, h_post, y, y_bias, C, dropout.p, dropout.key, grad_x, grad_h_res, grad_h_post, grad_y);
+    else
+      h_post_bda_backward_kernel<N.value, 1><<<grid_of(tokens), kThreads, 0, stream>>>(
+          grad_out, x, h_res, h_post, y, y_bias, C, dropout.p, dropout.key, grad_x, grad_h_res, grad_h_post, grad_y);
   });
   MHC_CUDA_CHECK(cudaGetLastError());
   if (grad_y_bias) {
