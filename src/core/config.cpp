@@ -2,6 +2,8 @@
 
 #include <nlohmann/json.hpp>
 
+#include "core/config_fields.h"
+
 #include "core/error.h"
 
 namespace mhc {
@@ -9,7 +11,7 @@ namespace mhc {
 namespace {
 
 // The one list of fields: JSON reading, writing and overrides all walk it.
-template <typename Config, typename Visit> void for_each_field(Config& c, Visit&& visit) {
+template <typename Config, typename Visit> void visit_model_fields(Config& c, Visit&& visit) {
   visit("num_layers", c.num_layers);
   visit("hidden_size", c.hidden_size);
   visit("num_attention_heads", c.num_attention_heads);
@@ -32,36 +34,6 @@ template <typename Config, typename Visit> void for_each_field(Config& c, Visit&
   visit("fp32_residual_connection", c.fp32_residual_connection);
   visit("mtp_num_layers", c.mtp_num_layers);
   visit("pipeline_model_parallel_size", c.pipeline_model_parallel_size);
-}
-
-std::string describe(const nlohmann::json& value) { return value.dump(); }
-
-void assign(const std::string& key, int64_t& field, const nlohmann::json& value) {
-  check(value.is_number_integer() ||
-            (value.is_number_float() && value.get<double>() == static_cast<double>(value.get<int64_t>())),
-        key + ": expected an integer, got " + describe(value));
-  field = value.get<int64_t>();
-}
-void assign(const std::string& key, double& field, const nlohmann::json& value) {
-  check(value.is_number(), key + ": expected a number, got " + describe(value));
-  field = value.get<double>();
-}
-void assign(const std::string& key, bool& field, const nlohmann::json& value) {
-  check(value.is_boolean(), key + ": expected true or false, got " + describe(value));
-  field = value.get<bool>();
-}
-void assign(const std::string& key, std::string& field, const nlohmann::json& value) {
-  check(value.is_string(), key + ": expected a string, got " + describe(value));
-  field = value.get<std::string>();
-}
-void assign(const std::string& key, std::optional<int64_t>& field, const nlohmann::json& value) {
-  if (value.is_null()) {
-    field.reset();
-    return;
-  }
-  int64_t v = 0;
-  assign(key, v, value);
-  field = v;
 }
 
 void require(bool ok, const char* field, const std::string& rule) {
@@ -117,14 +89,8 @@ void ModelConfig::validate() const {
 }
 
 void set_config_field(ModelConfig& config, const std::string& key, const nlohmann::json& value) {
-  bool found = false;
-  for_each_field(config, [&](const char* name, auto& field) {
-    if (key == name) {
-      assign(key, field, value);
-      found = true;
-    }
-  });
-  check(found, "unknown configuration key '" + key + "'");
+  check(fields::set(config, [](auto& c, auto&& v) { visit_model_fields(c, v); }, key, value),
+        "unknown configuration key '" + key + "'");
 }
 
 ModelConfig config_from_json(const nlohmann::json& json) {
@@ -136,22 +102,12 @@ ModelConfig config_from_json(const nlohmann::json& json) {
 
 nlohmann::json config_to_json(const ModelConfig& config) {
   nlohmann::json json = nlohmann::json::object();
-  for_each_field(config, [&](const char* name, const auto& field) {
-    using Field = std::decay_t<decltype(field)>;
-    if constexpr (std::is_same_v<Field, std::optional<int64_t>>)
-      json[name] = field ? nlohmann::json(*field) : nlohmann::json(nullptr);
-    else
-      json[name] = field;
-  });
+  fields::to_json(config, [](auto& c, auto&& v) { visit_model_fields(c, v); }, json);
   return json;
 }
 
 void apply_config_override(ModelConfig& config, const std::string& assignment) {
-  const auto eq = assignment.find('=');
-  check(eq != std::string::npos && eq > 0, "override '" + assignment + "' is not of the form key=value");
-  const std::string key = assignment.substr(0, eq), text = assignment.substr(eq + 1);
-  nlohmann::json value = nlohmann::json::parse(text, nullptr, false);
-  if (value.is_discarded()) value = text;  // bare words are strings: connection=hc
+  const auto [key, value] = fields::parse_assignment(assignment);
   set_config_field(config, key, value);
 }
 
