@@ -10,6 +10,10 @@ using Command = std::function<int()>;
 
 Command add_parity_command(CLI::App& app);
 Command add_check_grad_command(CLI::App& app);
+Command add_train_command(CLI::App& app);
+Command add_eval_command(CLI::App& app);
+Command add_generate_command(CLI::App& app);
+Command add_report_command(CLI::App& app);
 Command add_bench_memory_command(CLI::App& bench);   // under `mhc bench`
 Command add_bench_kernels_command(CLI::App& bench);  // under `mhc bench`
 

@@ -97,6 +97,7 @@ template <typename T> struct Gpt<T>::State {
   bool embeddings_overridden = false;
   // gradients of activations
   uint64_t seed = 0;  // keys the dropout streams
+  bool training = true;
   std::vector<T> dx_a, dx_b, dx_mid, dagg, dln, dy, dctx, dqkv, dfc, dact, dh, dhf, de;
   // stability metrics
   std::vector<GainStats> gains;
@@ -438,10 +439,11 @@ double Gpt<T>::forward(const int32_t* tokens, const int32_t* targets, uint64_t s
   cpu::stream_expand_forward(s.e.data(), s.N, static_cast<int>(s.n), s.C, s.x0.data());
   for (int l = 0; l < c.num_layers; ++l) {
     Layer<T>& L = s.layers[l];
-    const auto hidden_p = static_cast<float>(c.hidden_dropout);
+    const auto hidden_p = s.training ? static_cast<float>(c.hidden_dropout) : 0.0f;
+    const auto attention_p = s.training ? static_cast<float>(c.attention_dropout) : 0.0f;
     L.drop_attn = {hidden_p, rng_key(s.seed, l, step, kAttentionResidual)};
     L.drop_mlp = {hidden_p, rng_key(s.seed, l, step, kMlpResidual)};
-    L.drop_probs = {static_cast<float>(c.attention_dropout), rng_key(s.seed, l, step, kAttentionProbs)};
+    L.drop_probs = {attention_p, rng_key(s.seed, l, step, kAttentionProbs)};
     s.layer_forward(L, s.layer_input(l), c);
   }
   cpu::stream_contract_forward(s.layers.back().x_out, s.N, static_cast<int>(s.n), s.C, s.h.data());
@@ -476,6 +478,77 @@ template <typename T> void Gpt<T>::backward() {
     cpu::embedding_backward(s.de.data(), s.tokens.data(), s.B, s.S, s.C, s.wte.grad.data(), s.wpe.grad.data());
 }
 
+template <typename T> void Gpt<T>::set_training(bool training) { s_->training = training; }
+
+template <typename T> std::unique_ptr<typename Gpt<T>::DecodeCache> Gpt<T>::make_decode_cache() const {
+  const State& s = *s_;
+  auto cache = std::make_unique<DecodeCache>();
+  const int64_t C = s.C, n = s.n;
+  cache->keys.assign(s.layers.size(), std::vector<T>(config_.seq_length * C));
+  cache->values.assign(s.layers.size(), std::vector<T>(config_.seq_length * C));
+  cache->act_attn.resize(s.layers.size());
+  cache->act_mlp.resize(s.layers.size());
+  for (auto* v : {&cache->e, &cache->agg, &cache->ln, &cache->ctx, &cache->y, &cache->mlp_y, &cache->h, &cache->hf})
+    v->resize(C);
+  for (auto* v : {&cache->x, &cache->x_mid}) v->resize(n * C);
+  cache->mean.resize(1);
+  cache->rstd.resize(1);
+  cache->qkv.resize(3 * C);
+  cache->fc.resize(s.width);
+  cache->act.resize(s.F);
+  return cache;
+}
+
+template <typename T>
+void Gpt<T>::decode(DecodeCache& k, int32_t token, int64_t position, std::vector<T>& logits) {
+  State& s = *s_;
+  const ModelConfig& c = config_;
+  check(token >= 0 && token < s.V, "token id " + std::to_string(token) + " outside the vocabulary");
+  check(position >= 0 && position < c.seq_length,
+        "position " + std::to_string(position) + " outside [0, seq_length = " + std::to_string(c.seq_length) + ")");
+  const int64_t C = s.C;
+  const int n = static_cast<int>(s.n);
+  const bool rms = s.rms;
+  auto norm = [&](const T* in, Parameter<T>& w, Parameter<T>& b, T* out) {
+    cpu::norm_forward(in, w.value.data(), State::ptr(b), 1, C, c.layernorm_epsilon, rms, out,
+                      rms ? nullptr : k.mean.data(), k.rstd.data());
+  };
+  for (int64_t i = 0; i < C; ++i) k.e[i] = s.wte.value[token * C + i] + s.wpe.value[position * C + i];
+  cpu::stream_expand_forward(k.e.data(), 1, n, C, k.x.data());
+  for (size_t l = 0; l < s.layers.size(); ++l) {
+    Layer<T>& L = s.layers[l];
+    const T* norm1_in = k.x.data();
+    if (s.hc) {
+      L.hc_attn->forward(k.x.data(), 1, k.act_attn[l], k.agg.data());
+      norm1_in = k.agg.data();
+    }
+    norm(norm1_in, L.ln1_w, L.ln1_b, k.ln.data());
+    cpu::linear_forward(k.ln.data(), L.qkv_w.value.data(), State::ptr(L.qkv_b), 1, C, 3 * C, k.qkv.data());
+    std::copy_n(k.qkv.data() + C, C, k.keys[l].data() + position * C);
+    std::copy_n(k.qkv.data() + 2 * C, C, k.values[l].data() + position * C);
+    cpu::attention_decode(k.qkv.data(), k.keys[l].data(), k.values[l].data(), position, s.H, C, k.ctx.data());
+    cpu::linear_forward<T>(k.ctx.data(), L.proj_w.value.data(), nullptr, 1, C, C, k.y.data());
+    if (s.hc) L.hc_attn->residual_forward(k.x.data(), k.act_attn[l], k.y.data(), State::ptr(L.proj_b), {}, k.x_mid.data());
+    else cpu::h_post_bda_forward<T>(k.x.data(), nullptr, nullptr, k.y.data(), State::ptr(L.proj_b), 1, 1, C, {}, k.x_mid.data());
+    const T* norm2_in = k.x_mid.data();
+    if (s.hc) {
+      L.hc_mlp->forward(k.x_mid.data(), 1, k.act_mlp[l], k.agg.data());
+      norm2_in = k.agg.data();
+    }
+    norm(norm2_in, L.ln2_w, L.ln2_b, k.ln.data());
+    cpu::linear_forward(k.ln.data(), L.fc1_w.value.data(), State::ptr(L.fc1_b), 1, C, s.width, k.fc.data());
+    cpu::activation_forward(s.activation, k.fc.data(), 1, s.F, k.act.data());
+    cpu::linear_forward<T>(k.act.data(), L.fc2_w.value.data(), nullptr, 1, s.F, C, k.mlp_y.data());
+    if (s.hc) L.hc_mlp->residual_forward(k.x_mid.data(), k.act_mlp[l], k.mlp_y.data(), State::ptr(L.fc2_b), {}, k.x.data());
+    else cpu::h_post_bda_forward<T>(k.x_mid.data(), nullptr, nullptr, k.mlp_y.data(), State::ptr(L.fc2_b), 1, 1, C, {}, k.x.data());
+  }
+  cpu::stream_contract_forward(k.x.data(), 1, n, C, k.h.data());
+  norm(k.h.data(), s.lnf_w, s.lnf_b, k.hf.data());
+  logits.resize(static_cast<size_t>(s.V));
+  cpu::linear_forward<T>(k.hf.data(), s.wte.value.data(), nullptr, 1, C, s.V, logits.data());
+}
+
+template <typename T> const std::vector<T>& Gpt<T>::probabilities() const { return s_->probs; }
 template <typename T> const std::vector<T>& Gpt<T>::embeddings() const { return s_->e; }
 template <typename T> const std::vector<T>& Gpt<T>::grad_embeddings() const { return s_->de; }
 template <typename T> const std::vector<GainStats>& Gpt<T>::gains() const { return s_->gains; }

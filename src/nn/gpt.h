@@ -58,7 +58,22 @@ template <typename T> class Gpt {
   // Accumulates every parameter's gradient; grad_embeddings() holds d loss / d e.
   void backward();
 
+  // Dropout on (training, the default) or off (evaluation, generation).
+  void set_training(bool training);
+
+  // Generation with a key/value cache, one sequence: feed `token` at `position`
+  // (0-based, below seq_length; positions in order from 0) and get the next-token logits.
+  struct DecodeCache {
+    std::vector<std::vector<T>> keys, values;  // per layer [seq_length, C]
+    std::vector<HcActivations<T>> act_attn, act_mlp;
+    std::vector<T> e, x, x_mid, agg, ln, mean, rstd, qkv, ctx, y, fc, act, mlp_y, h, hf;  // one token's scratch
+  };
+  std::unique_ptr<DecodeCache> make_decode_cache() const;
+  void decode(DecodeCache& cache, int32_t token, int64_t position, std::vector<T>& logits);
+
   const std::vector<T>& embeddings() const;
+  // Softmax of the last forward's logits [tokens, vocab]; backward turns it into dlogits.
+  const std::vector<T>& probabilities() const;
   const std::vector<T>& grad_embeddings() const;
   const std::vector<GainStats>& gains() const;  // 2 per layer (attention, MLP); empty for residual
   const ModelConfig& config() const { return config_; }

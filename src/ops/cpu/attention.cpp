@@ -89,6 +89,33 @@ void attention_backward(const AttentionShape& s, const T* grad_out, const T* qkv
     }
 }
 
+template <typename T>
+void attention_decode(const T* q, const T* k_cache, const T* v_cache, int64_t position, int64_t heads, int64_t C,
+                      T* out) {
+  const int64_t d = C / heads;
+  const T scale = T(1) / std::sqrt(static_cast<T>(d));
+  thread_local std::vector<T> p;
+  p.resize(static_cast<size_t>(position + 1));
+  for (int64_t h = 0; h < heads; ++h) {
+    T max_score = -INFINITY;
+    for (int64_t u = 0; u <= position; ++u) {
+      T dot = 0;
+      for (int64_t i = 0; i < d; ++i) dot += q[h * d + i] * k_cache[u * C + h * d + i];
+      p[u] = dot * scale;
+      max_score = std::max(max_score, p[u]);
+    }
+    T sum = 0;
+    for (int64_t u = 0; u <= position; ++u) sum += (p[u] = std::exp(p[u] - max_score));
+    T* o = out + h * d;
+    std::fill(o, o + d, T(0));
+    for (int64_t u = 0; u <= position; ++u)
+      for (int64_t i = 0; i < d; ++i) o[i] += p[u] / sum * v_cache[u * C + h * d + i];
+  }
+}
+
+template void attention_decode<float>(const float*, const float*, const float*, int64_t, int64_t, int64_t, float*);
+template void attention_decode<double>(const double*, const double*, const double*, int64_t, int64_t, int64_t,
+                                       double*);
 template void attention_forward<float>(const AttentionShape&, const float*, DropoutSpec, float*, float*);
 template void attention_forward<double>(const AttentionShape&, const double*, DropoutSpec, double*, double*);
 template void attention_backward<float>(const AttentionShape&, const float*, const float*, const float*, DropoutSpec,

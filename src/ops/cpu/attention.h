@@ -24,4 +24,10 @@ template <typename T>
 void attention_backward(const AttentionShape& s, const T* grad_out, const T* qkv, const T* probs, DropoutSpec dropout,
                         T* grad_qkv);
 
+// One query (the token at `position`) against cached keys and values [position + 1, C] of
+// one sequence, for generation with a key/value cache. No dropout, no backward.
+template <typename T>
+void attention_decode(const T* q, const T* k_cache, const T* v_cache, int64_t position, int64_t heads, int64_t C,
+                      T* out);
+
 }  // namespace mhc::cpu

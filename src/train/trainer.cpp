@@ -1,0 +1,200 @@
+#include "train/trainer.h"
+
+#include <chrono>
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+
+#include "core/error.h"
+#include "train/checkpoint.h"
+#include "train/optimizer.h"
+
+namespace mhc {
+
+namespace fs = std::filesystem;
+
+namespace {
+
+const char* kConfigFile = "config.json";
+const char* kMetricsFile = "metrics.jsonl";
+const char* kCheckpointFile = "checkpoint.safetensors";
+
+void write_text_atomically(const fs::path& path, const std::string& text) {
+  const fs::path temporary = path.string() + ".tmp";
+  {
+    std::ofstream out(temporary, std::ios::binary | std::ios::trunc);
+    check(out.good(), temporary.string() + ": cannot create");
+    out << text;
+    out.flush();
+    check(out.good(), temporary.string() + ": write failed");
+  }
+  fs::rename(temporary, path);
+}
+
+// Keeps the metrics records up to `step` (a resumed run rewrites what came after its checkpoint).
+void truncate_metrics(const fs::path& path, int64_t step) {
+  std::ifstream in(path);
+  if (!in.good()) return;
+  std::string kept, line;
+  while (std::getline(in, line)) {
+    const auto record = nlohmann::json::parse(line, nullptr, false);
+    if (!record.is_discarded() && record.contains("step") && record["step"].get<int64_t>() <= step) kept += line + "\n";
+  }
+  write_text_atomically(path, kept);
+}
+
+std::string format_eta(double seconds) {
+  const auto s = static_cast<int64_t>(seconds + 0.5);
+  char buffer[32];
+  std::snprintf(buffer, sizeof(buffer), "%lld:%02lld", static_cast<long long>(s / 60), static_cast<long long>(s % 60));
+  return buffer;
+}
+
+void check_data(const Dataset& data, const TrainConfig& c) {
+  check(data.max_token < c.model.vocab_size, "vocab_size: the data holds token id " + std::to_string(data.max_token) +
+                                                 " but vocab_size is " + std::to_string(c.model.vocab_size));
+  check(static_cast<int64_t>(data.val.size()) > c.model.seq_length,
+        "data: the validation split has " + std::to_string(data.val.size()) + " tokens, fewer than seq_length + 1 = " +
+            std::to_string(c.model.seq_length + 1));
+}
+
+nlohmann::json gain_record(const std::vector<GainStats>& gains) {
+  nlohmann::json r = nlohmann::json::object();
+  if (gains.empty()) return r;
+  double fwd = 0, bwd = 0, cfwd = 0, cbwd = 0, fwd_mean = 0;
+  for (const GainStats& g : gains) {
+    fwd = std::max(fwd, g.forward_max);
+    bwd = std::max(bwd, g.backward_max);
+    cfwd = std::max(cfwd, g.composite_forward_max);
+    cbwd = std::max(cbwd, g.composite_backward_max);
+    fwd_mean += g.forward_mean / static_cast<double>(gains.size());
+  }
+  r["gain_fwd_max"] = fwd;
+  r["gain_bwd_max"] = bwd;
+  r["gain_fwd_mean"] = fwd_mean;
+  r["composite_gain_fwd_max"] = cfwd;
+  r["composite_gain_bwd_max"] = cbwd;
+  return r;
+}
+
+}  // namespace
+
+double evaluate_loss(Gpt<float>& model, const std::vector<int32_t>& stream, int64_t batch, int64_t seq,
+                     int64_t batches) {
+  const Batcher batcher(stream, batch, seq);
+  std::vector<int32_t> tokens(batch * seq), targets(batch * seq);
+  uint64_t position = 0;
+  model.set_training(false);
+  double total = 0;
+  for (int64_t b = 0; b < batches; ++b) {
+    batcher.next(position, tokens.data(), targets.data());
+    total += model.forward(tokens.data(), targets.data(), 0);
+  }
+  model.set_training(true);
+  return total / static_cast<double>(batches);
+}
+
+TrainSummary run_training(TrainConfig config, const TrainRunOptions& options) {
+  const fs::path dir = options.out_dir;
+  const fs::path checkpoint_path = dir / kCheckpointFile;
+  TrainingState state;
+  if (options.resume) {
+    check(fs::exists(dir / kConfigFile), dir.string() + ": no " + kConfigFile + " here: not an mhc run directory");
+    check(fs::exists(checkpoint_path), checkpoint_path.string() + ": no checkpoint to resume from");
+    config = checkpoint_config(checkpoint_path.string());
+    if (options.resume_steps >= 0) config.steps = options.resume_steps;
+  } else {
+    if (config.lr_decay_steps == 0) config.lr_decay_steps = config.steps;
+    config.validate();
+    check(!fs::exists(dir / kConfigFile) && !fs::exists(checkpoint_path),
+          dir.string() + ": already holds a run; continue it with --resume " + dir.string() +
+              ", or choose another --out");
+  }
+  const Dataset data = load_dataset(config.data, static_cast<uint64_t>(config.seed));
+  check_data(data, config);
+
+  const int64_t B = config.batch_size, T = config.model.seq_length;
+  Gpt<float> model(config.model, B, T);
+  model.init(static_cast<uint64_t>(config.seed));
+  const auto parameters = model.parameters();
+  AdamW optimizer(parameters);
+  if (options.resume) {
+    state = load_checkpoint(checkpoint_path.string(), model, &optimizer);
+    truncate_metrics(dir / kMetricsFile, state.step);
+  } else {
+    fs::create_directories(dir);
+    write_text_atomically(dir / kConfigFile, train_config_to_json(config).dump(2) + "\n");
+  }
+  std::ofstream metrics(dir / kMetricsFile, std::ios::app);
+  check(metrics.good(), (dir / kMetricsFile).string() + ": cannot open for writing");
+
+  const Batcher batcher(data.train, B, T);
+  std::vector<int32_t> tokens(B * T), targets(B * T);
+  TrainSummary summary;
+  summary.first_step = state.step;
+  std::fprintf(options.log, "mhc train: %s, %lld layers, C=%lld, connection %s (n=%lld), %zu parameters' tensors\n",
+               data.description.c_str(), static_cast<long long>(config.model.num_layers),
+               static_cast<long long>(config.model.hidden_size), config.model.connection.c_str(),
+               static_cast<long long>(config.model.streams()), parameters.size());
+  std::fprintf(options.log, "mhc train: steps %lld -> %lld, writing %s\n", static_cast<long long>(state.step),
+               static_cast<long long>(config.steps), dir.string().c_str());
+  const auto started = std::chrono::steady_clock::now();
+  for (int64_t step = state.step; step < config.steps; ++step) {
+    const auto step_start = std::chrono::steady_clock::now();
+    const double lr = learning_rate_at(config, step);
+    model.zero_grad();
+    double loss = 0;
+    for (int64_t micro = 0; micro < config.grad_accumulation; ++micro) {
+      batcher.next(state.data_position, tokens.data(), targets.data());
+      loss += model.forward(tokens.data(), targets.data(), static_cast<uint64_t>(step * config.grad_accumulation + micro));
+      model.backward();
+    }
+    loss /= static_cast<double>(config.grad_accumulation);
+    const double grad_norm =
+        scale_and_clip_gradients(parameters, 1.0f / static_cast<float>(config.grad_accumulation), config.grad_clip);
+    optimizer.step(config, lr);
+    state.step = step + 1;
+    const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - step_start).count();
+    const double tokens_per_s = static_cast<double>(B * T * config.grad_accumulation) / seconds;
+    summary.losses.push_back(loss);
+
+    nlohmann::json record = {{"step", state.step}, {"loss", loss},       {"lr", lr},
+                             {"grad_norm", grad_norm}, {"tokens_per_s", tokens_per_s}};
+    record.update(gain_record(model.gains()));
+    metrics << record.dump() << "\n";
+
+    const bool last = state.step == config.steps;
+    if (state.step % config.eval_every == 0 || last) {
+      summary.val_loss = evaluate_loss(model, data.val, B, T, config.eval_batches);
+      metrics << nlohmann::json{{"step", state.step}, {"val_loss", summary.val_loss}}.dump() << "\n";
+    }
+    metrics.flush();
+    if (state.step % config.checkpoint_every == 0 || last)
+      save_checkpoint(checkpoint_path.string(), config, model, &optimizer, state);
+
+    const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
+    const double eta = elapsed / static_cast<double>(state.step - summary.first_step) *
+                       static_cast<double>(config.steps - state.step);
+    if (options.progress_bar) {
+      const int width = 24;
+      const auto filled = static_cast<int>(width * state.step / std::max<int64_t>(config.steps, 1));
+      std::fprintf(options.log, "\r[%-*s] step %lld/%lld  loss %.4f  %.0f tok/s  ETA %s   ", width,
+                   std::string(static_cast<size_t>(filled), '#').c_str(), static_cast<long long>(state.step),
+                   static_cast<long long>(config.steps), loss, tokens_per_s, format_eta(eta).c_str());
+      if (last) std::fprintf(options.log, "\n");
+      std::fflush(options.log);
+    } else if (state.step % config.log_every == 0 || last || state.step == summary.first_step + 1) {
+      std::fprintf(options.log, "step %6lld/%lld  loss %.4f  lr %.2e  grad_norm %.3f  %.0f tok/s  ETA %s\n",
+                   static_cast<long long>(state.step), static_cast<long long>(config.steps), loss, lr, grad_norm,
+                   tokens_per_s, format_eta(eta).c_str());
+    }
+    if (state.step % config.eval_every == 0 || last)
+      std::fprintf(options.log, "%sstep %6lld  val_loss %.4f  perplexity %.2f\n", options.progress_bar ? "\n" : "",
+                   static_cast<long long>(state.step), summary.val_loss, std::exp(summary.val_loss));
+  }
+  summary.last_step = state.step;
+  return summary;
+}
+
+}  // namespace mhc
