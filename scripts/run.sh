@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# Sets up a fresh Debian machine, builds, and runs the main job: today, exact parity of
-# the CPU implementation with Megatron-core's own mHC module on the reference files.
+# Sets up a fresh Debian machine, builds, and runs the main job: trains the default mHC
+# GPT (n = 4) on the built-in corpus, then draws its curves. Extra arguments go to
+# `mhc train` (e.g. --steps 600 --set connection=residual).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 scripts/build.sh
-build/apps/mhc parity tests/data/*.safetensors
-build/apps/mhc parity --dtype float tests/data/*.safetensors
+out=runs/$(date +%Y%m%d-%H%M%S)
+build/apps/mhc train --out "$out" "$@"
+build/apps/mhc report "$out" --out "$out/report.png"

@@ -90,8 +90,9 @@ void plot(const std::vector<Run>& runs, const fs::path& png, const fs::path& scr
   panel("H_res gain, forward (max over layers and tokens)", 4, true, false);
   g << "unset multiplot\n";
   g.close();
-  const std::string command = "gnuplot '" + script_path.string() + "'";
-  check(std::system(command.c_str()) == 0, "gnuplot failed on " + script_path.string());
+  const std::string log = script_path.string() + ".log";  // gnuplot's warnings (constant curves) go here
+  const std::string command = "gnuplot '" + script_path.string() + "' 2> '" + log + "'";
+  check(std::system(command.c_str()) == 0, "gnuplot failed on " + script_path.string() + " (see " + log + ")");
 }
 
 struct ReportOptions {

@@ -188,6 +188,7 @@ TrainSummary run_training(TrainConfig config, const TrainRunOptions& options) {
       std::fprintf(options.log, "step %6lld/%lld  loss %.4f  lr %.2e  grad_norm %.3f  %.0f tok/s  ETA %s\n",
                    static_cast<long long>(state.step), static_cast<long long>(config.steps), loss, lr, grad_norm,
                    tokens_per_s, format_eta(eta).c_str());
+      std::fflush(options.log);  // log lines reach a file or pipe as they happen
     }
     if (state.step % config.eval_every == 0 || last)
       std::fprintf(options.log, "%sstep %6lld  val_loss %.4f  perplexity %.2f\n", options.progress_bar ? "\n" : "",

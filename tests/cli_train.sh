@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# The command line of training: help, exit code 2 with a named problem and nothing
+# written on bad input, and a tiny run through train, eval, generate and report.
+set -u
+mhc=$1
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+fail() { echo "cli_train: $*" >&2; exit 1; }
+tiny=(--set num_layers=1 --set hidden_size=32 --set num_attention_heads=2 --set seq_length=16
+      --set batch_size=2 --set eval_batches=1 --set eval_every=2)
+
+"$mhc" --help > "$tmp/help" || fail "--help: exit $?"
+for sub in train eval generate report parity check-grad bench; do
+  grep -q "$sub" "$tmp/help" || fail "--help does not list $sub"
+done
+"$mhc" train --help > "$tmp/help" || fail "train --help: exit $?"
+grep -q -- "--resume" "$tmp/help" || fail "train --help does not explain --resume"
+
+expect_2() {  # expect_2 WHAT PATTERN command...: exit 2, PATTERN on stderr
+  local what=$1 pattern=$2; shift 2
+  "$@" > /dev/null 2> "$tmp/err"
+  local code=$?
+  [ $code -eq 2 ] || fail "$what: exit $code (want 2)"
+  grep -q -- "$pattern" "$tmp/err" || fail "$what: stderr does not name '$pattern': $(cat "$tmp/err")"
+}
+expect_2 "unknown key" "bogus_key" "$mhc" train --out "$tmp/x" --set bogus_key=1
+expect_2 "invalid value" "mhc_sinkhorn_iterations" "$mhc" train --out "$tmp/x" --set mhc_sinkhorn_iterations=0
+expect_2 "missing data" "nope.txt" "$mhc" train --out "$tmp/x" --data "$tmp/nope.txt"
+: > "$tmp/empty.txt"
+expect_2 "empty data" "empty" "$mhc" train --out "$tmp/x" --data "$tmp/empty.txt"
+[ ! -e "$tmp/x" ] || fail "a failed start created its output directory"
+
+"$mhc" train --out "$tmp/run" --steps 3 "${tiny[@]}" > "$tmp/log" || fail "tiny run: exit $?"
+for f in config.json metrics.jsonl checkpoint.safetensors; do [ -s "$tmp/run/$f" ] || fail "tiny run wrote no $f"; done
+expect_2 "run directory in use" "already holds a run" "$mhc" train --out "$tmp/run" --steps 3 "${tiny[@]}"
+"$mhc" train --resume "$tmp/run" --steps 4 > /dev/null || fail "resume: exit $?"
+[ "$(grep -c '"loss"' "$tmp/run/metrics.jsonl")" -eq 4 ] || fail "resume did not add exactly one step"
+"$mhc" eval "$tmp/run" > "$tmp/eval" || fail "eval: exit $?"
+grep -q perplexity "$tmp/eval" || fail "eval prints no perplexity"
+"$mhc" generate "$tmp/run" --prompt "1+1=" --tokens 5 > /dev/null || fail "generate: exit $?"
+"$mhc" report "$tmp/run" --out "$tmp/report/r.png" > /dev/null || fail "report: exit $?"
+[ -s "$tmp/report/r-run.csv" ] && [ -s "$tmp/report/r.md" ] || fail "report wrote no CSV or summary"
+
+cp "$tmp/run/checkpoint.safetensors" "$tmp/cut.safetensors"
+truncate -s 2000 "$tmp/cut.safetensors"
+expect_2 "truncated checkpoint" "cut.safetensors" "$mhc" eval "$tmp/cut.safetensors"
+echo "cli_train: ok"
