@@ -226,6 +226,14 @@ TEST(Train, BadInputIsANamedErrorAndWritesNothing) {
   const auto before = fs::last_write_time(tmp / "run" / "config.json");
   EXPECT_NE(error_of([&] { train(ok, tmp / "run"); }).find("already holds a run"), std::string::npos);
   EXPECT_EQ(fs::last_write_time(tmp / "run" / "config.json"), before);
+  // A checkpoint that does not fit the run's configuration.
+  TrainConfig wide = tiny_config();
+  wide.model.hidden_size = 48;
+  wide.steps = 1;
+  train(wide, tmp / "wide");
+  fs::copy_file(tmp / "wide" / "checkpoint.safetensors", tmp / "run" / "checkpoint.safetensors",
+                fs::copy_options::overwrite_existing);
+  EXPECT_NE(error_of([&] { train(TrainConfig{}, tmp / "run", true, 2); }).find("has shape"), std::string::npos);
   // Vocabulary too small for the data.
   TrainConfig small_vocab = tiny_config();
   small_vocab.model.vocab_size = 64;

@@ -102,8 +102,17 @@ TrainSummary run_training(TrainConfig config, const TrainRunOptions& options) {
   if (options.resume) {
     check(fs::exists(dir / kConfigFile), dir.string() + ": no " + kConfigFile + " here: not an mhc run directory");
     check(fs::exists(checkpoint_path), checkpoint_path.string() + ": no checkpoint to resume from");
-    config = checkpoint_config(checkpoint_path.string());
+    // The run's own configuration; the checkpoint's tensors are checked against it.
+    std::ifstream in(dir / kConfigFile);
+    const auto json = nlohmann::json::parse(in, nullptr, false);
+    check(!json.is_discarded(), (dir / kConfigFile).string() + ": not valid JSON");
+    try {
+      config = train_config_from_json(json);
+    } catch (const Error& e) {
+      fail((dir / kConfigFile).string() + ": " + e.what());
+    }
     if (options.resume_steps >= 0) config.steps = options.resume_steps;
+    config.validate();
   } else {
     if (config.lr_decay_steps == 0) config.lr_decay_steps = config.steps;
     config.validate();
