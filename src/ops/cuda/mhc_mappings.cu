@@ -129,6 +129,22 @@ template <int M> __device__ void load_slice(const float* weight, int64_t K, int6
   }
 }
 
+// The block's slice of K (loaded into `tile`) and its run of tokens [begin, end).
+struct SliceBlock {
+  int64_t k0, begin, end;
+};
+template <int M>
+__device__ SliceBlock enter_slice(const float* weight, int64_t K, int64_t tokens, int64_t tokens_per_block,
+                                  float* tile) {
+  SliceBlock b;
+  b.k0 = static_cast<int64_t>(blockIdx.x) * kSlice;
+  load_slice<M>(weight, K, b.k0, tile);
+  __syncthreads();
+  b.begin = static_cast<int64_t>(blockIdx.y) * tokens_per_block;
+  b.end = min(tokens, b.begin + tokens_per_block);
+  return b;
+}
+
 // Sums R = 32 Q values over the warp, leaving lane l the totals of [Q l, Q l + Q) in v[0, Q):
 // five halving exchange steps, R - Q shuffles instead of 5 R.
 template <int R, int OFFSET = 16> __device__ void warp_reduce_scatter(float (&v)[R], int lane) {
@@ -161,11 +177,8 @@ __global__ void __launch_bounds__(kSliceThreads) project_kernel(const bf16* x, c
   constexpr int M = width<N>(), TT = tokens_per_warp<N>(), R = (TT * M + 31) / 32 * 32, Q = R / 32;
   extern __shared__ float tile[];  // [M][kSlice]
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  const int64_t k0 = static_cast<int64_t>(blockIdx.x) * kSlice;
-  load_slice<M>(weight, K, k0, tile);
-  __syncthreads();
-  const int64_t begin = static_cast<int64_t>(blockIdx.y) * tokens_per_block;
-  const int64_t end = min(tokens, begin + tokens_per_block);
+  const SliceBlock b = enter_slice<M>(weight, K, tokens, tokens_per_block, tile);
+  const int64_t k0 = b.k0, begin = b.begin, end = b.end;
   for (int64_t first = begin + warp * TT; first < end; first += kSliceWarps * TT) {
     float acc[R], ss[TT];
 #pragma unroll
@@ -318,11 +331,8 @@ __global__ void __launch_bounds__(kSliceThreads) grad_x_kernel(const bf16* x, co
   constexpr int M = width<N>(), TT = tokens_per_warp<N>();
   extern __shared__ float tile[];  // [M][kSlice]
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  const int64_t k0 = static_cast<int64_t>(blockIdx.x) * kSlice;
-  load_slice<M>(weight, K, k0, tile);
-  __syncthreads();
-  const int64_t begin = static_cast<int64_t>(blockIdx.y) * tokens_per_block;
-  const int64_t end = min(tokens, begin + tokens_per_block);
+  const SliceBlock b = enter_slice<M>(weight, K, tokens, tokens_per_block, tile);
+  const int64_t k0 = b.k0, begin = b.begin, end = b.end;
   for (int64_t first = begin + warp * TT; first < end; first += kSliceWarps * TT) {
     float dp[TT][M], c[TT];
 #pragma unroll
