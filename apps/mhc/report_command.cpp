@@ -77,8 +77,9 @@ void plot(const std::vector<Run>& runs, const fs::path& png, const fs::path& scr
     << "set datafile separator ','\nset datafile missing 'nan'\nset key top right\nset grid\n"
     << "set multiplot layout 2,2 title 'mhc runs'\n";
   auto panel = [&](const char* title, int column, bool log_scale, bool points) {
-    g << "set title '" << title << "'\nset xlabel 'step'\n" << (log_scale ? "set logscale y\n" : "unset logscale y\n")
-      << "plot ";
+    // Gains sit at exactly 1 for mHC: start the log axis below 1 so that curve stays visible.
+    g << "set title '" << title << "'\nset xlabel 'step'\n"
+      << (log_scale ? "set logscale y\nset yrange [0.8:*]\n" : "unset logscale y\nset yrange [*:*]\n") << "plot ";
     for (size_t i = 0; i < runs.size(); ++i)
       g << (i ? ", " : "") << "'" << runs[i].csv << "' using 1:" << column << " every ::1 with "
         << (points ? "linespoints" : "lines") << " title '" << runs[i].label << "'";
