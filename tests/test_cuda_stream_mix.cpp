@@ -91,6 +91,37 @@ TEST_P(CudaStreamMix, HPostBiasDropoutAddForwardAndBackward) {
   }
 }
 
+TEST_P(CudaStreamMix, BackwardFusedWithTheAggregate) {
+  const auto [tokens, n, C] = GetParam();
+  const Bf16Data x = random_bf16(tokens * n * C, 31), y = random_bf16(tokens * C, 32), gout = random_bf16(tokens * n * C, 33);
+  const Bf16Data gagg = random_bf16(tokens * C, 34);
+  const std::vector<float> h_res = random_float(tokens * n * n, 35, 0, 1), h_post = random_float(tokens * n, 36, 0, 2),
+                           h_pre = random_float(tokens * n, 37, 0, 1);
+  DeviceBuffer<bf16> d_x(x.bits), d_y(y.bits), d_gout(gout.bits), d_gagg(gagg.bits);
+  DeviceBuffer<float> d_res(h_res), d_post(h_post), d_pre(h_pre);
+  auto d_dx = poisoned<bf16>(tokens * n * C);
+  auto d_dy = poisoned<bf16>(tokens * C);
+  auto d_dres = poisoned<float>(tokens * n * n);
+  auto d_dpost = poisoned<float>(tokens * n);
+  auto d_dpre = poisoned<float>(tokens * n);
+  const cuda::AggregateGrad aggregate{d_gagg.data(), d_pre.data(), d_dpre.data()};
+  cuda::h_post_bda_backward(d_gout.data(), d_x.data(), d_res.data(), d_post.data(), d_y.data(), nullptr, tokens, n, C,
+                            {}, d_dx.data(), d_dres.data(), d_dpost.data(), d_dy.data(), nullptr, &aggregate);
+  MHC_CUDA_CHECK(cudaDeviceSynchronize());
+  const auto res = widen(h_res), post = widen(h_post), pre = widen(h_pre);
+  std::vector<double> dx(tokens * n * C, 0.0), dres(tokens * n * n), dpost(tokens * n), dpre(tokens * n),
+      dy(tokens * C);
+  const double* no_bias = nullptr;
+  cpu::h_post_bda_backward(gout.values.data(), x.values.data(), res.data(), post.data(), y.values.data(), no_bias,
+                           tokens, n, C, {}, dx.data(), dres.data(), dpost.data(), dy.data(), static_cast<double*>(nullptr));
+  cpu::aggregate_backward(gagg.values.data(), x.values.data(), pre.data(), tokens, n, C, dx.data(), dpre.data());
+  EXPECT_LT(relative_error(widen(d_dx.download()), dx), kBf16Tolerance);
+  EXPECT_LT(relative_error(widen(d_dy.download()), dy), kBf16Tolerance);
+  EXPECT_LT(relative_error(widen(d_dres.download()), dres), kFp32Tolerance);
+  EXPECT_LT(relative_error(widen(d_dpost.download()), dpost), kFp32Tolerance);
+  EXPECT_LT(relative_error(widen(d_dpre.download()), dpre), kFp32Tolerance);
+}
+
 TEST_P(CudaStreamMix, DeterministicBits) {
   const auto [tokens, n, C] = GetParam();
   const Bf16Data x = random_bf16(tokens * n * C, 21), gout = random_bf16(tokens * n * C, 22), y = random_bf16(tokens * C, 23);

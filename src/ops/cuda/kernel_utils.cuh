@@ -14,8 +14,9 @@ namespace mhc::cuda::detail {
 constexpr int kBlockThreads = 256;
 constexpr int kBlockWarps = kBlockThreads / 32;
 
-// Sums V per-thread values over a kBlockThreads block in a fixed order; `out` (shared,
-// V floats) holds the sums after the call. Deterministic for a fixed launch shape.
+// Sums V per-thread values over the block (whole warps, at most kBlockThreads) in a fixed
+// order; `out` (shared, V floats) holds the sums after the call. Deterministic for a
+// fixed launch shape.
 template <int V> __device__ void block_sum(float (&values)[V], float* out) {
   __shared__ float partial[V][kBlockWarps];
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
@@ -26,9 +27,10 @@ template <int V> __device__ void block_sum(float (&values)[V], float* out) {
     if (lane == 0) partial[v][warp] = s;
   }
   __syncthreads();
+  const int warps = static_cast<int>(blockDim.x) / 32;
   for (int v = threadIdx.x; v < V; v += blockDim.x) {
     float s = 0;
-    for (int w = 0; w < kBlockWarps; ++w) s += partial[v][w];
+    for (int w = 0; w < warps; ++w) s += partial[v][w];
     out[v] = s;
   }
   __syncthreads();

@@ -1,3 +1,5 @@
+#include <algorithm>
+
 #include "core/cuda/device.h"
 #include "core/rng.h"
 #include "ops/cuda/kernel_utils.cuh"
@@ -9,7 +11,12 @@ namespace {
 
 using detail::block_sum;
 using detail::dispatch_streams;
-constexpr int kThreads = detail::kBlockThreads;
+// Threads of a token's block: enough whole warps for its channel groups, at most 256
+// (GPT-2 width, C = 768 in groups of 8, needs 96).
+unsigned threads_for(int64_t C) {
+  const int64_t groups = C % 8 == 0 ? C / 8 : C;
+  return static_cast<unsigned>(std::clamp<int64_t>((groups + 31) / 32 * 32, 32, detail::kBlockThreads));
+}
 
 // Every kernel takes VEC adjacent channels per thread step: 8 (16-byte loads and stores)
 // when C % 8 == 0, else 1.
@@ -108,14 +115,18 @@ __global__ void h_post_bda_forward_kernel(const bf16* x, const float* h_res, con
   }
 }
 
-template <int N, int VEC>
+// AGG: also the aggregate's backward on the same x (dx += H_pre dagg, dH_pre), so that
+// dx is written once.
+template <int N, int VEC, bool AGG>
 __global__ void h_post_bda_backward_kernel(const bf16* grad_out, const bf16* x, const float* h_res,
                                            const float* h_post, const bf16* y, const bf16* y_bias, int64_t C,
                                            float p, uint64_t key, bf16* grad_x, float* grad_h_res,
-                                           float* grad_h_post, bf16* grad_y) {
+                                           float* grad_h_post, bf16* grad_y, const bf16* grad_agg,
+                                           const float* h_pre, float* grad_h_pre) {
+  constexpr int P = N * N + N + (AGG ? N : 0);
   const int64_t t = blockIdx.x;
-  float mix[N][N], post[N];
-  float partial[N * N + N];  // dH_res row-major, then dH_post
+  float mix[N][N], post[N], pre[N];
+  float partial[P];  // dH_res row-major, then dH_post, then dH_pre
 #pragma unroll
   for (int i = 0; i < N; ++i) {
     post[i] = h_post[t * N + i];
@@ -123,11 +134,14 @@ __global__ void h_post_bda_backward_kernel(const bf16* grad_out, const bf16* x, 
     for (int j = 0; j < N; ++j) mix[i][j] = h_res[(t * N + i) * N + j];
   }
 #pragma unroll
-  for (int k = 0; k < N * N + N; ++k) partial[k] = 0;
+  for (int j = 0; j < N; ++j) pre[j] = AGG ? h_pre[t * N + j] : 0.0f;
+#pragma unroll
+  for (int k = 0; k < P; ++k) partial[k] = 0;
   const bf16* xt = x + t * N * C;
   for (int64_t c = threadIdx.x * VEC; c < C; c += blockDim.x * VEC) {
-    float sublayer[VEC], g[N][VEC], xs[N][VEC], dy[VEC] = {};
+    float sublayer[VEC], g[N][VEC], xs[N][VEC], dy[VEC] = {}, dagg[VEC] = {};
     load_sublayer<VEC>(y + t * C, y_bias, c, sublayer);
+    if constexpr (AGG) detail::load_bf16<VEC>(grad_agg + t * C + c, dagg);
 #pragma unroll
     for (int i = 0; i < N; ++i) {
       detail::load_bf16<VEC>(grad_out + (t * N + i) * C + c, g[i]);
@@ -141,7 +155,12 @@ __global__ void h_post_bda_backward_kernel(const bf16* grad_out, const bf16* x, 
     }
 #pragma unroll
     for (int j = 0; j < N; ++j) {
-      float dx[VEC] = {};
+      float dx[VEC];
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) {
+        dx[v] = pre[j] * dagg[v];
+        if constexpr (AGG) partial[N * N + N + j] += dagg[v] * xs[j][v];
+      }
 #pragma unroll
       for (int i = 0; i < N; ++i)
 #pragma unroll
@@ -153,10 +172,12 @@ __global__ void h_post_bda_backward_kernel(const bf16* grad_out, const bf16* x, 
     }
     detail::store_bf16<VEC>(grad_y + t * C + c, dy);
   }
-  __shared__ float sums[N * N + N];
-  block_sum<N * N + N>(partial, sums);
+  __shared__ float sums[P];
+  block_sum<P>(partial, sums);
   for (int k = threadIdx.x; k < N * N; k += blockDim.x) grad_h_res[t * N * N + k] = sums[k];
   for (int i = threadIdx.x; i < N; i += blockDim.x) grad_h_post[t * N + i] = sums[N * N + i];
+  if constexpr (AGG)
+    for (int j = threadIdx.x; j < N; j += blockDim.x) grad_h_pre[t * N + j] = sums[N * N + N + j];
 }
 
 // dy_bias: a block owns 32 channels; its 32 rows of threads take every 32nd token, and
@@ -189,8 +210,8 @@ bool stream_count_supported(int n) { return n == 1 || n == 2 || n == 4 || n == 6
 void aggregate_forward(const bf16* x, const float* h_pre, int64_t tokens, int n, int64_t C, bf16* agg,
                        cudaStream_t stream) {
   dispatch_streams(n, [&](auto N) {
-    if (C % 8 == 0) aggregate_forward_kernel<N.value, 8><<<grid_of(tokens), kThreads, 0, stream>>>(x, h_pre, C, agg);
-    else aggregate_forward_kernel<N.value, 1><<<grid_of(tokens), kThreads, 0, stream>>>(x, h_pre, C, agg);
+    if (C % 8 == 0) aggregate_forward_kernel<N.value, 8><<<grid_of(tokens), threads_for(C), 0, stream>>>(x, h_pre, C, agg);
+    else aggregate_forward_kernel<N.value, 1><<<grid_of(tokens), threads_for(C), 0, stream>>>(x, h_pre, C, agg);
   });
   MHC_CUDA_CHECK(cudaGetLastError());
 }
@@ -199,10 +220,10 @@ void aggregate_backward(const bf16* grad_agg, const bf16* x, const float* h_pre,
                         bf16* grad_x, float* grad_h_pre, cudaStream_t stream) {
   dispatch_streams(n, [&](auto N) {
     if (C % 8 == 0)
-      aggregate_backward_kernel<N.value, 8><<<grid_of(tokens), kThreads, 0, stream>>>(grad_agg, x, h_pre, C, grad_x,
+      aggregate_backward_kernel<N.value, 8><<<grid_of(tokens), threads_for(C), 0, stream>>>(grad_agg, x, h_pre, C, grad_x,
                                                                                       grad_h_pre);
     else
-      aggregate_backward_kernel<N.value, 1><<<grid_of(tokens), kThreads, 0, stream>>>(grad_agg, x, h_pre, C, grad_x,
+      aggregate_backward_kernel<N.value, 1><<<grid_of(tokens), threads_for(C), 0, stream>>>(grad_agg, x, h_pre, C, grad_x,
                                                                                       grad_h_pre);
   });
   MHC_CUDA_CHECK(cudaGetLastError());
@@ -212,10 +233,10 @@ void h_post_bda_forward(const bf16* x, const float* h_res, const float* h_post, 
                         int64_t tokens, int n, int64_t C, cpu::DropoutSpec dropout, bf16* out, cudaStream_t stream) {
   dispatch_streams(n, [&](auto N) {
     if (C % 8 == 0)
-      h_post_bda_forward_kernel<N.value, 8><<<grid_of(tokens), kThreads, 0, stream>>>(x, h_res, h_post, y, y_bias, C,
+      h_post_bda_forward_kernel<N.value, 8><<<grid_of(tokens), threads_for(C), 0, stream>>>(x, h_res, h_post, y, y_bias, C,
                                                                                       dropout.p, dropout.key, out);
     else
-      h_post_bda_forward_kernel<N.value, 1><<<grid_of(tokens), kThreads, 0, stream>>>(x, h_res, h_post, y, y_bias, C,
+      h_post_bda_forward_kernel<N.value, 1><<<grid_of(tokens), threads_for(C), 0, stream>>>(x, h_res, h_post, y, y_bias, C,
                                                                                       dropout.p, dropout.key, out);
   });
   MHC_CUDA_CHECK(cudaGetLastError());
@@ -224,14 +245,23 @@ void h_post_bda_forward(const bf16* x, const float* h_res, const float* h_post, 
 void h_post_bda_backward(const bf16* grad_out, const bf16* x, const float* h_res, const float* h_post, const bf16* y,
                          const bf16* y_bias, int64_t tokens, int n, int64_t C, cpu::DropoutSpec dropout, bf16* grad_x,
                          float* grad_h_res, float* grad_h_post, bf16* grad_y, float* grad_y_bias,
-                         cudaStream_t stream) {
+                         const AggregateGrad* aggregate, cudaStream_t stream) {
+  const bf16* grad_agg = aggregate ? aggregate->grad_agg : nullptr;
+  const float* h_pre = aggregate ? aggregate->h_pre : nullptr;
+  float* grad_h_pre = aggregate ? aggregate->grad_h_pre : nullptr;
   dispatch_streams(n, [&](auto N) {
-    if (C % 8 == 0)
-      h_post_bda_backward_kernel<N.value, 8><<<grid_of(tokens), kThreads, 0, stream>>>(
-          grad_out, x, h_res, h_post, y, y_bias, C, dropout.p, dropout.key, grad_x, grad_h_res, grad_h_post, grad_y);
-    else
-      h_post_bda_backward_kernel<N.value, 1><<<grid_of(tokens), kThreads, 0, stream>>>(
-          grad_out, x, h_res, h_post, y, y_bias, C, dropout.p, dropout.key, grad_x, grad_h_res, grad_h_post, grad_y);
+    auto launch = [&](auto kernel) {
+      kernel<<<grid_of(tokens), threads_for(C), 0, stream>>>(grad_out, x, h_res, h_post, y, y_bias, C, dropout.p,
+                                                             dropout.key, grad_x, grad_h_res, grad_h_post, grad_y,
+                                                             grad_agg, h_pre, grad_h_pre);
+    };
+    if (C % 8 == 0) {
+      if (aggregate) launch(h_post_bda_backward_kernel<N.value, 8, true>);
+      else launch(h_post_bda_backward_kernel<N.value, 8, false>);
+    } else {
+      if (aggregate) launch(h_post_bda_backward_kernel<N.value, 1, true>);
+      else launch(h_post_bda_backward_kernel<N.value, 1, false>);
+    }
   });
   MHC_CUDA_CHECK(cudaGetLastError());
   if (grad_y_bias) {

@@ -5,7 +5,8 @@
 //   aggregate:   agg[c] = sum_j H_pre[j] x[j][c]
 //                backward: dx[j][c] += H_pre[j] dagg[c] (bf16 read-add-write), dH_pre[j] = sum_c dagg x[j]
 //   h_post_bda:  out[i][c] = sum_j H_res[i][j] x[j][c] + D[i][c] H_post[i] (y[c] + y_bias[c])
-//                backward: dx[j][c] = sum_i H_res[i][j] dout[i][c]         (overwrites)
+//                backward: dx[j][c] = sum_i H_res[i][j] dout[i][c]         (overwrites;
+//                          + H_pre[j] dagg[c] when fused with the aggregate's backward)
 //                          dH_res[i][j] = sum_c dout[i][c] x[j][c],  dH_post[i] = sum_c dout D (y + y_bias)
 //                          dy[c] = sum_i dout[i][c] D H_post[i],  dy_bias += sum over tokens (fp32)
 //
@@ -33,10 +34,20 @@ void aggregate_backward(const bf16* grad_agg, const bf16* x, const float* h_pre,
 void h_post_bda_forward(const bf16* x, const float* h_res, const float* h_post, const bf16* y, const bf16* y_bias,
                         int64_t tokens, int n, int64_t C, cpu::DropoutSpec dropout, bf16* out,
                         cudaStream_t stream = nullptr);
+// The aggregate's backward of the same hyper connection (same x), for fusing into
+// h_post_bda_backward: then dx = H_res^T dout + H_pre dagg is written once and dH_pre is
+// reduced alongside dH_res and dH_post.
+struct AggregateGrad {
+  const bf16* grad_agg;
+  const float* h_pre;
+  float* grad_h_pre;
+};
+
 // grad_y_bias (fp32, accumulated) may be null; it is reduced from the bf16 grad_y.
+// `aggregate` may be null (h_post_bda alone).
 void h_post_bda_backward(const bf16* grad_out, const bf16* x, const float* h_res, const float* h_post, const bf16* y,
                          const bf16* y_bias, int64_t tokens, int n, int64_t C, cpu::DropoutSpec dropout, bf16* grad_x,
                          float* grad_h_res, float* grad_h_post, bf16* grad_y, float* grad_y_bias,
-                         cudaStream_t stream = nullptr);
+                         const AggregateGrad* aggregate = nullptr, cudaStream_t stream = nullptr);
 
 }  // namespace mhc::cuda
