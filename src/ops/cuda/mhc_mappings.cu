@@ -392,7 +392,7 @@ __global__ void __launch_bounds__(kBlockThreads) grad_w_partial_kernel(const bf1
                                                                        int64_t tokens, int64_t K,
                                                                        int64_t tokens_per_segment, float* partial) {
   constexpr int M = width<N>(), kChunk = 32, kAhead = 8;
-  __shared__ __align__(16) float dp[kChunk][M];
+  __shared__ float dp[kChunk][M];
   const int64_t k = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * KV;
   const int64_t begin = blockIdx.y * tokens_per_segment;
   const int64_t end = min(tokens, begin + tokens_per_segment);
@@ -414,12 +414,7 @@ __global__ void __launch_bounds__(kBlockThreads) grad_w_partial_kernel(const bf1
       for (int u = 0; u < kAhead; ++u) {
         const int64_t t = t0 + tt + u;
         if (tt + u < count) {
-          if constexpr (KV == 4) {
-            const uint2 raw = *reinterpret_cast<const uint2*>(x + t * K + k);
-            const float2 a = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&raw.x));
-            const float2 b = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&raw.y));
-            xv[u][0] = a.x, xv[u][1] = a.y, xv[u][2] = b.x, xv[u][3] = b.y;
-          } else if constexpr (KV == 2) {
+          if constexpr (KV == 2) {
             const float2 f = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(x + t * K + k));
             xv[u][0] = f.x;
             xv[u][1] = f.y;
@@ -432,24 +427,11 @@ __global__ void __launch_bounds__(kBlockThreads) grad_w_partial_kernel(const bf1
         }
       }
 #pragma unroll
-      for (int u = 0; u < kAhead; ++u) {
-        // dproj of the token: the same address for every thread, read 4 floats at a time.
-        float d[M];
-        if constexpr (M % 4 == 0) {
-#pragma unroll
-          for (int o = 0; o < M; o += 4) {
-            const float4 q = *reinterpret_cast<const float4*>(&dp[tt + u][o]);
-            d[o] = q.x, d[o + 1] = q.y, d[o + 2] = q.z, d[o + 3] = q.w;
-          }
-        } else {
-#pragma unroll
-          for (int o = 0; o < M; ++o) d[o] = dp[tt + u][o];
-        }
+      for (int u = 0; u < kAhead; ++u)
 #pragma unroll
         for (int o = 0; o < M; ++o)
 #pragma unroll
-          for (int v = 0; v < KV; ++v) acc[o][v] += d[o] * xv[u][v];
-      }
+          for (int v = 0; v < KV; ++v) acc[o][v] += dp[tt + u][o] * xv[u][v];
     }
   }
   if (k >= K) return;
@@ -488,13 +470,6 @@ __global__ void column_chunk_sums_kernel(const float* in, int64_t rows, int64_t 
   }
 }
 
-// Columns of dW per thread: as many as 96 accumulators and the alignment of K allow.
-int columns_per_thread(int64_t K, int64_t M) {
-  if (K % 4 == 0 && M <= 24) return 4;
-  if (K % 2 == 0 && M <= 48) return 2;
-  return 1;
-}
-
 struct Layout {
   int64_t M, K, segments, tokens_per_segment, chunks;
   size_t grad_h, grad_proj, coef, chunk_sums, partial, total;  // offsets in floats
@@ -504,7 +479,7 @@ Layout layout_of(const MappingsArgs& a) {
   Layout l{};
   l.M = static_cast<int64_t>(a.n) * a.n + 2 * a.n;
   l.K = a.n * a.C;
-  const int kv = columns_per_thread(l.K, l.M);
+  const int kv = (l.K % 2 == 0 && l.M <= 48) ? 2 : 1;
   const int64_t column_blocks = (l.K / kv + kBlockThreads - 1) / kBlockThreads;
   // Enough blocks for about four waves of 132 multiprocessors; a pure function of the shape.
   l.segments = std::clamp<int64_t>((528 + column_blocks - 1) / column_blocks, 1, std::max<int64_t>(a.tokens, 1));
@@ -602,19 +577,14 @@ void mhc_mappings_backward(const MappingsArgs& a, const bf16* x, const float* we
                                                                                 l.K, g.tokens_per_block, grad_x);
     }
     MHC_CUDA_CHECK(cudaGetLastError());
-    const int kv = columns_per_thread(l.K, l.M);
-    const dim3 grid(detail::blocks_for(l.K / kv, kBlockThreads), static_cast<unsigned>(l.segments));
-    auto launch = [&](auto kernel) {
-      kernel<<<grid, kBlockThreads, 0, stream>>>(x, grad_proj, a.tokens, l.K, l.tokens_per_segment, partial);
-    };
-    // Only the widths columns_per_thread can pick for this n are instantiated.
-    if constexpr (width<N>() <= 24) {
-      if (kv == 4) launch(grad_w_partial_kernel<N, 4>);
-    }
-    if constexpr (width<N>() <= 48) {
-      if (kv == 2) launch(grad_w_partial_kernel<N, 2>);
-    }
-    if (kv == 1) launch(grad_w_partial_kernel<N, 1>);
+    const bool pairs = l.K % 2 == 0 && l.M <= 48;
+    const dim3 grid(detail::blocks_for(l.K / (pairs ? 2 : 1), kBlockThreads), static_cast<unsigned>(l.segments));
+    if (pairs)
+      grad_w_partial_kernel<N, 2><<<grid, kBlockThreads, 0, stream>>>(x, grad_proj, a.tokens, l.K,
+                                                                      l.tokens_per_segment, partial);
+    else
+      grad_w_partial_kernel<N, 1><<<grid, kBlockThreads, 0, stream>>>(x, grad_proj, a.tokens, l.K,
+                                                                      l.tokens_per_segment, partial);
     MHC_CUDA_CHECK(cudaGetLastError());
   });
   sum_rows_kernel<<<detail::blocks_for(l.M * l.K, kBlockThreads), kBlockThreads, 0, stream>>>(
