@@ -14,6 +14,7 @@ for sub in train eval generate report parity check-grad bench; do
   grep -q "$sub" "$tmp/help" || fail "--help does not list $sub"
 done
 "$mhc" train --help > "$tmp/help" || fail "train --help: exit $?"
+"$mhc" train --print-config --set num_layers=7 | grep -q '"num_layers": 7' || fail "--print-config does not show a --set value"
 grep -q -- "--resume" "$tmp/help" || fail "train --help does not explain --resume"
 
 expect_2() {  # expect_2 WHAT PATTERN command...: exit 2, PATTERN on stderr

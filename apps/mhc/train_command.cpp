@@ -19,6 +19,7 @@ struct TrainOptions {
   std::string config_file, out, data, resume;
   std::vector<std::string> sets;
   int64_t steps = -1, seed = -1;
+  bool print_config = false;
 };
 
 std::string default_out_dir() {
@@ -55,6 +56,12 @@ int run_train(const TrainOptions& o) {
     if (o.seed >= 0) config.seed = o.seed;
     if (!o.data.empty()) config.data = o.data;
     run.out_dir = o.out.empty() ? default_out_dir() : o.out;
+    if (o.print_config) {
+      if (config.lr_decay_steps == 0) config.lr_decay_steps = config.steps;
+      config.validate();
+      std::printf("%s\n", train_config_to_json(config).dump(2).c_str());
+      return 0;
+    }
   }
   const TrainSummary summary = run_training(config, run);
   if (!summary.losses.empty())
@@ -75,7 +82,7 @@ Command add_train_command(CLI::App& app) {
       "train",
       "Train an mHC GPT. Defaults: 4 layers, C=128, 4 heads, n=4 streams, T=128, batch 8, 300 steps on a built-in "
       "corpus (arithmetic, key-value recall, a small grammar) that needs no download. Writes DIR/config.json, "
-      "DIR/metrics.jsonl and DIR/checkpoint.safetensors. Every configuration key (see DIR/config.json of a run) can "
+      "DIR/metrics.jsonl and DIR/checkpoint.safetensors. Every configuration key (list them with --print-config) can "
       "be set with --set key=value.");
   cmd->add_option("--config", o->config_file, "JSON file of configuration keys (applied before --set)");
   cmd->add_option("--set", o->sets, "key=value, repeatable, e.g. --set connection=residual --set num_layers=6");
@@ -86,6 +93,8 @@ Command add_train_command(CLI::App& app) {
                   "UTF-8 text file (byte tokens), or a directory or glob of llm.c .bin token shards "
                   "(default: the built-in corpus)");
   cmd->add_option("--resume", o->resume, "continue the run in this directory from its checkpoint, bit for bit");
+  cmd->add_flag("--print-config", o->print_config,
+                "print every configuration key with its value (defaults, --config and --set applied) and exit");
   return [cmd, o] { return cmd->parsed() ? run_train(*o) : -1; };
 }
 
