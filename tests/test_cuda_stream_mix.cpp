@@ -9,6 +9,7 @@
 #include "core/tensor.h"
 #include "ops/cpu/aggregate.h"
 #include "ops/cpu/h_post_bda.h"
+#include "ops/cpu/stream_expand.h"
 #include "ops/cuda/stream_mix.h"
 #include "cuda_test_util.h"
 
@@ -120,6 +121,31 @@ TEST_P(CudaStreamMix, BackwardFusedWithTheAggregate) {
   EXPECT_LT(relative_error(widen(d_dres.download()), dres), kFp32Tolerance);
   EXPECT_LT(relative_error(widen(d_dpost.download()), dpost), kFp32Tolerance);
   EXPECT_LT(relative_error(widen(d_dpre.download()), dpre), kFp32Tolerance);
+}
+
+TEST_P(CudaStreamMix, ExpandAndContract) {
+  const auto [tokens, n, C] = GetParam();
+  const Bf16Data e = random_bf16(tokens * C, 41), x = random_bf16(tokens * n * C, 42);
+  const Bf16Data gx = random_bf16(tokens * n * C, 43), gout = random_bf16(tokens * C, 44);
+  DeviceBuffer<bf16> d_e(e.bits), d_x(x.bits), d_gx(gx.bits), d_gout(gout.bits);
+  auto d_expanded = poisoned<bf16>(tokens * n * C);
+  auto d_ge = poisoned<bf16>(tokens * C);
+  auto d_contracted = poisoned<bf16>(tokens * C);
+  auto d_gxs = poisoned<bf16>(tokens * n * C);
+  cuda::stream_expand_forward(d_e.data(), tokens, n, C, d_expanded.data());
+  cuda::stream_expand_backward(d_gx.data(), tokens, n, C, d_ge.data());
+  cuda::stream_contract_forward(d_x.data(), tokens, n, C, d_contracted.data());
+  cuda::stream_contract_backward(d_gout.data(), tokens, n, C, d_gxs.data());
+  MHC_CUDA_CHECK(cudaDeviceSynchronize());
+  std::vector<double> expanded(tokens * n * C), ge(tokens * C), contracted(tokens * C), gxs(tokens * n * C);
+  cpu::stream_expand_forward(e.values.data(), tokens, n, C, expanded.data());
+  cpu::stream_expand_backward(gx.values.data(), tokens, n, C, ge.data());
+  cpu::stream_contract_forward(x.values.data(), tokens, n, C, contracted.data());
+  cpu::stream_contract_backward(gout.values.data(), tokens, n, C, gxs.data());
+  EXPECT_EQ(relative_error(widen(d_expanded.download()), expanded), 0.0);  // a copy is exact
+  EXPECT_LT(relative_error(widen(d_ge.download()), ge), kBf16Tolerance);
+  EXPECT_LT(relative_error(widen(d_contracted.download()), contracted), kBf16Tolerance);
+  EXPECT_LT(relative_error(widen(d_gxs.download()), gxs), kBf16Tolerance);
 }
 
 TEST_P(CudaStreamMix, DeterministicBits) {

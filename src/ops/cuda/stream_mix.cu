@@ -180,6 +180,35 @@ __global__ void h_post_bda_backward_kernel(const bf16* grad_out, const bf16* x, 
     for (int j = threadIdx.x; j < N; j += blockDim.x) grad_h_pre[t * N + j] = sums[N * N + N + j];
 }
 
+// One token's row: `to_streams` replicates a [C] row into n streams scaled by `scale`
+// (expand: 1, contract's backward: 1/n); otherwise sums the n streams times `scale`
+// (expand's backward: 1, contract: 1/n).
+template <int N, int VEC, bool TO_STREAMS>
+__global__ void stream_copy_kernel(const bf16* in, int64_t C, float scale, bf16* out) {
+  const int64_t t = blockIdx.x;
+  for (int64_t c = threadIdx.x * VEC; c < C; c += blockDim.x * VEC) {
+    float v[VEC];
+    if constexpr (TO_STREAMS) {
+      detail::load_bf16<VEC>(in + t * C + c, v);
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) v[k] *= scale;
+#pragma unroll
+      for (int i = 0; i < N; ++i) detail::store_bf16<VEC>(out + (t * N + i) * C + c, v);
+    } else {
+      float sum[VEC] = {};
+#pragma unroll
+      for (int i = 0; i < N; ++i) {
+        detail::load_bf16<VEC>(in + (t * N + i) * C + c, v);
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) sum[k] += v[k];
+      }
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) sum[k] *= scale;
+      detail::store_bf16<VEC>(out + t * C + c, sum);
+    }
+  }
+}
+
 // dy_bias: a block owns 32 channels; its 32 rows of threads take every 32nd token, and
 // the rows are summed in order. A fixed partition, so deterministic.
 constexpr int kColumnRows = 32;
@@ -203,7 +232,32 @@ unsigned grid_of(int64_t tokens) {
   return static_cast<unsigned>(tokens);
 }
 
+template <bool TO_STREAMS>
+void stream_copy(const bf16* in, int64_t tokens, int n, int64_t C, float scale, bf16* out, cudaStream_t stream) {
+  dispatch_streams(n, [&](auto N) {
+    if (C % 8 == 0)
+      stream_copy_kernel<N.value, 8, TO_STREAMS><<<grid_of(tokens), threads_for(C), 0, stream>>>(in, C, scale, out);
+    else
+      stream_copy_kernel<N.value, 1, TO_STREAMS><<<grid_of(tokens), threads_for(C), 0, stream>>>(in, C, scale, out);
+  });
+  MHC_CUDA_CHECK(cudaGetLastError());
+}
+
 }  // namespace
+
+void stream_expand_forward(const bf16* e, int64_t tokens, int n, int64_t C, bf16* x, cudaStream_t stream) {
+  stream_copy<true>(e, tokens, n, C, 1.0f, x, stream);
+}
+void stream_expand_backward(const bf16* grad_x, int64_t tokens, int n, int64_t C, bf16* grad_e, cudaStream_t stream) {
+  stream_copy<false>(grad_x, tokens, n, C, 1.0f, grad_e, stream);
+}
+void stream_contract_forward(const bf16* x, int64_t tokens, int n, int64_t C, bf16* out, cudaStream_t stream) {
+  stream_copy<false>(x, tokens, n, C, 1.0f / static_cast<float>(n), out, stream);
+}
+void stream_contract_backward(const bf16* grad_out, int64_t tokens, int n, int64_t C, bf16* grad_x,
+                              cudaStream_t stream) {
+  stream_copy<true>(grad_out, tokens, n, C, 1.0f / static_cast<float>(n), grad_x, stream);
+}
 
 bool stream_count_supported(int n) { return n == 1 || n == 2 || n == 4 || n == 6 || n == 8; }
 

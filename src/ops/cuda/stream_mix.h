@@ -26,6 +26,15 @@ using bf16 = __nv_bfloat16;
 
 bool stream_count_supported(int n);
 
+// Block entry and exit (ops/cpu/stream_expand.h): x[i][c] = e[c]; backward de[c] = sum_i dx[i][c].
+// out[c] = mean_i x[i][c]; backward dx[i][c] = dout[c] / n. All overwrite.
+void stream_expand_forward(const bf16* e, int64_t tokens, int n, int64_t C, bf16* x, cudaStream_t stream = nullptr);
+void stream_expand_backward(const bf16* grad_x, int64_t tokens, int n, int64_t C, bf16* grad_e,
+                            cudaStream_t stream = nullptr);
+void stream_contract_forward(const bf16* x, int64_t tokens, int n, int64_t C, bf16* out, cudaStream_t stream = nullptr);
+void stream_contract_backward(const bf16* grad_out, int64_t tokens, int n, int64_t C, bf16* grad_x,
+                              cudaStream_t stream = nullptr);
+
 void aggregate_forward(const bf16* x, const float* h_pre, int64_t tokens, int n, int64_t C, bf16* agg,
                        cudaStream_t stream = nullptr);
 void aggregate_backward(const bf16* grad_agg, const bf16* x, const float* h_pre, int64_t tokens, int n, int64_t C,
