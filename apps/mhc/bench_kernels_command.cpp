@@ -143,6 +143,17 @@ int run_bench_kernels(const std::vector<std::string>& shapes, int repeats) {
         // fwd reads x, y, writes out; bwd reads dout, x, y, writes dx, dy
         {"h_post_bda", bda_fwd, bda_bwd, 5 * S + 3 * R, megatron ? megatron->h_post_bda[0] : 0,
          megatron ? megatron->h_post_bda[1] : 0},
+        // block entry and exit: expand reads e, writes x; contract reads x, writes out; backward alike
+        {"expand+contract",
+         [&] {
+           cuda::stream_expand_forward(y.data(), tokens, ni, C, out.data());
+           cuda::stream_contract_forward(x.data(), tokens, ni, C, agg.data());
+         },
+         [&] {
+           cuda::stream_contract_backward(grad_agg.data(), tokens, ni, C, grad_x.data());
+           cuda::stream_expand_backward(grad_out.data(), tokens, ni, C, grad_y.data());
+         },
+         4 * S + 4 * R, 0, 0},
         // the three forward, then h_post_bda's backward fused with the aggregate's (dx written
         // once: reads dout, x, dagg, y; writes dx, dy), then the mappings' backward
         {"sublayer (all 3)",
