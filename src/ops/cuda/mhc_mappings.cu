@@ -113,10 +113,9 @@ struct SliceGrid {
 };
 
 // A pure function of the shape: about 1000 blocks, whole token groups per block.
-template <int N> SliceGrid slice_grid(int64_t tokens, int64_t K) {
+inline SliceGrid slice_grid(int64_t tokens, int64_t K, int64_t slice_width, int64_t group) {
   SliceGrid g{};
-  g.slices = (K + kSlice - 1) / kSlice;
-  const int64_t group = kSliceWarps * tokens_per_warp<N>();
+  g.slices = (K + slice_width - 1) / slice_width;
   g.tokens_per_block = std::clamp<int64_t>(tokens * g.slices / 1024 / group * group, group, 64 * group);
   g.token_blocks = (tokens + g.tokens_per_block - 1) / g.tokens_per_block;
   return g;
@@ -217,6 +216,127 @@ __global__ void __launch_bounds__(kSliceThreads) project_kernel(const bf16* x, c
       const float total = detail::warp_sum(ss[i]);
       if (lane == 0 && first + i < end) out[(first + i) * (M + 1) + M] = total;
     }
+  }
+}
+
+// ---- the projection on tensor cores ------------------------------------------------------
+//
+// Where K % 16 == 0, proj = W x runs as bf16 mma.sync (m16n8k16, fp32 accumulate) with W
+// split into three bf16 parts, W = hi + mid + lo (exact to about 2^-24 relative, so the
+// result is fp32-accurate; x is bf16 already): the B operand holds the 3m rows
+// [hi; mid; lo], and the three partial columns of each output are summed afterwards.
+// Each 128-thread block keeps its K slice of the split W in shared memory; each warp takes
+// 16 tokens at a time.
+
+template <int N> constexpr int split_rows() { return (3 * width<N>() + 7) / 8 * 8; }
+template <int N> constexpr int mma_slice() { return N <= 4 ? 512 : 256; }
+template <int N> constexpr int mma_row_stride() { return mma_slice<N>() + 8; }  // +8 bf16: no bank conflicts
+template <int N> constexpr size_t mma_smem_bytes() {
+  return sizeof(bf16) * split_rows<N>() * mma_row_stride<N>() + sizeof(float) * kSliceWarps * 16 * split_rows<N>();
+}
+template <int N> SliceGrid forward_grid(int64_t tokens, int64_t K) {
+  if (K % 16 == 0) return slice_grid(tokens, K, mma_slice<N>(), kSliceWarps * 16);
+  return slice_grid(tokens, K, kSlice, kSliceWarps * tokens_per_warp<N>());
+}
+
+// W (fp32 [M, K]) -> [hi; mid; lo] bf16 rows, zero rows up to split_rows.
+template <int N> __global__ void split_weight_kernel(const float* weight, int64_t K, bf16* split) {
+  constexpr int M = width<N>();
+  const int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (e >= static_cast<int64_t>(M) * K) return;
+  const int64_t o = e / K, k = e % K;
+  const float w = weight[e];
+  const bf16 hi = __float2bfloat16(w);
+  const bf16 mid = __float2bfloat16(w - __bfloat162float(hi));
+  const bf16 lo = __float2bfloat16(w - __bfloat162float(hi) - __bfloat162float(mid));
+  split[o * K + k] = hi;
+  split[(M + o) * K + k] = mid;
+  split[(2 * M + o) * K + k] = lo;
+}
+
+__device__ inline void mma_bf16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+template <int N>
+__global__ void __launch_bounds__(kSliceThreads) project_mma_kernel(const bf16* x, const bf16* split, int64_t tokens,
+                                                                    int64_t K, int64_t tokens_per_block,
+                                                                    float* partial) {
+  constexpr int M = width<N>(), S = split_rows<N>(), NT = S / 8, KS = mma_slice<N>(), RS = mma_row_stride<N>();
+  extern __shared__ __align__(16) unsigned char smem[];
+  bf16* tile = reinterpret_cast<bf16*>(smem);                                    // [S][RS]
+  float* staged = reinterpret_cast<float*>(smem + sizeof(bf16) * S * RS);       // [warps][16][S]
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, tig = lane % 4;
+  const int64_t k0 = static_cast<int64_t>(blockIdx.x) * KS;
+  const int width_here = static_cast<int>(min(static_cast<int64_t>(KS), K - k0));  // a multiple of 16
+  for (int e = threadIdx.x; e < S * (KS / 2); e += blockDim.x) {
+    const int row = e / (KS / 2), pair = e % (KS / 2);
+    uint32_t v = 0;
+    if (2 * pair < width_here) v = *reinterpret_cast<const uint32_t*>(split + row * K + k0 + 2 * pair);
+    *reinterpret_cast<uint32_t*>(tile + row * RS + 2 * pair) = v;
+  }
+  __syncthreads();
+  const int64_t begin = static_cast<int64_t>(blockIdx.y) * tokens_per_block;
+  const int64_t end = min(tokens, begin + tokens_per_block);
+  float* mine = staged + warp * 16 * S;
+  for (int64_t first = begin + warp * 16; first < end; first += kSliceWarps * 16) {
+    float c[NT][4] = {};
+    float ss[2] = {0, 0};  // rows g and g + 8
+    const int64_t row0 = first + g, row1 = first + g + 8;
+    const bf16* x0 = x + row0 * K + k0;
+    const bf16* x1 = x + row1 * K + k0;
+#pragma unroll 4
+    for (int ks = 0; ks < width_here; ks += 16) {
+      uint32_t a[4] = {0, 0, 0, 0};
+      const int col = ks + 2 * tig;
+      if (row0 < end) {
+        a[0] = *reinterpret_cast<const uint32_t*>(x0 + col);
+        a[2] = *reinterpret_cast<const uint32_t*>(x0 + col + 8);
+      }
+      if (row1 < end) {
+        a[1] = *reinterpret_cast<const uint32_t*>(x1 + col);
+        a[3] = *reinterpret_cast<const uint32_t*>(x1 + col + 8);
+      }
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        const float2 f = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&a[q]));
+        ss[q % 2] += f.x * f.x + f.y * f.y;
+      }
+#pragma unroll
+      for (int j = 0; j < NT; ++j) {
+        const bf16* b = tile + (j * 8 + g) * RS + col;
+        mma_bf16(c[j], a, *reinterpret_cast<const uint32_t*>(b), *reinterpret_cast<const uint32_t*>(b + 8));
+      }
+    }
+    // Stage the 16 x S block, then sum the three parts of each output (and finish ||x||^2).
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+      mine[g * S + j * 8 + 2 * tig] = c[j][0];
+      mine[g * S + j * 8 + 2 * tig + 1] = c[j][1];
+      mine[(g + 8) * S + j * 8 + 2 * tig] = c[j][2];
+      mine[(g + 8) * S + j * 8 + 2 * tig + 1] = c[j][3];
+    }
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      ss[h] += __shfl_xor_sync(0xffffffffu, ss[h], 1);
+      ss[h] += __shfl_xor_sync(0xffffffffu, ss[h], 2);
+    }
+    __syncwarp();
+    float* out = partial + static_cast<int64_t>(blockIdx.x) * tokens * (M + 1);
+    for (int e = lane; e < 16 * M; e += 32) {
+      const int row = e / M, o = e % M;
+      if (first + row < end)
+        out[(first + row) * (M + 1) + o] = mine[row * S + o] + mine[row * S + M + o] + mine[row * S + 2 * M + o];
+    }
+    if (tig == 0) {
+      if (row0 < end) out[row0 * (M + 1) + M] = ss[0];
+      if (row1 < end) out[row1 * (M + 1) + M] = ss[1];
+    }
+    __syncwarp();
   }
 }
 
@@ -515,7 +635,9 @@ size_t mappings_forward_workspace_floats(const MappingsArgs& a) {
   size_t floats = 0;
   detail::dispatch_streams(a.n, [&](auto Ns) {
     constexpr int N = decltype(Ns)::value;
-    floats = static_cast<size_t>(slice_grid<N>(a.tokens, a.n * a.C).slices * a.tokens * (width<N>() + 1));
+    const int64_t K = a.n * a.C;
+    floats = static_cast<size_t>(forward_grid<N>(a.tokens, K).slices * a.tokens * (width<N>() + 1));
+    if (K % 16 == 0) floats += static_cast<size_t>(split_rows<N>() * K + 1) / 2;  // the split W, bf16
   });
   return floats;
 }
@@ -527,9 +649,18 @@ void mhc_mappings_forward(const MappingsArgs& a, const bf16* x, const float* wei
   const int64_t K = a.n * a.C;
   detail::dispatch_streams(a.n, [&](auto Ns) {
     constexpr int N = decltype(Ns)::value;
-    const SliceGrid g = slice_grid<N>(a.tokens, K);
+    const SliceGrid g = forward_grid<N>(a.tokens, K);
     const dim3 grid(static_cast<unsigned>(g.slices), static_cast<unsigned>(g.token_blocks));
-    if (K % 8 == 0) {
+    if (K % 16 == 0) {
+      // workspace: [slices][tokens][M + 1] partials, then the split W
+      bf16* split = reinterpret_cast<bf16*>(workspace + g.slices * a.tokens * (width<N>() + 1));
+      MHC_CUDA_CHECK(cudaMemsetAsync(split, 0, sizeof(bf16) * split_rows<N>() * K, stream));
+      split_weight_kernel<N><<<detail::blocks_for(width<N>() * K, 256), 256, 0, stream>>>(weight, K, split);
+      MHC_CUDA_CHECK(cudaGetLastError());
+      enable_slice_memory(project_mma_kernel<N>, mma_smem_bytes<N>());
+      project_mma_kernel<N><<<grid, kSliceThreads, mma_smem_bytes<N>(), stream>>>(x, split, a.tokens, K,
+                                                                                   g.tokens_per_block, workspace);
+    } else if (K % 8 == 0) {
       enable_slice_memory(project_kernel<N, 8>, slice_bytes<N>());
       project_kernel<N, 8><<<grid, kSliceThreads, slice_bytes<N>(), stream>>>(x, weight, a.tokens, K,
                                                                                g.tokens_per_block, workspace);
@@ -565,7 +696,7 @@ void mhc_mappings_backward(const MappingsArgs& a, const bf16* x, const float* we
         proj, r, alpha, bias, h_pre, h_post, grad_h_pre, grad_h_post, grad_h_res, a.tokens, l.K,
         a.sinkhorn_iterations, grad_h, grad_proj, coef);
     MHC_CUDA_CHECK(cudaGetLastError());
-    const SliceGrid g = slice_grid<N>(a.tokens, l.K);
+    const SliceGrid g = slice_grid(a.tokens, l.K, kSlice, kSliceWarps * tokens_per_warp<N>());
     const dim3 slices(static_cast<unsigned>(g.slices), static_cast<unsigned>(g.token_blocks));
     if (l.K % 8 == 0) {
       enable_slice_memory(grad_x_kernel<N, 8>, slice_bytes<N>());
