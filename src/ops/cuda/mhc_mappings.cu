@@ -229,8 +229,10 @@ __global__ void __launch_bounds__(kSliceThreads) project_kernel(const bf16* x, c
 // 16 tokens at a time.
 
 template <int N> constexpr int split_rows() { return (3 * width<N>() + 7) / 8 * 8; }
-template <int N> constexpr int mma_slice() { return N <= 4 ? 512 : 256; }
-template <int N> constexpr int mma_row_stride() { return mma_slice<N>() + 8; }  // +8 bf16: no bank conflicts
+template <int N> constexpr int mma_slice() { return 256; }
+// +32 bf16 (64 bytes): consecutive rows start half a 128-byte wavefront apart, so the
+// 16-byte loads of a quarter warp (2 rows x 4 lanes) hit distinct banks.
+template <int N> constexpr int mma_row_stride() { return mma_slice<N>() + 32; }
 template <int N> constexpr size_t mma_smem_bytes() {
   return sizeof(bf16) * split_rows<N>() * mma_row_stride<N>() + sizeof(float) * kSliceWarps * 16 * split_rows<N>();
 }
@@ -289,27 +291,36 @@ __global__ void __launch_bounds__(kSliceThreads) project_mma_kernel(const bf16* 
     const int64_t row0 = first + g, row1 = first + g + 8;
     const bf16* x0 = x + row0 * K + k0;
     const bf16* x1 = x + row1 * K + k0;
-#pragma unroll 4
-    for (int ks = 0; ks < width_here; ks += 16) {
-      uint32_t a[4] = {0, 0, 0, 0};
-      const int col = ks + 2 * tig;
-      if (row0 < end) {
-        a[0] = *reinterpret_cast<const uint32_t*>(x0 + col);
-        a[2] = *reinterpret_cast<const uint32_t*>(x0 + col + 8);
-      }
-      if (row1 < end) {
-        a[1] = *reinterpret_cast<const uint32_t*>(x1 + col);
-        a[3] = *reinterpret_cast<const uint32_t*>(x1 + col + 8);
-      }
+    // K is walked 32 columns at a time, each lane loading 8 adjacent columns (16 bytes) of
+    // its two rows. The sum over k does not care about order, so the fragment's k positions
+    // are remapped: in step s of the two, logical columns (2 tig, 2 tig + 1) are physical
+    // 8 tig + 4 s + (0, 1) and (2 tig + 8, 2 tig + 9) are 8 tig + 4 s + (2, 3); B uses the
+    // same map, so its two registers of a step come from one 8-byte part of a 16-byte load.
+    // Fully unrolled over the slice: all its x loads can be in flight at once.
 #pragma unroll
-      for (int q = 0; q < 4; ++q) {
-        const float2 f = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&a[q]));
-        ss[q % 2] += f.x * f.x + f.y * f.y;
+    for (int kb = 0; kb < KS; kb += 32) {
+      if (kb >= width_here) break;
+      const int col = kb + 8 * tig;
+      uint4 r0 = {0, 0, 0, 0}, r1 = {0, 0, 0, 0};
+      if (col < width_here) {
+        if (row0 < end) r0 = *reinterpret_cast<const uint4*>(x0 + col);
+        if (row1 < end) r1 = *reinterpret_cast<const uint4*>(x1 + col);
       }
+      const uint32_t words[2][4] = {{r0.x, r0.y, r0.z, r0.w}, {r1.x, r1.y, r1.z, r1.w}};
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+          const float2 f = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&words[h][q]));
+          ss[h] += f.x * f.x + f.y * f.y;
+        }
+      const uint32_t a_step[2][4] = {{r0.x, r1.x, r0.y, r1.y}, {r0.z, r1.z, r0.w, r1.w}};
 #pragma unroll
       for (int j = 0; j < NT; ++j) {
-        const bf16* b = tile + (j * 8 + g) * RS + col;
-        mma_bf16(c[j], a, *reinterpret_cast<const uint32_t*>(b), *reinterpret_cast<const uint32_t*>(b + 8));
+        uint4 b = {0, 0, 0, 0};
+        if (col < width_here) b = *reinterpret_cast<const uint4*>(tile + (j * 8 + g) * RS + col);
+        mma_bf16(c[j], a_step[0], b.x, b.y);
+        mma_bf16(c[j], a_step[1], b.z, b.w);
       }
     }
     // Stage the 16 x S block, then sum the three parts of each output (and finish ||x||^2).
