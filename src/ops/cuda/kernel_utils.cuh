@@ -41,9 +41,14 @@ __device__ inline float warp_sum(float v) {
   return v;
 }
 
-// Loads VEC consecutive bf16 (16-byte vector when VEC == 8) as floats.
+// Loads VEC consecutive bf16 (8- or 16-byte vectors when VEC is 4 or 8) as floats.
 template <int VEC> __device__ inline void load_bf16(const __nv_bfloat16* p, float (&out)[VEC]) {
-  if constexpr (VEC == 8) {
+  if constexpr (VEC == 4) {
+    const uint2 raw = *reinterpret_cast<const uint2*>(p);
+    const float2 a = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&raw.x));
+    const float2 b = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&raw.y));
+    out[0] = a.x, out[1] = a.y, out[2] = b.x, out[3] = b.y;
+  } else if constexpr (VEC == 8) {
     const uint4 raw = *reinterpret_cast<const uint4*>(p);
     const __nv_bfloat162* pairs = reinterpret_cast<const __nv_bfloat162*>(&raw);
 #pragma unroll
@@ -59,7 +64,12 @@ template <int VEC> __device__ inline void load_bf16(const __nv_bfloat16* p, floa
 }
 
 template <int VEC> __device__ inline void store_bf16(__nv_bfloat16* p, const float (&in)[VEC]) {
-  if constexpr (VEC == 8) {
+  if constexpr (VEC == 4) {
+    uint2 raw;
+    *reinterpret_cast<__nv_bfloat162*>(&raw.x) = __floats2bfloat162_rn(in[0], in[1]);
+    *reinterpret_cast<__nv_bfloat162*>(&raw.y) = __floats2bfloat162_rn(in[2], in[3]);
+    *reinterpret_cast<uint2*>(p) = raw;
+  } else if constexpr (VEC == 8) {
     uint4 raw;
     __nv_bfloat162* pairs = reinterpret_cast<__nv_bfloat162*>(&raw);
 #pragma unroll

@@ -11,10 +11,10 @@ namespace {
 
 using detail::block_sum;
 using detail::dispatch_streams;
-// Threads of a token's block: enough whole warps for its channel groups, at most 256
-// (GPT-2 width, C = 768 in groups of 8, needs 96).
-unsigned threads_for(int64_t C) {
-  const int64_t groups = C % 8 == 0 ? C / 8 : C;
+// Threads of a token's block: enough whole warps for its groups of `vec` channels, at most
+// 256 (GPT-2 width, C = 768 in groups of 8, needs 96).
+unsigned threads_for(int64_t C, int vec) {
+  const int64_t groups = C / vec;
   return static_cast<unsigned>(std::clamp<int64_t>((groups + 31) / 32 * 32, 32, detail::kBlockThreads));
 }
 
@@ -236,9 +236,9 @@ template <bool TO_STREAMS>
 void stream_copy(const bf16* in, int64_t tokens, int n, int64_t C, float scale, bf16* out, cudaStream_t stream) {
   dispatch_streams(n, [&](auto N) {
     if (C % 8 == 0)
-      stream_copy_kernel<N.value, 8, TO_STREAMS><<<grid_of(tokens), threads_for(C), 0, stream>>>(in, C, scale, out);
+      stream_copy_kernel<N.value, 8, TO_STREAMS><<<grid_of(tokens), threads_for(C, 8), 0, stream>>>(in, C, scale, out);
     else
-      stream_copy_kernel<N.value, 1, TO_STREAMS><<<grid_of(tokens), threads_for(C), 0, stream>>>(in, C, scale, out);
+      stream_copy_kernel<N.value, 1, TO_STREAMS><<<grid_of(tokens), threads_for(C, 1), 0, stream>>>(in, C, scale, out);
   });
   MHC_CUDA_CHECK(cudaGetLastError());
 }
@@ -264,8 +264,8 @@ bool stream_count_supported(int n) { return n == 1 || n == 2 || n == 4 || n == 6
 void aggregate_forward(const bf16* x, const float* h_pre, int64_t tokens, int n, int64_t C, bf16* agg,
                        cudaStream_t stream) {
   dispatch_streams(n, [&](auto N) {
-    if (C % 8 == 0) aggregate_forward_kernel<N.value, 8><<<grid_of(tokens), threads_for(C), 0, stream>>>(x, h_pre, C, agg);
-    else aggregate_forward_kernel<N.value, 1><<<grid_of(tokens), threads_for(C), 0, stream>>>(x, h_pre, C, agg);
+    if (C % 8 == 0) aggregate_forward_kernel<N.value, 8><<<grid_of(tokens), threads_for(C, 8), 0, stream>>>(x, h_pre, C, agg);
+    else aggregate_forward_kernel<N.value, 1><<<grid_of(tokens), threads_for(C, 1), 0, stream>>>(x, h_pre, C, agg);
   });
   MHC_CUDA_CHECK(cudaGetLastError());
 }
@@ -274,10 +274,10 @@ void aggregate_backward(const bf16* grad_agg, const bf16* x, const float* h_pre,
                         bf16* grad_x, float* grad_h_pre, cudaStream_t stream) {
   dispatch_streams(n, [&](auto N) {
     if (C % 8 == 0)
-      aggregate_backward_kernel<N.value, 8><<<grid_of(tokens), threads_for(C), 0, stream>>>(grad_agg, x, h_pre, C, grad_x,
+      aggregate_backward_kernel<N.value, 8><<<grid_of(tokens), threads_for(C, 8), 0, stream>>>(grad_agg, x, h_pre, C, grad_x,
                                                                                       grad_h_pre);
     else
-      aggregate_backward_kernel<N.value, 1><<<grid_of(tokens), threads_for(C), 0, stream>>>(grad_agg, x, h_pre, C, grad_x,
+      aggregate_backward_kernel<N.value, 1><<<grid_of(tokens), threads_for(C, 1), 0, stream>>>(grad_agg, x, h_pre, C, grad_x,
                                                                                       grad_h_pre);
   });
   MHC_CUDA_CHECK(cudaGetLastError());
@@ -287,10 +287,10 @@ void h_post_bda_forward(const bf16* x, const float* h_res, const float* h_post, 
                         int64_t tokens, int n, int64_t C, cpu::DropoutSpec dropout, bf16* out, cudaStream_t stream) {
   dispatch_streams(n, [&](auto N) {
     if (C % 8 == 0)
-      h_post_bda_forward_kernel<N.value, 8><<<grid_of(tokens), threads_for(C), 0, stream>>>(x, h_res, h_post, y, y_bias, C,
+      h_post_bda_forward_kernel<N.value, 8><<<grid_of(tokens), threads_for(C, 8), 0, stream>>>(x, h_res, h_post, y, y_bias, C,
                                                                                       dropout.p, dropout.key, out);
     else
-      h_post_bda_forward_kernel<N.value, 1><<<grid_of(tokens), threads_for(C), 0, stream>>>(x, h_res, h_post, y, y_bias, C,
+      h_post_bda_forward_kernel<N.value, 1><<<grid_of(tokens), threads_for(C, 1), 0, stream>>>(x, h_res, h_post, y, y_bias, C,
                                                                                       dropout.p, dropout.key, out);
   });
   MHC_CUDA_CHECK(cudaGetLastError());
@@ -304,14 +304,16 @@ void h_post_bda_backward(const bf16* grad_out, const bf16* x, const float* h_res
   const float* h_pre = aggregate ? aggregate->h_pre : nullptr;
   float* grad_h_pre = aggregate ? aggregate->grad_h_pre : nullptr;
   dispatch_streams(n, [&](auto N) {
+    const int vec = C % 4 == 0 ? 4 : 1;
     auto launch = [&](auto kernel) {
-      kernel<<<grid_of(tokens), threads_for(C), 0, stream>>>(grad_out, x, h_res, h_post, y, y_bias, C, dropout.p,
+      kernel<<<grid_of(tokens), threads_for(C, vec), 0, stream>>>(grad_out, x, h_res, h_post, y, y_bias, C, dropout.p,
                                                              dropout.key, grad_x, grad_h_res, grad_h_post, grad_y,
                                                              grad_agg, h_pre, grad_h_pre);
     };
-    if (C % 8 == 0) {
-      if (aggregate) launch(h_post_bda_backward_kernel<N.value, 8, true>);
-      else launch(h_post_bda_backward_kernel<N.value, 8, false>);
+    // 4 channels a step: 8 make the fused kernel need 225 registers (one block per multiprocessor).
+    if (C % 4 == 0) {
+      if (aggregate) launch(h_post_bda_backward_kernel<N.value, 4, true>);
+      else launch(h_post_bda_backward_kernel<N.value, 4, false>);
     } else {
       if (aggregate) launch(h_post_bda_backward_kernel<N.value, 1, true>);
       else launch(h_post_bda_backward_kernel<N.value, 1, false>);
