@@ -15,7 +15,8 @@ struct Case {
   int64_t tokens;
   int n;
   int64_t C;
-  int iterations;  // 0: HC (unconstrained H_res)
+  int iterations;             // 0: HC (unconstrained H_res)
+  bool sumsq_given = false;   // ||x||^2 passed in (as its producer would), else computed
 };
 
 class CudaMappings : public ::testing::TestWithParam<Case> {
@@ -44,7 +45,15 @@ TEST_P(CudaMappings, ForwardAndBackwardMatchTheCpuReference) {
   auto d_res = poisoned<float>(T * c.n * c.n);
   auto d_work = poisoned<float>(cuda::mappings_backward_workspace_floats(args));
   auto d_forward_work = poisoned<float>(cuda::mappings_forward_workspace_floats(args));
-  cuda::mhc_mappings_forward(args, d_x.data(), d_w.data(), d_alpha.data(), d_bias.data(), d_proj.data(), d_r.data(),
+  // The given ||x||^2 is computed here in double from the bf16 values.
+  std::vector<float> sumsq(T);
+  for (int64_t t = 0; t < T; ++t) {
+    double s = 0;
+    for (int64_t k = 0; k < K; ++k) s += x.values[t * K + k] * x.values[t * K + k];
+    sumsq[t] = static_cast<float>(s);
+  }
+  DeviceBuffer<float> d_sumsq(sumsq);
+  cuda::mhc_mappings_forward(args, d_x.data(), c.sumsq_given ? d_sumsq.data() : nullptr, d_w.data(), d_alpha.data(), d_bias.data(), d_proj.data(), d_r.data(),
                              d_pre.data(), d_post.data(), d_res.data(), d_forward_work.data());
   cuda::mhc_mappings_backward(args, d_x.data(), d_w.data(), d_alpha.data(), d_bias.data(), d_proj.data(), d_r.data(),
                               d_pre.data(), d_post.data(), d_gpre.data(), d_gpost.data(), d_gres.data(), d_gx.data(),
@@ -88,13 +97,15 @@ INSTANTIATE_TEST_SUITE_P(Shapes, CudaMappings,
                          ::testing::Values(Case{7, 1, 5, 1}, Case{33, 2, 13, 3}, Case{64, 4, 768, 20},
                                            Case{5, 6, 100, 20}, Case{3, 8, 257, 5}, Case{300, 4, 1023, 20},
                                            Case{40, 4, 64, 0}, Case{256, 4, 7168, 20},
-                                           // K % 16 == 0: the tensor-core projection, every n
+                                           // K % 8 == 0 (16-byte aligned rows for cuBLASLt), every n
                                            Case{37, 1, 32, 2}, Case{70, 2, 48, 20}, Case{30, 6, 40, 7},
-                                           Case{50, 8, 64, 20}, Case{130, 8, 96, 0}),
+                                           Case{50, 8, 64, 20}, Case{130, 8, 96, 0},
+                                           Case{64, 4, 768, 20, true}, Case{33, 2, 13, 3, true}),
                          [](const auto& param_info) {
                            const Case& c = param_info.param;
                            return "tokens" + std::to_string(c.tokens) + "_n" + std::to_string(c.n) + "_C" +
-                                  std::to_string(c.C) + "_T" + std::to_string(c.iterations);
+                                  std::to_string(c.C) + "_T" + std::to_string(c.iterations) +
+                                  (c.sumsq_given ? "_sumsq" : "");
                          });
 
 }  // namespace

@@ -67,8 +67,9 @@ TEST_P(CudaStreamMix, HPostBiasDropoutAddForwardAndBackward) {
     auto d_dy = poisoned<bf16>(tokens * C);
     auto d_dres = poisoned<float>(tokens * n * n);
     auto d_dpost = poisoned<float>(tokens * n);
+    auto d_sumsq = poisoned<float>(tokens);
     cuda::h_post_bda_forward(d_x.data(), d_res.data(), d_post.data(), d_y.data(), d_yb.data(), tokens, n, C, dropout,
-                             d_out.data());
+                             d_out.data(), d_sumsq.data());
     cuda::h_post_bda_backward(d_gout.data(), d_x.data(), d_res.data(), d_post.data(), d_y.data(), d_yb.data(), tokens,
                               n, C, dropout, d_dx.data(), d_dres.data(), d_dpost.data(), d_dy.data(), d_dyb.data());
     MHC_CUDA_CHECK(cudaDeviceSynchronize());
@@ -82,7 +83,15 @@ TEST_P(CudaStreamMix, HPostBiasDropoutAddForwardAndBackward) {
                              yb.values.data(), tokens, n, C, dropout, dx.data(), dres.data(), dpost.data(), dy.data(),
                              dyb.data());
     const std::string label = "p=" + std::to_string(p);
-    EXPECT_LT(test::relative_error(widen(d_out.download()), out), kBf16Tolerance) << label;
+    const std::vector<double> out_gpu = widen(d_out.download());
+    EXPECT_LT(test::relative_error(out_gpu, out), kBf16Tolerance) << label;
+    // ||out_t||^2 of the stored bf16 values, summed here in double.
+    std::vector<double> sumsq(tokens, 0.0);
+    for (int64_t t = 0; t < tokens; ++t)
+      for (int64_t e = 0; e < n * C; ++e) {
+        sumsq[t] += out_gpu[t * n * C + e] * out_gpu[t * n * C + e];
+      }
+    EXPECT_LT(test::relative_error(widen(d_sumsq.download()), sumsq), kFp32Tolerance) << label;
     EXPECT_LT(test::relative_error(widen(d_dx.download()), dx), kBf16Tolerance) << label;
     EXPECT_LT(test::relative_error(widen(d_dy.download()), dy), kBf16Tolerance) << label;
     EXPECT_LT(test::relative_error(widen(d_dres.download()), dres), kFp32Tolerance) << label;

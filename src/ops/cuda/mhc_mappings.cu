@@ -1,6 +1,7 @@
 #include <algorithm>
 
 #include "core/cuda/device.h"
+#include "ops/cuda/gemm.h"
 #include "ops/cuda/kernel_utils.cuh"
 #include "ops/cuda/mhc_mappings.h"
 
@@ -14,7 +15,7 @@ using detail::kBlockWarps;
 constexpr float kNormEps = 1e-6f, kSinkhornEps = 1e-6f;
 
 template <int N> constexpr int width() { return N * N + 2 * N; }
-// Tokens per warp in the projection kernels: at most 4, and about 96 fp32 accumulators.
+// Tokens per warp in the dx kernel: at most 4, and about 96 fp32 accumulators.
 template <int N> constexpr int tokens_per_warp() { return width<N>() >= 48 ? 96 / width<N>() > 1 ? 2 : 1 : 4; }
 
 
@@ -102,12 +103,161 @@ template <int N> __device__ void sinkhorn_backward(const float (&L)[N][N], int i
     for (int j = 0; j < N; ++j) G[i][j] *= M0[i][j];
 }
 
+// ---- the split of fp32 values into three bf16 parts -------------------------------------
+//
+// The products with W run on tensor cores in bf16 with fp32 sums. A fp32 value v is split
+// as v = hi + mid + lo (three bf16, exact to about 2^-24 relative), so a product with a
+// bf16 operand (x) keeps fp32 accuracy: it is three bf16 products summed.
+
+// The 3m parts padded to a multiple of 8 (16-byte rows of bf16 for the tensor cores).
+__host__ __device__ constexpr int64_t split_width(int64_t m) { return (3 * m + 7) / 8 * 8; }
+
+__device__ inline void split3(float v, bf16* hi, bf16* mid, bf16* lo) {
+  const bf16 h = __float2bfloat16(v);
+  const float rest = v - __bfloat162float(h);
+  const bf16 m = __float2bfloat16(rest);
+  *hi = h;
+  *mid = m;
+  *lo = __float2bfloat16(rest - __bfloat162float(m));
+}
+
+// W [m, K] (fp32) -> [hi; mid; lo] rows [split_width(m), K] of bf16, the padding rows zero.
+__global__ void split_weight_kernel(const float* weight, int64_t m, int64_t K, bf16* split) {
+  const int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t rows = split_width(m);
+  if (e >= rows * K) return;
+  if (e >= 3 * m * K) {
+    split[e] = __float2bfloat16(0.0f);
+    return;
+  }
+  if (e >= m * K) return;  // the mid and lo rows are written by the hi row's thread
+  split3(weight[e], &split[e], &split[m * K + e], &split[2 * m * K + e]);
+}
+
 // ---- forward ---------------------------------------------------------------------------
 
-// The projection kernels cut K into slices of kSlice columns: a block holds its slice of
-// W in shared memory for its whole life and walks a run of tokens, each warp TT tokens at
-// a time, each lane 8 (or, when K % 8 != 0, 1) adjacent columns per step. W is read from
-// L2 once per block instead of once per token group.
+// ||x_t||^2 of each token row of K bf16 values, one block a token, fixed-order sums.
+template <int VEC> __global__ void row_sumsq_kernel(const bf16* x, int64_t K, float* sumsq) {
+  const bf16* row = x + static_cast<int64_t>(blockIdx.x) * K;
+  float s[1] = {0};
+  for (int64_t k = threadIdx.x * VEC; k < K; k += blockDim.x * VEC) {
+    float v[VEC];
+    detail::load_bf16<VEC>(row + k, v);
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) s[0] += v[i] * v[i];
+  }
+  __shared__ float total[1];
+  detail::block_sum<1>(s, total);
+  if (threadIdx.x == 0) sumsq[blockIdx.x] = total[0];
+}
+
+// Per token: proj = hi + mid + lo parts of the product, r from ||x||^2, then the gates,
+// Sinkhorn in registers, H_pre, H_post, H_res.
+template <int N>
+__global__ void finish_kernel(const float* parts, int64_t parts_stride, const float* sumsq, int64_t K,
+                              const float* alpha, const float* bias, int64_t tokens, int iterations, float* proj,
+                              float* r, float* h_pre, float* h_post, float* h_res) {
+  constexpr int M = width<N>();
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (t >= tokens) return;
+  const float* part = parts + t * parts_stride;
+  const float ss = sumsq[t];
+  float p[M];
+#pragma unroll
+  for (int o = 0; o < M; ++o) p[o] = part[o] + part[M + o] + part[2 * M + o];
+#pragma unroll
+  for (int o = 0; o < M; ++o) proj[t * M + o] = p[o];
+  const float rt = 1.0f / (sqrtf(ss) / sqrtf(static_cast<float>(K)) + kNormEps);
+  r[t] = rt;
+#pragma unroll
+  for (int i = 0; i < N; ++i) {
+    h_pre[t * N + i] = 1.0f / (1.0f + expf(-(rt * p[i] * alpha[0] + bias[i])));
+    h_post[t * N + i] = 2.0f / (1.0f + expf(-(rt * p[N + i] * alpha[1] + bias[N + i])));
+  }
+  float L[N][N], H[N][N];
+#pragma unroll
+  for (int i = 0; i < N; ++i)
+#pragma unroll
+    for (int j = 0; j < N; ++j) L[i][j] = rt * p[2 * N + i * N + j] * alpha[2] + bias[2 * N + i * N + j];
+  if (iterations > 0) {
+    sinkhorn_forward(L, iterations, H);
+  } else {
+#pragma unroll
+    for (int i = 0; i < N; ++i)
+#pragma unroll
+      for (int j = 0; j < N; ++j) H[i][j] = L[i][j] + (i == j ? 1.0f : 0.0f);
+  }
+#pragma unroll
+  for (int i = 0; i < N; ++i)
+#pragma unroll
+    for (int j = 0; j < N; ++j) h_res[t * N * N + i * N + j] = H[i][j];
+}
+
+// ---- backward --------------------------------------------------------------------------
+
+// Per token: the row [dh, alpha terms (dh r proj summed by gate)] of width M + 3 (summed
+// over tokens into dbias and dalpha), dproj = dh r a (also split into bf16 parts for dW),
+// and the coefficient of x in dx from r: -dr r^2 / (sqrt(K) ||x||).
+template <int N>
+__global__ void grad_h_kernel(const float* proj, const float* r, const float* alpha, const float* bias,
+                              const float* h_pre, const float* h_post, const float* grad_h_pre,
+                              const float* grad_h_post, const float* grad_h_res, int64_t tokens, int64_t K,
+                              int iterations, float* grad_h, float* grad_proj, bf16* grad_proj_split,
+                              float* coef) {
+  constexpr int M = width<N>();
+  const int64_t split_stride = split_width(M);
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (t >= tokens) return;
+  const float rt = r[t];
+  const float* p = proj + t * M;
+  float dh[M];
+#pragma unroll
+  for (int i = 0; i < N; ++i) {
+    const float pre = h_pre[t * N + i], post = h_post[t * N + i];
+    dh[i] = grad_h_pre[t * N + i] * pre * (1.0f - pre);
+    dh[N + i] = grad_h_post[t * N + i] * post * (1.0f - 0.5f * post);
+  }
+  float G[N][N];
+#pragma unroll
+  for (int i = 0; i < N; ++i)
+#pragma unroll
+    for (int j = 0; j < N; ++j) G[i][j] = grad_h_res[t * N * N + i * N + j];
+  if (iterations > 0) {
+    float L[N][N];
+#pragma unroll
+    for (int i = 0; i < N; ++i)
+#pragma unroll
+      for (int j = 0; j < N; ++j) L[i][j] = rt * p[2 * N + i * N + j] * alpha[2] + bias[2 * N + i * N + j];
+    sinkhorn_backward(L, iterations, G);
+  }
+#pragma unroll
+  for (int i = 0; i < N; ++i)
+#pragma unroll
+    for (int j = 0; j < N; ++j) dh[2 * N + i * N + j] = G[i][j];
+  float dr = 0, terms[3] = {0, 0, 0};
+#pragma unroll
+  for (int k = 0; k < M; ++k) {
+    const int g = k < N ? 0 : (k < 2 * N ? 1 : 2);
+    dr += dh[k] * p[k] * alpha[g];
+    terms[g] += dh[k] * rt * p[k];
+    grad_h[t * (M + 3) + k] = dh[k];
+    const float dp = dh[k] * rt * alpha[g];
+    grad_proj[t * M + k] = dp;
+    bf16* split = grad_proj_split + t * split_stride;
+    split3(dp, &split[k], &split[M + k], &split[2 * M + k]);
+  }
+  for (int64_t k = 3 * M; k < split_stride; ++k) grad_proj_split[t * split_stride + k] = __float2bfloat16(0.0f);
+#pragma unroll
+  for (int g = 0; g < 3; ++g) grad_h[t * (M + 3) + M + g] = terms[g];
+  const float sqrt_k = sqrtf(static_cast<float>(K));
+  const float norm = sqrt_k * (1.0f / rt - kNormEps);
+  coef[t] = norm > 0.0f ? -dr * rt * rt / (sqrt_k * norm) : 0.0f;
+}
+
+// dx cuts K into slices of kSlice columns: a block holds its slice of W in shared memory
+// for its whole life and walks a run of tokens, each warp TT tokens at a time, each lane 8
+// (or, when K % 8 != 0, 1) adjacent columns per step. W is read from L2 once per block
+// instead of once per token group.
 constexpr int kSlice = 512, kSliceThreads = 128, kSliceWarps = kSliceThreads / 32;
 
 template <int N> constexpr size_t slice_bytes() { return sizeof(float) * width<N>() * kSlice; }
@@ -146,314 +296,6 @@ __device__ SliceBlock enter_slice(const float* weight, int64_t K, int64_t tokens
   b.begin = static_cast<int64_t>(blockIdx.y) * tokens_per_block;
   b.end = min(tokens, b.begin + tokens_per_block);
   return b;
-}
-
-// Sums R = 32 Q values over the warp, leaving lane l the totals of [Q l, Q l + Q) in v[0, Q):
-// five halving exchange steps, R - Q shuffles instead of 5 R.
-template <int R, int OFFSET = 16> __device__ void warp_reduce_scatter(float (&v)[R], int lane) {
-  constexpr int half = R * OFFSET / 32;  // values still exchanged at this step, halved each step
-  const bool upper = lane & OFFSET;
-#pragma unroll
-  for (int i = 0; i < half; ++i) {
-    const float send = upper ? v[i] : v[i + half], keep = upper ? v[i + half] : v[i];
-    v[i] = keep + __shfl_xor_sync(0xffffffffu, send, OFFSET);
-  }
-  if constexpr (OFFSET > 1) warp_reduce_scatter<R, OFFSET / 2>(v, lane);
-}
-
-// Loads VEC columns of a token row at col (zeros past K or past the last token).
-template <int VEC>
-__device__ inline void load_columns(const bf16* row, int64_t col, int64_t K, bool valid, float (&out)[VEC]) {
-  if (valid && col + VEC <= K) {
-    detail::load_bf16<VEC>(row + col, out);
-  } else {
-#pragma unroll
-    for (int v = 0; v < VEC; ++v) out[v] = valid && col + v < K ? __bfloat162float(row[col + v]) : 0.0f;
-  }
-}
-
-// partial[slice][t] = [W_slice x_slice (M values), ||x_slice||^2].
-template <int N, int VEC>
-__global__ void __launch_bounds__(kSliceThreads) project_kernel(const bf16* x, const float* weight, int64_t tokens,
-                                                                int64_t K, int64_t tokens_per_block,
-                                                                float* partial) {
-  constexpr int M = width<N>(), TT = tokens_per_warp<N>(), R = (TT * M + 31) / 32 * 32, Q = R / 32;
-  extern __shared__ float tile[];  // [M][kSlice]
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  const SliceBlock b = enter_slice<M>(weight, K, tokens, tokens_per_block, tile);
-  const int64_t k0 = b.k0, begin = b.begin, end = b.end;
-  for (int64_t first = begin + warp * TT; first < end; first += kSliceWarps * TT) {
-    float acc[R], ss[TT];
-#pragma unroll
-    for (int i = 0; i < R; ++i) acc[i] = 0;
-#pragma unroll
-    for (int i = 0; i < TT; ++i) ss[i] = 0;
-#pragma unroll 1
-    for (int j = lane * VEC; j < kSlice; j += 32 * VEC) {
-      float xv[TT][VEC];
-#pragma unroll
-      for (int i = 0; i < TT; ++i) {
-        load_columns<VEC>(x + (first + i) * K, k0 + j, K, first + i < end, xv[i]);
-#pragma unroll
-        for (int v = 0; v < VEC; ++v) ss[i] += xv[i][v] * xv[i][v];
-      }
-#pragma unroll
-      for (int o = 0; o < M; ++o) {
-        float w[VEC];
-#pragma unroll
-        for (int v = 0; v < VEC; ++v) w[v] = tile[o * kSlice + j + v];
-#pragma unroll
-        for (int i = 0; i < TT; ++i)
-#pragma unroll
-          for (int v = 0; v < VEC; ++v) acc[i * M + o] += w[v] * xv[i][v];
-      }
-    }
-    warp_reduce_scatter<R>(acc, lane);
-    float* out = partial + (static_cast<int64_t>(blockIdx.x) * tokens) * (M + 1);
-#pragma unroll
-    for (int q = 0; q < Q; ++q) {
-      const int index = lane * Q + q, i = index / M, o = index % M;
-      if (index < TT * M && first + i < end) out[(first + i) * (M + 1) + o] = acc[q];
-    }
-#pragma unroll
-    for (int i = 0; i < TT; ++i) {
-      const float total = detail::warp_sum(ss[i]);
-      if (lane == 0 && first + i < end) out[(first + i) * (M + 1) + M] = total;
-    }
-  }
-}
-
-// ---- the projection on tensor cores ------------------------------------------------------
-//
-// Where K % 16 == 0, proj = W x runs as bf16 mma.sync (m16n8k16, fp32 accumulate) with W
-// split into three bf16 parts, W = hi + mid + lo (exact to about 2^-24 relative, so the
-// result is fp32-accurate; x is bf16 already): the B operand holds the 3m rows
-// [hi; mid; lo], and the three partial columns of each output are summed afterwards.
-// Each 128-thread block keeps its K slice of the split W in shared memory; each warp takes
-// 16 tokens at a time.
-
-template <int N> constexpr int split_rows() { return (3 * width<N>() + 7) / 8 * 8; }
-template <int N> constexpr int mma_slice() { return 256; }
-// +32 bf16 (64 bytes): consecutive rows start half a 128-byte wavefront apart, so the
-// 16-byte loads of a quarter warp (2 rows x 4 lanes) hit distinct banks.
-template <int N> constexpr int mma_row_stride() { return mma_slice<N>() + 32; }
-template <int N> constexpr size_t mma_smem_bytes() {
-  return sizeof(bf16) * split_rows<N>() * mma_row_stride<N>() + sizeof(float) * kSliceWarps * 16 * split_rows<N>();
-}
-template <int N> SliceGrid forward_grid(int64_t tokens, int64_t K) {
-  if (K % 16 == 0) return slice_grid(tokens, K, mma_slice<N>(), kSliceWarps * 16);
-  return slice_grid(tokens, K, kSlice, kSliceWarps * tokens_per_warp<N>());
-}
-
-// W (fp32 [M, K]) -> [hi; mid; lo] bf16 rows, zero rows up to split_rows.
-template <int N> __global__ void split_weight_kernel(const float* weight, int64_t K, bf16* split) {
-  constexpr int M = width<N>();
-  const int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (e >= static_cast<int64_t>(M) * K) return;
-  const int64_t o = e / K, k = e % K;
-  const float w = weight[e];
-  const bf16 hi = __float2bfloat16(w);
-  const bf16 mid = __float2bfloat16(w - __bfloat162float(hi));
-  const bf16 lo = __float2bfloat16(w - __bfloat162float(hi) - __bfloat162float(mid));
-  split[o * K + k] = hi;
-  split[(M + o) * K + k] = mid;
-  split[(2 * M + o) * K + k] = lo;
-}
-
-__device__ inline void mma_bf16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-      "{%0,%1,%2,%3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-template <int N>
-__global__ void __launch_bounds__(kSliceThreads) project_mma_kernel(const bf16* x, const bf16* split, int64_t tokens,
-                                                                    int64_t K, int64_t tokens_per_block,
-                                                                    float* partial) {
-  constexpr int M = width<N>(), S = split_rows<N>(), NT = S / 8, KS = mma_slice<N>(), RS = mma_row_stride<N>();
-  extern __shared__ __align__(16) unsigned char smem[];
-  bf16* tile = reinterpret_cast<bf16*>(smem);                                    // [S][RS]
-  float* staged = reinterpret_cast<float*>(smem + sizeof(bf16) * S * RS);       // [warps][16][S]
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, tig = lane % 4;
-  const int64_t k0 = static_cast<int64_t>(blockIdx.x) * KS;
-  const int width_here = static_cast<int>(min(static_cast<int64_t>(KS), K - k0));  // a multiple of 16
-  for (int e = threadIdx.x; e < S * (KS / 2); e += blockDim.x) {
-    const int row = e / (KS / 2), pair = e % (KS / 2);
-    uint32_t v = 0;
-    if (2 * pair < width_here) v = *reinterpret_cast<const uint32_t*>(split + row * K + k0 + 2 * pair);
-    *reinterpret_cast<uint32_t*>(tile + row * RS + 2 * pair) = v;
-  }
-  __syncthreads();
-  const int64_t begin = static_cast<int64_t>(blockIdx.y) * tokens_per_block;
-  const int64_t end = min(tokens, begin + tokens_per_block);
-  float* mine = staged + warp * 16 * S;
-  for (int64_t first = begin + warp * 16; first < end; first += kSliceWarps * 16) {
-    float c[NT][4] = {};
-    float ss[2] = {0, 0};  // rows g and g + 8
-    const int64_t row0 = first + g, row1 = first + g + 8;
-    const bf16* x0 = x + row0 * K + k0;
-    const bf16* x1 = x + row1 * K + k0;
-    // K is walked 32 columns at a time, each lane loading 8 adjacent columns (16 bytes) of
-    // its two rows. The sum over k does not care about order, so the fragment's k positions
-    // are remapped: in step s of the two, logical columns (2 tig, 2 tig + 1) are physical
-    // 8 tig + 4 s + (0, 1) and (2 tig + 8, 2 tig + 9) are 8 tig + 4 s + (2, 3); B uses the
-    // same map, so its two registers of a step come from one 8-byte part of a 16-byte load.
-    // Fully unrolled over the slice: all its x loads can be in flight at once.
-#pragma unroll
-    for (int kb = 0; kb < KS; kb += 32) {
-      if (kb >= width_here) break;
-      const int col = kb + 8 * tig;
-      uint4 r0 = {0, 0, 0, 0}, r1 = {0, 0, 0, 0};
-      if (col < width_here) {
-        if (row0 < end) r0 = *reinterpret_cast<const uint4*>(x0 + col);
-        if (row1 < end) r1 = *reinterpret_cast<const uint4*>(x1 + col);
-      }
-      const uint32_t words[2][4] = {{r0.x, r0.y, r0.z, r0.w}, {r1.x, r1.y, r1.z, r1.w}};
-#pragma unroll
-      for (int h = 0; h < 2; ++h)
-#pragma unroll
-        for (int q = 0; q < 4; ++q) {
-          const float2 f = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&words[h][q]));
-          ss[h] += f.x * f.x + f.y * f.y;
-        }
-      const uint32_t a_step[2][4] = {{r0.x, r1.x, r0.y, r1.y}, {r0.z, r1.z, r0.w, r1.w}};
-#pragma unroll
-      for (int j = 0; j < NT; ++j) {
-        uint4 b = {0, 0, 0, 0};
-        if (col < width_here) b = *reinterpret_cast<const uint4*>(tile + (j * 8 + g) * RS + col);
-        mma_bf16(c[j], a_step[0], b.x, b.y);
-        mma_bf16(c[j], a_step[1], b.z, b.w);
-      }
-    }
-    // Stage the 16 x S block, then sum the three parts of each output (and finish ||x||^2).
-#pragma unroll
-    for (int j = 0; j < NT; ++j) {
-      mine[g * S + j * 8 + 2 * tig] = c[j][0];
-      mine[g * S + j * 8 + 2 * tig + 1] = c[j][1];
-      mine[(g + 8) * S + j * 8 + 2 * tig] = c[j][2];
-      mine[(g + 8) * S + j * 8 + 2 * tig + 1] = c[j][3];
-    }
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      ss[h] += __shfl_xor_sync(0xffffffffu, ss[h], 1);
-      ss[h] += __shfl_xor_sync(0xffffffffu, ss[h], 2);
-    }
-    __syncwarp();
-    float* out = partial + static_cast<int64_t>(blockIdx.x) * tokens * (M + 1);
-    for (int e = lane; e < 16 * M; e += 32) {
-      const int row = e / M, o = e % M;
-      if (first + row < end)
-        out[(first + row) * (M + 1) + o] = mine[row * S + o] + mine[row * S + M + o] + mine[row * S + 2 * M + o];
-    }
-    if (tig == 0) {
-      if (row0 < end) out[row0 * (M + 1) + M] = ss[0];
-      if (row1 < end) out[row1 * (M + 1) + M] = ss[1];
-    }
-    __syncwarp();
-  }
-}
-
-// Per token: proj and r from the slices' partial sums (in slice order), then the gates,
-// Sinkhorn in registers, H_pre, H_post, H_res.
-template <int N>
-__global__ void finish_kernel(const float* partial, int64_t slices, int64_t K, const float* alpha, const float* bias,
-                              int64_t tokens, int iterations, float* proj, float* r, float* h_pre, float* h_post,
-                              float* h_res) {
-  constexpr int M = width<N>();
-  const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (t >= tokens) return;
-  float p[M], ss = 0;
-#pragma unroll
-  for (int o = 0; o < M; ++o) p[o] = 0;
-  for (int64_t slice = 0; slice < slices; ++slice) {
-    const float* part = partial + (slice * tokens + t) * (M + 1);
-#pragma unroll
-    for (int o = 0; o < M; ++o) p[o] += part[o];
-    ss += part[M];
-  }
-#pragma unroll
-  for (int o = 0; o < M; ++o) proj[t * M + o] = p[o];
-  const float rt = 1.0f / (sqrtf(ss) / sqrtf(static_cast<float>(K)) + kNormEps);
-  r[t] = rt;
-#pragma unroll
-  for (int i = 0; i < N; ++i) {
-    h_pre[t * N + i] = 1.0f / (1.0f + expf(-(rt * p[i] * alpha[0] + bias[i])));
-    h_post[t * N + i] = 2.0f / (1.0f + expf(-(rt * p[N + i] * alpha[1] + bias[N + i])));
-  }
-  float L[N][N], H[N][N];
-#pragma unroll
-  for (int i = 0; i < N; ++i)
-#pragma unroll
-    for (int j = 0; j < N; ++j) L[i][j] = rt * p[2 * N + i * N + j] * alpha[2] + bias[2 * N + i * N + j];
-  if (iterations > 0) {
-    sinkhorn_forward(L, iterations, H);
-  } else {
-#pragma unroll
-    for (int i = 0; i < N; ++i)
-#pragma unroll
-      for (int j = 0; j < N; ++j) H[i][j] = L[i][j] + (i == j ? 1.0f : 0.0f);
-  }
-#pragma unroll
-  for (int i = 0; i < N; ++i)
-#pragma unroll
-    for (int j = 0; j < N; ++j) h_res[t * N * N + i * N + j] = H[i][j];
-}
-
-// ---- backward --------------------------------------------------------------------------
-
-// Per token: the row [dh, alpha terms (dh r proj summed by gate)] of width M + 3 (summed
-// over tokens into dbias and dalpha), dproj = dh r a, and the coefficient of x in dx from
-// r: -dr r^2 / (sqrt(K) ||x||).
-template <int N>
-__global__ void grad_h_kernel(const float* proj, const float* r, const float* alpha, const float* bias,
-                              const float* h_pre, const float* h_post, const float* grad_h_pre,
-                              const float* grad_h_post, const float* grad_h_res, int64_t tokens, int64_t K,
-                              int iterations, float* grad_h, float* grad_proj, float* coef) {
-  constexpr int M = width<N>();
-  const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (t >= tokens) return;
-  const float rt = r[t];
-  const float* p = proj + t * M;
-  float dh[M];
-#pragma unroll
-  for (int i = 0; i < N; ++i) {
-    const float pre = h_pre[t * N + i], post = h_post[t * N + i];
-    dh[i] = grad_h_pre[t * N + i] * pre * (1.0f - pre);
-    dh[N + i] = grad_h_post[t * N + i] * post * (1.0f - 0.5f * post);
-  }
-  float G[N][N];
-#pragma unroll
-  for (int i = 0; i < N; ++i)
-#pragma unroll
-    for (int j = 0; j < N; ++j) G[i][j] = grad_h_res[t * N * N + i * N + j];
-  if (iterations > 0) {
-    float L[N][N];
-#pragma unroll
-    for (int i = 0; i < N; ++i)
-#pragma unroll
-      for (int j = 0; j < N; ++j) L[i][j] = rt * p[2 * N + i * N + j] * alpha[2] + bias[2 * N + i * N + j];
-    sinkhorn_backward(L, iterations, G);
-  }
-#pragma unroll
-  for (int i = 0; i < N; ++i)
-#pragma unroll
-    for (int j = 0; j < N; ++j) dh[2 * N + i * N + j] = G[i][j];
-  float dr = 0, terms[3] = {0, 0, 0};
-#pragma unroll
-  for (int k = 0; k < M; ++k) {
-    const int g = k < N ? 0 : (k < 2 * N ? 1 : 2);
-    dr += dh[k] * p[k] * alpha[g];
-    terms[g] += dh[k] * rt * p[k];
-    grad_h[t * (M + 3) + k] = dh[k];
-    grad_proj[t * M + k] = dh[k] * rt * alpha[g];
-  }
-#pragma unroll
-  for (int g = 0; g < 3; ++g) grad_h[t * (M + 3) + M + g] = terms[g];
-  const float sqrt_k = sqrtf(static_cast<float>(K));
-  const float norm = sqrt_k * (1.0f / rt - kNormEps);
-  coef[t] = norm > 0.0f ? -dr * rt * rt / (sqrt_k * norm) : 0.0f;
 }
 
 // dx += dproj W + coef x over one slice of K per block (W's slice in shared memory), each
@@ -519,64 +361,6 @@ __global__ void __launch_bounds__(kSliceThreads) grad_x_kernel(const bf16* x, co
   }
 }
 
-// Segment `blockIdx.y` of the tokens: partial[seg][o][k] = sum_t dproj[t][o] x[t][k], each
-// thread owning KV columns. dproj comes through shared memory 32 tokens at a time, and x
-// is loaded 8 tokens ahead so that several loads are in flight.
-template <int N, int KV>
-__global__ void __launch_bounds__(kBlockThreads) grad_w_partial_kernel(const bf16* x, const float* grad_proj,
-                                                                       int64_t tokens, int64_t K,
-                                                                       int64_t tokens_per_segment, float* partial) {
-  constexpr int M = width<N>(), kChunk = 32, kAhead = 8;
-  __shared__ float dp[kChunk][M];
-  const int64_t k = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * KV;
-  const int64_t begin = blockIdx.y * tokens_per_segment;
-  const int64_t end = min(tokens, begin + tokens_per_segment);
-  float acc[M][KV];
-#pragma unroll
-  for (int o = 0; o < M; ++o)
-#pragma unroll
-    for (int v = 0; v < KV; ++v) acc[o][v] = 0;
-  for (int64_t t0 = begin; t0 < end; t0 += kChunk) {
-    const int64_t count = min(static_cast<int64_t>(kChunk), end - t0);
-    __syncthreads();
-    for (int e = threadIdx.x; e < kChunk * M; e += blockDim.x)
-      dp[e / M][e % M] = e / M < count ? grad_proj[(t0 + e / M) * M + e % M] : 0.0f;
-    __syncthreads();
-    if (k >= K) continue;
-    for (int tt = 0; tt < count; tt += kAhead) {
-      float xv[kAhead][KV];
-#pragma unroll
-      for (int u = 0; u < kAhead; ++u) {
-        const int64_t t = t0 + tt + u;
-        if (tt + u < count) {
-          if constexpr (KV == 2) {
-            const float2 f = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(x + t * K + k));
-            xv[u][0] = f.x;
-            xv[u][1] = f.y;
-          } else {
-            xv[u][0] = __bfloat162float(x[t * K + k]);
-          }
-        } else {
-#pragma unroll
-          for (int v = 0; v < KV; ++v) xv[u][v] = 0;
-        }
-      }
-#pragma unroll
-      for (int u = 0; u < kAhead; ++u)
-#pragma unroll
-        for (int o = 0; o < M; ++o)
-#pragma unroll
-          for (int v = 0; v < KV; ++v) acc[o][v] += dp[tt + u][o] * xv[u][v];
-    }
-  }
-  if (k >= K) return;
-  float* out = partial + static_cast<int64_t>(blockIdx.y) * M * K;
-#pragma unroll
-  for (int o = 0; o < M; ++o)
-#pragma unroll
-    for (int v = 0; v < KV; ++v) out[o * K + k + v] = acc[o][v];
-}
-
 // out[c] += sum over rows of in[row * stride + c], rows in order.
 __global__ void sum_rows_kernel(const float* in, int64_t rows, int64_t cols, int64_t stride, float* out) {
   const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -605,28 +389,44 @@ __global__ void column_chunk_sums_kernel(const float* in, int64_t rows, int64_t 
   }
 }
 
+// Workspace offsets in floats, each a multiple of 4 (16-byte aligned for cuBLASLt).
+inline size_t aligned(size_t floats) { return (floats + 3) / 4 * 4; }
+
+struct ForwardLayout {
+  int64_t M, K, split_stride;
+  size_t parts, split_weight, sumsq, total;
+};
+
+ForwardLayout forward_layout_of(const MappingsArgs& a) {
+  ForwardLayout l{};
+  l.M = static_cast<int64_t>(a.n) * a.n + 2 * a.n;
+  l.K = a.n * a.C;
+  l.split_stride = split_width(l.M);
+  l.parts = 0;
+  l.split_weight = aligned(l.parts + a.tokens * l.split_stride);
+  l.sumsq = aligned(l.split_weight + (l.split_stride * l.K + 1) / 2);
+  l.total = l.sumsq + a.tokens;
+  return l;
+}
+
 struct Layout {
-  int64_t M, K, segments, tokens_per_segment, chunks;
-  size_t grad_h, grad_proj, coef, chunk_sums, partial, total;  // offsets in floats
+  int64_t M, K, split_stride, chunks;
+  size_t grad_h, grad_proj, coef, chunk_sums, grad_proj_split, weight_parts, total;
 };
 
 Layout layout_of(const MappingsArgs& a) {
   Layout l{};
   l.M = static_cast<int64_t>(a.n) * a.n + 2 * a.n;
   l.K = a.n * a.C;
-  const int kv = (l.K % 2 == 0 && l.M <= 48) ? 2 : 1;
-  const int64_t column_blocks = (l.K / kv + kBlockThreads - 1) / kBlockThreads;
-  // Enough blocks for about four waves of 132 multiprocessors; a pure function of the shape.
-  l.segments = std::clamp<int64_t>((528 + column_blocks - 1) / column_blocks, 1, std::max<int64_t>(a.tokens, 1));
-  l.tokens_per_segment = (a.tokens + l.segments - 1) / l.segments;
-  l.segments = (a.tokens + l.tokens_per_segment - 1) / l.tokens_per_segment;
+  l.split_stride = split_width(l.M);
   l.chunks = (a.tokens + kChunkRows - 1) / kChunkRows;
   l.grad_h = 0;
   l.grad_proj = l.grad_h + a.tokens * (l.M + 3);
   l.coef = l.grad_proj + a.tokens * l.M;
   l.chunk_sums = l.coef + a.tokens;
-  l.partial = l.chunk_sums + l.chunks * (l.M + 3);
-  l.total = l.partial + l.segments * l.M * l.K;
+  l.grad_proj_split = aligned(l.chunk_sums + l.chunks * (l.M + 3));
+  l.weight_parts = aligned(l.grad_proj_split + (a.tokens * l.split_stride + 1) / 2);
+  l.total = l.weight_parts + l.split_stride * l.K;
   return l;
 }
 
@@ -647,46 +447,44 @@ void check_args(const MappingsArgs& a) {
 
 size_t mappings_forward_workspace_floats(const MappingsArgs& a) {
   check_args(a);
-  size_t floats = 0;
-  detail::dispatch_streams(a.n, [&](auto Ns) {
-    constexpr int N = decltype(Ns)::value;
-    const int64_t K = a.n * a.C;
-    floats = static_cast<size_t>(forward_grid<N>(a.tokens, K).slices * a.tokens * (width<N>() + 1));
-    if (K % 16 == 0) floats += static_cast<size_t>(split_rows<N>() * K + 1) / 2;  // the split W, bf16
-  });
-  return floats;
+  return forward_layout_of(a).total;
 }
 
-void mhc_mappings_forward(const MappingsArgs& a, const bf16* x, const float* weight, const float* alpha,
-                          const float* bias, float* proj, float* r, float* h_pre, float* h_post, float* h_res,
-                          float* workspace, cudaStream_t stream) {
+void row_sumsq(const bf16* x, int64_t tokens, int64_t K, float* sumsq, cudaStream_t stream) {
+  const unsigned blocks = detail::blocks_for(tokens, 1);
+  if (K % 8 == 0) row_sumsq_kernel<8><<<blocks, kBlockThreads, 0, stream>>>(x, K, sumsq);
+  else row_sumsq_kernel<1><<<blocks, kBlockThreads, 0, stream>>>(x, K, sumsq);
+  MHC_CUDA_CHECK(cudaGetLastError());
+}
+
+void mhc_mappings_forward(const MappingsArgs& a, const bf16* x, const float* x_sumsq, const float* weight,
+                          const float* alpha, const float* bias, float* proj, float* r, float* h_pre, float* h_post,
+                          float* h_res, float* workspace, cudaStream_t stream) {
   check_args(a);
-  const int64_t K = a.n * a.C;
+  const ForwardLayout l = forward_layout_of(a);
+  float* parts = workspace + l.parts;
+  bf16* split = reinterpret_cast<bf16*>(workspace + l.split_weight);
+  split_weight_kernel<<<detail::blocks_for(l.split_stride * l.K, kBlockThreads), kBlockThreads, 0, stream>>>(
+      weight, l.M, l.K, split);
+  MHC_CUDA_CHECK(cudaGetLastError());
+  // parts [tokens, split_stride] = x [tokens, K] times the split W^T; column-major: the
+  // [split_stride, tokens] product of split (K x split_stride, transposed) and x (K x tokens).
+  Gemm g;
+  g.trans_a = true;
+  g.m = l.split_stride, g.n = a.tokens, g.k = l.K;
+  g.a = split, g.lda = l.K;
+  g.b = x, g.ldb = l.K;
+  g.d = parts, g.ldd = l.split_stride;
+  gemm(g, stream);
+  if (!x_sumsq) {
+    row_sumsq(x, a.tokens, l.K, workspace + l.sumsq, stream);
+    x_sumsq = workspace + l.sumsq;
+  }
   detail::dispatch_streams(a.n, [&](auto Ns) {
     constexpr int N = decltype(Ns)::value;
-    const SliceGrid g = forward_grid<N>(a.tokens, K);
-    const dim3 grid(static_cast<unsigned>(g.slices), static_cast<unsigned>(g.token_blocks));
-    if (K % 16 == 0) {
-      // workspace: [slices][tokens][M + 1] partials, then the split W
-      bf16* split = reinterpret_cast<bf16*>(workspace + g.slices * a.tokens * (width<N>() + 1));
-      MHC_CUDA_CHECK(cudaMemsetAsync(split, 0, sizeof(bf16) * split_rows<N>() * K, stream));
-      split_weight_kernel<N><<<detail::blocks_for(width<N>() * K, 256), 256, 0, stream>>>(weight, K, split);
-      MHC_CUDA_CHECK(cudaGetLastError());
-      enable_slice_memory(project_mma_kernel<N>, mma_smem_bytes<N>());
-      project_mma_kernel<N><<<grid, kSliceThreads, mma_smem_bytes<N>(), stream>>>(x, split, a.tokens, K,
-                                                                                   g.tokens_per_block, workspace);
-    } else if (K % 8 == 0) {
-      enable_slice_memory(project_kernel<N, 8>, slice_bytes<N>());
-      project_kernel<N, 8><<<grid, kSliceThreads, slice_bytes<N>(), stream>>>(x, weight, a.tokens, K,
-                                                                               g.tokens_per_block, workspace);
-    } else {
-      enable_slice_memory(project_kernel<N, 1>, slice_bytes<N>());
-      project_kernel<N, 1><<<grid, kSliceThreads, slice_bytes<N>(), stream>>>(x, weight, a.tokens, K,
-                                                                               g.tokens_per_block, workspace);
-    }
-    MHC_CUDA_CHECK(cudaGetLastError());
     finish_kernel<N><<<detail::blocks_for(a.tokens, 128), 128, 0, stream>>>(
-        workspace, g.slices, K, alpha, bias, a.tokens, a.sinkhorn_iterations, proj, r, h_pre, h_post, h_res);
+        parts, l.split_stride, x_sumsq, l.K, alpha, bias, a.tokens, a.sinkhorn_iterations, proj, r, h_pre, h_post,
+        h_res);
   });
   MHC_CUDA_CHECK(cudaGetLastError());
 }
@@ -704,12 +502,13 @@ void mhc_mappings_backward(const MappingsArgs& a, const bf16* x, const float* we
   float* grad_proj = workspace + l.grad_proj;
   float* coef = workspace + l.coef;
   float* chunk_sums = workspace + l.chunk_sums;
-  float* partial = workspace + l.partial;
+  bf16* grad_proj_split = reinterpret_cast<bf16*>(workspace + l.grad_proj_split);
+  float* weight_parts = workspace + l.weight_parts;
   detail::dispatch_streams(a.n, [&](auto Ns) {
     constexpr int N = decltype(Ns)::value;
     grad_h_kernel<N><<<detail::blocks_for(a.tokens, 128), 128, 0, stream>>>(
         proj, r, alpha, bias, h_pre, h_post, grad_h_pre, grad_h_post, grad_h_res, a.tokens, l.K,
-        a.sinkhorn_iterations, grad_h, grad_proj, coef);
+        a.sinkhorn_iterations, grad_h, grad_proj, grad_proj_split, coef);
     MHC_CUDA_CHECK(cudaGetLastError());
     const SliceGrid g = slice_grid(a.tokens, l.K, kSlice, kSliceWarps * tokens_per_warp<N>());
     const dim3 slices(static_cast<unsigned>(g.slices), static_cast<unsigned>(g.token_blocks));
@@ -723,18 +522,19 @@ void mhc_mappings_backward(const MappingsArgs& a, const bf16* x, const float* we
                                                                                 l.K, g.tokens_per_block, grad_x);
     }
     MHC_CUDA_CHECK(cudaGetLastError());
-    const bool pairs = l.K % 2 == 0 && l.M <= 48;
-    const dim3 grid(detail::blocks_for(l.K / (pairs ? 2 : 1), kBlockThreads), static_cast<unsigned>(l.segments));
-    if (pairs)
-      grad_w_partial_kernel<N, 2><<<grid, kBlockThreads, 0, stream>>>(x, grad_proj, a.tokens, l.K,
-                                                                      l.tokens_per_segment, partial);
-    else
-      grad_w_partial_kernel<N, 1><<<grid, kBlockThreads, 0, stream>>>(x, grad_proj, a.tokens, l.K,
-                                                                      l.tokens_per_segment, partial);
-    MHC_CUDA_CHECK(cudaGetLastError());
   });
+  // weight_parts [split_stride, K] = split dproj^T x, reduced over tokens on tensor cores;
+  // column-major: the [K, split_stride] product of x (K x tokens) and the split dproj
+  // (split_stride x tokens, transposed). Then dW += hi + mid + lo parts.
+  Gemm g;
+  g.trans_b = true;
+  g.m = l.K, g.n = l.split_stride, g.k = a.tokens;
+  g.a = x, g.lda = l.K;
+  g.b = grad_proj_split, g.ldb = l.split_stride;
+  g.d = weight_parts, g.ldd = l.K;
+  gemm(g, stream);
   sum_rows_kernel<<<detail::blocks_for(l.M * l.K, kBlockThreads), kBlockThreads, 0, stream>>>(
-      partial, l.segments, l.M * l.K, l.M * l.K, grad_weight);
+      weight_parts, 3, l.M * l.K, l.M * l.K, grad_weight);
   const int64_t row = l.M + 3;  // [dh, alpha terms]
   column_chunk_sums_kernel<<<dim3(detail::blocks_for(row, 32), static_cast<unsigned>(l.chunks)), dim3(32, 8), 0,
                              stream>>>(grad_h, a.tokens, row, chunk_sums);

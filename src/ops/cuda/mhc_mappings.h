@@ -1,14 +1,18 @@
 // CUDA kernels of the mHC mappings (ops/cpu/mhc_mappings.h has the math), x bf16, the
 // parameters and every mapping value fp32, all sums fp32:
 //
-//   forward:  project    per slice of K: partial W x and ||x||^2          (one pass over x)
-//             finish     slices summed in order -> proj, r; gates, Sinkhorn in registers
-//                        -> H_pre, H_post, H_res
+//   forward:  project    W x on tensor cores (cuBLASLt, ops/cuda/gemm.h): W split into
+//                        bf16 hi + mid + lo, the three products summed in fp32, so the
+//                        result is fp32-accurate                              (one pass over x)
+//             ||x||^2    given by the producer of x (h_post_bda_forward, expand), else one
+//                        more pass over x
+//             finish     proj, r; gates, Sinkhorn in registers -> H_pre, H_post, H_res
 //   backward: grad_h     dh (sigmoid and Sinkhorn backward, the iterations recomputed in
 //                        registers), dproj = dh r a, and the per-token dr coefficient
-//             grad_x     dx += dproj W + coef x                              (bf16 accumulate)
-//             grad_w     dW += dproj^T x, dalpha, dbias: token segments into an fp32
-//                        scratch, then summed over segments in order (deterministic)
+//             grad_x     dx += dproj W + coef x over K slices                (bf16 accumulate)
+//             grad_w     dW += dproj^T x on tensor cores (dproj split like W, reduced over
+//                        tokens by cuBLASLt); dalpha, dbias over token chunks, then the
+//                        chunks in order (deterministic)
 //
 // Saved for backward: proj [tokens, m] and r [tokens], fp32. n is a template parameter
 // (1, 2, 4, 6, 8); the workspaces are mappings_{forward,backward}_workspace_floats() floats.
@@ -31,9 +35,14 @@ struct MappingsArgs {
 
 size_t mappings_forward_workspace_floats(const MappingsArgs& a);
 
-void mhc_mappings_forward(const MappingsArgs& a, const bf16* x, const float* weight, const float* alpha,
-                          const float* bias, float* proj, float* r, float* h_pre, float* h_post, float* h_res,
-                          float* workspace, cudaStream_t stream = nullptr);
+// ||x_t||^2 of each row of K bf16 values (fp32, fixed-order sums).
+void row_sumsq(const bf16* x, int64_t tokens, int64_t K, float* sumsq, cudaStream_t stream = nullptr);
+
+// x_sumsq: ||x_t||^2 of each token's n-stream row when its producer computed it, else null
+// (computed here, one more pass over x).
+void mhc_mappings_forward(const MappingsArgs& a, const bf16* x, const float* x_sumsq, const float* weight,
+                          const float* alpha, const float* bias, float* proj, float* r, float* h_pre, float* h_post,
+                          float* h_res, float* workspace, cudaStream_t stream = nullptr);
 
 size_t mappings_backward_workspace_floats(const MappingsArgs& a);
 

@@ -85,8 +85,10 @@ __device__ inline void load_sublayer(const bf16* y, const bf16* y_bias, int64_t 
 
 template <int N, int VEC>
 __global__ void h_post_bda_forward_kernel(const bf16* x, const float* h_res, const float* h_post, const bf16* y,
-                                          const bf16* y_bias, int64_t C, float p, uint64_t key, bf16* out) {
+                                          const bf16* y_bias, int64_t C, float p, uint64_t key, bf16* out,
+                                          float* out_sumsq) {
   const int64_t t = blockIdx.x;
+  float sumsq[1] = {0};
   float mix[N][N], post[N];
 #pragma unroll
   for (int i = 0; i < N; ++i) {
@@ -109,9 +111,18 @@ __global__ void h_post_bda_forward_kernel(const bf16* x, const float* h_res, con
         acc[v] = dropout_scale<float>(key, index, p) * post[i] * sublayer[v];
 #pragma unroll
         for (int j = 0; j < N; ++j) acc[v] += mix[i][j] * xs[j][v];
+        if (out_sumsq) {
+          const float stored = __bfloat162float(__float2bfloat16(acc[v]));
+          sumsq[0] += stored * stored;
+        }
       }
       detail::store_bf16<VEC>(out + (t * N + i) * C + c, acc);
     }
+  }
+  if (out_sumsq) {
+    __shared__ float total[1];
+    detail::block_sum<1>(sumsq, total);
+    if (threadIdx.x == 0) out_sumsq[t] = total[0];
   }
 }
 
@@ -284,14 +295,15 @@ void aggregate_backward(const bf16* grad_agg, const bf16* x, const float* h_pre,
 }
 
 void h_post_bda_forward(const bf16* x, const float* h_res, const float* h_post, const bf16* y, const bf16* y_bias,
-                        int64_t tokens, int n, int64_t C, cpu::DropoutSpec dropout, bf16* out, cudaStream_t stream) {
+                        int64_t tokens, int n, int64_t C, cpu::DropoutSpec dropout, bf16* out, float* out_sumsq,
+                        cudaStream_t stream) {
   dispatch_streams(n, [&](auto N) {
     if (C % 8 == 0)
-      h_post_bda_forward_kernel<N.value, 8><<<grid_of(tokens), threads_for(C, 8), 0, stream>>>(x, h_res, h_post, y, y_bias, C,
-                                                                                      dropout.p, dropout.key, out);
+      h_post_bda_forward_kernel<N.value, 8><<<grid_of(tokens), threads_for(C, 8), 0, stream>>>(
+          x, h_res, h_post, y, y_bias, C, dropout.p, dropout.key, out, out_sumsq);
     else
-      h_post_bda_forward_kernel<N.value, 1><<<grid_of(tokens), threads_for(C, 1), 0, stream>>>(x, h_res, h_post, y, y_bias, C,
-                                                                                      dropout.p, dropout.key, out);
+      h_post_bda_forward_kernel<N.value, 1><<<grid_of(tokens), threads_for(C, 1), 0, stream>>>(
+          x, h_res, h_post, y, y_bias, C, dropout.p, dropout.key, out, out_sumsq);
   });
   MHC_CUDA_CHECK(cudaGetLastError());
 }

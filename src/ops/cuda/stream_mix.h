@@ -40,9 +40,11 @@ void aggregate_forward(const bf16* x, const float* h_pre, int64_t tokens, int n,
 void aggregate_backward(const bf16* grad_agg, const bf16* x, const float* h_pre, int64_t tokens, int n, int64_t C,
                         bf16* grad_x, float* grad_h_pre, cudaStream_t stream = nullptr);
 
+// out_sumsq, when not null, receives ||out_t||^2 of each token's row as stored (bf16), the
+// next hyper connection's mappings input (saves that op a pass over out).
 void h_post_bda_forward(const bf16* x, const float* h_res, const float* h_post, const bf16* y, const bf16* y_bias,
                         int64_t tokens, int n, int64_t C, cpu::DropoutSpec dropout, bf16* out,
-                        cudaStream_t stream = nullptr);
+                        float* out_sumsq = nullptr, cudaStream_t stream = nullptr);
 // The aggregate's backward of the same hyper connection (same x), for fusing into
 // h_post_bda_backward: then dx = H_res^T dout + H_pre dagg is written once and dH_pre is
 // reduced alongside dH_res and dH_post.

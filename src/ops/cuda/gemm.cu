@@ -1,0 +1,124 @@
+#include "ops/cuda/gemm.h"
+
+#include <cublasLt.h>
+
+#include <map>
+#include <mutex>
+#include <string>
+#include <tuple>
+
+#include "core/cuda/device.h"
+
+namespace mhc::cuda {
+namespace {
+
+void check_blas(cublasStatus_t status, const char* call) {
+  if (status != CUBLAS_STATUS_SUCCESS)
+    fail("cuBLASLt error " + std::to_string(static_cast<int>(status)) + " (cublasStatus_t) in " + call);
+}
+#define MHC_BLAS_CHECK(call) check_blas((call), #call)
+
+constexpr size_t kWorkspaceBytes = size_t{32} << 20;
+
+// Largest power of two (at most 256) dividing the address of every column.
+uint32_t alignment_of(const void* p, int64_t ld, size_t element) {
+  const uint64_t bits = reinterpret_cast<uintptr_t>(p) | static_cast<uint64_t>(ld) * element | 256;
+  return static_cast<uint32_t>(bits & (~bits + 1));
+}
+
+using Key = std::tuple<bool, bool, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int, uint32_t, uint32_t,
+                       uint32_t, bool>;
+
+struct Plan {
+  cublasLtMatmulDesc_t desc = nullptr;
+  cublasLtMatrixLayout_t a = nullptr, b = nullptr, d = nullptr;
+  cublasLtMatmulAlgo_t algo{};
+};
+
+// The handle, workspace and plans of one device. Kept for the life of the process: their
+// destruction at exit could run after the CUDA driver has shut down.
+struct Context {
+  cublasLtHandle_t handle = nullptr;
+  void* workspace = nullptr;
+  std::mutex mutex;  // guards plans
+  std::map<Key, Plan> plans;
+};
+
+Context& context_of_current_device() {
+  static std::mutex mutex;
+  static std::map<int, Context*> contexts;
+  int device = 0;
+  MHC_CUDA_CHECK(cudaGetDevice(&device));
+  const std::lock_guard<std::mutex> lock(mutex);
+  Context*& c = contexts[device];
+  if (!c) {
+    c = new Context;
+    MHC_BLAS_CHECK(cublasLtCreate(&c->handle));
+    MHC_CUDA_CHECK(cudaMalloc(&c->workspace, kWorkspaceBytes));
+  }
+  return *c;
+}
+
+Plan make_plan(cublasLtHandle_t handle, const Gemm& g, uint32_t align_a, uint32_t align_b, uint32_t align_d) {
+  Plan p;
+  const cudaDataType_t out = g.output == GemmOutput::f32 ? CUDA_R_32F : CUDA_R_16BF;
+  MHC_BLAS_CHECK(cublasLtMatmulDescCreate(&p.desc, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+  const cublasOperation_t ta = g.trans_a ? CUBLAS_OP_T : CUBLAS_OP_N, tb = g.trans_b ? CUBLAS_OP_T : CUBLAS_OP_N;
+  MHC_BLAS_CHECK(cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof(ta)));
+  MHC_BLAS_CHECK(cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof(tb)));
+  MHC_BLAS_CHECK(cublasLtMatrixLayoutCreate(&p.a, CUDA_R_16BF, g.trans_a ? g.k : g.m, g.trans_a ? g.m : g.k, g.lda));
+  MHC_BLAS_CHECK(cublasLtMatrixLayoutCreate(&p.b, CUDA_R_16BF, g.trans_b ? g.n : g.k, g.trans_b ? g.k : g.n, g.ldb));
+  MHC_BLAS_CHECK(cublasLtMatrixLayoutCreate(&p.d, out, g.m, g.n, g.ldd));
+
+  cublasLtMatmulPreference_t pref = nullptr;
+  MHC_BLAS_CHECK(cublasLtMatmulPreferenceCreate(&pref));
+  const uint64_t workspace = kWorkspaceBytes;
+  const uint32_t schemes = CUBLASLT_REDUCTION_SCHEME_COMPUTE_TYPE | CUBLASLT_REDUCTION_SCHEME_OUTPUT_TYPE;
+  MHC_BLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &workspace,
+                                                      sizeof(workspace)));
+  MHC_BLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_REDUCTION_SCHEME_MASK, &schemes,
+                                                      sizeof(schemes)));
+  MHC_BLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &align_a,
+                                                      sizeof(align_a)));
+  MHC_BLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &align_b,
+                                                      sizeof(align_b)));
+  MHC_BLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &align_d,
+                                                      sizeof(align_d)));
+  MHC_BLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &align_d,
+                                                      sizeof(align_d)));
+  cublasLtMatmulHeuristicResult_t result{};
+  int found = 0;
+  const cublasStatus_t status =
+      cublasLtMatmulAlgoGetHeuristic(handle, p.desc, p.a, p.b, p.d, p.d, pref, 1, &result, &found);
+  cublasLtMatmulPreferenceDestroy(pref);
+  if (status != CUBLAS_STATUS_SUCCESS || found == 0)
+    fail("cuBLASLt has no algorithm for the bf16 product m=" + std::to_string(g.m) + " n=" + std::to_string(g.n) +
+         " k=" + std::to_string(g.k));
+  p.algo = result.algo;
+  return p;
+}
+
+}  // namespace
+
+void gemm(const Gemm& g, cudaStream_t stream) {
+  check(g.m >= 1 && g.n >= 1 && g.k >= 1, "gemm: empty product");
+  check(g.lda >= (g.trans_a ? g.k : g.m) && g.ldb >= (g.trans_b ? g.n : g.k) && g.ldd >= g.m,
+        "gemm: a leading dimension is smaller than its matrix");
+  Context& c = context_of_current_device();
+  const size_t out_bytes = g.output == GemmOutput::f32 ? 4 : 2;
+  const uint32_t align_a = alignment_of(g.a, g.lda, 2), align_b = alignment_of(g.b, g.ldb, 2),
+                 align_d = alignment_of(g.d, g.ldd, out_bytes);
+  const Key key{g.trans_a, g.trans_b, g.m, g.n, g.k, g.lda, g.ldb, g.ldd, static_cast<int>(g.output),
+                align_a, align_b, align_d, g.beta != 0.0f};
+  Plan p;
+  {
+    const std::lock_guard<std::mutex> lock(c.mutex);
+    auto it = c.plans.find(key);
+    if (it == c.plans.end()) it = c.plans.emplace(key, make_plan(c.handle, g, align_a, align_b, align_d)).first;
+    p = it->second;
+  }
+  MHC_BLAS_CHECK(cublasLtMatmul(c.handle, p.desc, &g.alpha, g.a, p.a, g.b, p.b, &g.beta, g.d, p.d, g.d, p.d,
+                                &p.algo, c.workspace, kWorkspaceBytes, stream));
+}
+
+}  // namespace mhc::cuda

@@ -1,0 +1,38 @@
+// Matrix products on tensor cores through cuBLASLt, column-major as in BLAS:
+//
+//   D = alpha op(A) op(B) + beta D      op(A) m×k, op(B) k×n, D m×n (ldd >= m)
+//
+// A and B are bf16, the products are summed in fp32, D is fp32 or bf16 (beta != 0 reads
+// the D it overwrites). Row-major callers swap the operands: a row-major [rows, cols]
+// matrix is the column-major [cols, rows] one.
+//
+// One cuBLASLt handle and workspace per device, created on first use; the algorithm of
+// each shape (and pointer alignment) is chosen once by cuBLASLt's heuristic and reused, and
+// split-K reductions that accumulate in place (whose order can vary) are excluded, so the
+// same inputs give the same bits.
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace mhc::cuda {
+
+enum class GemmOutput { f32, bf16 };
+
+struct Gemm {
+  bool trans_a = false, trans_b = false;
+  int64_t m = 0, n = 0, k = 0;
+  const __nv_bfloat16* a = nullptr;
+  int64_t lda = 0;
+  const __nv_bfloat16* b = nullptr;
+  int64_t ldb = 0;
+  void* d = nullptr;
+  int64_t ldd = 0;
+  GemmOutput output = GemmOutput::f32;
+  float alpha = 1.0f, beta = 0.0f;
+};
+
+void gemm(const Gemm& g, cudaStream_t stream = nullptr);
+
+}  // namespace mhc::cuda
