@@ -15,8 +15,6 @@ using detail::kBlockWarps;
 constexpr float kNormEps = 1e-6f, kSinkhornEps = 1e-6f;
 
 template <int N> constexpr int width() { return N * N + 2 * N; }
-// Tokens per warp in the dx kernel: at most 4, and about 96 fp32 accumulators.
-template <int N> constexpr int tokens_per_warp() { return width<N>() >= 48 ? 96 / width<N>() > 1 ? 2 : 1 : 4; }
 
 
 // ---- Sinkhorn in registers -------------------------------------------------------------
@@ -193,6 +191,186 @@ __global__ void finish_kernel(const float* parts, int64_t parts_stride, const fl
     for (int j = 0; j < N; ++j) h_res[t * N * N + i * N + j] = H[i][j];
 }
 
+__device__ inline void mma_bf16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// ---- dx on tensor cores -------------------------------------------------------------------
+//
+// dx[t][k] += sum_o dproj[t][o] W[o][k] + coef[t] x[t][k] as bf16 mma.sync (m16n8k16, fp32
+// sums) with tokens as the rows: A = [dp_hi | dp_hi | dp_mid] (16 tokens x 3m), B = [W_hi;
+// W_mid; W_hi] (3m x 8 columns), i.e. dp_hi W_hi + dp_hi W_mid + dp_mid W_hi, accurate to
+// about 2^-16, far below dx's bf16 rounding. Each warp owns 8 J columns of K for its life
+// (B in registers, loaded once) and walks its tokens 16 at a time; A comes from an array
+// grad_h writes in fragment order (one 16-byte load per lane and k step). The columns are
+// permuted inside the warp's block so that each lane's accumulators are 2 J adjacent
+// columns of two tokens: the x and dx accesses are 16-byte vectors. A block's warps take
+// adjacent columns and the same tokens, streamed through a ring of kDxStages stages in
+// shared memory filled by cp.async (the next groups' loads in flight while one is
+// computed); A's fragments are copied once per block, not once per warp (they were most of
+// the L2 traffic).
+
+template <int N> constexpr int dx_ksteps() { return (3 * width<N>() + 15) / 16; }
+// n8 column tiles per warp: fewer for wide m, so that B (J x ksteps x 2 registers) fits.
+template <int N> constexpr int dx_tiles() { return dx_ksteps<N>() <= 5 ? 4 : 2; }
+#ifndef MHC_DX_STAGES
+#define MHC_DX_STAGES 3
+#endif
+constexpr int kDxWarps = 4, kDxStages = MHC_DX_STAGES;
+// One stage of a block's ring (see grad_x_kernel), bytes.
+template <int N> constexpr int dx_stage_bytes() {
+  return dx_ksteps<N>() * 32 * 16 + kDxWarps * (2 * (2 * 32 * 2 * dx_tiles<N>()) * 2 + 2 * 32 * 4);
+}
+template <int N> constexpr int dx_smem_bytes() { return kDxStages * dx_stage_bytes<N>(); }
+
+// Asynchronous global -> shared copies (cp.async): BYTES of 4, 8 or 16; zeros where !valid
+// (global must still be a valid address).
+template <int BYTES> __device__ inline void copy_async(void* shared, const void* global, bool valid) {
+  const unsigned address = static_cast<unsigned>(__cvta_generic_to_shared(shared));
+  const int bytes = valid ? BYTES : 0;
+  if constexpr (BYTES == 16)
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(address), "l"(global), "r"(bytes));
+  else
+    asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;\n" ::"r"(address), "l"(global), "n"(BYTES),
+                 "r"(bytes));
+}
+__device__ inline void commit_async() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int PENDING> __device__ inline void wait_async() { asm volatile("cp.async.wait_group %0;\n" ::"n"(PENDING)); }
+
+// Position in the fragment-ordered A array of token t's value kk (of 16 ksteps).
+__host__ __device__ inline int64_t dx_fragment_index(int64_t t, int kk, int ksteps) {
+  const int64_t group = t / 16;
+  const int r = static_cast<int>(t % 16), s = kk / 16, k = kk % 16;
+  const int lane = (r % 8) * 4 + (k % 8) / 2, reg = (k / 8) * 2 + r / 8;
+  return ((group * ksteps + s) * 32 + lane) * 8 + reg * 2 + k % 2;
+}
+
+template <int N, int VEC>
+__global__ void __launch_bounds__(kDxWarps * 32) grad_x_kernel(const bf16* x, const bf16* weight_split,
+                                                               const bf16* grad_proj_fragments, const float* coef,
+                                                               int64_t tokens, int64_t K, int64_t tokens_per_block,
+                                                               bf16* grad_x) {
+  constexpr int M = width<N>(), KS = dx_ksteps<N>(), J = dx_tiles<N>(), COLS = 2 * J;
+  static_assert(VEC == COLS || VEC == 1, "a lane's columns are one vector or scalars");
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, tig = lane % 4;
+  // (A warp past K still takes part in the copies and barriers of its block.)
+  const int64_t base = (static_cast<int64_t>(blockIdx.x) * kDxWarps + warp) * 8 * J;
+  // Logical column (tile j, 2 q + e) of the warp's block is physical column base + 2 J q + 2 j + e.
+  uint32_t b[J][KS][2];
+  {
+#pragma unroll
+    for (int j = 0; j < J; ++j) {
+      const int64_t col = base + 2 * J * (g / 2) + 2 * j + g % 2;  // this lane's B column: n = g
+#pragma unroll
+      for (int s = 0; s < KS; ++s)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          bf16 pair[2];
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const int kk = s * 16 + h * 8 + 2 * tig + e;
+            // B rows [W_hi; W_mid; W_hi]: parts 0, 1, 0 of the [hi; mid; lo] split.
+            const int part = kk / M == 1 ? 1 : 0, o = kk % M;
+            pair[e] = kk < 3 * M && col < K ? weight_split[(part * M + o) * K + col] : __float2bfloat16(0.0f);
+          }
+          b[j][s][h] = *reinterpret_cast<const uint32_t*>(pair);
+        }
+    }
+  }
+  const int64_t begin = static_cast<int64_t>(blockIdx.y) * tokens_per_block;
+  const int64_t end = min(tokens, begin + tokens_per_block);
+  const int64_t col0 = base + COLS * tig;  // this lane's first column
+  const bool lane_in = col0 < K;
+  // A stage of the block's ring: A's fragments [KS][32] (16 bytes a lane; shared by the
+  // block's warps, which take the same tokens), then per warp this lane's x and dx
+  // [2][32][COLS] of its tokens g and g + 8 and their coef [2][32].
+  constexpr int kWarpPart = 2 * (2 * 32 * COLS * 2) + 2 * 32 * 4;
+  constexpr int kX = KS * 32 * 16, kDx = kX + 2 * 32 * COLS * 2, kCoef = kDx + 2 * 32 * COLS * 2;
+  static_assert(kCoef + 2 * 32 * 4 - kX == kWarpPart, "stage layout");
+  extern __shared__ __align__(16) unsigned char dx_ring[];
+  const int groups = static_cast<int>((end - begin + 15) / 16);
+  // The next group to copy: its stage, its A fragments, and this lane's token g of it.
+  int next_stage = 0;
+  int64_t next_token = begin + g;
+  const uint4* next_fragments = reinterpret_cast<const uint4*>(grad_proj_fragments) + (begin / 16) * KS * 32;
+  auto issue_next = [&]() {
+    unsigned char* st = dx_ring + next_stage * dx_stage_bytes<N>();
+    for (int e = threadIdx.x; e < KS * 32; e += kDxWarps * 32) copy_async<16>(st + e * 16, next_fragments + e, true);
+    unsigned char* mine = st + warp * kWarpPart;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int64_t t = next_token + 8 * h, at = t * K + col0;
+      const bool valid = t < end;
+      copy_async<4>(mine + kCoef + (h * 32 + lane) * 4, valid ? coef + t : coef, valid);
+      bf16* xs = reinterpret_cast<bf16*>(mine + kX) + (h * 32 + lane) * COLS;
+      bf16* dxs = reinterpret_cast<bf16*>(mine + kDx) + (h * 32 + lane) * COLS;
+      if constexpr (VEC == COLS) {
+        const bool in = valid && lane_in;
+        copy_async<2 * COLS>(xs, in ? x + at : x, in);
+        copy_async<2 * COLS>(dxs, in ? grad_x + at : grad_x, in);
+      } else {
+#pragma unroll
+        for (int v = 0; v < COLS; ++v) {
+          const bool in = valid && col0 + v < K;
+          xs[v] = in ? x[at + v] : __float2bfloat16(0.0f);
+          dxs[v] = in ? grad_x[at + v] : __float2bfloat16(0.0f);
+        }
+      }
+    }
+    next_stage = next_stage + 1 == kDxStages ? 0 : next_stage + 1;
+    next_token += 16;
+    next_fragments += KS * 32;
+  };
+  for (int group = 0; group < kDxStages - 1; ++group) {
+    if (group < groups) issue_next();
+    commit_async();
+  }
+  int stage = 0;
+  int64_t token = begin + g;
+  for (int group = 0; group < groups; ++group) {
+    wait_async<kDxStages - 2>();  // this thread's copies of the group have landed
+    __syncthreads();              // everyone's have, and everyone is done with the previous group
+    if (group + kDxStages - 1 < groups) issue_next();  // refills the previous group's stage
+    commit_async();
+    const unsigned char* st = dx_ring + stage * dx_stage_bytes<N>();
+    const unsigned char* mine = st + warp * kWarpPart;
+    float c[J][4] = {};
+#pragma unroll
+    for (int s = 0; s < KS; ++s) {
+      const uint4 a4 = *reinterpret_cast<const uint4*>(st + (s * 32 + lane) * 16);
+      const uint32_t a[4] = {a4.x, a4.y, a4.z, a4.w};
+#pragma unroll
+      for (int j = 0; j < J; ++j) mma_bf16(c[j], a, b[j][s][0], b[j][s][1]);
+    }
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int64_t t = token + 8 * h, at = t * K + col0;
+      if (t >= end || !lane_in) continue;
+      float xv[COLS], gx[COLS];
+      detail::load_bf16<COLS>(reinterpret_cast<const bf16*>(mine + kX) + (h * 32 + lane) * COLS, xv);
+      detail::load_bf16<COLS>(reinterpret_cast<const bf16*>(mine + kDx) + (h * 32 + lane) * COLS, gx);
+      const float ct = *reinterpret_cast<const float*>(mine + kCoef + (h * 32 + lane) * 4);
+#pragma unroll
+      for (int j = 0; j < J; ++j)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) gx[2 * j + e] += c[j][2 * h + e] + ct * xv[2 * j + e];
+      if constexpr (VEC == COLS) {
+        detail::store_bf16<COLS>(grad_x + at, gx);
+      } else {
+#pragma unroll
+        for (int v = 0; v < COLS; ++v)
+          if (col0 + v < K) grad_x[at + v] = __float2bfloat16(gx[v]);
+      }
+    }
+    stage = stage + 1 == kDxStages ? 0 : stage + 1;
+    token += 16;
+  }
+}
+
 // ---- backward --------------------------------------------------------------------------
 
 // Per token: the row [dh, alpha terms (dh r proj summed by gate)] of width M + 3 (summed
@@ -202,8 +380,8 @@ template <int N>
 __global__ void grad_h_kernel(const float* proj, const float* r, const float* alpha, const float* bias,
                               const float* h_pre, const float* h_post, const float* grad_h_pre,
                               const float* grad_h_post, const float* grad_h_res, int64_t tokens, int64_t K,
-                              int iterations, float* grad_h, float* grad_proj, bf16* grad_proj_split,
-                              float* coef) {
+                              int iterations, float* grad_h, bf16* grad_proj_split,
+                              bf16* grad_proj_fragments, float* coef) {
   constexpr int M = width<N>();
   const int64_t split_stride = split_width(M);
   const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -242,123 +420,22 @@ __global__ void grad_h_kernel(const float* proj, const float* r, const float* al
     terms[g] += dh[k] * rt * p[k];
     grad_h[t * (M + 3) + k] = dh[k];
     const float dp = dh[k] * rt * alpha[g];
-    grad_proj[t * M + k] = dp;
     bf16* split = grad_proj_split + t * split_stride;
     split3(dp, &split[k], &split[M + k], &split[2 * M + k]);
+    // dx's A operand: [hi | hi | mid] (see grad_x_kernel)
+    constexpr int KS = dx_ksteps<N>();
+    grad_proj_fragments[dx_fragment_index(t, k, KS)] = split[k];
+    grad_proj_fragments[dx_fragment_index(t, M + k, KS)] = split[k];
+    grad_proj_fragments[dx_fragment_index(t, 2 * M + k, KS)] = split[M + k];
   }
+  for (int kk = 3 * M; kk < dx_ksteps<N>() * 16; ++kk)
+    grad_proj_fragments[dx_fragment_index(t, kk, dx_ksteps<N>())] = __float2bfloat16(0.0f);
   for (int64_t k = 3 * M; k < split_stride; ++k) grad_proj_split[t * split_stride + k] = __float2bfloat16(0.0f);
 #pragma unroll
   for (int g = 0; g < 3; ++g) grad_h[t * (M + 3) + M + g] = terms[g];
   const float sqrt_k = sqrtf(static_cast<float>(K));
   const float norm = sqrt_k * (1.0f / rt - kNormEps);
   coef[t] = norm > 0.0f ? -dr * rt * rt / (sqrt_k * norm) : 0.0f;
-}
-
-// dx cuts K into slices of kSlice columns: a block holds its slice of W in shared memory
-// for its whole life and walks a run of tokens, each warp TT tokens at a time, each lane 8
-// (or, when K % 8 != 0, 1) adjacent columns per step. W is read from L2 once per block
-// instead of once per token group.
-constexpr int kSlice = 512, kSliceThreads = 128, kSliceWarps = kSliceThreads / 32;
-
-template <int N> constexpr size_t slice_bytes() { return sizeof(float) * width<N>() * kSlice; }
-
-struct SliceGrid {
-  int64_t slices, tokens_per_block, token_blocks;
-};
-
-// A pure function of the shape: about 1000 blocks, whole token groups per block.
-inline SliceGrid slice_grid(int64_t tokens, int64_t K, int64_t slice_width, int64_t group) {
-  SliceGrid g{};
-  g.slices = (K + slice_width - 1) / slice_width;
-  g.tokens_per_block = std::clamp<int64_t>(tokens * g.slices / 1024 / group * group, group, 64 * group);
-  g.token_blocks = (tokens + g.tokens_per_block - 1) / g.tokens_per_block;
-  return g;
-}
-
-template <int M> __device__ void load_slice(const float* weight, int64_t K, int64_t k0, float* tile) {
-  for (int e = threadIdx.x; e < M * kSlice; e += blockDim.x) {
-    const int o = e / kSlice, kk = e % kSlice;
-    tile[e] = k0 + kk < K ? weight[o * K + k0 + kk] : 0.0f;
-  }
-}
-
-// The block's slice of K (loaded into `tile`) and its run of tokens [begin, end).
-struct SliceBlock {
-  int64_t k0, begin, end;
-};
-template <int M>
-__device__ SliceBlock enter_slice(const float* weight, int64_t K, int64_t tokens, int64_t tokens_per_block,
-                                  float* tile) {
-  SliceBlock b;
-  b.k0 = static_cast<int64_t>(blockIdx.x) * kSlice;
-  load_slice<M>(weight, K, b.k0, tile);
-  __syncthreads();
-  b.begin = static_cast<int64_t>(blockIdx.y) * tokens_per_block;
-  b.end = min(tokens, b.begin + tokens_per_block);
-  return b;
-}
-
-// dx += dproj W + coef x over one slice of K per block (W's slice in shared memory), each
-// warp TT tokens at a time: no reduction across lanes, each lane owns its columns.
-template <int N, int VEC>
-__global__ void __launch_bounds__(kSliceThreads) grad_x_kernel(const bf16* x, const float* weight,
-                                                               const float* grad_proj, const float* coef,
-                                                               int64_t tokens, int64_t K, int64_t tokens_per_block,
-                                                               bf16* grad_x) {
-  constexpr int M = width<N>(), TT = tokens_per_warp<N>();
-  extern __shared__ float tile[];  // [M][kSlice]
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  const SliceBlock b = enter_slice<M>(weight, K, tokens, tokens_per_block, tile);
-  const int64_t k0 = b.k0, begin = b.begin, end = b.end;
-  for (int64_t first = begin + warp * TT; first < end; first += kSliceWarps * TT) {
-    float dp[TT][M], c[TT];
-#pragma unroll
-    for (int i = 0; i < TT; ++i) {
-      const bool valid = first + i < end;
-      c[i] = valid ? coef[first + i] : 0.0f;
-#pragma unroll
-      for (int o = 0; o < M; ++o) dp[i][o] = valid ? grad_proj[(first + i) * M + o] : 0.0f;
-    }
-#pragma unroll 2
-    for (int j = lane * VEC; j < kSlice; j += 32 * VEC) {
-      const int64_t col = k0 + j;
-      if (col >= K) break;
-      float acc[TT][VEC];
-#pragma unroll
-      for (int i = 0; i < TT; ++i)
-#pragma unroll
-        for (int v = 0; v < VEC; ++v) acc[i][v] = 0;
-#pragma unroll
-      for (int o = 0; o < M; ++o) {
-        float w[VEC];
-#pragma unroll
-        for (int v = 0; v < VEC; ++v) w[v] = tile[o * kSlice + j + v];
-#pragma unroll
-        for (int i = 0; i < TT; ++i)
-#pragma unroll
-          for (int v = 0; v < VEC; ++v) acc[i][v] += dp[i][o] * w[v];
-      }
-#pragma unroll
-      for (int i = 0; i < TT; ++i) {
-        if (first + i >= end) continue;
-        const int64_t at = (first + i) * K + col;
-        if (VEC == 8 && col + VEC <= K) {
-          float xv[VEC], gx[VEC];
-          detail::load_bf16<VEC>(x + at, xv);
-          detail::load_bf16<VEC>(grad_x + at, gx);
-#pragma unroll
-          for (int v = 0; v < VEC; ++v) gx[v] += acc[i][v] + c[i] * xv[v];
-          detail::store_bf16<VEC>(grad_x + at, gx);
-        } else {
-#pragma unroll
-          for (int v = 0; v < VEC; ++v)
-            if (col + v < K)
-              grad_x[at + v] = __float2bfloat16(__bfloat162float(grad_x[at + v]) + acc[i][v] +
-                                                c[i] * __bfloat162float(x[at + v]));
-        }
-      }
-    }
-  }
 }
 
 // out[c] += sum over rows of in[row * stride + c], rows in order.
@@ -411,7 +488,7 @@ ForwardLayout forward_layout_of(const MappingsArgs& a) {
 
 struct Layout {
   int64_t M, K, split_stride, chunks;
-  size_t grad_h, grad_proj, coef, chunk_sums, grad_proj_split, weight_parts, total;
+  size_t grad_h, coef, chunk_sums, grad_proj_split, grad_proj_fragments, weight_split, weight_parts, total;
 };
 
 Layout layout_of(const MappingsArgs& a) {
@@ -421,19 +498,15 @@ Layout layout_of(const MappingsArgs& a) {
   l.split_stride = split_width(l.M);
   l.chunks = (a.tokens + kChunkRows - 1) / kChunkRows;
   l.grad_h = 0;
-  l.grad_proj = l.grad_h + a.tokens * (l.M + 3);
-  l.coef = l.grad_proj + a.tokens * l.M;
+  l.coef = l.grad_h + a.tokens * (l.M + 3);
   l.chunk_sums = l.coef + a.tokens;
   l.grad_proj_split = aligned(l.chunk_sums + l.chunks * (l.M + 3));
-  l.weight_parts = aligned(l.grad_proj_split + (a.tokens * l.split_stride + 1) / 2);
+  l.grad_proj_fragments = aligned(l.grad_proj_split + (a.tokens * l.split_stride + 1) / 2);
+  const int64_t fragment_values = ((a.tokens + 15) / 16 * 16) * ((3 * l.M + 15) / 16 * 16);
+  l.weight_split = aligned(l.grad_proj_fragments + (fragment_values + 1) / 2);
+  l.weight_parts = aligned(l.weight_split + (l.split_stride * l.K + 1) / 2);
   l.total = l.weight_parts + l.split_stride * l.K;
   return l;
-}
-
-// Slices above 48 KB (n = 6 and 8) need the kernel's opt-in to more shared memory.
-template <typename Kernel> void enable_slice_memory(Kernel kernel, size_t bytes) {
-  if (bytes > 48 * 1024)
-    MHC_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
 }
 
 void check_args(const MappingsArgs& a) {
@@ -499,28 +572,34 @@ void mhc_mappings_backward(const MappingsArgs& a, const bf16* x, const float* we
   check_args(a);
   const Layout l = layout_of(a);
   float* grad_h = workspace + l.grad_h;
-  float* grad_proj = workspace + l.grad_proj;
   float* coef = workspace + l.coef;
   float* chunk_sums = workspace + l.chunk_sums;
   bf16* grad_proj_split = reinterpret_cast<bf16*>(workspace + l.grad_proj_split);
+  bf16* grad_proj_fragments = reinterpret_cast<bf16*>(workspace + l.grad_proj_fragments);
+  bf16* weight_split = reinterpret_cast<bf16*>(workspace + l.weight_split);
   float* weight_parts = workspace + l.weight_parts;
   detail::dispatch_streams(a.n, [&](auto Ns) {
     constexpr int N = decltype(Ns)::value;
     grad_h_kernel<N><<<detail::blocks_for(a.tokens, 128), 128, 0, stream>>>(
         proj, r, alpha, bias, h_pre, h_post, grad_h_pre, grad_h_post, grad_h_res, a.tokens, l.K,
-        a.sinkhorn_iterations, grad_h, grad_proj, grad_proj_split, coef);
+        a.sinkhorn_iterations, grad_h, grad_proj_split, grad_proj_fragments, coef);
     MHC_CUDA_CHECK(cudaGetLastError());
-    const SliceGrid g = slice_grid(a.tokens, l.K, kSlice, kSliceWarps * tokens_per_warp<N>());
-    const dim3 slices(static_cast<unsigned>(g.slices), static_cast<unsigned>(g.token_blocks));
-    if (l.K % 8 == 0) {
-      enable_slice_memory(grad_x_kernel<N, 8>, slice_bytes<N>());
-      grad_x_kernel<N, 8><<<slices, kSliceThreads, slice_bytes<N>(), stream>>>(x, weight, grad_proj, coef, a.tokens,
-                                                                                l.K, g.tokens_per_block, grad_x);
-    } else {
-      enable_slice_memory(grad_x_kernel<N, 1>, slice_bytes<N>());
-      grad_x_kernel<N, 1><<<slices, kSliceThreads, slice_bytes<N>(), stream>>>(x, weight, grad_proj, coef, a.tokens,
-                                                                                l.K, g.tokens_per_block, grad_x);
-    }
+    split_weight_kernel<<<detail::blocks_for(l.split_stride * l.K, kBlockThreads), kBlockThreads, 0, stream>>>(
+        weight, l.M, l.K, weight_split);
+    MHC_CUDA_CHECK(cudaGetLastError());
+    // Column blocks of kDxWarps warps; token runs (multiples of 16) for about 2000 blocks.
+    const int64_t columns_per_block = kDxWarps * 8 * dx_tiles<N>();
+    const int64_t column_blocks = (l.K + columns_per_block - 1) / columns_per_block;
+    const int64_t runs = std::clamp<int64_t>(2048 / column_blocks, 1, (a.tokens + 15) / 16);
+    const int64_t tokens_per_block = ((a.tokens + runs - 1) / runs + 15) / 16 * 16;
+    const dim3 grid(detail::blocks_for(l.K, columns_per_block), detail::blocks_for(a.tokens, tokens_per_block));
+    auto launch = [&](auto kernel) {
+      MHC_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, dx_smem_bytes<N>()));
+      kernel<<<grid, kDxWarps * 32, dx_smem_bytes<N>(), stream>>>(x, weight_split, grad_proj_fragments, coef, a.tokens,
+                                                                  l.K, tokens_per_block, grad_x);
+    };
+    if (l.K % (2 * dx_tiles<N>()) == 0) launch(grad_x_kernel<N, 2 * dx_tiles<N>()>);
+    else launch(grad_x_kernel<N, 1>);
     MHC_CUDA_CHECK(cudaGetLastError());
   });
   // weight_parts [split_stride, K] = split dproj^T x, reduced over tokens on tensor cores;
