@@ -41,9 +41,14 @@ __device__ inline float warp_sum(float v) {
   return v;
 }
 
-// Loads VEC consecutive bf16 (8- or 16-byte vectors when VEC is 4 or 8) as floats.
+// Loads VEC consecutive bf16 (8-byte vectors when VEC is 4, 16-byte ones when VEC is a
+// multiple of 8) as floats.
 template <int VEC> __device__ inline void load_bf16(const __nv_bfloat16* p, float (&out)[VEC]) {
-  if constexpr (VEC == 4) {
+  if constexpr (VEC > 8 && VEC % 8 == 0) {
+#pragma unroll
+    for (int chunk = 0; chunk < VEC / 8; ++chunk)
+      load_bf16<8>(p + 8 * chunk, *reinterpret_cast<float(*)[8]>(out + 8 * chunk));
+  } else if constexpr (VEC == 4) {
     const uint2 raw = *reinterpret_cast<const uint2*>(p);
     const float2 a = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&raw.x));
     const float2 b = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&raw.y));
@@ -64,7 +69,11 @@ template <int VEC> __device__ inline void load_bf16(const __nv_bfloat16* p, floa
 }
 
 template <int VEC> __device__ inline void store_bf16(__nv_bfloat16* p, const float (&in)[VEC]) {
-  if constexpr (VEC == 4) {
+  if constexpr (VEC > 8 && VEC % 8 == 0) {
+#pragma unroll
+    for (int chunk = 0; chunk < VEC / 8; ++chunk)
+      store_bf16<8>(p + 8 * chunk, *reinterpret_cast<const float(*)[8]>(in + 8 * chunk));
+  } else if constexpr (VEC == 4) {
     uint2 raw;
     *reinterpret_cast<__nv_bfloat162*>(&raw.x) = __floats2bfloat162_rn(in[0], in[1]);
     *reinterpret_cast<__nv_bfloat162*>(&raw.y) = __floats2bfloat162_rn(in[2], in[3]);

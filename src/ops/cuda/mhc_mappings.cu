@@ -216,7 +216,7 @@ __device__ inline void mma_bf16(float (&c)[4], const uint32_t (&a)[4], uint32_t 
 
 template <int N> constexpr int dx_ksteps() { return (3 * width<N>() + 15) / 16; }
 // n8 column tiles per warp: fewer for wide m, so that B (J x ksteps x 2 registers) fits.
-template <int N> constexpr int dx_tiles() { return dx_ksteps<N>() <= 5 ? 4 : 2; }
+template <int N> constexpr int dx_tiles() { return dx_ksteps<N>() <= 5 ? 8 : dx_ksteps<N>() <= 9 ? 4 : 2; }
 #ifndef MHC_DX_STAGES
 #define MHC_DX_STAGES 3
 #endif
@@ -227,16 +227,20 @@ template <int N> constexpr int dx_stage_bytes() {
 }
 template <int N> constexpr int dx_smem_bytes() { return kDxStages * dx_stage_bytes<N>(); }
 
-// Asynchronous global -> shared copies (cp.async): BYTES of 4, 8 or 16; zeros where !valid
+// Asynchronous global -> shared copies (cp.async): BYTES of 4, 8 or a multiple of 16; zeros where !valid
 // (global must still be a valid address).
 template <int BYTES> __device__ inline void copy_async(void* shared, const void* global, bool valid) {
   const unsigned address = static_cast<unsigned>(__cvta_generic_to_shared(shared));
-  const int bytes = valid ? BYTES : 0;
-  if constexpr (BYTES == 16)
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(address), "l"(global), "r"(bytes));
-  else
+  const int bytes = valid ? 16 : 0;
+  if constexpr (BYTES % 16 == 0) {
+#pragma unroll
+    for (int chunk = 0; chunk < BYTES / 16; ++chunk)
+      asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(address + 16 * chunk),
+                   "l"(static_cast<const unsigned char*>(global) + 16 * chunk), "r"(bytes));
+  } else {
     asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;\n" ::"r"(address), "l"(global), "n"(BYTES),
-                 "r"(bytes));
+                 "r"(valid ? BYTES : 0));
+  }
 }
 __device__ inline void commit_async() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int PENDING> __device__ inline void wait_async() { asm volatile("cp.async.wait_group %0;\n" ::"n"(PENDING)); }
