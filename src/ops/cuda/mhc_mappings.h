@@ -9,7 +9,8 @@
 //             finish     proj, r; gates, Sinkhorn in registers -> H_pre, H_post, H_res
 //   backward: grad_h     dh (sigmoid and Sinkhorn backward, the iterations recomputed in
 //                        registers), dproj = dh r a, and the per-token dr coefficient
-//             grad_x     dx += dproj W + coef x over K slices                (bf16 accumulate)
+//             grad_x     dx += dproj W + coef x, dproj W on tensor cores (dproj and W
+//                        split into bf16 hi + mid)                           (bf16 accumulate)
 //             grad_w     dW += dproj^T x on tensor cores (dproj split like W, reduced over
 //                        tokens by cuBLASLt); dalpha, dbias over token chunks, then the
 //                        chunks in order (deterministic)
