@@ -51,17 +51,21 @@ AdamW::AdamW(const std::vector<Parameter<float>*>& parameters) : parameters_(par
   }
 }
 
-void AdamW::step(const TrainConfig& c, double lr) {
-  ++steps_taken;
+AdamWScalars adamw_scalars(const TrainConfig& c, double lr, int64_t steps_taken) {
   const double correction1 = 1.0 - std::pow(c.adam_beta1, static_cast<double>(steps_taken));
   const double correction2 = 1.0 - std::pow(c.adam_beta2, static_cast<double>(steps_taken));
-  const auto b1 = static_cast<float>(c.adam_beta1), b2 = static_cast<float>(c.adam_beta2);
-  const auto step_size = static_cast<float>(lr / correction1);
-  const auto sqrt_c2 = static_cast<float>(std::sqrt(correction2));
-  const auto eps = static_cast<float>(c.adam_eps);
+  return {static_cast<float>(c.adam_beta1),       static_cast<float>(c.adam_beta2),
+          static_cast<float>(c.adam_eps),         static_cast<float>(lr / correction1),
+          static_cast<float>(std::sqrt(correction2)), static_cast<float>(1.0 - lr * c.weight_decay)};
+}
+
+void AdamW::step(const TrainConfig& c, double lr) {
+  ++steps_taken;
+  const AdamWScalars s = adamw_scalars(c, lr, steps_taken);
+  const float b1 = s.beta1, b2 = s.beta2, step_size = s.step_size, sqrt_c2 = s.sqrt_correction2, eps = s.eps;
   for (size_t k = 0; k < parameters_.size(); ++k) {
     Parameter<float>& p = *parameters_[k];
-    const float decay = decay_[k] ? static_cast<float>(1.0 - lr * c.weight_decay) : 1.0f;
+    const float decay = decay_[k] ? s.decay : 1.0f;
     float* m = exp_avg[k].data();
     float* v = exp_avg_sq[k].data();
 #pragma omp parallel for schedule(static)

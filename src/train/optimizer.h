@@ -20,6 +20,13 @@ double learning_rate_at(const TrainConfig& config, int64_t step);
 // clips to config.grad_clip.
 double scale_and_clip_gradients(const std::vector<Parameter<float>*>& parameters, float scale, double clip);
 
+// The scalars of one AdamW step (`steps_taken` counts this step), shared with the CUDA
+// optimizer (ops/cuda/adamw.h). decay multiplies the parameters that decay.
+struct AdamWScalars {
+  float beta1, beta2, eps, step_size, sqrt_correction2, decay;
+};
+AdamWScalars adamw_scalars(const TrainConfig& config, double lr, int64_t steps_taken);
+
 class AdamW {
  public:
   explicit AdamW(const std::vector<Parameter<float>*>& parameters);

@@ -1,0 +1,131 @@
+#include "ops/cuda/embedding.h"
+
+#include <cub/device/device_radix_sort.cuh>
+
+#include "core/cuda/device.h"
+#include "ops/cuda/kernel_utils.cuh"
+
+namespace mhc::cuda {
+namespace {
+
+__global__ void embedding_forward_kernel(const int32_t* tokens, const float* wte, const float* wpe, int64_t seq,
+                                         int64_t C, bf16* e) {
+  const int64_t row = blockIdx.x, t = row % seq;
+  const float* w = wte + static_cast<int64_t>(tokens[row]) * C;
+  for (int64_t c = threadIdx.x; c < C; c += blockDim.x) e[row * C + c] = __float2bfloat16(w[c] + wpe[t * C + c]);
+}
+
+__global__ void iota_kernel(int32_t* out, int64_t count) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i < count) out[i] = static_cast<int32_t>(i);
+}
+
+// Block i handles the run of equal tokens starting at sorted index i (other blocks exit).
+__global__ void token_runs_kernel(const bf16* grad_e, const int32_t* sorted_tokens, const int32_t* positions,
+                                  int64_t rows, int64_t C, float* grad_wte) {
+  const int64_t i = blockIdx.x;
+  const int32_t token = sorted_tokens[i];
+  if (i > 0 && sorted_tokens[i - 1] == token) return;
+  for (int64_t c = threadIdx.x; c < C; c += blockDim.x) {
+    float s = 0;
+    for (int64_t j = i; j < rows && sorted_tokens[j] == token; ++j)
+      s += __bfloat162float(grad_e[static_cast<int64_t>(positions[j]) * C + c]);
+    grad_wte[static_cast<int64_t>(token) * C + c] += s;
+  }
+}
+
+__global__ void position_sums_kernel(const bf16* grad_e, int64_t batch, int64_t seq, int64_t C, float* grad_wpe) {
+  const int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (e >= seq * C) return;
+  float s = 0;
+  for (int64_t b = 0; b < batch; ++b) s += __bfloat162float(grad_e[b * seq * C + e]);
+  grad_wpe[e] += s;
+}
+
+int vocab_bits(int64_t vocab) {
+  int bits = 1;
+  while ((int64_t{1} << bits) < vocab) ++bits;
+  return bits;
+}
+
+// Workspace: sorted tokens, positions in, positions out (int32 each), then cub's storage.
+struct SortLayout {
+  size_t ints, cub_bytes, total;
+};
+SortLayout sort_layout(int64_t rows) {
+  SortLayout l{};
+  l.ints = static_cast<size_t>((rows + 63) / 64 * 64);
+  MHC_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(nullptr, l.cub_bytes, static_cast<const int32_t*>(nullptr),
+                                                 static_cast<int32_t*>(nullptr), static_cast<const int32_t*>(nullptr),
+                                                 static_cast<int32_t*>(nullptr), static_cast<int>(rows)));
+  l.total = 3 * l.ints * sizeof(int32_t) + l.cub_bytes;
+  return l;
+}
+
+// One block a row: max, sum of exponentials, then the gradient.
+constexpr int kLossThreads = 256;
+__global__ void cross_entropy_kernel(const float* logits, const int32_t* targets, int64_t V, float scale,
+                                     float* losses, bf16* grad_logits) {
+  const int64_t r = blockIdx.x;
+  const float* row = logits + r * V;
+  __shared__ float reduced[1];
+  float part[1] = {-INFINITY};
+  for (int64_t v = threadIdx.x; v < V; v += blockDim.x) part[0] = fmaxf(part[0], row[v]);
+  // max over the block: the warps' maxima in order
+  for (int offset = 16; offset > 0; offset /= 2) part[0] = fmaxf(part[0], __shfl_xor_sync(0xffffffffu, part[0], offset));
+  __shared__ float warp_max[kLossThreads / 32];
+  if (threadIdx.x % 32 == 0) warp_max[threadIdx.x / 32] = part[0];
+  __syncthreads();
+  float mx = warp_max[0];
+  for (int w = 1; w < kLossThreads / 32; ++w) mx = fmaxf(mx, warp_max[w]);
+  float sum[1] = {0};
+  for (int64_t v = threadIdx.x; v < V; v += blockDim.x) sum[0] += expf(row[v] - mx);
+  detail::block_sum<1>(sum, reduced);
+  const float total = reduced[0], inverse = 1.0f / total;
+  const int32_t target = targets[r];
+  for (int64_t v = threadIdx.x; v < V; v += blockDim.x)
+    grad_logits[r * V + v] = __float2bfloat16((expf(row[v] - mx) * inverse - (v == target ? 1.0f : 0.0f)) * scale);
+  if (threadIdx.x == 0) losses[r] = logf(total) + mx - row[target];
+}
+
+}  // namespace
+
+void embedding_forward(const int32_t* tokens, const float* wte, const float* wpe, int64_t batch, int64_t seq,
+                       int64_t C, bf16* e, cudaStream_t stream) {
+  check(batch >= 1 && seq >= 1 && C >= 1, "embedding: empty input");
+  embedding_forward_kernel<<<detail::blocks_for(batch * seq, 1), 256, 0, stream>>>(tokens, wte, wpe, seq, C, e);
+  MHC_CUDA_CHECK(cudaGetLastError());
+}
+
+size_t embedding_backward_workspace_bytes(int64_t batch, int64_t seq) { return sort_layout(batch * seq).total; }
+
+void embedding_backward(const bf16* grad_e, const int32_t* tokens, int64_t batch, int64_t seq, int64_t C,
+                        int64_t vocab, float* grad_wte, float* grad_wpe, void* workspace, cudaStream_t stream) {
+  const int64_t rows = batch * seq;
+  check(rows >= 1 && C >= 1 && rows <= 0x7fffffff, "embedding: input size out of range");
+  const SortLayout l = sort_layout(rows);
+  int32_t* sorted_tokens = static_cast<int32_t*>(workspace);
+  int32_t* positions_in = sorted_tokens + l.ints;
+  int32_t* positions = positions_in + l.ints;
+  void* cub_storage = positions + l.ints;
+  size_t cub_bytes = l.cub_bytes;
+  iota_kernel<<<detail::blocks_for(rows, 256), 256, 0, stream>>>(positions_in, rows);
+  MHC_CUDA_CHECK(cudaGetLastError());
+  MHC_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(cub_storage, cub_bytes, tokens, sorted_tokens, positions_in,
+                                                 positions, static_cast<int>(rows), 0, vocab_bits(vocab), stream));
+  token_runs_kernel<<<detail::blocks_for(rows, 1), 256, 0, stream>>>(grad_e, sorted_tokens, positions, rows, C,
+                                                                      grad_wte);
+  MHC_CUDA_CHECK(cudaGetLastError());
+  position_sums_kernel<<<detail::blocks_for(seq * C, 256), 256, 0, stream>>>(grad_e, batch, seq, C, grad_wpe);
+  MHC_CUDA_CHECK(cudaGetLastError());
+}
+
+void cross_entropy(const float* logits, const int32_t* targets, int64_t rows, int64_t V, float scale, float* losses,
+                   bf16* grad_logits, cudaStream_t stream) {
+  check(rows >= 1 && V >= 1, "cross_entropy: empty input");
+  cross_entropy_kernel<<<detail::blocks_for(rows, 1), kLossThreads, 0, stream>>>(logits, targets, V, scale, losses,
+                                                                                 grad_logits);
+  MHC_CUDA_CHECK(cudaGetLastError());
+}
+
+}  // namespace mhc::cuda

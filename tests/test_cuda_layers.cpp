@@ -1,0 +1,93 @@
+// CUDA norms and activations against the CPU double reference, on fresh random inputs
+// with every output poisoned first (accumulated outputs start from random values).
+// Skipped without a GPU.
+#include <gtest/gtest.h>
+
+#include "cuda_test_util.h"
+#include "ops/cpu/activation.h"
+#include "ops/cpu/layernorm.h"
+#include "ops/cuda/activation.h"
+#include "ops/cuda/norm.h"
+
+namespace mhc {
+namespace {
+
+using namespace mhc::test;
+
+struct RowsShape {
+  int64_t rows, C;
+};
+
+class CudaLayers : public ::testing::TestWithParam<RowsShape> {
+ protected:
+  void SetUp() override {
+    if (!cuda::device_available()) GTEST_SKIP() << "no CUDA device";
+  }
+};
+
+TEST_P(CudaLayers, NormForwardAndBackward) {
+  const auto [rows, C] = GetParam();
+  for (bool rms : {false, true}) {
+    const Bf16Data x = random_bf16(rows * C, 1), g = random_bf16(rows * C, 2), dx0 = random_bf16(rows * C, 3);
+    const std::vector<float> w = random_float(C, 4, 0.5, 1.5), b = random_float(C, 5), dw0 = random_float(C, 6),
+                             db0 = random_float(C, 7);
+    DeviceBuffer<bf16> d_x(x.bits), d_g(g.bits), d_dx(dx0.bits);
+    DeviceBuffer<float> d_w(w), d_b(b), d_dw(dw0), d_db(db0);
+    auto d_out = poisoned<bf16>(rows * C);
+    auto d_mean = poisoned<float>(rows);
+    auto d_rstd = poisoned<float>(rows);
+    auto d_work = poisoned<float>(cuda::norm_backward_workspace_floats(rows, C));
+    cuda::norm_forward(d_x.data(), d_w.data(), d_b.data(), rows, C, 1e-5f, rms, d_out.data(), d_mean.data(),
+                       d_rstd.data());
+    cuda::norm_backward(d_g.data(), d_x.data(), d_w.data(), d_mean.data(), d_rstd.data(), rows, C, rms, d_dx.data(),
+                        d_dw.data(), d_db.data(), d_work.data());
+    MHC_CUDA_CHECK(cudaDeviceSynchronize());
+
+    const auto wd = widen(w), bd = widen(b);
+    std::vector<double> out(rows * C), mean(rows), rstd(rows), dx = dx0.values, dw = widen(dw0), db = widen(db0);
+    cpu::norm_forward(x.values.data(), wd.data(), rms ? nullptr : bd.data(), rows, C, 1e-5, rms, out.data(),
+                      mean.data(), rstd.data());
+    cpu::norm_backward(g.values.data(), x.values.data(), wd.data(), mean.data(), rstd.data(), rows, C, rms, dx.data(),
+                       dw.data(), rms ? nullptr : db.data());
+    const std::string label = rms ? "rms" : "layernorm";
+    EXPECT_LT(relative_error(widen(d_out.download()), out), kBf16Tolerance) << label;
+    EXPECT_LT(relative_error(widen(d_rstd.download()), rstd), kFp32Tolerance) << label;
+    if (!rms) {
+      EXPECT_LT(relative_error(widen(d_mean.download()), mean), kFp32Tolerance) << label;
+    }
+    EXPECT_LT(relative_error(widen(d_dx.download()), dx), kBf16Tolerance) << label;
+    EXPECT_LT(relative_error(widen(d_dw.download()), dw), kFp32Tolerance) << label;
+    EXPECT_LT(relative_error(widen(d_db.download()), db), kFp32Tolerance) << label;  // untouched for rms
+  }
+}
+
+TEST_P(CudaLayers, ActivationsForwardAndBackward) {
+  const auto [rows, F] = GetParam();
+  for (cpu::Activation a : {cpu::Activation::Gelu, cpu::Activation::SwiGlu}) {
+    const int64_t width = cpu::activation_input_width(a, F);
+    const Bf16Data x = random_bf16(rows * width, 11), g = random_bf16(rows * F, 12);
+    DeviceBuffer<bf16> d_x(x.bits), d_g(g.bits);
+    auto d_out = poisoned<bf16>(rows * F);
+    auto d_dx = poisoned<bf16>(rows * width);
+    cuda::activation_forward(a, d_x.data(), rows, F, d_out.data());
+    cuda::activation_backward(a, d_g.data(), d_x.data(), rows, F, d_dx.data());
+    MHC_CUDA_CHECK(cudaDeviceSynchronize());
+    std::vector<double> out(rows * F), dx(rows * width);
+    cpu::activation_forward(a, x.values.data(), rows, F, out.data());
+    cpu::activation_backward(a, g.values.data(), x.values.data(), rows, F, dx.data());
+    const std::string label = a == cpu::Activation::Gelu ? "gelu" : "swiglu";
+    EXPECT_LT(relative_error(widen(d_out.download()), out), kBf16Tolerance) << label;
+    EXPECT_LT(relative_error(widen(d_dx.download()), dx), kBf16Tolerance) << label;
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Shapes, CudaLayers,
+                         ::testing::Values(RowsShape{1, 1}, RowsShape{7, 13}, RowsShape{33, 768}, RowsShape{300, 100},
+                                           RowsShape{1000, 257}),
+                         [](const auto& param_info) {
+                           const RowsShape& p = param_info.param;
+                           return "rows" + std::to_string(p.rows) + "_C" + std::to_string(p.C);
+                         });
+
+}  // namespace
+}  // namespace mhc

@@ -1,0 +1,149 @@
+// CUDA embedding, cross-entropy and optimizer against their CPU counterparts, on fresh
+// random inputs with every output poisoned first. Skipped without a GPU.
+#include <gtest/gtest.h>
+
+#include "cuda_test_util.h"
+#include "nn/parameter.h"
+#include "ops/cpu/embedding.h"
+#include "ops/cuda/adamw.h"
+#include "ops/cuda/embedding.h"
+#include "train/optimizer.h"
+
+namespace mhc {
+namespace {
+
+using namespace mhc::test;
+
+class CudaTrainOps : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    if (!cuda::device_available()) GTEST_SKIP() << "no CUDA device";
+  }
+};
+
+std::vector<int32_t> random_tokens(size_t count, int64_t vocab, uint64_t seed) {
+  std::vector<int32_t> tokens;
+  // Few distinct values, so that runs of equal tokens are long (the backward's hard case).
+  for (double u : random_vector(count, seed, 0, 1)) tokens.push_back(static_cast<int32_t>(u * u * vocab) % vocab);
+  return tokens;
+}
+
+TEST_F(CudaTrainOps, EmbeddingForwardAndBackward) {
+  for (auto [batch, seq, C, vocab] : {std::array<int64_t, 4>{1, 1, 1, 2}, std::array<int64_t, 4>{3, 17, 13, 50},
+                                      std::array<int64_t, 4>{8, 64, 96, 1000}}) {
+    const std::vector<int32_t> tokens = random_tokens(batch * seq, vocab, 1);
+    const std::vector<float> wte = random_float(vocab * C, 2), wpe = random_float(seq * C, 3),
+                             dwte0 = random_float(vocab * C, 4), dwpe0 = random_float(seq * C, 5);
+    const Bf16Data de = random_bf16(batch * seq * C, 6);
+    DeviceBuffer<int32_t> d_tokens(tokens);
+    DeviceBuffer<float> d_wte(wte), d_wpe(wpe), d_dwte(dwte0), d_dwpe(dwpe0);
+    DeviceBuffer<bf16> d_de(de.bits);
+    auto d_e = poisoned<bf16>(batch * seq * C);
+    auto d_work = poisoned<unsigned char>(cuda::embedding_backward_workspace_bytes(batch, seq));
+    cuda::embedding_forward(d_tokens.data(), d_wte.data(), d_wpe.data(), batch, seq, C, d_e.data());
+    cuda::embedding_backward(d_de.data(), d_tokens.data(), batch, seq, C, vocab, d_dwte.data(), d_dwpe.data(),
+                             d_work.data());
+    MHC_CUDA_CHECK(cudaDeviceSynchronize());
+    const auto wte_d = widen(wte), wpe_d = widen(wpe);
+    std::vector<double> e(batch * seq * C), dwte = widen(dwte0), dwpe = widen(dwpe0);
+    cpu::embedding_forward(tokens.data(), wte_d.data(), wpe_d.data(), batch, seq, C, e.data());
+    cpu::embedding_backward(de.values.data(), tokens.data(), batch, seq, C, dwte.data(), dwpe.data());
+    const std::string label = "seq " + std::to_string(seq);
+    EXPECT_LT(relative_error(widen(d_e.download()), e), kBf16Tolerance) << label;
+    EXPECT_LT(relative_error(widen(d_dwte.download()), dwte), kFp32Tolerance) << label;
+    EXPECT_LT(relative_error(widen(d_dwpe.download()), dwpe), kFp32Tolerance) << label;
+    // Deterministic: the same backward again gives the same bits.
+    const auto first = d_dwte.download();
+    d_dwte.upload(dwte0);
+    cuda::embedding_backward(d_de.data(), d_tokens.data(), batch, seq, C, vocab, d_dwte.data(), d_dwpe.data(),
+                             d_work.data());
+    EXPECT_EQ(d_dwte.download(), first) << label;
+  }
+}
+
+TEST_F(CudaTrainOps, CrossEntropyMatchesTheLmHead) {
+  // The CPU head computes logits = h wte^T; the GPU loss takes logits, computed here in
+  // double from the same h and wte.
+  for (auto [rows, C, V] : {std::array<int64_t, 3>{1, 3, 2}, std::array<int64_t, 3>{37, 16, 1001}}) {
+    const std::vector<double> h = random_vector(rows * C, 11), wte = random_vector(V * C, 12, -2, 2);
+    const std::vector<int32_t> targets = random_tokens(rows, V, 13);
+    std::vector<float> logits(rows * V);
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t v = 0; v < V; ++v) {
+        double s = 0;
+        for (int64_t c = 0; c < C; ++c) s += h[r * C + c] * wte[v * C + c];
+        logits[r * V + v] = static_cast<float>(s);
+      }
+    DeviceBuffer<float> d_logits(logits);
+    DeviceBuffer<int32_t> d_targets(targets);
+    auto d_losses = poisoned<float>(rows);
+    auto d_grad = poisoned<bf16>(rows * V);
+    cuda::cross_entropy(d_logits.data(), d_targets.data(), rows, V, 1.0f / static_cast<float>(rows), d_losses.data(),
+                        d_grad.data());
+    MHC_CUDA_CHECK(cudaDeviceSynchronize());
+    std::vector<double> probs(rows * V);
+    const double loss = cpu::lm_head_forward(h.data(), wte.data(), targets.data(), rows, C, V, probs.data());
+    // dlogits = (probs - onehot) / rows, as the CPU backward forms it
+    for (int64_t r = 0; r < rows; ++r) probs[r * V + targets[r]] -= 1.0;
+    for (double& p : probs) p /= static_cast<double>(rows);
+    const auto losses = d_losses.download();
+    double mean = 0;
+    for (float l : losses) mean += l;
+    mean /= static_cast<double>(rows);
+    EXPECT_NEAR(mean, loss, 1e-5 * std::max(1.0, std::abs(loss)));
+    EXPECT_LT(relative_error(widen(d_grad.download()), probs), kBf16Tolerance);
+  }
+}
+
+TEST_F(CudaTrainOps, AdamWWithClippingMatchesTheCpuOptimizer) {
+  TrainConfig config;
+  config.grad_clip = 0.5;
+  Parameter<float> weight("decoder.layers.0.mlp.linear_fc1.weight", {37, 29}), bias("decoder.final_layernorm.bias", {7});
+  for (Parameter<float>* p : {&weight, &bias}) {
+    const auto v = random_float(p->value.size(), 21 + p->value.size());
+    p->value = v;
+  }
+  std::vector<Parameter<float>*> params = {&weight, &bias};
+  AdamW cpu_opt(params);
+  std::vector<DeviceBuffer<float>> value, grad, m, v;
+  std::vector<DeviceBuffer<bf16>> copy;
+  for (Parameter<float>* p : params) {
+    value.emplace_back(p->value);
+    grad.emplace_back(p->value.size());
+    m.emplace_back(std::vector<float>(p->value.size(), 0.0f));
+    v.emplace_back(std::vector<float>(p->value.size(), 0.0f));
+    copy.push_back(poisoned<bf16>(p->value.size()));
+  }
+  DeviceBuffer<double> work(cuda::grad_norm_workspace_doubles(params.size()));
+  auto result = poisoned<float>(2);
+  const float scale = 0.5f;  // e.g. two accumulated micro-batches
+  for (int step = 1; step <= 3; ++step) {
+    const double lr = 1e-2 * step;
+    for (size_t k = 0; k < params.size(); ++k) {
+      params[k]->grad = random_float(params[k]->value.size(), 100 * step + k, -3, 3);
+      grad[k].upload(params[k]->grad);
+    }
+    std::vector<cuda::GradTensor> tensors;
+    for (size_t k = 0; k < params.size(); ++k) tensors.push_back({grad[k].data(), params[k]->size()});
+    cuda::grad_norm(tensors, scale, static_cast<float>(config.grad_clip), work.data(), result.data());
+    const AdamWScalars s = adamw_scalars(config, lr, step);
+    for (size_t k = 0; k < params.size(); ++k) {
+      const cuda::AdamWStep gs{s.beta1, s.beta2, s.eps, s.step_size, s.sqrt_correction2,
+                               decays(params[k]->name) ? s.decay : 1.0f, scale};
+      cuda::adamw_update(gs, grad[k].data(), result.data() + 1, params[k]->size(), value[k].data(), m[k].data(),
+                         v[k].data(), copy[k].data());
+    }
+    const double cpu_norm = scale_and_clip_gradients(params, scale, config.grad_clip);
+    cpu_opt.step(config, lr);
+    EXPECT_NEAR(result.download()[0], cpu_norm, 1e-6 * cpu_norm) << "step " << step;
+    for (size_t k = 0; k < params.size(); ++k) {
+      EXPECT_LT(relative_error(widen(value[k].download()), widen(params[k]->value)), 1e-6) << params[k]->name;
+      EXPECT_LT(relative_error(widen(m[k].download()), widen(cpu_opt.exp_avg[k])), 1e-6) << params[k]->name;
+      EXPECT_LT(relative_error(widen(v[k].download()), widen(cpu_opt.exp_avg_sq[k])), 1e-6) << params[k]->name;
+      EXPECT_LT(relative_error(widen(copy[k].download()), widen(params[k]->value)), kBf16Tolerance);
+    }
+  }
+}
+
+}  // namespace
+}  // namespace mhc
