@@ -3,10 +3,13 @@
 // Skipped without a GPU.
 #include <gtest/gtest.h>
 
+#include "core/rng.h"
 #include "cuda_test_util.h"
 #include "ops/cpu/activation.h"
 #include "ops/cpu/layernorm.h"
+#include "ops/cpu/attention.h"
 #include "ops/cuda/activation.h"
+#include "ops/cuda/attention.h"
 #include "ops/cuda/norm.h"
 
 namespace mhc {
@@ -78,6 +81,34 @@ TEST_P(CudaLayers, ActivationsForwardAndBackward) {
     const std::string label = a == cpu::Activation::Gelu ? "gelu" : "swiglu";
     EXPECT_LT(relative_error(widen(d_out.download()), out), kBf16Tolerance) << label;
     EXPECT_LT(relative_error(widen(d_dx.download()), dx), kBf16Tolerance) << label;
+  }
+}
+
+TEST(CudaAttention, ForwardAndBackwardMatchTheCpuReference) {
+  if (!cuda::device_available()) GTEST_SKIP() << "no CUDA device";
+  for (const cpu::AttentionShape& shape : {cpu::AttentionShape{2, 5, 2, 8}, cpu::AttentionShape{1, 33, 3, 48},
+                                           cpu::AttentionShape{2, 64, 4, 256}}) {
+    for (float p : {0.0f, 0.2f}) {
+      const cpu::DropoutSpec dropout{p, rng_key(7, static_cast<uint64_t>(shape.seq))};
+      const int64_t rows = shape.batch * shape.seq, C = shape.C, P = shape.batch * shape.heads * shape.seq * shape.seq;
+      const Bf16Data qkv = random_bf16(rows * 3 * C, 41), gout = random_bf16(rows * C, 42);
+      DeviceBuffer<bf16> d_qkv(qkv.bits), d_gout(gout.bits);
+      auto d_probs = poisoned<bf16>(P);
+      auto d_out = poisoned<bf16>(rows * C);
+      auto d_dqkv = poisoned<bf16>(rows * 3 * C);
+      auto d_work = poisoned<unsigned char>(cuda::attention_workspace_bytes(shape));
+      cuda::attention_forward(shape, d_qkv.data(), dropout, d_probs.data(), d_out.data(), d_work.data());
+      cuda::attention_backward(shape, d_gout.data(), d_qkv.data(), d_probs.data(), dropout, d_dqkv.data(),
+                               d_work.data());
+      MHC_CUDA_CHECK(cudaDeviceSynchronize());
+      std::vector<double> probs(P), out(rows * C), dqkv(rows * 3 * C);
+      cpu::attention_forward(shape, qkv.values.data(), dropout, probs.data(), out.data());
+      cpu::attention_backward(shape, gout.values.data(), qkv.values.data(), probs.data(), dropout, dqkv.data());
+      const std::string label = "T=" + std::to_string(shape.seq) + " p=" + std::to_string(p);
+      EXPECT_LT(relative_error(widen(d_probs.download()), probs), kBf16Tolerance) << label;
+      EXPECT_LT(relative_error(widen(d_out.download()), out), kBf16Tolerance) << label;
+      EXPECT_LT(relative_error(widen(d_dqkv.download()), dqkv), kBf16Tolerance) << label;
+    }
   }
 }
 

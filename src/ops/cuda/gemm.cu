@@ -6,6 +6,7 @@
 #include <mutex>
 #include <string>
 #include <tuple>
+#include <utility>
 
 #include "core/cuda/device.h"
 
@@ -20,14 +21,15 @@ void check_blas(cublasStatus_t status, const char* call) {
 
 constexpr size_t kWorkspaceBytes = size_t{32} << 20;
 
-// Largest power of two (at most 256) dividing the address of every column.
-uint32_t alignment_of(const void* p, int64_t ld, size_t element) {
-  const uint64_t bits = reinterpret_cast<uintptr_t>(p) | static_cast<uint64_t>(ld) * element | 256;
+// Largest power of two (at most 256) dividing the address of every column of every batch.
+uint32_t alignment_of(const void* p, int64_t ld, int64_t stride, size_t element) {
+  const uint64_t bits = reinterpret_cast<uintptr_t>(p) | static_cast<uint64_t>(ld) * element |
+                        static_cast<uint64_t>(stride) * element | 256;
   return static_cast<uint32_t>(bits & (~bits + 1));
 }
 
 using Key = std::tuple<bool, bool, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int, uint32_t, uint32_t,
-                       uint32_t, bool>;
+                       uint32_t, bool, int, int64_t, int64_t, int64_t>;
 
 struct Plan {
   cublasLtMatmulDesc_t desc = nullptr;
@@ -69,6 +71,15 @@ Plan make_plan(cublasLtHandle_t handle, const Gemm& g, uint32_t align_a, uint32_
   MHC_BLAS_CHECK(cublasLtMatrixLayoutCreate(&p.a, CUDA_R_16BF, g.trans_a ? g.k : g.m, g.trans_a ? g.m : g.k, g.lda));
   MHC_BLAS_CHECK(cublasLtMatrixLayoutCreate(&p.b, CUDA_R_16BF, g.trans_b ? g.n : g.k, g.trans_b ? g.k : g.n, g.ldb));
   MHC_BLAS_CHECK(cublasLtMatrixLayoutCreate(&p.d, out, g.m, g.n, g.ldd));
+  if (g.batch > 1) {
+    const int32_t count = g.batch;
+    const std::pair<cublasLtMatrixLayout_t, int64_t> layouts[] = {{p.a, g.stride_a}, {p.b, g.stride_b}, {p.d, g.stride_d}};
+    for (const auto& [layout, stride] : layouts) {
+      MHC_BLAS_CHECK(cublasLtMatrixLayoutSetAttribute(layout, CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT, &count, sizeof(count)));
+      MHC_BLAS_CHECK(cublasLtMatrixLayoutSetAttribute(layout, CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET, &stride,
+                                                      sizeof(stride)));
+    }
+  }
 
   cublasLtMatmulPreference_t pref = nullptr;
   MHC_BLAS_CHECK(cublasLtMatmulPreferenceCreate(&pref));
@@ -101,15 +112,16 @@ Plan make_plan(cublasLtHandle_t handle, const Gemm& g, uint32_t align_a, uint32_
 }  // namespace
 
 void gemm(const Gemm& g, cudaStream_t stream) {
-  check(g.m >= 1 && g.n >= 1 && g.k >= 1, "gemm: empty product");
+  check(g.m >= 1 && g.n >= 1 && g.k >= 1 && g.batch >= 1, "gemm: empty product");
   check(g.lda >= (g.trans_a ? g.k : g.m) && g.ldb >= (g.trans_b ? g.n : g.k) && g.ldd >= g.m,
         "gemm: a leading dimension is smaller than its matrix");
   Context& c = context_of_current_device();
   const size_t out_bytes = g.output == GemmOutput::f32 ? 4 : 2;
-  const uint32_t align_a = alignment_of(g.a, g.lda, 2), align_b = alignment_of(g.b, g.ldb, 2),
-                 align_d = alignment_of(g.d, g.ldd, out_bytes);
-  const Key key{g.trans_a, g.trans_b, g.m, g.n, g.k, g.lda, g.ldb, g.ldd, static_cast<int>(g.output),
-                align_a, align_b, align_d, g.beta != 0.0f};
+  const uint32_t align_a = alignment_of(g.a, g.lda, g.stride_a, 2), align_b = alignment_of(g.b, g.ldb, g.stride_b, 2),
+                 align_d = alignment_of(g.d, g.ldd, g.stride_d, out_bytes);
+  const Key key{g.trans_a, g.trans_b, g.m,      g.n,      g.k,          g.lda,        g.ldb,
+                g.ldd,     static_cast<int>(g.output), align_a, align_b, align_d, g.beta != 0.0f,
+                g.batch,   g.stride_a, g.stride_b, g.stride_d};
   Plan p;
   {
     const std::lock_guard<std::mutex> lock(c.mutex);

@@ -2,6 +2,8 @@
 //
 //   D = alpha op(A) op(B) + beta D      op(A) m×k, op(B) k×n, D m×n (ldd >= m)
 //
+// optionally strided-batched.
+//
 // A and B are bf16, the products are summed in fp32, D is fp32 or bf16 (beta != 0 reads
 // the D it overwrites). Row-major callers swap the operands: a row-major [rows, cols]
 // matrix is the column-major [cols, rows] one.
@@ -31,6 +33,10 @@ struct Gemm {
   int64_t ldd = 0;
   GemmOutput output = GemmOutput::f32;
   float alpha = 1.0f, beta = 0.0f;
+  // batch > 1: that many products, the i-th at a + i stride_a, b + i stride_b, d + i stride_d
+  // (in elements).
+  int batch = 1;
+  int64_t stride_a = 0, stride_b = 0, stride_d = 0;
 };
 
 void gemm(const Gemm& g, cudaStream_t stream = nullptr);
