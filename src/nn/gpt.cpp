@@ -19,9 +19,6 @@ namespace mhc {
 
 namespace {
 
-// Dropout sites of a layer, each its own Philox stream per (seed, layer, step).
-enum DropoutSite : uint64_t { kAttentionResidual = 0, kMlpResidual = 1, kAttentionProbs = 2 };
-
 cpu::Activation activation_of(const ModelConfig& c) {
   return c.activation == "swiglu" ? cpu::Activation::SwiGlu : cpu::Activation::Gelu;
 }

@@ -110,14 +110,14 @@ void attention_forward(const cpu::AttentionShape& s, const bf16* qkv, cpu::Dropo
     const bf16* base = qkv + b * T * row;
     bf16* pb = probs + b * H * T * T;
     // S^T as column-major [u, t]: k [u, d] times q^T.
-    heads_product(true, false, T, T, d, {base + C, row, d}, {base, row, d}, scores, T, T * T, GemmOutput::f32, H,
+    heads_product(true, false, T, T, d, {base + C, row, d}, {base, row, d}, scores, T, T * T, GemmOutput::Fp32, H,
                   stream);
     softmax_kernel<<<detail::blocks_for(H * T, kRowsPerBlock), kRowsPerBlock * 32, 0, stream>>>(
         scores, T, H, b, scale, dropout, pb, drop ? dropped : nullptr);
     MHC_CUDA_CHECK(cudaGetLastError());
     // out^T [d, t] = v^T [d, u] (D P)^T [u, t]
     heads_product(false, false, d, T, T, {base + 2 * C, row, d}, {drop ? dropped : pb, T, T * T}, out + b * T * C,
-                  C, d, GemmOutput::bf16, H, stream);
+                  C, d, GemmOutput::Bf16, H, stream);
   }
 }
 
@@ -140,17 +140,17 @@ void attention_backward(const cpu::AttentionShape& s, const bf16* grad_out, cons
     }
     // dV^T [d, u] = dout^T [d, t] (D P) [t, u]
     heads_product(false, true, d, T, T, {gob, C, d}, {drop ? scratch : pb, T, T * T}, gb + 2 * C, row, d,
-                  GemmOutput::bf16, H, stream);
+                  GemmOutput::Bf16, H, stream);
     // dP^T as column-major [u, t]: v [u, d] times dout^T
-    heads_product(true, false, T, T, d, {base + 2 * C, row, d}, {gob, C, d}, grad_p, T, T * T, GemmOutput::f32, H,
+    heads_product(true, false, T, T, d, {base + 2 * C, row, d}, {gob, C, d}, grad_p, T, T * T, GemmOutput::Fp32, H,
                   stream);
     softmax_backward_kernel<<<detail::blocks_for(H * T, kRowsPerBlock), kRowsPerBlock * 32, 0, stream>>>(
         grad_p, pb, T, H, b, scale, dropout, scratch);
     MHC_CUDA_CHECK(cudaGetLastError());
     // dQ^T [d, t] = k^T [d, u] dS^T [u, t];  dK^T [d, u] = q^T [d, t] dS [t, u]
-    heads_product(false, false, d, T, T, {base + C, row, d}, {scratch, T, T * T}, gb, row, d, GemmOutput::bf16, H,
+    heads_product(false, false, d, T, T, {base + C, row, d}, {scratch, T, T * T}, gb, row, d, GemmOutput::Bf16, H,
                   stream);
-    heads_product(false, true, d, T, T, {base, row, d}, {scratch, T, T * T}, gb + C, row, d, GemmOutput::bf16, H,
+    heads_product(false, true, d, T, T, {base, row, d}, {scratch, T, T * T}, gb + C, row, d, GemmOutput::Bf16, H,
                   stream);
   }
 }

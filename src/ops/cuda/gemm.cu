@@ -29,7 +29,7 @@ uint32_t alignment_of(const void* p, int64_t ld, int64_t stride, size_t element)
 }
 
 using Key = std::tuple<bool, bool, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int, uint32_t, uint32_t,
-                       uint32_t, bool, int, int64_t, int64_t, int64_t>;
+                       uint32_t, bool, int, int64_t, int64_t, int64_t, bool>;
 
 struct Plan {
   cublasLtMatmulDesc_t desc = nullptr;
@@ -63,11 +63,16 @@ Context& context_of_current_device() {
 
 Plan make_plan(cublasLtHandle_t handle, const Gemm& g, uint32_t align_a, uint32_t align_b, uint32_t align_d) {
   Plan p;
-  const cudaDataType_t out = g.output == GemmOutput::f32 ? CUDA_R_32F : CUDA_R_16BF;
+  const cudaDataType_t out = g.output == GemmOutput::Fp32 ? CUDA_R_32F : CUDA_R_16BF;
   MHC_BLAS_CHECK(cublasLtMatmulDescCreate(&p.desc, CUBLAS_COMPUTE_32F, CUDA_R_32F));
   const cublasOperation_t ta = g.trans_a ? CUBLAS_OP_T : CUBLAS_OP_N, tb = g.trans_b ? CUBLAS_OP_T : CUBLAS_OP_N;
   MHC_BLAS_CHECK(cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof(ta)));
   MHC_BLAS_CHECK(cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof(tb)));
+  if (g.bias) {
+    const cublasLtEpilogue_t epilogue = CUBLASLT_EPILOGUE_BIAS;
+    MHC_BLAS_CHECK(cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_EPILOGUE, &epilogue, sizeof(epilogue)));
+    MHC_BLAS_CHECK(cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &g.bias, sizeof(g.bias)));
+  }
   MHC_BLAS_CHECK(cublasLtMatrixLayoutCreate(&p.a, CUDA_R_16BF, g.trans_a ? g.k : g.m, g.trans_a ? g.m : g.k, g.lda));
   MHC_BLAS_CHECK(cublasLtMatrixLayoutCreate(&p.b, CUDA_R_16BF, g.trans_b ? g.n : g.k, g.trans_b ? g.k : g.n, g.ldb));
   MHC_BLAS_CHECK(cublasLtMatrixLayoutCreate(&p.d, out, g.m, g.n, g.ldd));
@@ -116,18 +121,20 @@ void gemm(const Gemm& g, cudaStream_t stream) {
   check(g.lda >= (g.trans_a ? g.k : g.m) && g.ldb >= (g.trans_b ? g.n : g.k) && g.ldd >= g.m,
         "gemm: a leading dimension is smaller than its matrix");
   Context& c = context_of_current_device();
-  const size_t out_bytes = g.output == GemmOutput::f32 ? 4 : 2;
+  const size_t out_bytes = g.output == GemmOutput::Fp32 ? 4 : 2;
   const uint32_t align_a = alignment_of(g.a, g.lda, g.stride_a, 2), align_b = alignment_of(g.b, g.ldb, g.stride_b, 2),
                  align_d = alignment_of(g.d, g.ldd, g.stride_d, out_bytes);
   const Key key{g.trans_a, g.trans_b, g.m,      g.n,      g.k,          g.lda,        g.ldb,
                 g.ldd,     static_cast<int>(g.output), align_a, align_b, align_d, g.beta != 0.0f,
-                g.batch,   g.stride_a, g.stride_b, g.stride_d};
+                g.batch,   g.stride_a, g.stride_b, g.stride_d, g.bias != nullptr};
   Plan p;
   {
     const std::lock_guard<std::mutex> lock(c.mutex);
     auto it = c.plans.find(key);
     if (it == c.plans.end()) it = c.plans.emplace(key, make_plan(c.handle, g, align_a, align_b, align_d)).first;
     p = it->second;
+    if (g.bias)  // the plan was made with another call's bias pointer
+      MHC_BLAS_CHECK(cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &g.bias, sizeof(g.bias)));
   }
   MHC_BLAS_CHECK(cublasLtMatmul(c.handle, p.desc, &g.alpha, g.a, p.a, g.b, p.b, &g.beta, g.d, p.d, g.d, p.d,
                                 &p.algo, c.workspace, kWorkspaceBytes, stream));

@@ -20,7 +20,7 @@
 
 namespace mhc::cuda {
 
-enum class GemmOutput { f32, bf16 };
+enum class GemmOutput { Fp32, Bf16 };
 
 struct Gemm {
   bool trans_a = false, trans_b = false;
@@ -31,12 +31,14 @@ struct Gemm {
   int64_t ldb = 0;
   void* d = nullptr;
   int64_t ldd = 0;
-  GemmOutput output = GemmOutput::f32;
+  GemmOutput output = GemmOutput::Fp32;
   float alpha = 1.0f, beta = 0.0f;
   // batch > 1: that many products, the i-th at a + i stride_a, b + i stride_b, d + i stride_d
   // (in elements).
   int batch = 1;
   int64_t stride_a = 0, stride_b = 0, stride_d = 0;
+  // When set: D += bias broadcast over columns (bias[i] added to row i; m values, of D's type).
+  const void* bias = nullptr;
 };
 
 void gemm(const Gemm& g, cudaStream_t stream = nullptr);

@@ -1,0 +1,431 @@
+#include "nn/gpt_cuda.h"
+
+#include <algorithm>
+#include <cmath>
+
+#include "core/cuda/device.h"
+#include "core/error.h"
+#include "core/rng.h"
+#include "ops/cuda/activation.h"
+#include "ops/cuda/adamw.h"
+#include "ops/cuda/attention.h"
+#include "ops/cuda/embedding.h"
+#include "ops/cuda/gemm.h"
+#include "ops/cuda/linear.h"
+#include "ops/cuda/mhc_mappings.h"
+#include "ops/cuda/norm.h"
+#include "ops/cuda/stream_mix.h"
+#include "train/optimizer.h"
+
+namespace mhc {
+
+using cuda::bf16;
+using cuda::DeviceBuffer;
+
+namespace {
+
+// Where a host parameter lives in the device arenas (offsets in elements).
+struct Slot {
+  Parameter<float>* host;
+  int64_t offset;
+  int64_t size() const { return host->size(); }
+};
+
+// The mappings of one hyper connection, kept from forward to backward.
+struct HcState {
+  Slot weight, alpha, bias;  // alpha: the three gates, consecutive
+  DeviceBuffer<float> proj, r, h_pre, h_post, h_res;
+};
+
+struct CudaLayer {
+  Slot ln1_w, ln1_b, qkv_w, qkv_b, proj_w, proj_b, ln2_w, ln2_b, fc1_w, fc1_b, fc2_w, fc2_b;
+  HcState hc_attn, hc_mlp;
+  DeviceBuffer<float> ln1_mean, ln1_rstd, ln2_mean, ln2_rstd;
+  DeviceBuffer<bf16> qkv, probs, ctx, attn_y, fc, act, mlp_y, agg1, ln1_out, x_mid, agg2, ln2_out, x_out;
+  cpu::DropoutSpec drop_attn, drop_mlp, drop_probs;
+};
+
+}  // namespace
+
+struct GptCuda::State {
+  int64_t B, S, N, C, n, F, width, V, H, head_rows;
+  bool hc, rms;
+  cpu::Activation activation;
+  float eps;
+  uint64_t seed = 0;
+  int64_t steps_taken = 0;
+  std::unique_ptr<Gpt<float>> host;  // parameters and their initialisation
+  std::vector<Slot> slots;           // in host parameter order
+  int64_t parameter_count = 0;
+  DeviceBuffer<float> value, grad, exp_avg, exp_avg_sq;
+  DeviceBuffer<bf16> half;  // bf16 copies of the values, for the products
+  Slot wte, wpe, lnf_w, lnf_b;
+  std::vector<CudaLayer> layers;
+  DeviceBuffer<int32_t> tokens, targets;
+  DeviceBuffer<bf16> e, x0, h, hf, dlogits;
+  DeviceBuffer<float> lnf_mean, lnf_rstd, logits, losses, ones;
+  DeviceBuffer<bf16> dx_a, dx_b, dx_mid, dagg, dln, dy, dctx, dh, dhf, de, dqkv, dfc, dact;
+  DeviceBuffer<float> grad_h_pre, grad_h_post, grad_h_res;
+  DeviceBuffer<float> mappings_forward_ws, mappings_backward_ws, columns_ws, norm_result;
+  DeviceBuffer<double> norm_ws;
+  DeviceBuffer<unsigned char> attention_ws, embedding_ws;
+
+  float* value_of(const Slot& s) { return s.host->value.empty() ? nullptr : value.data() + s.offset; }
+  float* grad_of(const Slot& s) { return s.host->value.empty() ? nullptr : grad.data() + s.offset; }
+  bf16* half_of(const Slot& s) { return s.host->value.empty() ? nullptr : half.data() + s.offset; }
+  Slot slot_of(const Parameter<float>& p) const {
+    for (const Slot& s : slots)
+      if (s.host == &p) return s;
+    fail("GptCuda: parameter " + p.name + " has no device slot");
+  }
+  cuda::MappingsArgs mappings_args(const ModelConfig& c) const {
+    return {N, static_cast<int>(n), C,
+            c.connection == "mhc" ? static_cast<int>(c.mhc_sinkhorn_iterations) : 0};
+  }
+
+  void norm(const bf16* x, const Slot& w, const Slot& b, bf16* out, float* mean, float* rstd) {
+    cuda::norm_forward(x, value_of(w), value_of(b), N, C, eps, rms, out, mean, rstd);
+  }
+  // dx += norm backward; the weight and bias gradients accumulate.
+  void norm_backward(const bf16* g, const bf16* x, const Slot& w, const Slot& b, const float* mean, const float* rstd,
+                     bf16* dx) {
+    cuda::norm_backward(g, x, value_of(w), mean, rstd, N, C, rms, dx, grad_of(w), grad_of(b), columns_ws.data());
+  }
+  // H_res/H_post mixing and the bias-dropout-add; residual models are the n = 1 case with
+  // H_res = H_post = 1.
+  void residual_forward(const HcState& m, const bf16* x, const bf16* y, const Slot& bias, cpu::DropoutSpec d,
+                        bf16* out) {
+    cuda::h_post_bda_forward(x, hc ? m.h_res.data() : ones.data(), hc ? m.h_post.data() : ones.data(), y,
+                             half_of(bias), N, static_cast<int>(n), C, d, out);
+  }
+  void residual_backward(HcState& m, const bf16* grad_out, const bf16* x, const bf16* y, const Slot& bias,
+                         cpu::DropoutSpec d, bf16* grad_x) {
+    cuda::h_post_bda_backward(grad_out, x, hc ? m.h_res.data() : ones.data(), hc ? m.h_post.data() : ones.data(), y,
+                              half_of(bias), N, static_cast<int>(n), C, d, grad_x, grad_h_res.data(),
+                              grad_h_post.data(), dy.data(), grad_of(bias));
+  }
+  void mappings_forward(HcState& m, const bf16* x, bf16* agg, const ModelConfig& c) {
+    cuda::mhc_mappings_forward(mappings_args(c), x, nullptr, value_of(m.weight), value_of(m.alpha), value_of(m.bias),
+                               m.proj.data(), m.r.data(), m.h_pre.data(), m.h_post.data(), m.h_res.data(),
+                               mappings_forward_ws.data());
+    cuda::aggregate_forward(x, m.h_pre.data(), N, static_cast<int>(n), C, agg);
+  }
+  // After residual_backward (which left dH_res, dH_post): dx += the aggregate's and the
+  // mappings' gradients, and the mapping parameters' gradients accumulate.
+  void mappings_backward(HcState& m, const bf16* grad_agg, const bf16* x, bf16* grad_x, const ModelConfig& c) {
+    cuda::aggregate_backward(grad_agg, x, m.h_pre.data(), N, static_cast<int>(n), C, grad_x, grad_h_pre.data());
+    cuda::mhc_mappings_backward(mappings_args(c), x, value_of(m.weight), value_of(m.alpha), value_of(m.bias),
+                                m.proj.data(), m.r.data(), m.h_pre.data(), m.h_post.data(), grad_h_pre.data(),
+                                grad_h_post.data(), grad_h_res.data(), grad_x, grad_of(m.weight), grad_of(m.alpha),
+                                grad_of(m.bias), mappings_backward_ws.data());
+  }
+
+  void layer_forward(CudaLayer& L, const bf16* x_in, const ModelConfig& c) {
+    const cpu::AttentionShape shape{B, S, H, C};
+    const bf16* norm1_in = x_in;
+    if (hc) {
+      mappings_forward(L.hc_attn, x_in, L.agg1.data(), c);
+      norm1_in = L.agg1.data();
+    }
+    norm(norm1_in, L.ln1_w, L.ln1_b, L.ln1_out.data(), L.ln1_mean.data(), L.ln1_rstd.data());
+    cuda::linear_forward(L.ln1_out.data(), half_of(L.qkv_w), half_of(L.qkv_b), N, C, 3 * C, L.qkv.data());
+    cuda::attention_forward(shape, L.qkv.data(), L.drop_probs, L.probs.data(), L.ctx.data(), attention_ws.data());
+    cuda::linear_forward(L.ctx.data(), half_of(L.proj_w), nullptr, N, C, C, L.attn_y.data());
+    residual_forward(L.hc_attn, x_in, L.attn_y.data(), L.proj_b, L.drop_attn, L.x_mid.data());
+    const bf16* norm2_in = L.x_mid.data();
+    if (hc) {
+      mappings_forward(L.hc_mlp, L.x_mid.data(), L.agg2.data(), c);
+      norm2_in = L.agg2.data();
+    }
+    norm(norm2_in, L.ln2_w, L.ln2_b, L.ln2_out.data(), L.ln2_mean.data(), L.ln2_rstd.data());
+    cuda::linear_forward(L.ln2_out.data(), half_of(L.fc1_w), half_of(L.fc1_b), N, C, width, L.fc.data());
+    cuda::activation_forward(activation, L.fc.data(), N, F, L.act.data());
+    cuda::linear_forward(L.act.data(), half_of(L.fc2_w), nullptr, N, F, C, L.mlp_y.data());
+    residual_forward(L.hc_mlp, L.x_mid.data(), L.mlp_y.data(), L.fc2_b, L.drop_mlp, L.x_out.data());
+  }
+
+  // grad_out: d loss / d x_out; grad_in (overwritten): d loss / d x_in; grad_mid: scratch.
+  void layer_backward(CudaLayer& L, const bf16* x_in, const bf16* grad_out, bf16* grad_in, bf16* grad_mid,
+                      const ModelConfig& c) {
+    const cpu::AttentionShape shape{B, S, H, C};
+    float* columns = columns_ws.data();
+    residual_backward(L.hc_mlp, grad_out, L.x_mid.data(), L.mlp_y.data(), L.fc2_b, L.drop_mlp, grad_mid);
+    cuda::linear_backward(dy.data(), L.act.data(), half_of(L.fc2_w), N, F, C, dact.data(), grad_of(L.fc2_w), nullptr,
+                          columns);
+    cuda::activation_backward(activation, dact.data(), L.fc.data(), N, F, dfc.data());
+    cuda::linear_backward(dfc.data(), L.ln2_out.data(), half_of(L.fc1_w), N, C, width, dln.data(), grad_of(L.fc1_w),
+                          grad_of(L.fc1_b), columns);
+    if (hc) {
+      MHC_CUDA_CHECK(cudaMemsetAsync(dagg.data(), 0, dagg.size() * sizeof(bf16)));
+      norm_backward(dln.data(), L.agg2.data(), L.ln2_w, L.ln2_b, L.ln2_mean.data(), L.ln2_rstd.data(), dagg.data());
+      mappings_backward(L.hc_mlp, dagg.data(), L.x_mid.data(), grad_mid, c);
+    } else {
+      norm_backward(dln.data(), L.x_mid.data(), L.ln2_w, L.ln2_b, L.ln2_mean.data(), L.ln2_rstd.data(), grad_mid);
+    }
+    residual_backward(L.hc_attn, grad_mid, x_in, L.attn_y.data(), L.proj_b, L.drop_attn, grad_in);
+    cuda::linear_backward(dy.data(), L.ctx.data(), half_of(L.proj_w), N, C, C, dctx.data(), grad_of(L.proj_w),
+                          nullptr, columns);
+    cuda::attention_backward(shape, dctx.data(), L.qkv.data(), L.probs.data(), L.drop_probs, dqkv.data(),
+                             attention_ws.data());
+    cuda::linear_backward(dqkv.data(), L.ln1_out.data(), half_of(L.qkv_w), N, C, 3 * C, dln.data(), grad_of(L.qkv_w),
+                          grad_of(L.qkv_b), columns);
+    if (hc) {
+      MHC_CUDA_CHECK(cudaMemsetAsync(dagg.data(), 0, dagg.size() * sizeof(bf16)));
+      norm_backward(dln.data(), L.agg1.data(), L.ln1_w, L.ln1_b, L.ln1_mean.data(), L.ln1_rstd.data(), dagg.data());
+      mappings_backward(L.hc_attn, dagg.data(), x_in, grad_in, c);
+    } else {
+      norm_backward(dln.data(), x_in, L.ln1_w, L.ln1_b, L.ln1_mean.data(), L.ln1_rstd.data(), grad_in);
+    }
+  }
+
+  const bf16* layer_input(size_t l) const { return l == 0 ? x0.data() : layers[l - 1].x_out.data(); }
+
+  // Final norm, logits and loss per chunk of rows; with `train`, the head's backward too
+  // (dhf, and dwte accumulated). Returns the mean loss (the per-row losses summed in order).
+  double head(bool train) {
+    const bf16* wte_half = half_of(wte);
+    for (int64_t r0 = 0; r0 < N; r0 += head_rows) {
+      const int64_t rows = std::min(head_rows, N - r0);
+      cuda::Gemm g;  // logits^T [V, rows] = wte [V, C] hf^T [C, rows]
+      g.trans_a = true;
+      g.m = V, g.n = rows, g.k = C;
+      g.a = wte_half, g.lda = C;
+      g.b = hf.data() + r0 * C, g.ldb = C;
+      g.d = logits.data(), g.ldd = V;
+      cuda::gemm(g);
+      cuda::cross_entropy(logits.data(), targets.data() + r0, rows, V, 1.0f / static_cast<float>(N),
+                          losses.data() + r0, dlogits.data());
+      if (!train) continue;
+      // dhf^T [C, rows] = wte^T [C, V] dlogits^T [V, rows];  dwte^T [C, V] += hf^T [C, rows] dlogits [rows, V]
+      cuda::linear_backward(dlogits.data(), hf.data() + r0 * C, wte_half, rows, C, V, dhf.data() + r0 * C,
+                            grad_of(wte), nullptr, nullptr);
+    }
+    const std::vector<float> per_row = losses.download();
+    double total = 0;
+    for (float l : per_row) total += l;
+    return total / static_cast<double>(N);
+  }
+
+  double forward(const int32_t* tokens_host, const int32_t* targets_host, uint64_t step, const ModelConfig& c,
+                 bool train) {
+    for (int64_t i = 0; i < N; ++i) {
+      check(tokens_host[i] >= 0 && tokens_host[i] < V,
+            "token id " + std::to_string(tokens_host[i]) + " outside the vocabulary");
+      check(targets_host[i] >= 0 && targets_host[i] < V,
+            "target id " + std::to_string(targets_host[i]) + " outside the vocabulary");
+    }
+    MHC_CUDA_CHECK(cudaMemcpy(tokens.data(), tokens_host, N * sizeof(int32_t), cudaMemcpyHostToDevice));
+    MHC_CUDA_CHECK(cudaMemcpy(targets.data(), targets_host, N * sizeof(int32_t), cudaMemcpyHostToDevice));
+    cuda::embedding_forward(tokens.data(), value_of(wte), value_of(wpe), B, S, C, e.data());
+    cuda::stream_expand_forward(e.data(), N, static_cast<int>(n), C, x0.data());
+    for (size_t l = 0; l < layers.size(); ++l) {
+      CudaLayer& L = layers[l];
+      const auto hidden_p = train ? static_cast<float>(c.hidden_dropout) : 0.0f;
+      const auto attention_p = train ? static_cast<float>(c.attention_dropout) : 0.0f;
+      L.drop_attn = {hidden_p, rng_key(seed, l, step, kAttentionResidual)};
+      L.drop_mlp = {hidden_p, rng_key(seed, l, step, kMlpResidual)};
+      L.drop_probs = {attention_p, rng_key(seed, l, step, kAttentionProbs)};
+      layer_forward(L, layer_input(l), c);
+    }
+    cuda::stream_contract_forward(layers.back().x_out.data(), N, static_cast<int>(n), C, h.data());
+    norm(h.data(), lnf_w, lnf_b, hf.data(), lnf_mean.data(), lnf_rstd.data());
+    return head(train);
+  }
+
+  void backward(const ModelConfig& c) {
+    MHC_CUDA_CHECK(cudaMemsetAsync(dh.data(), 0, dh.size() * sizeof(bf16)));
+    norm_backward(dhf.data(), h.data(), lnf_w, lnf_b, lnf_mean.data(), lnf_rstd.data(), dh.data());
+    cuda::stream_contract_backward(dh.data(), N, static_cast<int>(n), C, dx_a.data());
+    bf16* grad_out = dx_a.data();
+    bf16* grad_in = dx_b.data();
+    for (size_t l = layers.size(); l-- > 0;) {
+      layer_backward(layers[l], layer_input(l), grad_out, grad_in, dx_mid.data(), c);
+      std::swap(grad_out, grad_in);
+    }
+    cuda::stream_expand_backward(grad_out, N, static_cast<int>(n), C, de.data());
+    cuda::embedding_backward(de.data(), tokens.data(), B, S, C, V, grad_of(wte), grad_of(wpe), embedding_ws.data());
+  }
+};
+
+GptCuda::GptCuda(const ModelConfig& config, int64_t batch, int64_t seq) : config_(config) {
+  config_.validate();
+  const ModelConfig& c = config_;
+  check(cuda::device_available(), "--device cuda: no CUDA device");
+  check(c.recompute == "none" || !c.hyper_connections(),
+        "recompute: the CUDA model has no selective recompute yet (use recompute=none with --device cuda)");
+  check(batch >= 1 && seq >= 1 && seq <= c.seq_length, "seq: must be in [1, seq_length]");
+  check(c.hidden_size % c.num_attention_heads == 0, "hidden_size: must be a multiple of num_attention_heads");
+  s_ = std::make_unique<State>();
+  State& s = *s_;
+  s.B = batch, s.S = seq, s.N = batch * seq, s.C = c.hidden_size, s.n = c.streams(), s.F = c.ffn_size();
+  s.activation = c.activation == "swiglu" ? cpu::Activation::SwiGlu : cpu::Activation::Gelu;
+  s.width = cpu::activation_input_width(s.activation, s.F);
+  s.V = c.vocab_size, s.H = c.num_attention_heads, s.hc = c.hyper_connections(), s.rms = c.normalization == "RMSNorm";
+  s.eps = static_cast<float>(c.layernorm_epsilon);
+  check(cuda::stream_count_supported(static_cast<int>(s.n)), "num_residual_streams: no CUDA kernel for this n");
+  const int64_t N = s.N, C = s.C, n = s.n;
+
+  // Parameters: the host model's, one arena each for values, gradients and moments.
+  s.host = std::make_unique<Gpt<float>>(c, 1, 1);
+  // Each tensor starts 64 bytes into the arenas (the kernels' vector accesses need it),
+  // except that a hyper connection's three gates stay consecutive: the kernels take them
+  // as one [3] array. The padding stays zero (zero gradient, zero moments).
+  for (Parameter<float>* p : s.host->parameters()) {
+    const bool gate = p->name.ends_with("alpha_post") || p->name.ends_with("alpha_res");
+    if (!gate) s.parameter_count = (s.parameter_count + 15) / 16 * 16;
+    s.slots.push_back({p, s.parameter_count});
+    s.parameter_count += p->size();
+  }
+  const auto count = static_cast<size_t>(s.parameter_count);
+  s.value = DeviceBuffer<float>(count);
+  s.grad = DeviceBuffer<float>(count);
+  s.exp_avg = DeviceBuffer<float>(count);
+  s.exp_avg_sq = DeviceBuffer<float>(count);
+  s.half = DeviceBuffer<bf16>(count);
+  s.value.fill_bytes(0);
+  s.exp_avg.fill_bytes(0);
+  s.exp_avg_sq.fill_bytes(0);
+  s.grad.fill_bytes(0);
+  // Names tell the slots apart (the host model's parameter order).
+  auto find = [&](const std::string& name) {
+    for (const Slot& slot : s.slots)
+      if (slot.host->name == name) return slot;
+    // absent (e.g. no bias): an empty stand-in
+    static Parameter<float> empty;
+    return Slot{&empty, 0};
+  };
+  s.wte = find("embedding.word_embeddings.weight");
+  s.wpe = find("embedding.position_embeddings.weight");
+  s.lnf_w = find("decoder.final_layernorm.weight");
+  s.lnf_b = find("decoder.final_layernorm.bias");
+
+  const cuda::MappingsArgs args{N, static_cast<int>(n), C, 1};
+  s.layers.resize(static_cast<size_t>(c.num_layers));
+  for (int64_t l = 0; l < c.num_layers; ++l) {
+    CudaLayer& L = s.layers[l];
+    const std::string p = "decoder.layers." + std::to_string(l) + ".";
+    L.ln1_w = find(p + "input_layernorm.weight"), L.ln1_b = find(p + "input_layernorm.bias");
+    L.qkv_w = find(p + "self_attention.linear_qkv.weight"), L.qkv_b = find(p + "self_attention.linear_qkv.bias");
+    L.proj_w = find(p + "self_attention.linear_proj.weight"), L.proj_b = find(p + "self_attention.linear_proj.bias");
+    L.ln2_w = find(p + "pre_mlp_layernorm.weight"), L.ln2_b = find(p + "pre_mlp_layernorm.bias");
+    L.fc1_w = find(p + "mlp.linear_fc1.weight"), L.fc1_b = find(p + "mlp.linear_fc1.bias");
+    L.fc2_w = find(p + "mlp.linear_fc2.weight"), L.fc2_b = find(p + "mlp.linear_fc2.bias");
+    if (s.hc) {
+      for (auto [m, prefix] : {std::pair{&L.hc_attn, p + "self_attention_hyper_connection."},
+                               std::pair{&L.hc_mlp, p + "mlp_hyper_connection."}}) {
+        m->weight = find(prefix + "mapping_proj.weight");
+        m->alpha = find(prefix + "alpha_pre");
+        m->bias = find(prefix + "bias");
+        check(find(prefix + "alpha_post").offset == m->alpha.offset + 1 &&
+                  find(prefix + "alpha_res").offset == m->alpha.offset + 2,
+              "GptCuda: the gates of " + prefix + " are not consecutive");
+        const int64_t width = n * n + 2 * n;
+        m->proj = DeviceBuffer<float>(N * width);
+        m->r = DeviceBuffer<float>(N);
+        m->h_pre = DeviceBuffer<float>(N * n);
+        m->h_post = DeviceBuffer<float>(N * n);
+        m->h_res = DeviceBuffer<float>(N * n * n);
+      }
+      L.agg1 = DeviceBuffer<bf16>(N * C);
+      L.agg2 = DeviceBuffer<bf16>(N * C);
+    }
+    const size_t stats = s.rms ? 0 : static_cast<size_t>(N);
+    L.ln1_mean = DeviceBuffer<float>(stats), L.ln2_mean = DeviceBuffer<float>(stats);
+    L.ln1_rstd = DeviceBuffer<float>(N), L.ln2_rstd = DeviceBuffer<float>(N);
+    L.qkv = DeviceBuffer<bf16>(N * 3 * C);
+    L.probs = DeviceBuffer<bf16>(batch * s.H * seq * seq);
+    L.ctx = DeviceBuffer<bf16>(N * C), L.attn_y = DeviceBuffer<bf16>(N * C), L.mlp_y = DeviceBuffer<bf16>(N * C);
+    L.fc = DeviceBuffer<bf16>(N * s.width), L.act = DeviceBuffer<bf16>(N * s.F);
+    L.ln1_out = DeviceBuffer<bf16>(N * C), L.ln2_out = DeviceBuffer<bf16>(N * C);
+    L.x_mid = DeviceBuffer<bf16>(N * n * C), L.x_out = DeviceBuffer<bf16>(N * n * C);
+  }
+  // At most about 512 MB of fp32 logits at a time.
+  s.head_rows = std::clamp<int64_t>((int64_t{512} << 20) / (4 * s.V), 1, N);
+  s.tokens = DeviceBuffer<int32_t>(N), s.targets = DeviceBuffer<int32_t>(N);
+  s.e = DeviceBuffer<bf16>(N * C), s.x0 = DeviceBuffer<bf16>(N * n * C), s.h = DeviceBuffer<bf16>(N * C);
+  s.hf = DeviceBuffer<bf16>(N * C);
+  s.lnf_mean = DeviceBuffer<float>(s.rms ? 0 : N), s.lnf_rstd = DeviceBuffer<float>(N);
+  s.logits = DeviceBuffer<float>(s.head_rows * s.V), s.dlogits = DeviceBuffer<bf16>(s.head_rows * s.V);
+  s.losses = DeviceBuffer<float>(N);
+  s.ones = DeviceBuffer<float>(std::vector<float>(N, 1.0f));
+  for (auto* b : {&s.dx_a, &s.dx_b, &s.dx_mid}) *b = DeviceBuffer<bf16>(N * n * C);
+  for (auto* b : {&s.dagg, &s.dln, &s.dy, &s.dctx, &s.dh, &s.dhf, &s.de}) *b = DeviceBuffer<bf16>(N * C);
+  s.dqkv = DeviceBuffer<bf16>(N * 3 * C), s.dfc = DeviceBuffer<bf16>(N * s.width), s.dact = DeviceBuffer<bf16>(N * s.F);
+  s.grad_h_pre = DeviceBuffer<float>(N * n), s.grad_h_post = DeviceBuffer<float>(N * n);
+  s.grad_h_res = DeviceBuffer<float>(N * n * n);
+  if (s.hc) {
+    s.mappings_forward_ws = DeviceBuffer<float>(cuda::mappings_forward_workspace_floats(args));
+    s.mappings_backward_ws = DeviceBuffer<float>(cuda::mappings_backward_workspace_floats(args));
+  }
+  const int64_t widest = std::max({3 * C, s.width, s.V});
+  s.columns_ws = DeviceBuffer<float>(std::max(cuda::norm_backward_workspace_floats(N, C),
+                                              cuda::linear_backward_workspace_floats(N, widest)));
+  s.attention_ws = DeviceBuffer<unsigned char>(cuda::attention_workspace_bytes({batch, seq, s.H, C}));
+  s.embedding_ws = DeviceBuffer<unsigned char>(cuda::embedding_backward_workspace_bytes(batch, seq));
+  s.norm_ws = DeviceBuffer<double>(cuda::grad_norm_workspace_doubles(1));
+  s.norm_result = DeviceBuffer<float>(2);
+}
+
+GptCuda::~GptCuda() = default;
+
+std::vector<Parameter<float>*> GptCuda::parameters() { return s_->host->parameters(); }
+
+void GptCuda::init(uint64_t seed) {
+  s_->seed = seed;
+  s_->host->init(seed);
+  upload();
+}
+
+void GptCuda::upload() {
+  State& s = *s_;
+  std::vector<float> all(static_cast<size_t>(s.parameter_count));
+  for (const Slot& slot : s.slots) std::copy(slot.host->value.begin(), slot.host->value.end(), all.begin() + slot.offset);
+  s.value.upload(all);
+  std::vector<bf16> half(all.size());
+  for (size_t i = 0; i < all.size(); ++i) half[i] = __float2bfloat16(all[i]);
+  s.half.upload(half);
+}
+
+void GptCuda::download() {
+  State& s = *s_;
+  const std::vector<float> all = s.value.download();
+  for (const Slot& slot : s.slots)
+    std::copy(all.begin() + slot.offset, all.begin() + slot.offset + slot.size(), slot.host->value.begin());
+}
+
+void GptCuda::zero_grad() { s_->grad.fill_bytes(0); }
+
+double GptCuda::forward(const int32_t* tokens, const int32_t* targets, uint64_t step) {
+  return s_->forward(tokens, targets, step, config_, true);
+}
+
+void GptCuda::backward() { s_->backward(config_); }
+
+double GptCuda::evaluate(const int32_t* tokens, const int32_t* targets) {
+  return s_->forward(tokens, targets, 0, config_, false);
+}
+
+double GptCuda::step(const TrainConfig& config, double lr) {
+  State& s = *s_;
+  ++s.steps_taken;
+  const float scale = 1.0f / static_cast<float>(config.grad_accumulation);
+  cuda::grad_norm({{s.grad.data(), s.parameter_count}}, scale, static_cast<float>(config.grad_clip), s.norm_ws.data(),
+                  s.norm_result.data());
+  const AdamWScalars a = adamw_scalars(config, lr, s.steps_taken);
+  // One update a run of consecutive parameters with the same decay rule.
+  for (size_t k = 0; k < s.slots.size();) {
+    const bool decay = decays(s.slots[k].host->name);
+    size_t end = k + 1;
+    while (end < s.slots.size() && decays(s.slots[end].host->name) == decay) ++end;
+    const int64_t offset = s.slots[k].offset, size = s.slots[end - 1].offset + s.slots[end - 1].size() - offset;
+    const cuda::AdamWStep st{a.beta1, a.beta2, a.eps, a.step_size, a.sqrt_correction2, decay ? a.decay : 1.0f, scale};
+    cuda::adamw_update(st, s.grad.data() + offset, s.norm_result.data() + 1, size, s.value.data() + offset,
+                       s.exp_avg.data() + offset, s.exp_avg_sq.data() + offset, s.half.data() + offset);
+    k = end;
+  }
+  return s.norm_result.download()[0];
+}
+
+int64_t GptCuda::steps_taken() const { return s_->steps_taken; }
+
+}  // namespace mhc

@@ -1,0 +1,55 @@
+// The GPT of nn/gpt.h on one CUDA device, for training: bf16 activations, fp32 master
+// weights, gradients and AdamW moments, every op a kernel of ops/cuda (products through
+// cuBLASLt). The parameters are those of a host Gpt<float> (same names, same
+// initialisation): upload() copies them to the device, download() back (checkpoints).
+//
+// One step: zero_grad(); forward() + backward() per micro-batch; step(). The LM head's
+// backward runs inside forward (per chunk of rows, so that the fp32 logits of only one
+// chunk exist at a time): forward() is for training; evaluate() computes the loss only.
+//
+// Not yet: selective recompute (configurations asking for it are refused), the stability
+// metrics (gains), hidden_size % heads with head dims that cuBLASLt cannot align.
+#pragma once
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "core/config.h"
+#include "nn/gpt.h"
+#include "train/train_config.h"
+
+namespace mhc {
+
+class GptCuda {
+ public:
+  GptCuda(const ModelConfig& config, int64_t batch, int64_t seq);
+  ~GptCuda();
+  GptCuda(const GptCuda&) = delete;
+  GptCuda& operator=(const GptCuda&) = delete;
+
+  // The host parameters (values are the device's after download()).
+  std::vector<Parameter<float>*> parameters();
+  void init(uint64_t seed);  // the host model's initialisation, uploaded
+  void upload();
+  void download();
+
+  void zero_grad();
+  // Mean cross-entropy of the batch (host tokens and targets, [batch*seq]); `step` keys
+  // the dropout masks as on the CPU. Gradients accumulate over micro-batches.
+  double forward(const int32_t* tokens, const int32_t* targets, uint64_t step);
+  void backward();
+  double evaluate(const int32_t* tokens, const int32_t* targets);
+  // Gradients scaled by 1 / grad_accumulation, global-norm clipping and AdamW
+  // (train/optimizer.h's rules); returns the norm.
+  double step(const TrainConfig& config, double lr);
+  int64_t steps_taken() const;
+
+  const ModelConfig& config() const { return config_; }
+
+ private:
+  struct State;
+  ModelConfig config_;
+  std::unique_ptr<State> s_;
+};
+
+}  // namespace mhc

@@ -1,0 +1,61 @@
+#include "ops/cuda/linear.h"
+
+#include "ops/cuda/column_sums.cuh"
+#include "ops/cuda/gemm.h"
+
+namespace mhc::cuda {
+namespace {
+
+struct BiasGrad {
+  const bf16* grad_y;
+  int64_t cols;
+  __device__ detail::ColumnValues<1> operator()(int64_t r, int64_t c) const {
+    return {{__bfloat162float(grad_y[r * cols + c])}};
+  }
+};
+
+}  // namespace
+
+void linear_forward(const bf16* x, const bf16* weight, const bf16* bias, int64_t rows, int64_t in, int64_t out, bf16* y,
+                    cudaStream_t stream) {
+  // column-major: y^T [out, rows] = W [out, in] (W^T's storage, transposed) x^T [in, rows]
+  Gemm g;
+  g.trans_a = true;
+  g.m = out, g.n = rows, g.k = in;
+  g.a = weight, g.lda = in;
+  g.b = x, g.ldb = in;
+  g.d = y, g.ldd = out;
+  g.output = GemmOutput::Bf16;
+  g.bias = bias;
+  gemm(g, stream);
+}
+
+size_t linear_backward_workspace_floats(int64_t rows, int64_t out) {
+  return detail::column_sums_workspace_floats(1, rows, out);
+}
+
+void linear_backward(const bf16* grad_y, const bf16* x, const bf16* weight, int64_t rows, int64_t in, int64_t out,
+                     bf16* grad_x, float* grad_weight, float* grad_bias, float* workspace, cudaStream_t stream) {
+  if (grad_x) {  // dx^T [in, rows] = W^T [in, out] dy^T [out, rows]
+    Gemm g;
+    g.m = in, g.n = rows, g.k = out;
+    g.a = weight, g.lda = in;
+    g.b = grad_y, g.ldb = out;
+    g.d = grad_x, g.ldd = in;
+    g.output = GemmOutput::Bf16;
+    gemm(g, stream);
+  }
+  {  // dW^T [in, out] += x^T [in, rows] dy [rows, out]
+    Gemm g;
+    g.trans_b = true;
+    g.m = in, g.n = out, g.k = rows;
+    g.a = x, g.lda = in;
+    g.b = grad_y, g.ldb = out;
+    g.d = grad_weight, g.ldd = in;
+    g.beta = 1.0f;
+    gemm(g, stream);
+  }
+  if (grad_bias) detail::column_sums<1>(BiasGrad{grad_y, out}, rows, out, {grad_bias}, workspace, stream);
+}
+
+}  // namespace mhc::cuda

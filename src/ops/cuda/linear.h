@@ -1,0 +1,27 @@
+// CUDA linear layer (ops/cpu/linear.h has the math), Megatron's W [out, in]:
+//
+//   forward:  y = x W^T (+ b)                          (bf16 x, W, b and y; fp32 sums)
+//   backward: dx = dy W (overwritten, bf16), dW += dy^T x (fp32), db += column sums of dy
+//
+// Products through cuBLASLt (the bias in its epilogue); db's column sums in a fixed order.
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace mhc::cuda {
+
+using bf16 = __nv_bfloat16;
+
+void linear_forward(const bf16* x, const bf16* weight, const bf16* bias, int64_t rows, int64_t in, int64_t out, bf16* y,
+                    cudaStream_t stream = nullptr);
+
+size_t linear_backward_workspace_floats(int64_t rows, int64_t out);
+
+// grad_x may be null (not wanted); grad_bias may be null.
+void linear_backward(const bf16* grad_y, const bf16* x, const bf16* weight, int64_t rows, int64_t in, int64_t out,
+                     bf16* grad_x, float* grad_weight, float* grad_bias, float* workspace,
+                     cudaStream_t stream = nullptr);
+
+}  // namespace mhc::cuda
