@@ -16,5 +16,6 @@ Command add_generate_command(CLI::App& app);
 Command add_report_command(CLI::App& app);
 Command add_bench_memory_command(CLI::App& bench);   // under `mhc bench`
 Command add_bench_kernels_command(CLI::App& bench);  // under `mhc bench`
+Command add_bench_train_command(CLI::App& bench);    // under `mhc bench`
 
 }  // namespace mhc::app

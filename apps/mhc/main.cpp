@@ -16,7 +16,8 @@ int main(int argc, char** argv) {
   const std::vector<mhc::app::Command> more = {mhc::app::add_parity_command(app),
                                                     mhc::app::add_check_grad_command(app),
                                                     mhc::app::add_bench_memory_command(*bench),
-                                                    mhc::app::add_bench_kernels_command(*bench)};
+                                                    mhc::app::add_bench_kernels_command(*bench),
+                                                    mhc::app::add_bench_train_command(*bench)};
   commands.insert(commands.end(), more.begin(), more.end());
   try {
     app.parse(argc, argv);

@@ -1,0 +1,149 @@
+// `mhc bench train`: the whole training step on one GPU (nn/gpt_cuda.h) for a plain
+// residual GPT, mHC without recompute and mHC with selective recompute: step time,
+// tokens/s and peak GPU memory, a table, then one JSON line per row.
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <memory>
+#include <nlohmann/json.hpp>
+
+#include "apps/mhc/commands.h"
+#include "core/error.h"
+#include "core/rng.h"
+#include "train/train_config.h"
+#if MHC_WITH_CUDA
+#include <cuda_runtime.h>
+
+#include "core/cuda/device.h"
+#include "nn/gpt_cuda.h"
+#endif
+
+namespace mhc::app {
+namespace {
+
+struct BenchTrainOptions {
+  int64_t layers = 12, hidden = 768, heads = 12, seq = 1024, batch = 16, streams = 4, vocab = 50304;
+  int steps = 10, warmup = 3;
+};
+
+#if MHC_WITH_CUDA
+size_t used_device_bytes() {
+  size_t free = 0, total = 0;
+  MHC_CUDA_CHECK(cudaMemGetInfo(&free, &total));
+  return total - free;
+}
+
+int run_bench_train(const BenchTrainOptions& o) {
+  check(cuda::device_available(), "bench train: no CUDA device");
+  cudaDeviceProp prop{};
+  MHC_CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
+  std::printf("device: %s; GPT %lld layers, C=%lld, %lld heads, T=%lld, micro-batch %lld, vocab %lld; "
+              "median of %d steps after %d warm-up steps\n",
+              prop.name, static_cast<long long>(o.layers), static_cast<long long>(o.hidden),
+              static_cast<long long>(o.heads), static_cast<long long>(o.seq), static_cast<long long>(o.batch),
+              static_cast<long long>(o.vocab), o.steps, o.warmup);
+  std::printf("%-22s %10s %12s %14s %10s\n", "variant", "step ms", "tokens/s", "peak GiB", "x residual");
+  struct Variant {
+    std::string name, connection, recompute;
+  };
+  const Variant variants[] = {{"residual", "residual", "none"},
+                              {"mhc n=" + std::to_string(o.streams), "mhc", "none"},
+                              {"mhc n=" + std::to_string(o.streams) + " recompute", "mhc", "mhc"}};
+  std::vector<nlohmann::json> rows;
+  double residual_ms = 0;
+  double residual_gib = 0;
+  for (const Variant& v : variants) {
+    TrainConfig config = default_train_config();
+    ModelConfig& m = config.model;
+    m.num_layers = o.layers, m.hidden_size = o.hidden, m.num_attention_heads = o.heads, m.seq_length = o.seq;
+    m.vocab_size = o.vocab, m.connection = v.connection, m.num_residual_streams = o.streams;
+    m.recompute = v.recompute;
+    config.batch_size = o.batch;
+    config.validate();
+    const std::string& label = v.name;
+    std::unique_ptr<GptCuda> model;
+    MHC_CUDA_CHECK(cudaDeviceSynchronize());
+    const size_t before = used_device_bytes();
+    try {
+      model = std::make_unique<GptCuda>(config.model, o.batch, o.seq);
+    } catch (const Error& e) {
+      std::printf("%-22s %s\n", label.c_str(), e.what());
+      rows.push_back({{"variant", label}, {"error", e.what()}, {"device", prop.name}});
+      continue;
+    }
+    model->init(1);
+    const int64_t N = o.batch * o.seq;
+    std::vector<int32_t> tokens(N), targets(N);
+    for (int64_t i = 0; i < N; ++i) {
+      tokens[i] = static_cast<int32_t>(rng_uniform(rng_key(7, 1), static_cast<uint64_t>(i)) * o.vocab) % o.vocab;
+      targets[i] = static_cast<int32_t>(rng_uniform(rng_key(7, 2), static_cast<uint64_t>(i)) * o.vocab) % o.vocab;
+    }
+    std::vector<double> times;
+    size_t peak = 0;
+    for (int step = 0; step < o.warmup + o.steps; ++step) {
+      MHC_CUDA_CHECK(cudaDeviceSynchronize());
+      const auto start = std::chrono::steady_clock::now();
+      model->zero_grad();
+      model->forward(tokens.data(), targets.data(), static_cast<uint64_t>(step));
+      model->backward();
+      model->step(config, 1e-4);
+      MHC_CUDA_CHECK(cudaDeviceSynchronize());
+      const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
+      peak = std::max(peak, used_device_bytes() - before);
+      if (step >= o.warmup) times.push_back(ms);
+    }
+    std::sort(times.begin(), times.end());
+    const double ms = times[times.size() / 2];
+    const double gib = static_cast<double>(peak) / (1u << 30);
+    if (v.connection == "residual") residual_ms = ms, residual_gib = gib;
+    const double tokens_per_s = static_cast<double>(N) / (ms / 1e3);
+    std::printf("%-22s %10.2f %12.0f %14.2f %10.3f\n", label.c_str(), ms, tokens_per_s, gib,
+                residual_ms > 0 ? ms / residual_ms : 0.0);
+    rows.push_back({{"variant", label},
+                    {"step_ms", ms},
+                    {"tokens_per_s", tokens_per_s},
+                    {"peak_gib", gib},
+                    {"step_vs_residual", residual_ms > 0 ? ms / residual_ms : 0.0},
+                    {"memory_vs_residual", residual_gib > 0 ? gib / residual_gib : 0.0},
+                    {"layers", o.layers},
+                    {"hidden", o.hidden},
+                    {"heads", o.heads},
+                    {"seq", o.seq},
+                    {"batch", o.batch},
+                    {"streams", o.streams},
+                    {"device", prop.name}});
+  }
+  for (const auto& r : rows) std::printf("%s\n", r.dump().c_str());
+  return 0;
+}
+#endif
+
+}  // namespace
+
+Command add_bench_train_command(CLI::App& bench) {
+  auto o = std::make_shared<BenchTrainOptions>();
+  CLI::App* cmd = bench.add_subcommand(
+      "train",
+      "Times the whole training step (forward, backward, clipping, AdamW) on one GPU for a plain residual GPT, mHC "
+      "and mHC with selective recompute, on synthetic tokens: step time, tokens/s, peak GPU memory (memory in use "
+      "after each step minus before the model). Defaults: GPT-2 small. Needs a CUDA build and a GPU.");
+  cmd->add_option("--layers", o->layers, "transformer layers")->check(CLI::PositiveNumber)->capture_default_str();
+  cmd->add_option("--hidden", o->hidden, "hidden size C")->check(CLI::PositiveNumber)->capture_default_str();
+  cmd->add_option("--heads", o->heads, "attention heads")->check(CLI::PositiveNumber)->capture_default_str();
+  cmd->add_option("--seq", o->seq, "sequence length T")->check(CLI::PositiveNumber)->capture_default_str();
+  cmd->add_option("--batch", o->batch, "micro-batch")->check(CLI::PositiveNumber)->capture_default_str();
+  cmd->add_option("--streams", o->streams, "mHC streams n")->check(CLI::PositiveNumber)->capture_default_str();
+  cmd->add_option("--vocab", o->vocab, "vocabulary size")->check(CLI::PositiveNumber)->capture_default_str();
+  cmd->add_option("--steps", o->steps, "timed steps (median reported)")->check(CLI::PositiveNumber)->capture_default_str();
+  cmd->add_option("--warmup", o->warmup, "untimed steps first")->check(CLI::NonNegativeNumber)->capture_default_str();
+  return [cmd, o]() -> int {
+    if (!cmd->parsed()) return -1;
+#if MHC_WITH_CUDA
+    return run_bench_train(*o);
+#else
+    fail("bench train: this mhc was built without CUDA (no nvcc at configure time, or -DMHC_CUDA=OFF)");
+#endif
+  };
+}
+
+}  // namespace mhc::app
