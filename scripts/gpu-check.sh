@@ -1,18 +1,27 @@
 #!/usr/bin/env bash
-# Runs the GPU test binary on a machine with an NVIDIA GPU. Usage:
-#   scripts/gpu-check.sh DIR   where DIR holds mhc_cuda_tests (and, when the machine
-#   lacks them, the shared libraries it was linked against: it is put on LD_LIBRARY_PATH).
-#   A DIR/mhc_base (an earlier build) is benchmarked first, as the baseline of the same run.
+# Builds nothing: runs the GPU tests, a short `mhc train --device cuda` (with resume and
+# eval), `mhc bench kernels` and `mhc bench train` on a machine with an NVIDIA GPU, and
+# prints the benchmark tables last. Usage:
+#   scripts/gpu-check.sh DIR   where DIR holds mhc_cuda_tests and mhc (and, when the
+#   machine lacks them, the shared libraries they were linked against: DIR is put on
+#   LD_LIBRARY_PATH). A DIR/mhc_base (an earlier build) is benchmarked first, as the
+#   baseline of the same run.
 set -euo pipefail
 dir=${1:?usage: gpu-check.sh DIR}
 export LD_LIBRARY_PATH="$dir${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 "$dir/mhc_cuda_tests" --gtest_brief=1
+[ -x "$dir/mhc" ] || exit 0
+run=$(mktemp -d)
+trap 'rm -rf "$run"' EXIT
+echo "== mhc train --device cuda (30 steps, resumed to 40), eval"
+"$dir/mhc" train --device cuda --out "$run/r" --steps 30 --set eval_every=15 | tail -3
+"$dir/mhc" train --resume "$run/r" --steps 40 | tail -2
+"$dir/mhc" eval "$run/r" | tail -1
 if [ -x "$dir/mhc_base" ]; then
   echo "== baseline: $dir/mhc_base"
   "$dir/mhc_base" bench kernels | grep -v '^{'
   echo "== this build"
 fi
-if [ -x "$dir/mhc" ]; then
-  "$dir/mhc" bench kernels
-fi
+"$dir/mhc" bench kernels | grep -v '^{'
+"$dir/mhc" bench train | grep -v '^{'

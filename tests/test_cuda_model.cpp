@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <optional>
 
 #include "core/cuda/device.h"
 #include "nn/gpt.h"
@@ -100,6 +101,39 @@ TEST_P(CudaModel, TwentyStepsMatchTheCpuModel) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Connections, CudaModel, ::testing::Values("mhc", "residual", "hc"));
+
+// Selective recompute re-runs deterministic kernels on the same inputs: losses and the
+// trained weights are bitwise those without it.
+TEST(CudaModelRecompute, BitwiseEqualToNoRecompute) {
+  if (!cuda::device_available()) GTEST_SKIP() << "no CUDA device";
+  for (std::optional<int64_t> block : {std::optional<int64_t>{}, std::optional<int64_t>{1}, std::optional<int64_t>{2}}) {
+    TrainConfig plain = tiny("mhc");
+    plain.model.num_layers = 3;
+    TrainConfig recomputed = plain;
+    recomputed.model.recompute = "mhc";
+    recomputed.model.mhc_recompute_layer_num = block;
+    const int64_t B = plain.batch_size, T = plain.model.seq_length, V = plain.model.vocab_size;
+    GptCuda a(plain.model, B, T), b(recomputed.model, B, T);
+    a.init(9);
+    b.init(9);
+    for (int64_t step = 0; step < 3; ++step) {
+      const std::vector<int32_t> seq = batch_tokens(B * T + 1, V, 300 + static_cast<uint64_t>(step));
+      const std::vector<int32_t> tokens(seq.begin(), seq.end() - 1), targets(seq.begin() + 1, seq.end());
+      a.zero_grad();
+      b.zero_grad();
+      const double la = a.forward(tokens.data(), targets.data(), static_cast<uint64_t>(step));
+      const double lb = b.forward(tokens.data(), targets.data(), static_cast<uint64_t>(step));
+      a.backward();
+      b.backward();
+      EXPECT_EQ(la, lb) << "step " << step;
+      EXPECT_EQ(a.step(plain, 1e-3), b.step(recomputed, 1e-3)) << "step " << step;
+    }
+    a.download();
+    b.download();
+    const auto pa = a.parameters(), pb = b.parameters();
+    for (size_t k = 0; k < pa.size(); ++k) EXPECT_EQ(pa[k]->value, pb[k]->value) << pa[k]->name;
+  }
+}
 
 }  // namespace
 }  // namespace mhc

@@ -5,6 +5,8 @@
 #include <chrono>
 #include <cstdio>
 #include <memory>
+#include <string>
+#include <vector>
 #include <nlohmann/json.hpp>
 
 #include "apps/mhc/commands.h"
@@ -24,6 +26,7 @@ namespace {
 struct BenchTrainOptions {
   int64_t layers = 12, hidden = 768, heads = 12, seq = 1024, batch = 16, streams = 4, vocab = 50304;
   int steps = 10, warmup = 3;
+  std::vector<std::string> variants{"residual", "mhc", "mhc-recompute"};
 };
 
 #if MHC_WITH_CUDA
@@ -44,11 +47,14 @@ int run_bench_train(const BenchTrainOptions& o) {
               static_cast<long long>(o.vocab), o.steps, o.warmup);
   std::printf("%-22s %10s %12s %14s %10s\n", "variant", "step ms", "tokens/s", "peak GiB", "x residual");
   struct Variant {
-    std::string name, connection, recompute;
+    std::string key, name, connection, recompute;
   };
-  const Variant variants[] = {{"residual", "residual", "none"},
-                              {"mhc n=" + std::to_string(o.streams), "mhc", "none"},
-                              {"mhc n=" + std::to_string(o.streams) + " recompute", "mhc", "mhc"}};
+  const Variant all[] = {{"residual", "residual", "residual", "none"},
+                         {"mhc", "mhc n=" + std::to_string(o.streams), "mhc", "none"},
+                         {"mhc-recompute", "mhc n=" + std::to_string(o.streams) + " recompute", "mhc", "mhc"}};
+  std::vector<Variant> variants;
+  for (const Variant& v : all)
+    if (std::find(o.variants.begin(), o.variants.end(), v.key) != o.variants.end()) variants.push_back(v);
   std::vector<nlohmann::json> rows;
   double residual_ms = 0;
   double residual_gib = 0;
@@ -136,6 +142,9 @@ Command add_bench_train_command(CLI::App& bench) {
   cmd->add_option("--vocab", o->vocab, "vocabulary size")->check(CLI::PositiveNumber)->capture_default_str();
   cmd->add_option("--steps", o->steps, "timed steps (median reported)")->check(CLI::PositiveNumber)->capture_default_str();
   cmd->add_option("--warmup", o->warmup, "untimed steps first")->check(CLI::NonNegativeNumber)->capture_default_str();
+  cmd->add_option("--variants", o->variants, "which rows to run")
+      ->check(CLI::IsMember({"residual", "mhc", "mhc-recompute"}))
+      ->capture_default_str();
   return [cmd, o]() -> int {
     if (!cmd->parsed()) return -1;
 #if MHC_WITH_CUDA

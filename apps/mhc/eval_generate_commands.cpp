@@ -36,7 +36,10 @@ int run_eval(const EvalOptions& o) {
                                                       " is outside the model's vocabulary of " +
                                                       std::to_string(config.model.vocab_size));
   const int64_t batches = o.batches > 0 ? o.batches : config.eval_batches;
-  const double loss = evaluate_loss(model, data.val, config.batch_size, config.model.seq_length, batches);
+  model.set_training(false);
+  const double loss = evaluate_loss(
+      [&](const int32_t* x, const int32_t* y) { return model.forward(x, y, 0); }, data.val, config.batch_size,
+      config.model.seq_length, batches);
   std::printf("checkpoint %s (step %lld), %s\n", path.c_str(), static_cast<long long>(state.step),
               data.description.c_str());
   std::printf("val_loss %.4f  perplexity %.3f  (%lld batches of %lld x %lld tokens)\n", loss, std::exp(loss),

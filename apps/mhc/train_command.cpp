@@ -10,13 +10,16 @@
 #include "apps/mhc/commands.h"
 #include "core/error.h"
 #include "train/trainer.h"
+#if MHC_WITH_CUDA
+#include "train/cuda_learner.h"
+#endif
 
 namespace mhc::app {
 
 namespace {
 
 struct TrainOptions {
-  std::string config_file, out, data, resume;
+  std::string config_file, out, data, resume, device;
   std::vector<std::string> sets;
   int64_t steps = -1, seed = -1;
   bool print_config = false;
@@ -32,9 +35,13 @@ std::string default_out_dir() {
 int run_train(const TrainOptions& o) {
   TrainRunOptions run;
   run.progress_bar = ::isatty(STDOUT_FILENO) != 0;
+#if MHC_WITH_CUDA
+  run.cuda_learner = make_cuda_learner;
+#endif
   TrainConfig config = default_train_config();
   if (!o.resume.empty()) {
-    check(o.config_file.empty() && o.sets.empty() && o.data.empty() && o.seed < 0 && o.out.empty(),
+    check(o.config_file.empty() && o.sets.empty() && o.data.empty() && o.seed < 0 && o.out.empty() &&
+              o.device.empty(),
           "--resume: the run's configuration comes from its directory; give only --steps with it");
     run.out_dir = o.resume;
     run.resume = true;
@@ -55,6 +62,7 @@ int run_train(const TrainOptions& o) {
     if (o.steps >= 0) config.steps = o.steps;
     if (o.seed >= 0) config.seed = o.seed;
     if (!o.data.empty()) config.data = o.data;
+    if (!o.device.empty()) config.device = o.device;
     run.out_dir = o.out.empty() ? default_out_dir() : o.out;
     if (o.print_config) {
       if (config.lr_decay_steps == 0) config.lr_decay_steps = config.steps;
@@ -92,6 +100,9 @@ Command add_train_command(CLI::App& app) {
   cmd->add_option("--data", o->data,
                   "UTF-8 text file (byte tokens), or a directory or glob of llm.c .bin token shards "
                   "(default: the built-in corpus)");
+  cmd->add_option("--device", o->device,
+                  "cpu (default) or cuda: the whole training step on one GPU (bf16 activations, fp32 master weights; "
+                  "same as --set device=cuda)");
   cmd->add_option("--resume", o->resume, "continue the run in this directory from its checkpoint, bit for bit");
   cmd->add_flag("--print-config", o->print_config,
                 "print every configuration key with its value (defaults, --config and --set applied) and exit");

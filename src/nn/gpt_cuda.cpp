@@ -6,6 +6,7 @@
 #include "core/cuda/device.h"
 #include "core/error.h"
 #include "core/rng.h"
+#include "nn/recompute_plan.h"
 #include "ops/cuda/activation.h"
 #include "ops/cuda/adamw.h"
 #include "ops/cuda/attention.h"
@@ -41,7 +42,11 @@ struct CudaLayer {
   Slot ln1_w, ln1_b, qkv_w, qkv_b, proj_w, proj_b, ln2_w, ln2_b, fc1_w, fc1_b, fc2_w, fc2_b;
   HcState hc_attn, hc_mlp;
   DeviceBuffer<float> ln1_mean, ln1_rstd, ln2_mean, ln2_rstd;
-  DeviceBuffer<bf16> qkv, probs, ctx, attn_y, fc, act, mlp_y, agg1, ln1_out, x_mid, agg2, ln2_out, x_out;
+  DeviceBuffer<bf16> qkv, probs, ctx, attn_y, fc, act, mlp_y;
+  // The tensors selective recompute discards: in `own`, or in the layer's slot of the
+  // recompute workspace (then `own` holds only x_out at a block's end).
+  DeviceBuffer<bf16> own;
+  bf16 *agg1 = nullptr, *ln1_out = nullptr, *x_mid = nullptr, *agg2 = nullptr, *ln2_out = nullptr, *x_out = nullptr;
   cpu::DropoutSpec drop_attn, drop_mlp, drop_probs;
 };
 
@@ -49,7 +54,9 @@ struct CudaLayer {
 
 struct GptCuda::State {
   int64_t B, S, N, C, n, F, width, V, H, head_rows;
-  bool hc, rms;
+  bool hc, rms, recompute;
+  RecomputePlan plan;
+  DeviceBuffer<bf16> workspace;  // the restorable tensors of one recompute block
   cpu::Activation activation;
   float eps;
   uint64_t seed = 0;
@@ -124,24 +131,36 @@ struct GptCuda::State {
     const cpu::AttentionShape shape{B, S, H, C};
     const bf16* norm1_in = x_in;
     if (hc) {
-      mappings_forward(L.hc_attn, x_in, L.agg1.data(), c);
-      norm1_in = L.agg1.data();
+      mappings_forward(L.hc_attn, x_in, L.agg1, c);
+      norm1_in = L.agg1;
     }
-    norm(norm1_in, L.ln1_w, L.ln1_b, L.ln1_out.data(), L.ln1_mean.data(), L.ln1_rstd.data());
-    cuda::linear_forward(L.ln1_out.data(), half_of(L.qkv_w), half_of(L.qkv_b), N, C, 3 * C, L.qkv.data());
+    norm(norm1_in, L.ln1_w, L.ln1_b, L.ln1_out, L.ln1_mean.data(), L.ln1_rstd.data());
+    cuda::linear_forward(L.ln1_out, half_of(L.qkv_w), half_of(L.qkv_b), N, C, 3 * C, L.qkv.data());
     cuda::attention_forward(shape, L.qkv.data(), L.drop_probs, L.probs.data(), L.ctx.data(), attention_ws.data());
     cuda::linear_forward(L.ctx.data(), half_of(L.proj_w), nullptr, N, C, C, L.attn_y.data());
-    residual_forward(L.hc_attn, x_in, L.attn_y.data(), L.proj_b, L.drop_attn, L.x_mid.data());
-    const bf16* norm2_in = L.x_mid.data();
+    residual_forward(L.hc_attn, x_in, L.attn_y.data(), L.proj_b, L.drop_attn, L.x_mid);
+    const bf16* norm2_in = L.x_mid;
     if (hc) {
-      mappings_forward(L.hc_mlp, L.x_mid.data(), L.agg2.data(), c);
-      norm2_in = L.agg2.data();
+      mappings_forward(L.hc_mlp, L.x_mid, L.agg2, c);
+      norm2_in = L.agg2;
     }
-    norm(norm2_in, L.ln2_w, L.ln2_b, L.ln2_out.data(), L.ln2_mean.data(), L.ln2_rstd.data());
-    cuda::linear_forward(L.ln2_out.data(), half_of(L.fc1_w), half_of(L.fc1_b), N, C, width, L.fc.data());
+    norm(norm2_in, L.ln2_w, L.ln2_b, L.ln2_out, L.ln2_mean.data(), L.ln2_rstd.data());
+    cuda::linear_forward(L.ln2_out, half_of(L.fc1_w), half_of(L.fc1_b), N, C, width, L.fc.data());
     cuda::activation_forward(activation, L.fc.data(), N, F, L.act.data());
     cuda::linear_forward(L.act.data(), half_of(L.fc2_w), nullptr, N, F, C, L.mlp_y.data());
-    residual_forward(L.hc_mlp, L.x_mid.data(), L.mlp_y.data(), L.fc2_b, L.drop_mlp, L.x_out.data());
+    residual_forward(L.hc_mlp, L.x_mid, L.mlp_y.data(), L.fc2_b, L.drop_mlp, L.x_out);
+  }
+
+  // What selective recompute discarded, re-run from the layer input with the kept mappings
+  // (the same kernels on the same inputs: the same bits): aggregates, norms, fused-add
+  // outputs (the MLP one only when `with_output`).
+  void restore(CudaLayer& L, const bf16* x_in, bool with_output) {
+    cuda::aggregate_forward(x_in, L.hc_attn.h_pre.data(), N, static_cast<int>(n), C, L.agg1);
+    norm(L.agg1, L.ln1_w, L.ln1_b, L.ln1_out, L.ln1_mean.data(), L.ln1_rstd.data());
+    residual_forward(L.hc_attn, x_in, L.attn_y.data(), L.proj_b, L.drop_attn, L.x_mid);
+    cuda::aggregate_forward(L.x_mid, L.hc_mlp.h_pre.data(), N, static_cast<int>(n), C, L.agg2);
+    norm(L.agg2, L.ln2_w, L.ln2_b, L.ln2_out, L.ln2_mean.data(), L.ln2_rstd.data());
+    if (with_output) residual_forward(L.hc_mlp, L.x_mid, L.mlp_y.data(), L.fc2_b, L.drop_mlp, L.x_out);
   }
 
   // grad_out: d loss / d x_out; grad_in (overwritten): d loss / d x_in; grad_mid: scratch.
@@ -149,36 +168,36 @@ struct GptCuda::State {
                       const ModelConfig& c) {
     const cpu::AttentionShape shape{B, S, H, C};
     float* columns = columns_ws.data();
-    residual_backward(L.hc_mlp, grad_out, L.x_mid.data(), L.mlp_y.data(), L.fc2_b, L.drop_mlp, grad_mid);
+    residual_backward(L.hc_mlp, grad_out, L.x_mid, L.mlp_y.data(), L.fc2_b, L.drop_mlp, grad_mid);
     cuda::linear_backward(dy.data(), L.act.data(), half_of(L.fc2_w), N, F, C, dact.data(), grad_of(L.fc2_w), nullptr,
                           columns);
     cuda::activation_backward(activation, dact.data(), L.fc.data(), N, F, dfc.data());
-    cuda::linear_backward(dfc.data(), L.ln2_out.data(), half_of(L.fc1_w), N, C, width, dln.data(), grad_of(L.fc1_w),
+    cuda::linear_backward(dfc.data(), L.ln2_out, half_of(L.fc1_w), N, C, width, dln.data(), grad_of(L.fc1_w),
                           grad_of(L.fc1_b), columns);
     if (hc) {
       MHC_CUDA_CHECK(cudaMemsetAsync(dagg.data(), 0, dagg.size() * sizeof(bf16)));
-      norm_backward(dln.data(), L.agg2.data(), L.ln2_w, L.ln2_b, L.ln2_mean.data(), L.ln2_rstd.data(), dagg.data());
-      mappings_backward(L.hc_mlp, dagg.data(), L.x_mid.data(), grad_mid, c);
+      norm_backward(dln.data(), L.agg2, L.ln2_w, L.ln2_b, L.ln2_mean.data(), L.ln2_rstd.data(), dagg.data());
+      mappings_backward(L.hc_mlp, dagg.data(), L.x_mid, grad_mid, c);
     } else {
-      norm_backward(dln.data(), L.x_mid.data(), L.ln2_w, L.ln2_b, L.ln2_mean.data(), L.ln2_rstd.data(), grad_mid);
+      norm_backward(dln.data(), L.x_mid, L.ln2_w, L.ln2_b, L.ln2_mean.data(), L.ln2_rstd.data(), grad_mid);
     }
     residual_backward(L.hc_attn, grad_mid, x_in, L.attn_y.data(), L.proj_b, L.drop_attn, grad_in);
     cuda::linear_backward(dy.data(), L.ctx.data(), half_of(L.proj_w), N, C, C, dctx.data(), grad_of(L.proj_w),
                           nullptr, columns);
     cuda::attention_backward(shape, dctx.data(), L.qkv.data(), L.probs.data(), L.drop_probs, dqkv.data(),
                              attention_ws.data());
-    cuda::linear_backward(dqkv.data(), L.ln1_out.data(), half_of(L.qkv_w), N, C, 3 * C, dln.data(), grad_of(L.qkv_w),
+    cuda::linear_backward(dqkv.data(), L.ln1_out, half_of(L.qkv_w), N, C, 3 * C, dln.data(), grad_of(L.qkv_w),
                           grad_of(L.qkv_b), columns);
     if (hc) {
       MHC_CUDA_CHECK(cudaMemsetAsync(dagg.data(), 0, dagg.size() * sizeof(bf16)));
-      norm_backward(dln.data(), L.agg1.data(), L.ln1_w, L.ln1_b, L.ln1_mean.data(), L.ln1_rstd.data(), dagg.data());
+      norm_backward(dln.data(), L.agg1, L.ln1_w, L.ln1_b, L.ln1_mean.data(), L.ln1_rstd.data(), dagg.data());
       mappings_backward(L.hc_attn, dagg.data(), x_in, grad_in, c);
     } else {
       norm_backward(dln.data(), x_in, L.ln1_w, L.ln1_b, L.ln1_mean.data(), L.ln1_rstd.data(), grad_in);
     }
   }
 
-  const bf16* layer_input(size_t l) const { return l == 0 ? x0.data() : layers[l - 1].x_out.data(); }
+  const bf16* layer_input(size_t l) const { return l == 0 ? x0.data() : layers[l - 1].x_out; }
 
   // Final norm, logits and loss per chunk of rows; with `train`, the head's backward too
   // (dhf, and dwte accumulated). Returns the mean loss (the per-row losses summed in order).
@@ -227,7 +246,7 @@ struct GptCuda::State {
       L.drop_probs = {attention_p, rng_key(seed, l, step, kAttentionProbs)};
       layer_forward(L, layer_input(l), c);
     }
-    cuda::stream_contract_forward(layers.back().x_out.data(), N, static_cast<int>(n), C, h.data());
+    cuda::stream_contract_forward(layers.back().x_out, N, static_cast<int>(n), C, h.data());
     norm(h.data(), lnf_w, lnf_b, hf.data(), lnf_mean.data(), lnf_rstd.data());
     return head(train);
   }
@@ -239,6 +258,11 @@ struct GptCuda::State {
     bf16* grad_out = dx_a.data();
     bf16* grad_in = dx_b.data();
     for (size_t l = layers.size(); l-- > 0;) {
+      if (recompute && plan.ends_block(static_cast<int>(l))) {
+        const RecomputeBlock& block = plan.block_of(static_cast<int>(l));
+        for (int k = block.first; k <= block.last; ++k)
+          restore(layers[static_cast<size_t>(k)], layer_input(static_cast<size_t>(k)), k != block.last);
+      }
       layer_backward(layers[l], layer_input(l), grad_out, grad_in, dx_mid.data(), c);
       std::swap(grad_out, grad_in);
     }
@@ -251,8 +275,7 @@ GptCuda::GptCuda(const ModelConfig& config, int64_t batch, int64_t seq) : config
   config_.validate();
   const ModelConfig& c = config_;
   check(cuda::device_available(), "--device cuda: no CUDA device");
-  check(c.recompute == "none" || !c.hyper_connections(),
-        "recompute: the CUDA model has no selective recompute yet (use recompute=none with --device cuda)");
+  check(c.recompute != "full", "recompute: full recompute is not implemented (none or mhc)");
   check(batch >= 1 && seq >= 1 && seq <= c.seq_length, "seq: must be in [1, seq_length]");
   check(c.hidden_size % c.num_attention_heads == 0, "hidden_size: must be a multiple of num_attention_heads");
   s_ = std::make_unique<State>();
@@ -262,6 +285,8 @@ GptCuda::GptCuda(const ModelConfig& config, int64_t batch, int64_t seq) : config
   s.width = cpu::activation_input_width(s.activation, s.F);
   s.V = c.vocab_size, s.H = c.num_attention_heads, s.hc = c.hyper_connections(), s.rms = c.normalization == "RMSNorm";
   s.eps = static_cast<float>(c.layernorm_epsilon);
+  s.recompute = c.recompute == "mhc" && s.hc;
+  s.plan = RecomputePlan(static_cast<int>(c.num_layers), c.mhc_recompute_layer_num);
   check(cuda::stream_count_supported(static_cast<int>(s.n)), "num_residual_streams: no CUDA kernel for this n");
   const int64_t N = s.N, C = s.C, n = s.n;
 
@@ -300,6 +325,9 @@ GptCuda::GptCuda(const ModelConfig& config, int64_t batch, int64_t seq) : config
   s.lnf_b = find("decoder.final_layernorm.bias");
 
   const cuda::MappingsArgs args{N, static_cast<int>(n), C, 1};
+  // agg1, ln1_out, x_mid, agg2, ln2_out, x_out (residual models have no aggregates)
+  const int64_t restorable = (s.hc ? 4 : 2) * N * C + 2 * N * n * C;
+  if (s.recompute) s.workspace = DeviceBuffer<bf16>(s.plan.max_block_size() * restorable);
   s.layers.resize(static_cast<size_t>(c.num_layers));
   for (int64_t l = 0; l < c.num_layers; ++l) {
     CudaLayer& L = s.layers[l];
@@ -326,8 +354,6 @@ GptCuda::GptCuda(const ModelConfig& config, int64_t batch, int64_t seq) : config
         m->h_post = DeviceBuffer<float>(N * n);
         m->h_res = DeviceBuffer<float>(N * n * n);
       }
-      L.agg1 = DeviceBuffer<bf16>(N * C);
-      L.agg2 = DeviceBuffer<bf16>(N * C);
     }
     const size_t stats = s.rms ? 0 : static_cast<size_t>(N);
     L.ln1_mean = DeviceBuffer<float>(stats), L.ln2_mean = DeviceBuffer<float>(stats);
@@ -336,8 +362,26 @@ GptCuda::GptCuda(const ModelConfig& config, int64_t batch, int64_t seq) : config
     L.probs = DeviceBuffer<bf16>(batch * s.H * seq * seq);
     L.ctx = DeviceBuffer<bf16>(N * C), L.attn_y = DeviceBuffer<bf16>(N * C), L.mlp_y = DeviceBuffer<bf16>(N * C);
     L.fc = DeviceBuffer<bf16>(N * s.width), L.act = DeviceBuffer<bf16>(N * s.F);
-    L.ln1_out = DeviceBuffer<bf16>(N * C), L.ln2_out = DeviceBuffer<bf16>(N * C);
-    L.x_mid = DeviceBuffer<bf16>(N * n * C), L.x_out = DeviceBuffer<bf16>(N * n * C);
+    bf16* base;
+    if (s.recompute) {
+      base = s.workspace.data() + s.plan.slot(static_cast<int>(l)) * restorable;
+      if (s.plan.ends_block(static_cast<int>(l))) L.own = DeviceBuffer<bf16>(N * n * C);
+    } else {
+      L.own = DeviceBuffer<bf16>(restorable);
+      base = L.own.data();
+    }
+    auto take = [&base](int64_t elements) {
+      bf16* slice = base;
+      base += elements;
+      return slice;
+    };
+    if (s.hc) L.agg1 = take(N * C);
+    L.ln1_out = take(N * C);
+    L.x_mid = take(N * n * C);
+    if (s.hc) L.agg2 = take(N * C);
+    L.ln2_out = take(N * C);
+    L.x_out = take(N * n * C);
+    if (s.recompute && s.plan.ends_block(static_cast<int>(l))) L.x_out = L.own.data();
   }
   // At most about 512 MB of fp32 logits at a time.
   s.head_rows = std::clamp<int64_t>((int64_t{512} << 20) / (4 * s.V), 1, N);
@@ -427,5 +471,32 @@ double GptCuda::step(const TrainConfig& config, double lr) {
 }
 
 int64_t GptCuda::steps_taken() const { return s_->steps_taken; }
+
+Gpt<float>& GptCuda::host() { return *s_->host; }
+
+void GptCuda::download_optimizer(AdamW& optimizer) {
+  State& s = *s_;
+  check(optimizer.exp_avg.size() == s.slots.size(), "GptCuda: the optimizer is not over this model's parameters");
+  const std::vector<float> m = s.exp_avg.download(), v = s.exp_avg_sq.download();
+  for (size_t k = 0; k < s.slots.size(); ++k) {
+    const Slot& slot = s.slots[k];
+    std::copy(m.begin() + slot.offset, m.begin() + slot.offset + slot.size(), optimizer.exp_avg[k].begin());
+    std::copy(v.begin() + slot.offset, v.begin() + slot.offset + slot.size(), optimizer.exp_avg_sq[k].begin());
+  }
+  optimizer.steps_taken = s.steps_taken;
+}
+
+void GptCuda::upload_optimizer(const AdamW& optimizer) {
+  State& s = *s_;
+  check(optimizer.exp_avg.size() == s.slots.size(), "GptCuda: the optimizer is not over this model's parameters");
+  std::vector<float> m(static_cast<size_t>(s.parameter_count), 0.0f), v(m.size(), 0.0f);
+  for (size_t k = 0; k < s.slots.size(); ++k) {
+    std::copy(optimizer.exp_avg[k].begin(), optimizer.exp_avg[k].end(), m.begin() + s.slots[k].offset);
+    std::copy(optimizer.exp_avg_sq[k].begin(), optimizer.exp_avg_sq[k].end(), v.begin() + s.slots[k].offset);
+  }
+  s.exp_avg.upload(m);
+  s.exp_avg_sq.upload(v);
+  s.steps_taken = optimizer.steps_taken;
+}
 
 }  // namespace mhc

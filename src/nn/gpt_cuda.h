@@ -7,8 +7,9 @@
 // backward runs inside forward (per chunk of rows, so that the fp32 logits of only one
 // chunk exist at a time): forward() is for training; evaluate() computes the loss only.
 //
-// Not yet: selective recompute (configurations asking for it are refused), the stability
-// metrics (gains), hidden_size % heads with head dims that cuBLASLt cannot align.
+// Selective recompute (recompute = mhc) as on the CPU (nn/recompute_plan.h): the
+// aggregates, norm outputs and fused-add outputs of a block live in one workspace and are
+// re-run before the block's backward. Not yet: the stability metrics (gains).
 #pragma once
 #include <cstdint>
 #include <memory>
@@ -16,6 +17,7 @@
 
 #include "core/config.h"
 #include "nn/gpt.h"
+#include "train/optimizer.h"
 #include "train/train_config.h"
 
 namespace mhc {
@@ -43,6 +45,12 @@ class GptCuda {
   // (train/optimizer.h's rules); returns the norm.
   double step(const TrainConfig& config, double lr);
   int64_t steps_taken() const;
+
+  // The host model whose parameters these are (values current after download()), and the
+  // AdamW moments and step count copied to or from a host optimizer over its parameters.
+  Gpt<float>& host();
+  void download_optimizer(AdamW& optimizer);
+  void upload_optimizer(const AdamW& optimizer);
 
   const ModelConfig& config() const { return config_; }
 

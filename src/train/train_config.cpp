@@ -28,6 +28,7 @@ template <typename Config, typename Visit> void visit_train_fields(Config& c, Vi
   visit("log_every", c.log_every);
   visit("seed", c.seed);
   visit("data", c.data);
+  visit("device", c.device);
 }
 
 void require(bool ok, const char* field, const std::string& rule) { check(ok, std::string(field) + ": " + rule); }
@@ -65,6 +66,7 @@ void TrainConfig::validate() const {
   require(eval_batches >= 1, "eval_batches", "must be >= 1");
   require(checkpoint_every >= 1, "checkpoint_every", "must be >= 1");
   require(log_every >= 1, "log_every", "must be >= 1");
+  require(device == "cpu" || device == "cuda", "device", "must be cpu or cuda, got \"" + device + "\"");
   require(seed >= 0, "seed", "must be >= 0");
 }
 

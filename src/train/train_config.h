@@ -28,6 +28,7 @@ struct TrainConfig {
   int64_t log_every = 10;
   int64_t seed = 1337;
   std::string data;  // empty: the built-in corpus
+  std::string device = "cpu";  // cpu | cuda (the whole step on one GPU, nn/gpt_cuda.h)
 
   void validate() const;  // model rules and the training ones
 };

@@ -80,21 +80,6 @@ nlohmann::json gain_record(const std::vector<GainStats>& gains) {
 
 }  // namespace
 
-double evaluate_loss(Gpt<float>& model, const std::vector<int32_t>& stream, int64_t batch, int64_t seq,
-                     int64_t batches) {
-  const Batcher batcher(stream, batch, seq);
-  std::vector<int32_t> tokens(batch * seq), targets(batch * seq);
-  uint64_t position = 0;
-  model.set_training(false);
-  double total = 0;
-  for (int64_t b = 0; b < batches; ++b) {
-    batcher.next(position, tokens.data(), targets.data());
-    total += model.forward(tokens.data(), targets.data(), 0);
-  }
-  model.set_training(true);
-  return total / static_cast<double>(batches);
-}
-
 TrainSummary run_training(TrainConfig config, const TrainRunOptions& options) {
   const fs::path dir = options.out_dir;
   const fs::path checkpoint_path = dir / kCheckpointFile;
@@ -124,12 +109,18 @@ TrainSummary run_training(TrainConfig config, const TrainRunOptions& options) {
   check_data(data, config);
 
   const int64_t B = config.batch_size, T = config.model.seq_length;
-  Gpt<float> model(config.model, B, T);
-  model.init(static_cast<uint64_t>(config.seed));
-  const auto parameters = model.parameters();
-  AdamW optimizer(parameters);
+  std::unique_ptr<Learner> learner;
+  if (config.device == "cuda") {
+    check(static_cast<bool>(options.cuda_learner),
+          "device: cuda, but this mhc was built without CUDA (no nvcc at configure time, or -DMHC_CUDA=OFF)");
+    learner = options.cuda_learner(config);
+  } else {
+    learner = make_cpu_learner(config);
+  }
+  const size_t parameter_tensors = learner->host_model().parameters().size();
   if (options.resume) {
-    state = load_checkpoint(checkpoint_path.string(), model, &optimizer);
+    state = load_checkpoint(checkpoint_path.string(), learner->host_model(), &learner->host_optimizer());
+    learner->from_host();
     truncate_metrics(dir / kMetricsFile, state.step);
   } else {
     fs::create_directories(dir);
@@ -142,27 +133,27 @@ TrainSummary run_training(TrainConfig config, const TrainRunOptions& options) {
   std::vector<int32_t> tokens(B * T), targets(B * T);
   TrainSummary summary;
   summary.first_step = state.step;
-  std::fprintf(options.log, "mhc train: %s, %lld layers, C=%lld, connection %s (n=%lld), %zu parameters' tensors\n",
+  std::fprintf(options.log,
+               "mhc train: %s, %lld layers, C=%lld, connection %s (n=%lld), %zu parameters' tensors, on the %s\n",
                data.description.c_str(), static_cast<long long>(config.model.num_layers),
                static_cast<long long>(config.model.hidden_size), config.model.connection.c_str(),
-               static_cast<long long>(config.model.streams()), parameters.size());
+               static_cast<long long>(config.model.streams()), parameter_tensors,
+               config.device == "cuda" ? "GPU" : "CPU");
   std::fprintf(options.log, "mhc train: steps %lld -> %lld, writing %s\n", static_cast<long long>(state.step),
                static_cast<long long>(config.steps), dir.string().c_str());
   const auto started = std::chrono::steady_clock::now();
   for (int64_t step = state.step; step < config.steps; ++step) {
     const auto step_start = std::chrono::steady_clock::now();
     const double lr = learning_rate_at(config, step);
-    model.zero_grad();
+    learner->zero_grad();
     double loss = 0;
     for (int64_t micro = 0; micro < config.grad_accumulation; ++micro) {
       batcher.next(state.data_position, tokens.data(), targets.data());
-      loss += model.forward(tokens.data(), targets.data(), static_cast<uint64_t>(step * config.grad_accumulation + micro));
-      model.backward();
+      loss += learner->forward_backward(tokens.data(), targets.data(),
+                                        static_cast<uint64_t>(step * config.grad_accumulation + micro));
     }
     loss /= static_cast<double>(config.grad_accumulation);
-    const double grad_norm =
-        scale_and_clip_gradients(parameters, 1.0f / static_cast<float>(config.grad_accumulation), config.grad_clip);
-    optimizer.step(config, lr);
+    const double grad_norm = learner->step(config, lr);
     state.step = step + 1;
     const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - step_start).count();
     const double tokens_per_s = static_cast<double>(B * T * config.grad_accumulation) / seconds;
@@ -170,17 +161,21 @@ TrainSummary run_training(TrainConfig config, const TrainRunOptions& options) {
 
     nlohmann::json record = {{"step", state.step}, {"loss", loss},       {"lr", lr},
                              {"grad_norm", grad_norm}, {"tokens_per_s", tokens_per_s}};
-    record.update(gain_record(model.gains()));
+    record.update(gain_record(learner->gains()));
     metrics << record.dump() << "\n";
 
     const bool last = state.step == config.steps;
     if (state.step % config.eval_every == 0 || last) {
-      summary.val_loss = evaluate_loss(model, data.val, B, T, config.eval_batches);
+      summary.val_loss = evaluate_loss(
+          [&](const int32_t* x, const int32_t* y) { return learner->evaluate(x, y); }, data.val, B, T,
+          config.eval_batches);
       metrics << nlohmann::json{{"step", state.step}, {"val_loss", summary.val_loss}}.dump() << "\n";
     }
     metrics.flush();
-    if (state.step % config.checkpoint_every == 0 || last)
-      save_checkpoint(checkpoint_path.string(), config, model, &optimizer, state);
+    if (state.step % config.checkpoint_every == 0 || last) {
+      learner->to_host();
+      save_checkpoint(checkpoint_path.string(), config, learner->host_model(), &learner->host_optimizer(), state);
+    }
 
     const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
     const double eta = elapsed / static_cast<double>(state.step - summary.first_step) *

@@ -10,6 +10,7 @@
 
 #include "nn/gpt.h"
 #include "train/data.h"
+#include "train/learner.h"
 #include "train/train_config.h"
 
 namespace mhc {
@@ -20,6 +21,7 @@ struct TrainRunOptions {
   int64_t resume_steps = -1;   // with resume: the new target step (-1: the stored one)
   bool progress_bar = false;   // a live bar (stdout is a terminal) instead of log lines
   std::FILE* log = stdout;
+  LearnerFactory cuda_learner;  // for device = cuda; empty in a build without CUDA
 };
 
 struct TrainSummary {
@@ -30,8 +32,5 @@ struct TrainSummary {
 
 TrainSummary run_training(TrainConfig config, const TrainRunOptions& options);
 
-// Mean cross-entropy over `batches` batches of the stream from its start (dropout off).
-double evaluate_loss(Gpt<float>& model, const std::vector<int32_t>& stream, int64_t batch, int64_t seq,
-                     int64_t batches);
 
 }  // namespace mhc

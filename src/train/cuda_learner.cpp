@@ -1,0 +1,45 @@
+#include "train/cuda_learner.h"
+
+#include "nn/gpt_cuda.h"
+
+namespace mhc {
+namespace {
+
+class CudaLearner final : public Learner {
+ public:
+  explicit CudaLearner(const TrainConfig& c)
+      : model_(c.model, c.batch_size, c.model.seq_length), optimizer_(model_.parameters()) {
+    model_.init(static_cast<uint64_t>(c.seed));
+  }
+  void zero_grad() override { model_.zero_grad(); }
+  double forward_backward(const int32_t* tokens, const int32_t* targets, uint64_t key) override {
+    const double loss = model_.forward(tokens, targets, key);
+    model_.backward();
+    return loss;
+  }
+  double step(const TrainConfig& c, double lr) override { return model_.step(c, lr); }
+  double evaluate(const int32_t* tokens, const int32_t* targets) override { return model_.evaluate(tokens, targets); }
+  std::vector<GainStats> gains() override { return {}; }
+  Gpt<float>& host_model() override { return model_.host(); }
+  AdamW& host_optimizer() override { return optimizer_; }
+  void to_host() override {
+    model_.download();
+    model_.download_optimizer(optimizer_);
+  }
+  void from_host() override {
+    model_.upload();
+    model_.upload_optimizer(optimizer_);
+  }
+
+ private:
+  GptCuda model_;
+  AdamW optimizer_;  // host copies of the moments, for checkpoints
+};
+
+}  // namespace
+
+std::unique_ptr<Learner> make_cuda_learner(const TrainConfig& config) {
+  return std::make_unique<CudaLearner>(config);
+}
+
+}  // namespace mhc

@@ -1,0 +1,60 @@
+#include "train/learner.h"
+
+#include "train/data.h"
+
+namespace mhc {
+namespace {
+
+class CpuLearner final : public Learner {
+ public:
+  explicit CpuLearner(const TrainConfig& c)
+      : model_(c.model, c.batch_size, c.model.seq_length), optimizer_(model_.parameters()) {
+    model_.init(static_cast<uint64_t>(c.seed));
+  }
+  void zero_grad() override { model_.zero_grad(); }
+  double forward_backward(const int32_t* tokens, const int32_t* targets, uint64_t key) override {
+    const double loss = model_.forward(tokens, targets, key);
+    model_.backward();
+    return loss;
+  }
+  double step(const TrainConfig& c, double lr) override {
+    const double norm =
+        scale_and_clip_gradients(model_.parameters(), 1.0f / static_cast<float>(c.grad_accumulation), c.grad_clip);
+    optimizer_.step(c, lr);
+    return norm;
+  }
+  double evaluate(const int32_t* tokens, const int32_t* targets) override {
+    model_.set_training(false);
+    const double loss = model_.forward(tokens, targets, 0);
+    model_.set_training(true);
+    return loss;
+  }
+  std::vector<GainStats> gains() override { return model_.gains(); }
+  Gpt<float>& host_model() override { return model_; }
+  AdamW& host_optimizer() override { return optimizer_; }
+  void to_host() override {}
+  void from_host() override {}
+
+ private:
+  Gpt<float> model_;
+  AdamW optimizer_;
+};
+
+}  // namespace
+
+std::unique_ptr<Learner> make_cpu_learner(const TrainConfig& config) { return std::make_unique<CpuLearner>(config); }
+
+double evaluate_loss(const std::function<double(const int32_t*, const int32_t*)>& batch_loss,
+                     const std::vector<int32_t>& stream, int64_t batch, int64_t seq, int64_t batches) {
+  const Batcher batcher(stream, batch, seq);
+  std::vector<int32_t> tokens(batch * seq), targets(batch * seq);
+  uint64_t position = 0;
+  double total = 0;
+  for (int64_t b = 0; b < batches; ++b) {
+    batcher.next(position, tokens.data(), targets.data());
+    total += batch_loss(tokens.data(), targets.data());
+  }
+  return total / static_cast<double>(batches);
+}
+
+}  // namespace mhc

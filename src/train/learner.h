@@ -1,0 +1,43 @@
+// What the training loop drives: a model and its optimizer on one device. The CPU learner
+// is Gpt<float> with AdamW; the CUDA one (train/cuda_learner.h, built with the kernels)
+// is GptCuda. Checkpoints go through host copies: to_host() before saving,
+// from_host() after loading.
+#pragma once
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <vector>
+
+#include "nn/gpt.h"
+#include "train/optimizer.h"
+#include "train/train_config.h"
+
+namespace mhc {
+
+class Learner {
+ public:
+  virtual ~Learner() = default;
+  virtual void zero_grad() = 0;
+  // One micro-batch: returns its mean loss; gradients accumulate. `key` keys dropout.
+  virtual double forward_backward(const int32_t* tokens, const int32_t* targets, uint64_t key) = 0;
+  // Gradients scaled by 1 / grad_accumulation, clipped, AdamW; returns the norm before clipping.
+  virtual double step(const TrainConfig& config, double lr) = 0;
+  // Mean loss of one batch with dropout off; no gradients.
+  virtual double evaluate(const int32_t* tokens, const int32_t* targets) = 0;
+  // Stability metrics of the last forward (empty where a learner has none).
+  virtual std::vector<GainStats> gains() = 0;
+  virtual Gpt<float>& host_model() = 0;
+  virtual AdamW& host_optimizer() = 0;
+  virtual void to_host() = 0;
+  virtual void from_host() = 0;
+};
+
+using LearnerFactory = std::function<std::unique_ptr<Learner>(const TrainConfig&)>;
+
+std::unique_ptr<Learner> make_cpu_learner(const TrainConfig& config);
+
+// Mean loss over `batches` batches of the stream from its start.
+double evaluate_loss(const std::function<double(const int32_t*, const int32_t*)>& batch_loss,
+                     const std::vector<int32_t>& stream, int64_t batch, int64_t seq, int64_t batches);
+
+}  // namespace mhc
