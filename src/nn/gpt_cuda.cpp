@@ -36,6 +36,7 @@ struct Slot {
 struct HcState {
   Slot weight, alpha, bias;  // alpha: the three gates, consecutive
   DeviceBuffer<float> proj, r, h_pre, h_post, h_res;
+  DeviceBuffer<float> input_sumsq;  // ||x||^2 of each token's input row, from its producer
 };
 
 struct CudaLayer {
@@ -100,10 +101,11 @@ struct GptCuda::State {
   }
   // H_res/H_post mixing and the bias-dropout-add; residual models are the n = 1 case with
   // H_res = H_post = 1.
+  // out_sumsq (may be null): ||out||^2 per token, for the next hyper connection's mappings.
   void residual_forward(const HcState& m, const bf16* x, const bf16* y, const Slot& bias, cpu::DropoutSpec d,
-                        bf16* out) {
+                        bf16* out, float* out_sumsq = nullptr) {
     cuda::h_post_bda_forward(x, hc ? m.h_res.data() : ones.data(), hc ? m.h_post.data() : ones.data(), y,
-                             half_of(bias), N, static_cast<int>(n), C, d, out);
+                             half_of(bias), N, static_cast<int>(n), C, d, out, out_sumsq);
   }
   void residual_backward(HcState& m, const bf16* grad_out, const bf16* x, const bf16* y, const Slot& bias,
                          cpu::DropoutSpec d, bf16* grad_x) {
@@ -111,8 +113,9 @@ struct GptCuda::State {
                               half_of(bias), N, static_cast<int>(n), C, d, grad_x, grad_h_res.data(),
                               grad_h_post.data(), dy.data(), grad_of(bias));
   }
-  void mappings_forward(HcState& m, const bf16* x, bf16* agg, const ModelConfig& c) {
-    cuda::mhc_mappings_forward(mappings_args(c), x, nullptr, value_of(m.weight), value_of(m.alpha), value_of(m.bias),
+  // x_sumsq: the input's ||x||^2 when its producer computed it, else null.
+  void mappings_forward(HcState& m, const bf16* x, const float* x_sumsq, bf16* agg, const ModelConfig& c) {
+    cuda::mhc_mappings_forward(mappings_args(c), x, x_sumsq, value_of(m.weight), value_of(m.alpha), value_of(m.bias),
                                m.proj.data(), m.r.data(), m.h_pre.data(), m.h_post.data(), m.h_res.data(),
                                mappings_forward_ws.data());
     cuda::aggregate_forward(x, m.h_pre.data(), N, static_cast<int>(n), C, agg);
@@ -127,28 +130,31 @@ struct GptCuda::State {
                                 grad_of(m.bias), mappings_backward_ws.data());
   }
 
-  void layer_forward(CudaLayer& L, const bf16* x_in, const ModelConfig& c) {
+  // next_sumsq: where the next layer's first hyper connection wants ||x_out||^2 (or null).
+  void layer_forward(CudaLayer& L, const bf16* x_in, const float* x_in_sumsq, float* next_sumsq,
+                     const ModelConfig& c) {
     const cpu::AttentionShape shape{B, S, H, C};
     const bf16* norm1_in = x_in;
     if (hc) {
-      mappings_forward(L.hc_attn, x_in, L.agg1, c);
+      mappings_forward(L.hc_attn, x_in, x_in_sumsq, L.agg1, c);
       norm1_in = L.agg1;
     }
     norm(norm1_in, L.ln1_w, L.ln1_b, L.ln1_out, L.ln1_mean.data(), L.ln1_rstd.data());
     cuda::linear_forward(L.ln1_out, half_of(L.qkv_w), half_of(L.qkv_b), N, C, 3 * C, L.qkv.data());
     cuda::attention_forward(shape, L.qkv.data(), L.drop_probs, L.probs.data(), L.ctx.data(), attention_ws.data());
     cuda::linear_forward(L.ctx.data(), half_of(L.proj_w), nullptr, N, C, C, L.attn_y.data());
-    residual_forward(L.hc_attn, x_in, L.attn_y.data(), L.proj_b, L.drop_attn, L.x_mid);
+    residual_forward(L.hc_attn, x_in, L.attn_y.data(), L.proj_b, L.drop_attn, L.x_mid,
+                     hc ? L.hc_mlp.input_sumsq.data() : nullptr);
     const bf16* norm2_in = L.x_mid;
     if (hc) {
-      mappings_forward(L.hc_mlp, L.x_mid, L.agg2, c);
+      mappings_forward(L.hc_mlp, L.x_mid, L.hc_mlp.input_sumsq.data(), L.agg2, c);
       norm2_in = L.agg2;
     }
     norm(norm2_in, L.ln2_w, L.ln2_b, L.ln2_out, L.ln2_mean.data(), L.ln2_rstd.data());
     cuda::linear_forward(L.ln2_out, half_of(L.fc1_w), half_of(L.fc1_b), N, C, width, L.fc.data());
     cuda::activation_forward(activation, L.fc.data(), N, F, L.act.data());
     cuda::linear_forward(L.act.data(), half_of(L.fc2_w), nullptr, N, F, C, L.mlp_y.data());
-    residual_forward(L.hc_mlp, L.x_mid, L.mlp_y.data(), L.fc2_b, L.drop_mlp, L.x_out);
+    residual_forward(L.hc_mlp, L.x_mid, L.mlp_y.data(), L.fc2_b, L.drop_mlp, L.x_out, next_sumsq);
   }
 
   // What selective recompute discarded, re-run from the layer input with the kept mappings
@@ -244,7 +250,10 @@ struct GptCuda::State {
       L.drop_attn = {hidden_p, rng_key(seed, l, step, kAttentionResidual)};
       L.drop_mlp = {hidden_p, rng_key(seed, l, step, kMlpResidual)};
       L.drop_probs = {attention_p, rng_key(seed, l, step, kAttentionProbs)};
-      layer_forward(L, layer_input(l), c);
+      // Layer 0's input comes from the expansion: its mappings compute ||x||^2 themselves.
+      const float* in_sumsq = hc && l > 0 ? L.hc_attn.input_sumsq.data() : nullptr;
+      float* next_sumsq = hc && l + 1 < layers.size() ? layers[l + 1].hc_attn.input_sumsq.data() : nullptr;
+      layer_forward(L, layer_input(l), in_sumsq, next_sumsq, c);
     }
     cuda::stream_contract_forward(layers.back().x_out, N, static_cast<int>(n), C, h.data());
     norm(h.data(), lnf_w, lnf_b, hf.data(), lnf_mean.data(), lnf_rstd.data());
@@ -353,6 +362,7 @@ GptCuda::GptCuda(const ModelConfig& config, int64_t batch, int64_t seq) : config
         m->h_pre = DeviceBuffer<float>(N * n);
         m->h_post = DeviceBuffer<float>(N * n);
         m->h_res = DeviceBuffer<float>(N * n * n);
+        m->input_sumsq = DeviceBuffer<float>(N);
       }
     }
     const size_t stats = s.rms ? 0 : static_cast<size_t>(N);

@@ -62,30 +62,44 @@ SortLayout sort_layout(int64_t rows) {
   return l;
 }
 
-// One block a row: max, sum of exponentials, then the gradient.
+// One block a row: the max and the sum of exponentials in one pass (each thread keeps a
+// running pair, rescaling its sum when its max grows; the pairs merged in a fixed order),
+// then the gradient.
 constexpr int kLossThreads = 256;
-__global__ void cross_entropy_kernel(const float* logits, const int32_t* targets, int64_t V, float scale,
-                                     float* losses, bf16* grad_logits) {
+struct MaxSum {
+  float max, sum;
+};
+__device__ inline MaxSum merge(MaxSum a, MaxSum b) {
+  const float m = fmaxf(a.max, b.max);
+  if (m == -INFINITY) return {m, 0.0f};
+  return {m, a.sum * expf(a.max - m) + b.sum * expf(b.max - m)};
+}
+__global__ void cross_entropy_kernel(const float* __restrict__ logits, const int32_t* __restrict__ targets, int64_t V,
+                                     float scale, float* __restrict__ losses, bf16* __restrict__ grad_logits) {
   const int64_t r = blockIdx.x;
   const float* row = logits + r * V;
-  __shared__ float reduced[1];
-  float part[1] = {-INFINITY};
-  for (int64_t v = threadIdx.x; v < V; v += blockDim.x) part[0] = fmaxf(part[0], row[v]);
-  // max over the block: the warps' maxima in order
-  for (int offset = 16; offset > 0; offset /= 2) part[0] = fmaxf(part[0], __shfl_xor_sync(0xffffffffu, part[0], offset));
-  __shared__ float warp_max[kLossThreads / 32];
-  if (threadIdx.x % 32 == 0) warp_max[threadIdx.x / 32] = part[0];
+  MaxSum ms{-INFINITY, 0.0f};
+  for (int64_t v = threadIdx.x; v < V; v += blockDim.x) {
+    const float x = row[v];
+    if (x > ms.max) {
+      ms.sum = ms.sum * expf(ms.max - x) + 1.0f;
+      ms.max = x;
+    } else {
+      ms.sum += expf(x - ms.max);
+    }
+  }
+  for (int offset = 16; offset > 0; offset /= 2)
+    ms = merge(ms, {__shfl_xor_sync(0xffffffffu, ms.max, offset), __shfl_xor_sync(0xffffffffu, ms.sum, offset)});
+  __shared__ MaxSum warps[kLossThreads / 32];
+  if (threadIdx.x % 32 == 0) warps[threadIdx.x / 32] = ms;
   __syncthreads();
-  float mx = warp_max[0];
-  for (int w = 1; w < kLossThreads / 32; ++w) mx = fmaxf(mx, warp_max[w]);
-  float sum[1] = {0};
-  for (int64_t v = threadIdx.x; v < V; v += blockDim.x) sum[0] += expf(row[v] - mx);
-  detail::block_sum<1>(sum, reduced);
-  const float total = reduced[0], inverse = 1.0f / total;
+  MaxSum total = warps[0];
+  for (int w = 1; w < kLossThreads / 32; ++w) total = merge(total, warps[w]);
+  const float mx = total.max, inverse = 1.0f / total.sum;
   const int32_t target = targets[r];
   for (int64_t v = threadIdx.x; v < V; v += blockDim.x)
     grad_logits[r * V + v] = __float2bfloat16((expf(row[v] - mx) * inverse - (v == target ? 1.0f : 0.0f)) * scale);
-  if (threadIdx.x == 0) losses[r] = logf(total) + mx - row[target];
+  if (threadIdx.x == 0) losses[r] = logf(total.sum) + mx - row[target];
 }
 
 }  // namespace
