@@ -42,8 +42,8 @@ struct HcState {
 struct CudaLayer {
   Slot ln1_w, ln1_b, qkv_w, qkv_b, proj_w, proj_b, ln2_w, ln2_b, fc1_w, fc1_b, fc2_w, fc2_b;
   HcState hc_attn, hc_mlp;
-  DeviceBuffer<float> ln1_mean, ln1_rstd, ln2_mean, ln2_rstd;
-  DeviceBuffer<bf16> qkv, probs, ctx, attn_y, fc, act, mlp_y;
+  DeviceBuffer<float> ln1_mean, ln1_rstd, ln2_mean, ln2_rstd, lse;
+  DeviceBuffer<bf16> qkv, ctx, attn_y, fc, act, mlp_y;
   // The tensors selective recompute discards: in `own`, or in the layer's slot of the
   // recompute workspace (then `own` holds only x_out at a block's end).
   DeviceBuffer<bf16> own;
@@ -141,7 +141,7 @@ struct GptCuda::State {
     }
     norm(norm1_in, L.ln1_w, L.ln1_b, L.ln1_out, L.ln1_mean.data(), L.ln1_rstd.data());
     cuda::linear_forward(L.ln1_out, half_of(L.qkv_w), half_of(L.qkv_b), N, C, 3 * C, L.qkv.data());
-    cuda::attention_forward(shape, L.qkv.data(), L.drop_probs, L.probs.data(), L.ctx.data(), attention_ws.data());
+    cuda::attention_forward(shape, L.qkv.data(), L.drop_probs, L.lse.data(), L.ctx.data());
     cuda::linear_forward(L.ctx.data(), half_of(L.proj_w), nullptr, N, C, C, L.attn_y.data());
     residual_forward(L.hc_attn, x_in, L.attn_y.data(), L.proj_b, L.drop_attn, L.x_mid,
                      hc ? L.hc_mlp.input_sumsq.data() : nullptr);
@@ -190,7 +190,7 @@ struct GptCuda::State {
     residual_backward(L.hc_attn, grad_mid, x_in, L.attn_y.data(), L.proj_b, L.drop_attn, grad_in);
     cuda::linear_backward(dy.data(), L.ctx.data(), half_of(L.proj_w), N, C, C, dctx.data(), grad_of(L.proj_w),
                           nullptr, columns);
-    cuda::attention_backward(shape, dctx.data(), L.qkv.data(), L.probs.data(), L.drop_probs, dqkv.data(),
+    cuda::attention_backward(shape, dctx.data(), L.qkv.data(), L.ctx.data(), L.lse.data(), L.drop_probs, dqkv.data(),
                              attention_ws.data());
     cuda::linear_backward(dqkv.data(), L.ln1_out, half_of(L.qkv_w), N, C, 3 * C, dln.data(), grad_of(L.qkv_w),
                           grad_of(L.qkv_b), columns);
@@ -287,6 +287,9 @@ GptCuda::GptCuda(const ModelConfig& config, int64_t batch, int64_t seq) : config
   check(c.recompute != "full", "recompute: full recompute is not implemented (none or mhc)");
   check(batch >= 1 && seq >= 1 && seq <= c.seq_length, "seq: must be in [1, seq_length]");
   check(c.hidden_size % c.num_attention_heads == 0, "hidden_size: must be a multiple of num_attention_heads");
+  check(cuda::attention_head_dim_supported(c.hidden_size / c.num_attention_heads),
+        "hidden_size / num_attention_heads: the CUDA attention takes head dims 16, 32 or 64, got " +
+            std::to_string(c.hidden_size / c.num_attention_heads));
   s_ = std::make_unique<State>();
   State& s = *s_;
   s.B = batch, s.S = seq, s.N = batch * seq, s.C = c.hidden_size, s.n = c.streams(), s.F = c.ffn_size();
@@ -369,7 +372,7 @@ GptCuda::GptCuda(const ModelConfig& config, int64_t batch, int64_t seq) : config
     L.ln1_mean = DeviceBuffer<float>(stats), L.ln2_mean = DeviceBuffer<float>(stats);
     L.ln1_rstd = DeviceBuffer<float>(N), L.ln2_rstd = DeviceBuffer<float>(N);
     L.qkv = DeviceBuffer<bf16>(N * 3 * C);
-    L.probs = DeviceBuffer<bf16>(batch * s.H * seq * seq);
+    L.lse = DeviceBuffer<float>(batch * s.H * seq);
     L.ctx = DeviceBuffer<bf16>(N * C), L.attn_y = DeviceBuffer<bf16>(N * C), L.mlp_y = DeviceBuffer<bf16>(N * C);
     L.fc = DeviceBuffer<bf16>(N * s.width), L.act = DeviceBuffer<bf16>(N * s.F);
     bf16* base;

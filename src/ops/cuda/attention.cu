@@ -4,155 +4,373 @@
 
 #include "core/cuda/device.h"
 #include "core/rng.h"
-#include "ops/cuda/gemm.h"
 #include "ops/cuda/kernel_utils.cuh"
 
 namespace mhc::cuda {
 namespace {
 
-constexpr int kRowsPerBlock = 4;  // one warp a (head, query) row
+using detail::ldmatrix_x4;
+using detail::mma_bf16;
+using detail::pack_bf16;
 
-struct Geometry {
-  int64_t T, C, H, d;
-  size_t scores_bytes;  // fp32 [H][T][T]
-};
-Geometry geometry_of(const cpu::AttentionShape& s) {
-  check(s.batch >= 1 && s.seq >= 1 && s.heads >= 1 && s.C % s.heads == 0, "attention: bad shape");
-  const int64_t T = s.seq;
-  return {T, s.C, s.heads, s.C / s.heads, static_cast<size_t>(s.heads * T * T) * sizeof(float)};
-}
+// Tiles of 64 queries or keys; four warps, 16 rows each. A tile row is D bf16 plus 8 of
+// padding, so that the 8 rows an ldmatrix reads fall in distinct banks.
+constexpr int kBlock = 64, kThreads = 128;
+template <int D> constexpr int kStride = D + 8;
 
-// Row (h, t) of one batch row b: P = softmax(scale S) over u <= t (zeros after), and
-// `dropped` = D P when dropout is on.
-__global__ void softmax_kernel(const float* scores, int64_t T, int64_t H, int64_t b, float scale,
-                               cpu::DropoutSpec dropout, bf16* probs, bf16* dropped) {
-  const int lane = threadIdx.x % 32;
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / 32;  // h T + t
-  if (row >= H * T) return;
-  const int64_t t = row % T;
-  const float* s = scores + row * T;
-  float mx = -INFINITY;
-  for (int64_t u = lane; u <= t; u += 32) mx = fmaxf(mx, s[u] * scale);
-  for (int offset = 16; offset > 0; offset /= 2) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, offset));
-  float sum = 0;
-  for (int64_t u = lane; u <= t; u += 32) sum += expf(s[u] * scale - mx);
-  sum = detail::warp_sum(sum);
-  const float inverse = 1.0f / sum;
-  const uint64_t mask_base = static_cast<uint64_t>((b * H * T + row) * T);
-  for (int64_t u = lane; u < T; u += 32) {
-    const float p = u <= t ? expf(s[u] * scale - mx) * inverse : 0.0f;
-    probs[row * T + u] = __float2bfloat16(p);
-    if (dropped) dropped[row * T + u] = __float2bfloat16(p * dropout_scale<float>(dropout.key, mask_base + u, dropout.p));
+// Rows [row0, row0 + 64) of a matrix (row stride ld, D columns from `base`) into a tile,
+// zeros past `rows`.
+template <int D> __device__ void load_tile(const bf16* base, int64_t ld, int64_t row0, int64_t rows, bf16* tile) {
+  for (int e = threadIdx.x; e < kBlock * D / 8; e += kThreads) {
+    const int r = e / (D / 8), c = e % (D / 8) * 8;
+    uint4 v = {0, 0, 0, 0};
+    if (row0 + r < rows) v = *reinterpret_cast<const uint4*>(base + (row0 + r) * ld + c);
+    *reinterpret_cast<uint4*>(tile + r * kStride<D> + c) = v;
   }
 }
 
-// D P, for the backward's dV.
-__global__ void apply_dropout_kernel(const bf16* probs, int64_t T, int64_t H, int64_t b, cpu::DropoutSpec dropout,
-                                     bf16* dropped) {
-  const int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (e >= H * T * T) return;
-  const uint64_t index = static_cast<uint64_t>(b * H * T * T + e);
-  dropped[e] = __float2bfloat16(__bfloat162float(probs[e]) * dropout_scale<float>(dropout.key, index, dropout.p));
-}
-
-// dS = scale P (D dP - sum_u P D dP) for row (h, t); dP arrives in `grad` (fp32).
-__global__ void softmax_backward_kernel(const float* grad, const bf16* probs, int64_t T, int64_t H, int64_t b,
-                                        float scale, cpu::DropoutSpec dropout, bf16* grad_scores) {
+// A fragment: rows [r0, r0 + 16), columns [16 ks, 16 ks + 16) of a row-major tile.
+template <int D> __device__ void load_a(const bf16* tile, int r0, int ks, uint32_t (&a)[4]) {
   const int lane = threadIdx.x % 32;
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / 32;
-  if (row >= H * T) return;
-  const int64_t t = row % T;
-  const uint64_t mask_base = static_cast<uint64_t>((b * H * T + row) * T);
-  auto dp = [&](int64_t u) { return grad[row * T + u] * dropout_scale<float>(dropout.key, mask_base + u, dropout.p); };
-  float dot = 0;
-  for (int64_t u = lane; u <= t; u += 32) dot += __bfloat162float(probs[row * T + u]) * dp(u);
-  dot = detail::warp_sum(dot);
-  for (int64_t u = lane; u < T; u += 32)
-    grad_scores[row * T + u] =
-        __float2bfloat16(u <= t ? scale * __bfloat162float(probs[row * T + u]) * (dp(u) - dot) : 0.0f);
+  ldmatrix_x4<false>(a, tile + (r0 + lane % 8 + (lane / 8) % 2 * 8) * kStride<D> + ks * 16 + lane / 16 * 8);
+}
+// B fragments of two n8 tiles (b[0..1]: columns n0.., b[2..3]: n0 + 8..), k rows
+// [16 ks, 16 ks + 16), from a tile stored [n][k] (B^T row-major, e.g. K for q k^T).
+template <int D> __device__ void load_b_nk(const bf16* tile, int n0, int ks, uint32_t (&b)[4]) {
+  const int lane = threadIdx.x % 32;
+  ldmatrix_x4<false>(b, tile + (n0 + lane % 8 + lane / 16 * 8) * kStride<D> + ks * 16 + (lane / 8) % 2 * 8);
+}
+// The same from a tile stored [k][n] (B row-major, e.g. V for P v).
+template <int D> __device__ void load_b_kn(const bf16* tile, int ks, int n0, uint32_t (&b)[4]) {
+  const int lane = threadIdx.x % 32;
+  ldmatrix_x4<true>(b, tile + (ks * 16 + lane % 8 + (lane / 8) % 2 * 8) * kStride<D> + n0 + lane / 16 * 8);
+}
+// The A fragment of k step ks from accumulator tiles [16 rows][8 j + ...] (C layout).
+__device__ inline void accumulators_as_a(const float (&c)[8][4], int ks, uint32_t (&a)[4]) {
+  a[0] = pack_bf16(c[2 * ks][0], c[2 * ks][1]);
+  a[1] = pack_bf16(c[2 * ks][2], c[2 * ks][3]);
+  a[2] = pack_bf16(c[2 * ks + 1][0], c[2 * ks + 1][1]);
+  a[3] = pack_bf16(c[2 * ks + 1][2], c[2 * ks + 1][3]);
 }
 
-// One strided-batched product over the heads of batch row b. Operands are column-major
-// views: a head's q, k, v or dout block [d, T] (ld = the row width), or a [T, T] matrix.
-struct HeadOperand {
-  const bf16* p;
-  int64_t ld, stride;
+// acc [16 rows][64 columns] = A (registers, D/16 k steps) times the tile stored [n][k].
+template <int D> __device__ void product_nk(const uint32_t (&a)[D / 16][4], const bf16* tile, float (&acc)[8][4]) {
+#pragma unroll
+  for (int j = 0; j < 8; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[j][e] = 0;
+#pragma unroll
+  for (int ks = 0; ks < D / 16; ++ks)
+#pragma unroll
+    for (int j = 0; j < 8; j += 2) {
+      uint32_t b[4];
+      load_b_nk<D>(tile, j * 8, ks, b);
+      mma_bf16(acc[j], a[ks], b[0], b[1]);
+      mma_bf16(acc[j + 1], a[ks], b[2], b[3]);
+    }
+}
+// acc [16 rows][D] += (accumulator tiles as A, 64 columns) times the tile stored [k][n].
+template <int D> __device__ void accumulate_kn(const float (&p)[8][4], const bf16* tile, float (&acc)[D / 8][4]) {
+#pragma unroll
+  for (int ks = 0; ks < 4; ++ks) {
+    uint32_t a[4];
+    accumulators_as_a(p, ks, a);
+#pragma unroll
+    for (int dt = 0; dt < D / 8; dt += 2) {
+      uint32_t b[4];
+      load_b_kn<D>(tile, ks, dt * 8, b);
+      mma_bf16(acc[dt], a, b[0], b[1]);
+      mma_bf16(acc[dt + 1], a, b[2], b[3]);
+    }
+  }
+}
+
+struct Head {
+  int64_t T, C, H, b, h, bh;
 };
-void heads_product(bool ta, bool tb, int64_t m, int64_t n, int64_t k, HeadOperand a, HeadOperand b, void* d,
-                   int64_t ldd, int64_t stride_d, GemmOutput output, int64_t heads, cudaStream_t stream) {
-  Gemm g;
-  g.trans_a = ta, g.trans_b = tb;
-  g.m = m, g.n = n, g.k = k;
-  g.a = a.p, g.lda = a.ld, g.stride_a = a.stride;
-  g.b = b.p, g.ldb = b.ld, g.stride_b = b.stride;
-  g.d = d, g.ldd = ldd, g.stride_d = stride_d;
-  g.output = output;
-  g.batch = static_cast<int>(heads);
-  gemm(g, stream);
+__device__ inline Head head_of(int64_t T, int64_t C, int64_t H) {
+  const int64_t bh = blockIdx.y;
+  return {T, C, H, bh / H, bh % H, bh};
+}
+__device__ inline float drop(const Head& s, cpu::DropoutSpec dropout, int64_t t, int64_t u) {
+  return dropout_scale<float>(dropout.key, static_cast<uint64_t>((s.bh * s.T + t) * s.T + u), dropout.p);
+}
+
+template <int D>
+__global__ void __launch_bounds__(kThreads) flash_forward_kernel(const bf16* qkv, int64_t T, int64_t C, int64_t H,
+                                                                 float scale, cpu::DropoutSpec dropout, bf16* out,
+                                                                 float* lse) {
+  __shared__ __align__(16) bf16 q_tile[kBlock * kStride<D>], k_tile[kBlock * kStride<D>], v_tile[kBlock * kStride<D>];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, q4 = lane % 4;
+  const Head s = head_of(T, C, H);
+  const int64_t row = 3 * C, qb = blockIdx.x, t0 = qb * kBlock;
+  const bf16* base = qkv + s.b * T * row + s.h * D;
+  load_tile<D>(base, row, t0, T, q_tile);
+  __syncthreads();
+  uint32_t qa[D / 16][4];
+#pragma unroll
+  for (int ks = 0; ks < D / 16; ++ks) load_a<D>(q_tile, warp * 16, ks, qa[ks]);
+  float o[D / 8][4] = {}, m[2] = {-INFINITY, -INFINITY}, l[2] = {0, 0};
+  const int64_t tq[2] = {t0 + warp * 16 + g, t0 + warp * 16 + g + 8};
+  for (int64_t kb = 0; kb <= qb; ++kb) {
+    __syncthreads();
+    load_tile<D>(base + C, row, kb * kBlock, T, k_tile);
+    load_tile<D>(base + 2 * C, row, kb * kBlock, T, v_tile);
+    __syncthreads();
+    float p[8][4];
+    product_nk<D>(qa, k_tile, p);
+    float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+    for (int j = 0; j < 8; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int hh = e / 2;
+        const int64_t u = kb * kBlock + j * 8 + 2 * q4 + e % 2;
+        p[j][e] = u > tq[hh] || u >= T ? -INFINITY : p[j][e] * scale;
+        mx[hh] = fmaxf(mx[hh], p[j][e]);
+      }
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh) {
+      mx[hh] = fmaxf(mx[hh], __shfl_xor_sync(0xffffffffu, mx[hh], 1));
+      mx[hh] = fmaxf(mx[hh], __shfl_xor_sync(0xffffffffu, mx[hh], 2));
+      const float m_new = fmaxf(m[hh], mx[hh]);
+      const float correction = m_new == -INFINITY ? 1.0f : expf(m[hh] - m_new);
+      l[hh] *= correction;
+#pragma unroll
+      for (int dt = 0; dt < D / 8; ++dt) o[dt][2 * hh] *= correction, o[dt][2 * hh + 1] *= correction;
+      m[hh] = m_new;
+    }
+#pragma unroll
+    for (int j = 0; j < 8; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int hh = e / 2;
+        const float pe = m[hh] == -INFINITY ? 0.0f : expf(p[j][e] - m[hh]);
+        l[hh] += pe;  // the normaliser is over P before dropout
+        p[j][e] = pe * drop(s, dropout, tq[hh], kb * kBlock + j * 8 + 2 * q4 + e % 2);
+      }
+    accumulate_kn<D>(p, v_tile, o);
+  }
+#pragma unroll
+  for (int hh = 0; hh < 2; ++hh) {
+    l[hh] += __shfl_xor_sync(0xffffffffu, l[hh], 1);
+    l[hh] += __shfl_xor_sync(0xffffffffu, l[hh], 2);
+    if (tq[hh] >= T) continue;
+    const float inverse = 1.0f / l[hh];
+    bf16* orow = out + (s.b * T + tq[hh]) * C + s.h * D;
+#pragma unroll
+    for (int dt = 0; dt < D / 8; ++dt)
+      *reinterpret_cast<uint32_t*>(orow + dt * 8 + 2 * q4) =
+          pack_bf16(o[dt][2 * hh] * inverse, o[dt][2 * hh + 1] * inverse);
+    if (q4 == 0) lse[s.bh * T + tq[hh]] = m[hh] + logf(l[hh]);
+  }
+}
+
+// delta[b h][t] = dout_t . out_t (= sum_u P_tu D_tu dP_tu, the softmax backward's row term).
+template <int D>
+__global__ void delta_kernel(const bf16* grad_out, const bf16* out, int64_t rows, int64_t T, int64_t C, int64_t H,
+                             float* delta) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;  // (b h) T + t
+  if (i >= rows) return;
+  const int64_t bh = i / T, t = i % T, b = bh / H, h = bh % H;
+  const int64_t at = (b * T + t) * C + h * D;
+  float sum = 0;
+  for (int d = 0; d < D; d += 8) {
+    float x[8], y[8];
+    detail::load_bf16<8>(grad_out + at + d, x);
+    detail::load_bf16<8>(out + at + d, y);
+    for (int k = 0; k < 8; ++k) sum += x[k] * y[k];
+  }
+  delta[i] = sum;
+}
+
+template <int D>
+__global__ void __launch_bounds__(kThreads) flash_backward_kv_kernel(const bf16* qkv, const bf16* grad_out,
+                                                                     const float* lse, const float* delta, int64_t T,
+                                                                     int64_t C, int64_t H, float scale,
+                                                                     cpu::DropoutSpec dropout, bf16* grad_qkv) {
+  __shared__ __align__(16) bf16 q_tile[kBlock * kStride<D>], do_tile[kBlock * kStride<D>];
+  __shared__ __align__(16) bf16 kv_tile[kBlock * kStride<D>];
+  __shared__ float lse_s[kBlock], delta_s[kBlock];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, q4 = lane % 4;
+  const Head s = head_of(T, C, H);
+  const int64_t row = 3 * C, kb = blockIdx.x;
+  const bf16* base = qkv + s.b * T * row + s.h * D;
+  const bf16* go = grad_out + s.b * T * C + s.h * D;
+  uint32_t ka[D / 16][4], va[D / 16][4];
+  load_tile<D>(base + C, row, kb * kBlock, T, kv_tile);
+  __syncthreads();
+#pragma unroll
+  for (int ks = 0; ks < D / 16; ++ks) load_a<D>(kv_tile, warp * 16, ks, ka[ks]);
+  __syncthreads();
+  load_tile<D>(base + 2 * C, row, kb * kBlock, T, kv_tile);
+  __syncthreads();
+#pragma unroll
+  for (int ks = 0; ks < D / 16; ++ks) load_a<D>(kv_tile, warp * 16, ks, va[ks]);
+  float dk[D / 8][4] = {}, dv[D / 8][4] = {};
+  const int64_t ku[2] = {kb * kBlock + warp * 16 + g, kb * kBlock + warp * 16 + g + 8};
+  const int64_t query_blocks = (T + kBlock - 1) / kBlock;
+  for (int64_t qb = kb; qb < query_blocks; ++qb) {
+    __syncthreads();
+    load_tile<D>(base, row, qb * kBlock, T, q_tile);
+    load_tile<D>(go, C, qb * kBlock, T, do_tile);
+    if (threadIdx.x < kBlock) {
+      const int64_t t = qb * kBlock + threadIdx.x;
+      lse_s[threadIdx.x] = t < T ? lse[s.bh * T + t] : 0.0f;
+      delta_s[threadIdx.x] = t < T ? delta[s.bh * T + t] : 0.0f;
+    }
+    __syncthreads();
+    // P^T [keys][queries] and, for dV, D P^T.
+    float p[8][4], pd[8][4];
+    product_nk<D>(ka, q_tile, p);
+#pragma unroll
+    for (int j = 0; j < 8; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int local = j * 8 + 2 * q4 + e % 2;
+        const int64_t t = qb * kBlock + local, u = ku[e / 2];
+        p[j][e] = t >= T || t < u || u >= T ? 0.0f : expf(p[j][e] * scale - lse_s[local]);
+        pd[j][e] = p[j][e] * drop(s, dropout, t, u);
+      }
+    accumulate_kn<D>(pd, do_tile, dv);
+    // dP^T = v dout^T; dS^T = P^T (D dP^T - delta) scale
+    product_nk<D>(va, do_tile, pd);
+#pragma unroll
+    for (int j = 0; j < 8; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int local = j * 8 + 2 * q4 + e % 2;
+        const int64_t t = qb * kBlock + local, u = ku[e / 2];
+        pd[j][e] = p[j][e] == 0.0f ? 0.0f : p[j][e] * (pd[j][e] * drop(s, dropout, t, u) - delta_s[local]) * scale;
+      }
+    accumulate_kn<D>(pd, q_tile, dk);
+  }
+#pragma unroll
+  for (int hh = 0; hh < 2; ++hh) {
+    if (ku[hh] >= T) continue;
+    bf16* grow = grad_qkv + (s.b * T + ku[hh]) * row + s.h * D;
+#pragma unroll
+    for (int dt = 0; dt < D / 8; ++dt) {
+      *reinterpret_cast<uint32_t*>(grow + C + dt * 8 + 2 * q4) = pack_bf16(dk[dt][2 * hh], dk[dt][2 * hh + 1]);
+      *reinterpret_cast<uint32_t*>(grow + 2 * C + dt * 8 + 2 * q4) = pack_bf16(dv[dt][2 * hh], dv[dt][2 * hh + 1]);
+    }
+  }
+}
+
+template <int D>
+__global__ void __launch_bounds__(kThreads) flash_backward_q_kernel(const bf16* qkv, const bf16* grad_out,
+                                                                    const float* lse, const float* delta, int64_t T,
+                                                                    int64_t C, int64_t H, float scale,
+                                                                    cpu::DropoutSpec dropout, bf16* grad_qkv) {
+  __shared__ __align__(16) bf16 k_tile[kBlock * kStride<D>], v_tile[kBlock * kStride<D>];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, q4 = lane % 4;
+  const Head s = head_of(T, C, H);
+  const int64_t row = 3 * C, qb = blockIdx.x, t0 = qb * kBlock;
+  const bf16* base = qkv + s.b * T * row + s.h * D;
+  uint32_t qa[D / 16][4], doa[D / 16][4];
+  load_tile<D>(base, row, t0, T, k_tile);  // q, through the k tile
+  load_tile<D>(grad_out + s.b * T * C + s.h * D, C, t0, T, v_tile);  // dout, through the v tile
+  __syncthreads();
+#pragma unroll
+  for (int ks = 0; ks < D / 16; ++ks) {
+    load_a<D>(k_tile, warp * 16, ks, qa[ks]);
+    load_a<D>(v_tile, warp * 16, ks, doa[ks]);
+  }
+  const int64_t tq[2] = {t0 + warp * 16 + g, t0 + warp * 16 + g + 8};
+  float row_lse[2], row_delta[2];
+#pragma unroll
+  for (int hh = 0; hh < 2; ++hh) {
+    row_lse[hh] = tq[hh] < T ? lse[s.bh * T + tq[hh]] : 0.0f;
+    row_delta[hh] = tq[hh] < T ? delta[s.bh * T + tq[hh]] : 0.0f;
+  }
+  float dq[D / 8][4] = {};
+  for (int64_t kb = 0; kb <= qb; ++kb) {
+    __syncthreads();
+    load_tile<D>(base + C, row, kb * kBlock, T, k_tile);
+    load_tile<D>(base + 2 * C, row, kb * kBlock, T, v_tile);
+    __syncthreads();
+    float p[8][4], ds[8][4];
+    product_nk<D>(qa, k_tile, p);
+    product_nk<D>(doa, v_tile, ds);  // dP = dout v^T
+#pragma unroll
+    for (int j = 0; j < 8; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int hh = e / 2;
+        const int64_t u = kb * kBlock + j * 8 + 2 * q4 + e % 2;
+        const float pe = u > tq[hh] || u >= T || tq[hh] >= T ? 0.0f : expf(p[j][e] * scale - row_lse[hh]);
+        ds[j][e] = pe == 0.0f ? 0.0f : pe * (ds[j][e] * drop(s, dropout, tq[hh], u) - row_delta[hh]) * scale;
+      }
+    accumulate_kn<D>(ds, k_tile, dq);
+  }
+#pragma unroll
+  for (int hh = 0; hh < 2; ++hh) {
+    if (tq[hh] >= T) continue;
+    bf16* grow = grad_qkv + (s.b * T + tq[hh]) * row + s.h * D;
+#pragma unroll
+    for (int dt = 0; dt < D / 8; ++dt)
+      *reinterpret_cast<uint32_t*>(grow + dt * 8 + 2 * q4) = pack_bf16(dq[dt][2 * hh], dq[dt][2 * hh + 1]);
+  }
+}
+
+struct Geometry {
+  int64_t T, C, H, d;
+};
+Geometry geometry_of(const cpu::AttentionShape& s) {
+  check(s.batch >= 1 && s.seq >= 1 && s.heads >= 1 && s.C % s.heads == 0, "attention: bad shape");
+  check(attention_head_dim_supported(s.C / s.heads),
+        "hidden_size / num_attention_heads: the CUDA attention takes head dims 16, 32 or 64, got " +
+            std::to_string(s.C / s.heads));
+  return {s.seq, s.C, s.heads, s.C / s.heads};
+}
+
+template <typename Launch> void dispatch_head_dim(int64_t d, Launch&& launch) {
+  switch (d) {
+    case 16: launch(std::integral_constant<int, 16>{}); break;
+    case 32: launch(std::integral_constant<int, 32>{}); break;
+    default: launch(std::integral_constant<int, 64>{}); break;
+  }
 }
 
 }  // namespace
 
+bool attention_head_dim_supported(int64_t d) { return d == 16 || d == 32 || d == 64; }
+
 size_t attention_workspace_bytes(const cpu::AttentionShape& s) {
-  const Geometry g = geometry_of(s);
-  return g.scores_bytes + static_cast<size_t>(g.H * g.T * g.T) * sizeof(bf16);
+  return static_cast<size_t>(s.batch * s.heads * s.seq) * sizeof(float);
 }
 
-void attention_forward(const cpu::AttentionShape& s, const bf16* qkv, cpu::DropoutSpec dropout, bf16* probs,
-                       bf16* out, void* workspace, cudaStream_t stream) {
+void attention_forward(const cpu::AttentionShape& s, const bf16* qkv, cpu::DropoutSpec dropout, float* lse, bf16* out,
+                       cudaStream_t stream) {
   const Geometry g = geometry_of(s);
-  const int64_t T = g.T, C = g.C, H = g.H, d = g.d, row = 3 * C;
-  float* scores = static_cast<float*>(workspace);
-  bf16* dropped = reinterpret_cast<bf16*>(static_cast<char*>(workspace) + g.scores_bytes);
-  const float scale = 1.0f / std::sqrt(static_cast<float>(d));
-  const bool drop = dropout.p > 0.0f;
-  for (int64_t b = 0; b < s.batch; ++b) {
-    const bf16* base = qkv + b * T * row;
-    bf16* pb = probs + b * H * T * T;
-    // S^T as column-major [u, t]: k [u, d] times q^T.
-    heads_product(true, false, T, T, d, {base + C, row, d}, {base, row, d}, scores, T, T * T, GemmOutput::Fp32, H,
-                  stream);
-    softmax_kernel<<<detail::blocks_for(H * T, kRowsPerBlock), kRowsPerBlock * 32, 0, stream>>>(
-        scores, T, H, b, scale, dropout, pb, drop ? dropped : nullptr);
-    MHC_CUDA_CHECK(cudaGetLastError());
-    // out^T [d, t] = v^T [d, u] (D P)^T [u, t]
-    heads_product(false, false, d, T, T, {base + 2 * C, row, d}, {drop ? dropped : pb, T, T * T}, out + b * T * C,
-                  C, d, GemmOutput::Bf16, H, stream);
-  }
+  const dim3 grid(detail::blocks_for(g.T, kBlock), static_cast<unsigned>(s.batch * g.H));
+  const float scale = 1.0f / std::sqrt(static_cast<float>(g.d));
+  dispatch_head_dim(g.d, [&](auto Dc) {
+    constexpr int D = decltype(Dc)::value;
+    flash_forward_kernel<D><<<grid, kThreads, 0, stream>>>(qkv, g.T, g.C, g.H, scale, dropout, out, lse);
+  });
+  MHC_CUDA_CHECK(cudaGetLastError());
 }
 
-void attention_backward(const cpu::AttentionShape& s, const bf16* grad_out, const bf16* qkv, const bf16* probs,
-                        cpu::DropoutSpec dropout, bf16* grad_qkv, void* workspace, cudaStream_t stream) {
+void attention_backward(const cpu::AttentionShape& s, const bf16* grad_out, const bf16* qkv, const bf16* out,
+                        const float* lse, cpu::DropoutSpec dropout, bf16* grad_qkv, void* workspace,
+                        cudaStream_t stream) {
   const Geometry g = geometry_of(s);
-  const int64_t T = g.T, C = g.C, H = g.H, d = g.d, row = 3 * C;
-  float* grad_p = static_cast<float*>(workspace);
-  bf16* scratch = reinterpret_cast<bf16*>(static_cast<char*>(workspace) + g.scores_bytes);
-  const float scale = 1.0f / std::sqrt(static_cast<float>(d));
-  const bool drop = dropout.p > 0.0f;
-  for (int64_t b = 0; b < s.batch; ++b) {
-    const bf16* base = qkv + b * T * row;
-    const bf16* pb = probs + b * H * T * T;
-    const bf16* gob = grad_out + b * T * C;
-    bf16* gb = grad_qkv + b * T * row;
-    if (drop) {
-      apply_dropout_kernel<<<detail::blocks_for(H * T * T, 256), 256, 0, stream>>>(pb, T, H, b, dropout, scratch);
-      MHC_CUDA_CHECK(cudaGetLastError());
-    }
-    // dV^T [d, u] = dout^T [d, t] (D P) [t, u]
-    heads_product(false, true, d, T, T, {gob, C, d}, {drop ? scratch : pb, T, T * T}, gb + 2 * C, row, d,
-                  GemmOutput::Bf16, H, stream);
-    // dP^T as column-major [u, t]: v [u, d] times dout^T
-    heads_product(true, false, T, T, d, {base + 2 * C, row, d}, {gob, C, d}, grad_p, T, T * T, GemmOutput::Fp32, H,
-                  stream);
-    softmax_backward_kernel<<<detail::blocks_for(H * T, kRowsPerBlock), kRowsPerBlock * 32, 0, stream>>>(
-        grad_p, pb, T, H, b, scale, dropout, scratch);
+  float* delta = static_cast<float*>(workspace);
+  const dim3 grid(detail::blocks_for(g.T, kBlock), static_cast<unsigned>(s.batch * g.H));
+  const float scale = 1.0f / std::sqrt(static_cast<float>(g.d));
+  dispatch_head_dim(g.d, [&](auto Dc) {
+    constexpr int D = decltype(Dc)::value;
+    const int64_t rows = s.batch * g.H * g.T;
+    delta_kernel<D><<<detail::blocks_for(rows, 256), 256, 0, stream>>>(grad_out, out, rows, g.T, g.C, g.H, delta);
     MHC_CUDA_CHECK(cudaGetLastError());
-    // dQ^T [d, t] = k^T [d, u] dS^T [u, t];  dK^T [d, u] = q^T [d, t] dS [t, u]
-    heads_product(false, false, d, T, T, {base + C, row, d}, {scratch, T, T * T}, gb, row, d, GemmOutput::Bf16, H,
-                  stream);
-    heads_product(false, true, d, T, T, {base, row, d}, {scratch, T, T * T}, gb + C, row, d, GemmOutput::Bf16, H,
-                  stream);
-  }
+    flash_backward_kv_kernel<D><<<grid, kThreads, 0, stream>>>(qkv, grad_out, lse, delta, g.T, g.C, g.H, scale,
+                                                               dropout, grad_qkv);
+    MHC_CUDA_CHECK(cudaGetLastError());
+    flash_backward_q_kernel<D><<<grid, kThreads, 0, stream>>>(qkv, grad_out, lse, delta, g.T, g.C, g.H, scale,
+                                                              dropout, grad_qkv);
+  });
+  MHC_CUDA_CHECK(cudaGetLastError());
 }
 
 }  // namespace mhc::cuda

@@ -1,15 +1,17 @@
-// CUDA causal multi-head self-attention (ops/cpu/attention.h has the math), bf16 q, k, v
-// and output, fp32 scores and softmax:
+// CUDA causal multi-head self-attention (ops/cpu/attention.h has the math), fused in the
+// manner of FlashAttention-2: the T x T scores never reach memory.
 //
-//   S = q k^T (per batch b and head h, cuBLASLt strided-batched over heads)
-//   P = softmax_u(S / sqrt(d)) over u <= t, saved for backward [B, H, T, T] (bf16)
-//   out = (D . P) v, D the dropout multipliers of the CPU reference's Philox stream
-//   backward: dV = (D P)^T dout, dP = dout v^T, dS = P (D dP - rowsum(P D dP)) / sqrt(d),
-//             dQ = dS k, dK = dS^T q (dqkv overwritten)
+//   forward:  per (batch, head, 64 queries), keys in tiles of 64: S = q k^T / sqrt(d) on
+//             tensor cores (bf16 mma, fp32 sums), the causal mask, an online softmax (a
+//             running max and sum per row), out += (D . P) v with D the dropout
+//             multipliers of the CPU reference's Philox stream; saves the per-row
+//             log-sum-exp lse [B, H, T] (fp32) and reads q, k, v once per tile pass.
+//   backward: delta_t = dout_t . out_t; then per 64 keys dK, dV over the query tiles, and
+//             per 64 queries dQ over the key tiles (P recomputed from lse; no atomics, so
+//             deterministic): dV = (D P)^T dout, dS = P (D dout v^T - delta) / sqrt(d),
+//             dK = dS^T q, dQ = dS k. dqkv is overwritten.
 //
-// This version materialises the T x T scores of one batch row at a time (workspace
-// H T T fp32 + H T T bf16) and saves P: memory grows with T^2. A fused (flash) kernel that
-// keeps the scores on chip is the next step.
+// Head dims 16, 32 and 64.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -22,11 +24,15 @@ namespace mhc::cuda {
 
 using bf16 = __nv_bfloat16;
 
+bool attention_head_dim_supported(int64_t head_dim);
+
+// Backward's workspace (delta), bytes.
 size_t attention_workspace_bytes(const cpu::AttentionShape& s);
 
-void attention_forward(const cpu::AttentionShape& s, const bf16* qkv, cpu::DropoutSpec dropout, bf16* probs,
-                       bf16* out, void* workspace, cudaStream_t stream = nullptr);
-void attention_backward(const cpu::AttentionShape& s, const bf16* grad_out, const bf16* qkv, const bf16* probs,
-                        cpu::DropoutSpec dropout, bf16* grad_qkv, void* workspace, cudaStream_t stream = nullptr);
+void attention_forward(const cpu::AttentionShape& s, const bf16* qkv, cpu::DropoutSpec dropout, float* lse, bf16* out,
+                       cudaStream_t stream = nullptr);
+void attention_backward(const cpu::AttentionShape& s, const bf16* grad_out, const bf16* qkv, const bf16* out,
+                        const float* lse, cpu::DropoutSpec dropout, bf16* grad_qkv, void* workspace,
+                        cudaStream_t stream = nullptr);
 
 }  // namespace mhc::cuda

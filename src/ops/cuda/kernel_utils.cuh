@@ -90,6 +90,36 @@ template <int VEC> __device__ inline void store_bf16(__nv_bfloat16* p, const flo
   }
 }
 
+// Tensor cores (sm_80+): c += a b for one m16n8k16 tile, bf16 operands, fp32 sums.
+// Fragments (g = lane / 4, q = lane % 4): a = A rows g, g + 8 at columns 2q.. and 2q + 8..;
+// b = B rows 2q.., 2q + 8.. at column g; c = C rows g, g + 8 at columns 2q, 2q + 1.
+__device__ inline void mma_bf16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Four 8x8 bf16 matrices from shared memory; lane i gives the address of row i % 8 of
+// matrix i / 8. TRANS delivers each matrix transposed.
+template <bool TRANS> __device__ inline void ldmatrix_x4(uint32_t (&r)[4], const void* shared_row) {
+  const unsigned address = static_cast<unsigned>(__cvta_generic_to_shared(shared_row));
+  if constexpr (TRANS)
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(address));
+  else
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(address));
+}
+
+__device__ inline uint32_t pack_bf16(float lo, float hi) {
+  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
+
 template <typename Launch> void dispatch_streams(int n, Launch&& launch) {
   switch (n) {
     case 1: launch(std::integral_constant<int, 1>{}); break;

@@ -191,14 +191,6 @@ __global__ void finish_kernel(const float* parts, int64_t parts_stride, const fl
     for (int j = 0; j < N; ++j) h_res[t * N * N + i * N + j] = H[i][j];
 }
 
-__device__ inline void mma_bf16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-      "{%0,%1,%2,%3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
 // ---- dx on tensor cores -------------------------------------------------------------------
 //
 // dx[t][k] += sum_o dproj[t][o] W[o][k] + coef[t] x[t][k] as bf16 mma.sync (m16n8k16, fp32
@@ -348,7 +340,7 @@ __global__ void __launch_bounds__(kDxWarps * 32) grad_x_kernel(const bf16* x, co
       const uint4 a4 = *reinterpret_cast<const uint4*>(st + (s * 32 + lane) * 16);
       const uint32_t a[4] = {a4.x, a4.y, a4.z, a4.w};
 #pragma unroll
-      for (int j = 0; j < J; ++j) mma_bf16(c[j], a, b[j][s][0], b[j][s][1]);
+      for (int j = 0; j < J; ++j) detail::mma_bf16(c[j], a, b[j][s][0], b[j][s][1]);
     }
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
