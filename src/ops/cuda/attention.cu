@@ -16,16 +16,16 @@ using detail::pack_bf16;
 // Tiles of 64 queries or keys; four warps, 16 rows each. A tile row is D bf16 plus 8 of
 // padding, so that the 8 rows an ldmatrix reads fall in distinct banks.
 constexpr int kBlock = 64, kThreads = 128;
+constexpr float kLog2e = 1.4426950408889634f;
 template <int D> constexpr int kStride = D + 8;
 
-// Rows [row0, row0 + 64) of a matrix (row stride ld, D columns from `base`) into a tile,
-// zeros past `rows`.
+// Starts copying rows [row0, row0 + 64) of a matrix (row stride ld, D columns from
+// `base`) into a tile (cp.async), zeros past `rows`; the caller commits and waits.
 template <int D> __device__ void load_tile(const bf16* base, int64_t ld, int64_t row0, int64_t rows, bf16* tile) {
   for (int e = threadIdx.x; e < kBlock * D / 8; e += kThreads) {
     const int r = e / (D / 8), c = e % (D / 8) * 8;
-    uint4 v = {0, 0, 0, 0};
-    if (row0 + r < rows) v = *reinterpret_cast<const uint4*>(base + (row0 + r) * ld + c);
-    *reinterpret_cast<uint4*>(tile + r * kStride<D> + c) = v;
+    const bool valid = row0 + r < rows;
+    detail::copy_async<16>(tile + r * kStride<D> + c, valid ? base + (row0 + r) * ld + c : base, valid);
   }
 }
 
@@ -100,25 +100,35 @@ template <int D>
 __global__ void __launch_bounds__(kThreads) flash_forward_kernel(const bf16* qkv, int64_t T, int64_t C, int64_t H,
                                                                  float scale, cpu::DropoutSpec dropout, bf16* out,
                                                                  float* lse) {
-  __shared__ __align__(16) bf16 q_tile[kBlock * kStride<D>], k_tile[kBlock * kStride<D>], v_tile[kBlock * kStride<D>];
+  // q, then two buffers of k and v: the next key tile is copied while this one is used.
+  __shared__ __align__(16) bf16 q_tile[kBlock * kStride<D>], k_tile[2][kBlock * kStride<D>],
+      v_tile[2][kBlock * kStride<D>];
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, q4 = lane % 4;
   const Head s = head_of(T, C, H);
   const int64_t row = 3 * C, qb = blockIdx.x, t0 = qb * kBlock;
   const bf16* base = qkv + s.b * T * row + s.h * D;
+  const float scale2 = scale * kLog2e;  // scores in log2 units: exp2 is the fast path
   load_tile<D>(base, row, t0, T, q_tile);
-  __syncthreads();
+  load_tile<D>(base + C, row, 0, T, k_tile[0]);
+  load_tile<D>(base + 2 * C, row, 0, T, v_tile[0]);
+  detail::commit_async();
   uint32_t qa[D / 16][4];
-#pragma unroll
-  for (int ks = 0; ks < D / 16; ++ks) load_a<D>(q_tile, warp * 16, ks, qa[ks]);
   float o[D / 8][4] = {}, m[2] = {-INFINITY, -INFINITY}, l[2] = {0, 0};
   const int64_t tq[2] = {t0 + warp * 16 + g, t0 + warp * 16 + g + 8};
   for (int64_t kb = 0; kb <= qb; ++kb) {
+    const int buffer = static_cast<int>(kb & 1);
+    if (kb < qb) {
+      load_tile<D>(base + C, row, (kb + 1) * kBlock, T, k_tile[buffer ^ 1]);
+      load_tile<D>(base + 2 * C, row, (kb + 1) * kBlock, T, v_tile[buffer ^ 1]);
+    }
+    detail::commit_async();
+    detail::wait_async<1>();
     __syncthreads();
-    load_tile<D>(base + C, row, kb * kBlock, T, k_tile);
-    load_tile<D>(base + 2 * C, row, kb * kBlock, T, v_tile);
-    __syncthreads();
+    if (kb == 0)
+#pragma unroll
+      for (int ks = 0; ks < D / 16; ++ks) load_a<D>(q_tile, warp * 16, ks, qa[ks]);
     float p[8][4];
-    product_nk<D>(qa, k_tile, p);
+    product_nk<D>(qa, k_tile[buffer], p);
     float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
     for (int j = 0; j < 8; ++j)
@@ -126,7 +136,7 @@ __global__ void __launch_bounds__(kThreads) flash_forward_kernel(const bf16* qkv
       for (int e = 0; e < 4; ++e) {
         const int hh = e / 2;
         const int64_t u = kb * kBlock + j * 8 + 2 * q4 + e % 2;
-        p[j][e] = u > tq[hh] || u >= T ? -INFINITY : p[j][e] * scale;
+        p[j][e] = u > tq[hh] || u >= T ? -INFINITY : p[j][e] * scale2;
         mx[hh] = fmaxf(mx[hh], p[j][e]);
       }
 #pragma unroll
@@ -134,7 +144,7 @@ __global__ void __launch_bounds__(kThreads) flash_forward_kernel(const bf16* qkv
       mx[hh] = fmaxf(mx[hh], __shfl_xor_sync(0xffffffffu, mx[hh], 1));
       mx[hh] = fmaxf(mx[hh], __shfl_xor_sync(0xffffffffu, mx[hh], 2));
       const float m_new = fmaxf(m[hh], mx[hh]);
-      const float correction = m_new == -INFINITY ? 1.0f : expf(m[hh] - m_new);
+      const float correction = m_new == -INFINITY ? 1.0f : exp2f(m[hh] - m_new);
       l[hh] *= correction;
 #pragma unroll
       for (int dt = 0; dt < D / 8; ++dt) o[dt][2 * hh] *= correction, o[dt][2 * hh + 1] *= correction;
@@ -145,11 +155,12 @@ __global__ void __launch_bounds__(kThreads) flash_forward_kernel(const bf16* qkv
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int hh = e / 2;
-        const float pe = m[hh] == -INFINITY ? 0.0f : expf(p[j][e] - m[hh]);
+        const float pe = m[hh] == -INFINITY ? 0.0f : exp2f(p[j][e] - m[hh]);
         l[hh] += pe;  // the normaliser is over P before dropout
         p[j][e] = pe * drop(s, dropout, tq[hh], kb * kBlock + j * 8 + 2 * q4 + e % 2);
       }
-    accumulate_kn<D>(p, v_tile, o);
+    accumulate_kn<D>(p, v_tile[buffer], o);
+    __syncthreads();  // this buffer is refilled next iteration
   }
 #pragma unroll
   for (int hh = 0; hh < 2; ++hh) {
@@ -162,7 +173,7 @@ __global__ void __launch_bounds__(kThreads) flash_forward_kernel(const bf16* qkv
     for (int dt = 0; dt < D / 8; ++dt)
       *reinterpret_cast<uint32_t*>(orow + dt * 8 + 2 * q4) =
           pack_bf16(o[dt][2 * hh] * inverse, o[dt][2 * hh + 1] * inverse);
-    if (q4 == 0) lse[s.bh * T + tq[hh]] = m[hh] + logf(l[hh]);
+    if (q4 == 0) lse[s.bh * T + tq[hh]] = (m[hh] + log2f(l[hh])) / kLog2e;  // natural log
   }
 }
 
@@ -189,61 +200,73 @@ __global__ void __launch_bounds__(kThreads) flash_backward_kv_kernel(const bf16*
                                                                      const float* lse, const float* delta, int64_t T,
                                                                      int64_t C, int64_t H, float scale,
                                                                      cpu::DropoutSpec dropout, bf16* grad_qkv) {
-  __shared__ __align__(16) bf16 q_tile[kBlock * kStride<D>], do_tile[kBlock * kStride<D>];
-  __shared__ __align__(16) bf16 kv_tile[kBlock * kStride<D>];
-  __shared__ float lse_s[kBlock], delta_s[kBlock];
+  // this block's k and v (through one tile), then two buffers of q, dout, lse and delta
+  __shared__ __align__(16) bf16 kv_tile[kBlock * kStride<D>], q_tile[2][kBlock * kStride<D>],
+      do_tile[2][kBlock * kStride<D>];
+  __shared__ float lse_s[2][kBlock], delta_s[2][kBlock];
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, q4 = lane % 4;
   const Head s = head_of(T, C, H);
   const int64_t row = 3 * C, kb = blockIdx.x;
   const bf16* base = qkv + s.b * T * row + s.h * D;
   const bf16* go = grad_out + s.b * T * C + s.h * D;
+  const float scale2 = scale * kLog2e;
   uint32_t ka[D / 16][4], va[D / 16][4];
-  load_tile<D>(base + C, row, kb * kBlock, T, kv_tile);
-  __syncthreads();
 #pragma unroll
-  for (int ks = 0; ks < D / 16; ++ks) load_a<D>(kv_tile, warp * 16, ks, ka[ks]);
-  __syncthreads();
-  load_tile<D>(base + 2 * C, row, kb * kBlock, T, kv_tile);
-  __syncthreads();
+  for (int which = 0; which < 2; ++which) {
+    load_tile<D>(base + (1 + which) * C, row, kb * kBlock, T, kv_tile);
+    detail::commit_async();
+    detail::wait_async<0>();
+    __syncthreads();
 #pragma unroll
-  for (int ks = 0; ks < D / 16; ++ks) load_a<D>(kv_tile, warp * 16, ks, va[ks]);
+    for (int ks = 0; ks < D / 16; ++ks) load_a<D>(kv_tile, warp * 16, ks, which == 0 ? ka[ks] : va[ks]);
+    __syncthreads();
+  }
+  auto issue = [&](int64_t qb, int buffer) {
+    load_tile<D>(base, row, qb * kBlock, T, q_tile[buffer]);
+    load_tile<D>(go, C, qb * kBlock, T, do_tile[buffer]);
+    if (threadIdx.x < kBlock) {
+      const int64_t t = qb * kBlock + threadIdx.x;
+      lse_s[buffer][threadIdx.x] = t < T ? lse[s.bh * T + t] * kLog2e : 0.0f;
+      delta_s[buffer][threadIdx.x] = t < T ? delta[s.bh * T + t] : 0.0f;
+    }
+  };
   float dk[D / 8][4] = {}, dv[D / 8][4] = {};
   const int64_t ku[2] = {kb * kBlock + warp * 16 + g, kb * kBlock + warp * 16 + g + 8};
   const int64_t query_blocks = (T + kBlock - 1) / kBlock;
+  issue(kb, 0);
+  detail::commit_async();
   for (int64_t qb = kb; qb < query_blocks; ++qb) {
-    __syncthreads();
-    load_tile<D>(base, row, qb * kBlock, T, q_tile);
-    load_tile<D>(go, C, qb * kBlock, T, do_tile);
-    if (threadIdx.x < kBlock) {
-      const int64_t t = qb * kBlock + threadIdx.x;
-      lse_s[threadIdx.x] = t < T ? lse[s.bh * T + t] : 0.0f;
-      delta_s[threadIdx.x] = t < T ? delta[s.bh * T + t] : 0.0f;
-    }
+    const int buffer = static_cast<int>((qb - kb) & 1);
+    if (qb + 1 < query_blocks) issue(qb + 1, buffer ^ 1);
+    detail::commit_async();
+    detail::wait_async<1>();
     __syncthreads();
     // P^T [keys][queries] and, for dV, D P^T.
     float p[8][4], pd[8][4];
-    product_nk<D>(ka, q_tile, p);
+    product_nk<D>(ka, q_tile[buffer], p);
 #pragma unroll
     for (int j = 0; j < 8; ++j)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int local = j * 8 + 2 * q4 + e % 2;
         const int64_t t = qb * kBlock + local, u = ku[e / 2];
-        p[j][e] = t >= T || t < u || u >= T ? 0.0f : expf(p[j][e] * scale - lse_s[local]);
+        p[j][e] = t >= T || t < u || u >= T ? 0.0f : exp2f(p[j][e] * scale2 - lse_s[buffer][local]);
         pd[j][e] = p[j][e] * drop(s, dropout, t, u);
       }
-    accumulate_kn<D>(pd, do_tile, dv);
+    accumulate_kn<D>(pd, do_tile[buffer], dv);
     // dP^T = v dout^T; dS^T = P^T (D dP^T - delta) scale
-    product_nk<D>(va, do_tile, pd);
+    product_nk<D>(va, do_tile[buffer], pd);
 #pragma unroll
     for (int j = 0; j < 8; ++j)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int local = j * 8 + 2 * q4 + e % 2;
         const int64_t t = qb * kBlock + local, u = ku[e / 2];
-        pd[j][e] = p[j][e] == 0.0f ? 0.0f : p[j][e] * (pd[j][e] * drop(s, dropout, t, u) - delta_s[local]) * scale;
+        pd[j][e] =
+            p[j][e] == 0.0f ? 0.0f : p[j][e] * (pd[j][e] * drop(s, dropout, t, u) - delta_s[buffer][local]) * scale;
       }
-    accumulate_kn<D>(pd, q_tile, dk);
+    accumulate_kn<D>(pd, q_tile[buffer], dk);
+    __syncthreads();  // this buffer is refilled next iteration
   }
 #pragma unroll
   for (int hh = 0; hh < 2; ++hh) {
@@ -262,46 +285,59 @@ __global__ void __launch_bounds__(kThreads) flash_backward_q_kernel(const bf16* 
                                                                     const float* lse, const float* delta, int64_t T,
                                                                     int64_t C, int64_t H, float scale,
                                                                     cpu::DropoutSpec dropout, bf16* grad_qkv) {
-  __shared__ __align__(16) bf16 k_tile[kBlock * kStride<D>], v_tile[kBlock * kStride<D>];
+  // two buffers of k and v (the first one also brings this block's q and dout)
+  __shared__ __align__(16) bf16 k_tile[2][kBlock * kStride<D>], v_tile[2][kBlock * kStride<D>];
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, q4 = lane % 4;
   const Head s = head_of(T, C, H);
   const int64_t row = 3 * C, qb = blockIdx.x, t0 = qb * kBlock;
   const bf16* base = qkv + s.b * T * row + s.h * D;
+  const float scale2 = scale * kLog2e;
   uint32_t qa[D / 16][4], doa[D / 16][4];
-  load_tile<D>(base, row, t0, T, k_tile);  // q, through the k tile
-  load_tile<D>(grad_out + s.b * T * C + s.h * D, C, t0, T, v_tile);  // dout, through the v tile
+  load_tile<D>(base, row, t0, T, k_tile[0]);
+  load_tile<D>(grad_out + s.b * T * C + s.h * D, C, t0, T, v_tile[0]);
+  detail::commit_async();
+  detail::wait_async<0>();
   __syncthreads();
 #pragma unroll
   for (int ks = 0; ks < D / 16; ++ks) {
-    load_a<D>(k_tile, warp * 16, ks, qa[ks]);
-    load_a<D>(v_tile, warp * 16, ks, doa[ks]);
+    load_a<D>(k_tile[0], warp * 16, ks, qa[ks]);
+    load_a<D>(v_tile[0], warp * 16, ks, doa[ks]);
   }
+  __syncthreads();
   const int64_t tq[2] = {t0 + warp * 16 + g, t0 + warp * 16 + g + 8};
   float row_lse[2], row_delta[2];
 #pragma unroll
   for (int hh = 0; hh < 2; ++hh) {
-    row_lse[hh] = tq[hh] < T ? lse[s.bh * T + tq[hh]] : 0.0f;
+    row_lse[hh] = tq[hh] < T ? lse[s.bh * T + tq[hh]] * kLog2e : 0.0f;
     row_delta[hh] = tq[hh] < T ? delta[s.bh * T + tq[hh]] : 0.0f;
   }
   float dq[D / 8][4] = {};
+  load_tile<D>(base + C, row, 0, T, k_tile[0]);
+  load_tile<D>(base + 2 * C, row, 0, T, v_tile[0]);
+  detail::commit_async();
   for (int64_t kb = 0; kb <= qb; ++kb) {
-    __syncthreads();
-    load_tile<D>(base + C, row, kb * kBlock, T, k_tile);
-    load_tile<D>(base + 2 * C, row, kb * kBlock, T, v_tile);
+    const int buffer = static_cast<int>(kb & 1);
+    if (kb < qb) {
+      load_tile<D>(base + C, row, (kb + 1) * kBlock, T, k_tile[buffer ^ 1]);
+      load_tile<D>(base + 2 * C, row, (kb + 1) * kBlock, T, v_tile[buffer ^ 1]);
+    }
+    detail::commit_async();
+    detail::wait_async<1>();
     __syncthreads();
     float p[8][4], ds[8][4];
-    product_nk<D>(qa, k_tile, p);
-    product_nk<D>(doa, v_tile, ds);  // dP = dout v^T
+    product_nk<D>(qa, k_tile[buffer], p);
+    product_nk<D>(doa, v_tile[buffer], ds);  // dP = dout v^T
 #pragma unroll
     for (int j = 0; j < 8; ++j)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int hh = e / 2;
         const int64_t u = kb * kBlock + j * 8 + 2 * q4 + e % 2;
-        const float pe = u > tq[hh] || u >= T || tq[hh] >= T ? 0.0f : expf(p[j][e] * scale - row_lse[hh]);
+        const float pe = u > tq[hh] || u >= T || tq[hh] >= T ? 0.0f : exp2f(p[j][e] * scale2 - row_lse[hh]);
         ds[j][e] = pe == 0.0f ? 0.0f : pe * (ds[j][e] * drop(s, dropout, tq[hh], u) - row_delta[hh]) * scale;
       }
-    accumulate_kn<D>(ds, k_tile, dq);
+    accumulate_kn<D>(ds, k_tile[buffer], dq);
+    __syncthreads();  // this buffer is refilled next iteration
   }
 #pragma unroll
   for (int hh = 0; hh < 2; ++hh) {

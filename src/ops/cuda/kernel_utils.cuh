@@ -120,6 +120,24 @@ __device__ inline uint32_t pack_bf16(float lo, float hi) {
   return *reinterpret_cast<const uint32_t*>(&v);
 }
 
+// Asynchronous global -> shared copies (cp.async): BYTES of 4, 8 or a multiple of 16; zeros where !valid
+// (global must still be a valid address).
+template <int BYTES> __device__ inline void copy_async(void* shared, const void* global, bool valid) {
+  const unsigned address = static_cast<unsigned>(__cvta_generic_to_shared(shared));
+  const int bytes = valid ? 16 : 0;
+  if constexpr (BYTES % 16 == 0) {
+#pragma unroll
+    for (int chunk = 0; chunk < BYTES / 16; ++chunk)
+      asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(address + 16 * chunk),
+                   "l"(static_cast<const unsigned char*>(global) + 16 * chunk), "r"(bytes));
+  } else {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;\n" ::"r"(address), "l"(global), "n"(BYTES),
+                 "r"(valid ? BYTES : 0));
+  }
+}
+__device__ inline void commit_async() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int PENDING> __device__ inline void wait_async() { asm volatile("cp.async.wait_group %0;\n" ::"n"(PENDING)); }
+
 template <typename Launch> void dispatch_streams(int n, Launch&& launch) {
   switch (n) {
     case 1: launch(std::integral_constant<int, 1>{}); break;

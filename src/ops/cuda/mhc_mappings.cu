@@ -219,23 +219,6 @@ template <int N> constexpr int dx_stage_bytes() {
 }
 template <int N> constexpr int dx_smem_bytes() { return kDxStages * dx_stage_bytes<N>(); }
 
-// Asynchronous global -> shared copies (cp.async): BYTES of 4, 8 or a multiple of 16; zeros where !valid
-// (global must still be a valid address).
-template <int BYTES> __device__ inline void copy_async(void* shared, const void* global, bool valid) {
-  const unsigned address = static_cast<unsigned>(__cvta_generic_to_shared(shared));
-  const int bytes = valid ? 16 : 0;
-  if constexpr (BYTES % 16 == 0) {
-#pragma unroll
-    for (int chunk = 0; chunk < BYTES / 16; ++chunk)
-      asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(address + 16 * chunk),
-                   "l"(static_cast<const unsigned char*>(global) + 16 * chunk), "r"(bytes));
-  } else {
-    asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;\n" ::"r"(address), "l"(global), "n"(BYTES),
-                 "r"(valid ? BYTES : 0));
-  }
-}
-__device__ inline void commit_async() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int PENDING> __device__ inline void wait_async() { asm volatile("cp.async.wait_group %0;\n" ::"n"(PENDING)); }
 
 // Position in the fragment-ordered A array of token t's value kk (of 16 ksteps).
 __host__ __device__ inline int64_t dx_fragment_index(int64_t t, int kk, int ksteps) {
@@ -295,19 +278,19 @@ __global__ void __launch_bounds__(kDxWarps * 32) grad_x_kernel(const bf16* x, co
   const uint4* next_fragments = reinterpret_cast<const uint4*>(grad_proj_fragments) + (begin / 16) * KS * 32;
   auto issue_next = [&]() {
     unsigned char* st = dx_ring + next_stage * dx_stage_bytes<N>();
-    for (int e = threadIdx.x; e < KS * 32; e += kDxWarps * 32) copy_async<16>(st + e * 16, next_fragments + e, true);
+    for (int e = threadIdx.x; e < KS * 32; e += kDxWarps * 32) detail::copy_async<16>(st + e * 16, next_fragments + e, true);
     unsigned char* mine = st + warp * kWarpPart;
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int64_t t = next_token + 8 * h, at = t * K + col0;
       const bool valid = t < end;
-      copy_async<4>(mine + kCoef + (h * 32 + lane) * 4, valid ? coef + t : coef, valid);
+      detail::copy_async<4>(mine + kCoef + (h * 32 + lane) * 4, valid ? coef + t : coef, valid);
       bf16* xs = reinterpret_cast<bf16*>(mine + kX) + (h * 32 + lane) * COLS;
       bf16* dxs = reinterpret_cast<bf16*>(mine + kDx) + (h * 32 + lane) * COLS;
       if constexpr (VEC == COLS) {
         const bool in = valid && lane_in;
-        copy_async<2 * COLS>(xs, in ? x + at : x, in);
-        copy_async<2 * COLS>(dxs, in ? grad_x + at : grad_x, in);
+        detail::copy_async<2 * COLS>(xs, in ? x + at : x, in);
+        detail::copy_async<2 * COLS>(dxs, in ? grad_x + at : grad_x, in);
       } else {
 #pragma unroll
         for (int v = 0; v < COLS; ++v) {
@@ -323,15 +306,15 @@ __global__ void __launch_bounds__(kDxWarps * 32) grad_x_kernel(const bf16* x, co
   };
   for (int group = 0; group < kDxStages - 1; ++group) {
     if (group < groups) issue_next();
-    commit_async();
+    detail::commit_async();
   }
   int stage = 0;
   int64_t token = begin + g;
   for (int group = 0; group < groups; ++group) {
-    wait_async<kDxStages - 2>();  // this thread's copies of the group have landed
+    detail::wait_async<kDxStages - 2>();  // this thread's copies of the group have landed
     __syncthreads();              // everyone's have, and everyone is done with the previous group
     if (group + kDxStages - 1 < groups) issue_next();  // refills the previous group's stage
-    commit_async();
+    detail::commit_async();
     const unsigned char* st = dx_ring + stage * dx_stage_bytes<N>();
     const unsigned char* mine = st + warp * kWarpPart;
     float c[J][4] = {};
