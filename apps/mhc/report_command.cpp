@@ -73,9 +73,14 @@ bool have_gnuplot() { return std::system("command -v gnuplot > /dev/null 2>&1") 
 void plot(const std::vector<Run>& runs, const fs::path& png, const fs::path& script_path) {
   std::ofstream g(script_path);
   check(g.good(), script_path.string() + ": cannot create");
-  g << "set terminal pngcairo size 1400,1000 noenhanced\nset output '" << png.string() << "'\n"
+  // The gain panels only where some run has gain metrics (hc/mhc runs on the CPU).
+  bool gains = false;
+  for (const Run& r : runs)
+    for (const auto& s : r.steps) gains = gains || s.contains("composite_gain_bwd_max");
+  g << "set terminal pngcairo size 1400," << (gains ? 1000 : 500) << " noenhanced\nset output '" << png.string()
+    << "'\n"
     << "set datafile separator ','\nset datafile missing 'nan'\nset key top right\nset grid\n"
-    << "set multiplot layout 2,2 title 'mhc runs'\n";
+    << "set multiplot layout " << (gains ? "2,2" : "1,2") << " title 'mhc runs'\n";
   auto panel = [&](const char* title, int column, bool log_scale, bool points) {
     // Gains sit at exactly 1 for mHC: start the log axis below 1 so that curve stays visible.
     g << "set title '" << title << "'\nset xlabel 'step'\n"
@@ -87,8 +92,10 @@ void plot(const std::vector<Run>& runs, const fs::path& png, const fs::path& scr
   };
   panel("training loss", 2, false, false);
   panel("validation loss", 3, false, true);
-  panel("composite H_res gain, backward (max over tokens)", 7, true, false);
-  panel("H_res gain, forward (max over layers and tokens)", 4, true, false);
+  if (gains) {
+    panel("composite H_res gain, backward (max over tokens)", 7, true, false);
+    panel("H_res gain, forward (max over layers and tokens)", 4, true, false);
+  }
   g << "unset multiplot\n";
   g.close();
   const std::string log = script_path.string() + ".log";  // gnuplot's warnings (constant curves) go here
