@@ -25,6 +25,11 @@ expect_2() {  # expect_2 WHAT PATTERN command...: exit 2, PATTERN on stderr
   grep -q -- "$pattern" "$tmp/err" || fail "$what: stderr does not name '$pattern': $(cat "$tmp/err")"
 }
 expect_2 "unknown key" "bogus_key" "$mhc" train --out "$tmp/x" --set bogus_key=1
+expect_2 "unknown device" "device" "$mhc" train --out "$tmp/dev" --device tpu --steps 1 "${tiny[@]}"
+[ -e "$tmp/dev" ] && fail "a bad --device wrote $tmp/dev"
+if ! command -v nvidia-smi > /dev/null 2>&1; then  # no GPU: a named error (no CUDA device, or no CUDA build)
+  expect_2 "--device cuda without a GPU" "cuda\|CUDA" "$mhc" train --out "$tmp/dev" --device cuda --steps 1 "${tiny[@]}"
+fi
 expect_2 "invalid value" "mhc_sinkhorn_iterations" "$mhc" train --out "$tmp/x" --set mhc_sinkhorn_iterations=0
 expect_2 "missing data" "nope.txt" "$mhc" train --out "$tmp/x" --data "$tmp/nope.txt"
 : > "$tmp/empty.txt"
