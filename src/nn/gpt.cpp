@@ -42,8 +42,7 @@ LayerSizes layer_sizes(const ModelConfig& c, int64_t batch, int64_t seq) {
   }
   s.internals = 2 * stats * N + 3 * N * C + batch * c.num_attention_heads * seq * seq + 2 * N * C + N * width +
                 N * F + N * C;
-  // agg1, ln1_out, x_mid, agg2, ln2_out, x_out; residual models have no aggregates
-  s.restorable = (c.hyper_connections() ? 4 : 2) * N * C + 2 * N * n * C;
+  s.restorable = restorable_elements(N, C, n, c.hyper_connections());
   s.boundary = N * n * C;
   return s;
 }
@@ -71,13 +70,12 @@ ActivationBytes activation_bytes(const ModelConfig& c, int64_t batch, int64_t se
   return {kept * bytes, workspace * bytes};
 }
 
-template <typename T> struct Layer {
+template <typename T> struct Layer : RestorableTensors<T> {
   Parameter<T> ln1_w, ln1_b, qkv_w, qkv_b, proj_w, proj_b, ln2_w, ln2_b, fc1_w, fc1_b, fc2_w, fc2_b;
   std::unique_ptr<HyperConnection<T>> hc_attn, hc_mlp;
   HcActivations<T> act_attn, act_mlp;
   std::vector<T> ln1_mean, ln1_rstd, qkv, probs, ctx, attn_y, ln2_mean, ln2_rstd, fc, act, mlp_y;
   std::vector<T> own;  // restorable tensors without recompute; the boundary output with it
-  T *agg1 = nullptr, *ln1_out = nullptr, *x_mid = nullptr, *agg2 = nullptr, *ln2_out = nullptr, *x_out = nullptr;
   cpu::DropoutSpec drop_attn, drop_mlp, drop_probs;  // dropout of the last forward, replayed by backward
 };
 
@@ -333,17 +331,7 @@ template <typename T> Gpt<T>::Gpt(const ModelConfig& config, int64_t batch, int6
       L.own.resize(sizes.restorable);
       base = L.own.data();
     }
-    auto take = [&base](int64_t count) {
-      T* slice = base;
-      base += count;
-      return slice;
-    };
-    if (s.hc) L.agg1 = take(N * C);
-    L.ln1_out = take(N * C);
-    L.x_mid = take(N * n * C);
-    if (s.hc) L.agg2 = take(N * C);
-    L.ln2_out = take(N * C);
-    L.x_out = take(N * n * C);
+    static_cast<RestorableTensors<T>&>(L) = carve_restorable(base, N, C, n, s.hc);
     if (s.recompute && s.plan.ends_block(l)) L.x_out = L.own.data();
   }
   s.e.resize(N * C);

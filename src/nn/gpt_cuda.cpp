@@ -39,7 +39,7 @@ struct HcState {
   DeviceBuffer<float> input_sumsq;  // ||x||^2 of each token's input row, from its producer
 };
 
-struct CudaLayer {
+struct CudaLayer : RestorableTensors<bf16> {
   Slot ln1_w, ln1_b, qkv_w, qkv_b, proj_w, proj_b, ln2_w, ln2_b, fc1_w, fc1_b, fc2_w, fc2_b;
   HcState hc_attn, hc_mlp;
   DeviceBuffer<float> ln1_mean, ln1_rstd, ln2_mean, ln2_rstd, lse;
@@ -47,7 +47,6 @@ struct CudaLayer {
   // The tensors selective recompute discards: in `own`, or in the layer's slot of the
   // recompute workspace (then `own` holds only x_out at a block's end).
   DeviceBuffer<bf16> own;
-  bf16 *agg1 = nullptr, *ln1_out = nullptr, *x_mid = nullptr, *agg2 = nullptr, *ln2_out = nullptr, *x_out = nullptr;
   cpu::DropoutSpec drop_attn, drop_mlp, drop_probs;
 };
 
@@ -337,8 +336,7 @@ GptCuda::GptCuda(const ModelConfig& config, int64_t batch, int64_t seq) : config
   s.lnf_b = find("decoder.final_layernorm.bias");
 
   const cuda::MappingsArgs args{N, static_cast<int>(n), C, 1};
-  // agg1, ln1_out, x_mid, agg2, ln2_out, x_out (residual models have no aggregates)
-  const int64_t restorable = (s.hc ? 4 : 2) * N * C + 2 * N * n * C;
+  const int64_t restorable = restorable_elements(N, C, n, s.hc);
   if (s.recompute) s.workspace = DeviceBuffer<bf16>(s.plan.max_block_size() * restorable);
   s.layers.resize(static_cast<size_t>(c.num_layers));
   for (int64_t l = 0; l < c.num_layers; ++l) {
@@ -383,17 +381,7 @@ GptCuda::GptCuda(const ModelConfig& config, int64_t batch, int64_t seq) : config
       L.own = DeviceBuffer<bf16>(restorable);
       base = L.own.data();
     }
-    auto take = [&base](int64_t elements) {
-      bf16* slice = base;
-      base += elements;
-      return slice;
-    };
-    if (s.hc) L.agg1 = take(N * C);
-    L.ln1_out = take(N * C);
-    L.x_mid = take(N * n * C);
-    if (s.hc) L.agg2 = take(N * C);
-    L.ln2_out = take(N * C);
-    L.x_out = take(N * n * C);
+    static_cast<RestorableTensors<bf16>&>(L) = carve_restorable(base, N, C, n, s.hc);
     if (s.recompute && s.plan.ends_block(static_cast<int>(l))) L.x_out = L.own.data();
   }
   // At most about 512 MB of fp32 logits at a time.

@@ -5,17 +5,10 @@
 namespace mhc {
 namespace {
 
-class CudaLearner final : public Learner {
+class CudaLearner final : public ModelLearner<GptCuda> {
  public:
-  explicit CudaLearner(const TrainConfig& c)
-      : model_(c.model, c.batch_size, c.model.seq_length), optimizer_(model_.parameters()) {
+  explicit CudaLearner(const TrainConfig& c) : ModelLearner(c), optimizer_(model_.parameters()) {
     model_.init(static_cast<uint64_t>(c.seed));
-  }
-  void zero_grad() override { model_.zero_grad(); }
-  double forward_backward(const int32_t* tokens, const int32_t* targets, uint64_t key) override {
-    const double loss = model_.forward(tokens, targets, key);
-    model_.backward();
-    return loss;
   }
   double step(const TrainConfig& c, double lr) override { return model_.step(c, lr); }
   double evaluate(const int32_t* tokens, const int32_t* targets) override { return model_.evaluate(tokens, targets); }
@@ -32,7 +25,6 @@ class CudaLearner final : public Learner {
   }
 
  private:
-  GptCuda model_;
   AdamW optimizer_;  // host copies of the moments, for checkpoints
 };
 

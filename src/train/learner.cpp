@@ -5,17 +5,10 @@
 namespace mhc {
 namespace {
 
-class CpuLearner final : public Learner {
+class CpuLearner final : public ModelLearner<Gpt<float>> {
  public:
-  explicit CpuLearner(const TrainConfig& c)
-      : model_(c.model, c.batch_size, c.model.seq_length), optimizer_(model_.parameters()) {
+  explicit CpuLearner(const TrainConfig& c) : ModelLearner(c), optimizer_(model_.parameters()) {
     model_.init(static_cast<uint64_t>(c.seed));
-  }
-  void zero_grad() override { model_.zero_grad(); }
-  double forward_backward(const int32_t* tokens, const int32_t* targets, uint64_t key) override {
-    const double loss = model_.forward(tokens, targets, key);
-    model_.backward();
-    return loss;
   }
   double step(const TrainConfig& c, double lr) override {
     const double norm =
@@ -36,7 +29,6 @@ class CpuLearner final : public Learner {
   void from_host() override {}
 
  private:
-  Gpt<float> model_;
   AdamW optimizer_;
 };
 

@@ -32,6 +32,21 @@ class Learner {
   virtual void from_host() = 0;
 };
 
+// What every learner does the same way with its model (Gpt<float> or GptCuda).
+template <typename Model> class ModelLearner : public Learner {
+ public:
+  explicit ModelLearner(const TrainConfig& c) : model_(c.model, c.batch_size, c.model.seq_length) {}
+  void zero_grad() override { model_.zero_grad(); }
+  double forward_backward(const int32_t* tokens, const int32_t* targets, uint64_t key) override {
+    const double loss = model_.forward(tokens, targets, key);
+    model_.backward();
+    return loss;
+  }
+
+ protected:
+  Model model_;
+};
+
 using LearnerFactory = std::function<std::unique_ptr<Learner>(const TrainConfig&)>;
 
 std::unique_ptr<Learner> make_cpu_learner(const TrainConfig& config);

@@ -85,6 +85,28 @@ template <int D> __device__ void accumulate_kn(const float (&p)[8][4], const bf1
   }
 }
 
+// Starts copying key tile kb's k and v (this head's columns of the qkv rows at `base`).
+template <int D>
+__device__ void load_kv(const bf16* base, int64_t row, int64_t C, int64_t kb, int64_t T, bf16* k_tile, bf16* v_tile) {
+  load_tile<D>(base + C, row, kb * kBlock, T, k_tile);
+  load_tile<D>(base + 2 * C, row, kb * kBlock, T, v_tile);
+}
+
+// Stores this lane's accumulator rows (C layout: rows g and g + 8 of the warp's 16) as
+// bf16, each times its factor; a null row is skipped (past the sequence).
+template <int D>
+__device__ void store_rows(const float (&acc)[D / 8][4], bf16* const (&rows)[2], const float (&factor)[2]) {
+  const int q4 = threadIdx.x % 4;
+#pragma unroll
+  for (int hh = 0; hh < 2; ++hh) {
+    if (!rows[hh]) continue;
+#pragma unroll
+    for (int dt = 0; dt < D / 8; ++dt)
+      *reinterpret_cast<uint32_t*>(rows[hh] + dt * 8 + 2 * q4) =
+          pack_bf16(acc[dt][2 * hh] * factor[hh], acc[dt][2 * hh + 1] * factor[hh]);
+  }
+}
+
 struct Head {
   int64_t T, C, H, b, h, bh;
 };
@@ -109,18 +131,14 @@ __global__ void __launch_bounds__(kThreads) flash_forward_kernel(const bf16* qkv
   const bf16* base = qkv + s.b * T * row + s.h * D;
   const float scale2 = scale * kLog2e;  // scores in log2 units: exp2 is the fast path
   load_tile<D>(base, row, t0, T, q_tile);
-  load_tile<D>(base + C, row, 0, T, k_tile[0]);
-  load_tile<D>(base + 2 * C, row, 0, T, v_tile[0]);
+  load_kv<D>(base, row, C, 0, T, k_tile[0], v_tile[0]);
   detail::commit_async();
   uint32_t qa[D / 16][4];
   float o[D / 8][4] = {}, m[2] = {-INFINITY, -INFINITY}, l[2] = {0, 0};
   const int64_t tq[2] = {t0 + warp * 16 + g, t0 + warp * 16 + g + 8};
   for (int64_t kb = 0; kb <= qb; ++kb) {
     const int buffer = static_cast<int>(kb & 1);
-    if (kb < qb) {
-      load_tile<D>(base + C, row, (kb + 1) * kBlock, T, k_tile[buffer ^ 1]);
-      load_tile<D>(base + 2 * C, row, (kb + 1) * kBlock, T, v_tile[buffer ^ 1]);
-    }
+    if (kb < qb) load_kv<D>(base, row, C, kb + 1, T, k_tile[buffer ^ 1], v_tile[buffer ^ 1]);
     detail::commit_async();
     detail::wait_async<1>();
     __syncthreads();
@@ -162,19 +180,17 @@ __global__ void __launch_bounds__(kThreads) flash_forward_kernel(const bf16* qkv
     accumulate_kn<D>(p, v_tile[buffer], o);
     __syncthreads();  // this buffer is refilled next iteration
   }
+  bf16* rows[2];
+  float inverse[2];
 #pragma unroll
   for (int hh = 0; hh < 2; ++hh) {
     l[hh] += __shfl_xor_sync(0xffffffffu, l[hh], 1);
     l[hh] += __shfl_xor_sync(0xffffffffu, l[hh], 2);
-    if (tq[hh] >= T) continue;
-    const float inverse = 1.0f / l[hh];
-    bf16* orow = out + (s.b * T + tq[hh]) * C + s.h * D;
-#pragma unroll
-    for (int dt = 0; dt < D / 8; ++dt)
-      *reinterpret_cast<uint32_t*>(orow + dt * 8 + 2 * q4) =
-          pack_bf16(o[dt][2 * hh] * inverse, o[dt][2 * hh + 1] * inverse);
-    if (q4 == 0) lse[s.bh * T + tq[hh]] = (m[hh] + log2f(l[hh])) / kLog2e;  // natural log
+    rows[hh] = tq[hh] < T ? out + (s.b * T + tq[hh]) * C + s.h * D : nullptr;
+    inverse[hh] = 1.0f / l[hh];
+    if (q4 == 0 && tq[hh] < T) lse[s.bh * T + tq[hh]] = (m[hh] + log2f(l[hh])) / kLog2e;  // natural log
   }
+  store_rows<D>(o, rows, inverse);
 }
 
 // delta[b h][t] = dout_t . out_t (= sum_u P_tu D_tu dP_tu, the softmax backward's row term).
@@ -268,16 +284,16 @@ __global__ void __launch_bounds__(kThreads) flash_backward_kv_kernel(const bf16*
     accumulate_kn<D>(pd, q_tile[buffer], dk);
     __syncthreads();  // this buffer is refilled next iteration
   }
+  bf16 *k_rows[2], *v_rows[2];
+  const float one[2] = {1.0f, 1.0f};
 #pragma unroll
   for (int hh = 0; hh < 2; ++hh) {
-    if (ku[hh] >= T) continue;
-    bf16* grow = grad_qkv + (s.b * T + ku[hh]) * row + s.h * D;
-#pragma unroll
-    for (int dt = 0; dt < D / 8; ++dt) {
-      *reinterpret_cast<uint32_t*>(grow + C + dt * 8 + 2 * q4) = pack_bf16(dk[dt][2 * hh], dk[dt][2 * hh + 1]);
-      *reinterpret_cast<uint32_t*>(grow + 2 * C + dt * 8 + 2 * q4) = pack_bf16(dv[dt][2 * hh], dv[dt][2 * hh + 1]);
-    }
+    bf16* grow = ku[hh] < T ? grad_qkv + (s.b * T + ku[hh]) * row + s.h * D : nullptr;
+    k_rows[hh] = grow ? grow + C : nullptr;
+    v_rows[hh] = grow ? grow + 2 * C : nullptr;
   }
+  store_rows<D>(dk, k_rows, one);
+  store_rows<D>(dv, v_rows, one);
 }
 
 template <int D>
@@ -312,15 +328,11 @@ __global__ void __launch_bounds__(kThreads) flash_backward_q_kernel(const bf16* 
     row_delta[hh] = tq[hh] < T ? delta[s.bh * T + tq[hh]] : 0.0f;
   }
   float dq[D / 8][4] = {};
-  load_tile<D>(base + C, row, 0, T, k_tile[0]);
-  load_tile<D>(base + 2 * C, row, 0, T, v_tile[0]);
+  load_kv<D>(base, row, C, 0, T, k_tile[0], v_tile[0]);
   detail::commit_async();
   for (int64_t kb = 0; kb <= qb; ++kb) {
     const int buffer = static_cast<int>(kb & 1);
-    if (kb < qb) {
-      load_tile<D>(base + C, row, (kb + 1) * kBlock, T, k_tile[buffer ^ 1]);
-      load_tile<D>(base + 2 * C, row, (kb + 1) * kBlock, T, v_tile[buffer ^ 1]);
-    }
+    if (kb < qb) load_kv<D>(base, row, C, kb + 1, T, k_tile[buffer ^ 1], v_tile[buffer ^ 1]);
     detail::commit_async();
     detail::wait_async<1>();
     __syncthreads();
@@ -339,14 +351,11 @@ __global__ void __launch_bounds__(kThreads) flash_backward_q_kernel(const bf16* 
     accumulate_kn<D>(ds, k_tile[buffer], dq);
     __syncthreads();  // this buffer is refilled next iteration
   }
+  bf16* q_rows[2];
+  const float one[2] = {1.0f, 1.0f};
 #pragma unroll
-  for (int hh = 0; hh < 2; ++hh) {
-    if (tq[hh] >= T) continue;
-    bf16* grow = grad_qkv + (s.b * T + tq[hh]) * row + s.h * D;
-#pragma unroll
-    for (int dt = 0; dt < D / 8; ++dt)
-      *reinterpret_cast<uint32_t*>(grow + dt * 8 + 2 * q4) = pack_bf16(dq[dt][2 * hh], dq[dt][2 * hh + 1]);
-  }
+  for (int hh = 0; hh < 2; ++hh) q_rows[hh] = tq[hh] < T ? grad_qkv + (s.b * T + tq[hh]) * row + s.h * D : nullptr;
+  store_rows<D>(dq, q_rows, one);
 }
 
 struct Geometry {

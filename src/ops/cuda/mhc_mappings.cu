@@ -132,6 +132,12 @@ __global__ void split_weight_kernel(const float* weight, int64_t m, int64_t K, b
   split3(weight[e], &split[e], &split[m * K + e], &split[2 * m * K + e]);
 }
 
+void split_weight(const float* weight, int64_t m, int64_t K, bf16* split, cudaStream_t stream) {
+  split_weight_kernel<<<detail::blocks_for(split_width(m) * K, kBlockThreads), kBlockThreads, 0, stream>>>(weight, m,
+                                                                                                          K, split);
+  MHC_CUDA_CHECK(cudaGetLastError());
+}
+
 // ---- forward ---------------------------------------------------------------------------
 
 // ||x_t||^2 of each token row of K bf16 values, one block a token, fixed-order sums.
@@ -516,9 +522,7 @@ void mhc_mappings_forward(const MappingsArgs& a, const bf16* x, const float* x_s
   const ForwardLayout l = forward_layout_of(a);
   float* parts = workspace + l.parts;
   bf16* split = reinterpret_cast<bf16*>(workspace + l.split_weight);
-  split_weight_kernel<<<detail::blocks_for(l.split_stride * l.K, kBlockThreads), kBlockThreads, 0, stream>>>(
-      weight, l.M, l.K, split);
-  MHC_CUDA_CHECK(cudaGetLastError());
+  split_weight(weight, l.M, l.K, split, stream);
   // parts [tokens, split_stride] = x [tokens, K] times the split W^T; column-major: the
   // [split_stride, tokens] product of split (K x split_stride, transposed) and x (K x tokens).
   Gemm g;
@@ -563,9 +567,7 @@ void mhc_mappings_backward(const MappingsArgs& a, const bf16* x, const float* we
         proj, r, alpha, bias, h_pre, h_post, grad_h_pre, grad_h_post, grad_h_res, a.tokens, l.K,
         a.sinkhorn_iterations, grad_h, grad_proj_split, grad_proj_fragments, coef);
     MHC_CUDA_CHECK(cudaGetLastError());
-    split_weight_kernel<<<detail::blocks_for(l.split_stride * l.K, kBlockThreads), kBlockThreads, 0, stream>>>(
-        weight, l.M, l.K, weight_split);
-    MHC_CUDA_CHECK(cudaGetLastError());
+    split_weight(weight, l.M, l.K, weight_split, stream);
     // Column blocks of kDxWarps warps; token runs (multiples of 16) for about 2000 blocks.
     const int64_t columns_per_block = kDxWarps * 8 * dx_tiles<N>();
     const int64_t column_blocks = (l.K + columns_per_block - 1) / columns_per_block;
