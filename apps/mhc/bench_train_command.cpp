@@ -25,6 +25,7 @@ namespace {
 
 struct BenchTrainOptions {
   int64_t layers = 12, hidden = 768, heads = 12, seq = 1024, batch = 16, streams = 4, vocab = 50304;
+  int64_t recompute_layers = 1;  // mhc_recompute_layer_num of the recompute row
   int steps = 10, warmup = 3;
   std::vector<std::string> variants{"residual", "mhc", "mhc-recompute"};
 };
@@ -45,13 +46,16 @@ int run_bench_train(const BenchTrainOptions& o) {
               prop.name, static_cast<long long>(o.layers), static_cast<long long>(o.hidden),
               static_cast<long long>(o.heads), static_cast<long long>(o.seq), static_cast<long long>(o.batch),
               static_cast<long long>(o.vocab), o.steps, o.warmup);
-  std::printf("%-22s %10s %12s %14s %10s\n", "variant", "step ms", "tokens/s", "peak GiB", "x residual");
+  std::printf("%-26s %10s %12s %10s %10s %10s\n", "variant", "step ms", "tokens/s", "peak GiB", "step x res",
+              "mem x res");
   struct Variant {
     std::string key, name, connection, recompute;
   };
   const Variant all[] = {{"residual", "residual", "residual", "none"},
                          {"mhc", "mhc n=" + std::to_string(o.streams), "mhc", "none"},
-                         {"mhc-recompute", "mhc n=" + std::to_string(o.streams) + " recompute", "mhc", "mhc"}};
+                         {"mhc-recompute",
+                          "mhc n=" + std::to_string(o.streams) + " recompute k=" + std::to_string(o.recompute_layers),
+                          "mhc", "mhc"}};
   std::vector<Variant> variants;
   for (const Variant& v : all)
     if (std::find(o.variants.begin(), o.variants.end(), v.key) != o.variants.end()) variants.push_back(v);
@@ -64,6 +68,7 @@ int run_bench_train(const BenchTrainOptions& o) {
     m.num_layers = o.layers, m.hidden_size = o.hidden, m.num_attention_heads = o.heads, m.seq_length = o.seq;
     m.vocab_size = o.vocab, m.connection = v.connection, m.num_residual_streams = o.streams;
     m.recompute = v.recompute;
+    if (v.recompute == "mhc") m.mhc_recompute_layer_num = o.recompute_layers;
     config.batch_size = o.batch;
     config.validate();
     const std::string& label = v.name;
@@ -73,7 +78,7 @@ int run_bench_train(const BenchTrainOptions& o) {
     try {
       model = std::make_unique<GptCuda>(config.model, o.batch, o.seq);
     } catch (const Error& e) {
-      std::printf("%-22s %s\n", label.c_str(), e.what());
+      std::printf("%-26s %s\n", label.c_str(), e.what());
       rows.push_back({{"variant", label}, {"error", e.what()}, {"device", prop.name}});
       continue;
     }
@@ -103,8 +108,9 @@ int run_bench_train(const BenchTrainOptions& o) {
     const double gib = static_cast<double>(peak) / (1u << 30);
     if (v.connection == "residual") residual_ms = ms, residual_gib = gib;
     const double tokens_per_s = static_cast<double>(N) / (ms / 1e3);
-    std::printf("%-22s %10.2f %12.0f %14.2f %10.3f\n", label.c_str(), ms, tokens_per_s, gib,
-                residual_ms > 0 ? ms / residual_ms : 0.0);
+    auto ratio = [](double value, double base) { return base > 0 ? std::to_string(value / base).substr(0, 5) : "-"; };
+    std::printf("%-26s %10.2f %12.0f %10.2f %10s %10s\n", label.c_str(), ms, tokens_per_s, gib,
+                ratio(ms, residual_ms).c_str(), ratio(gib, residual_gib).c_str());
     rows.push_back({{"variant", label},
                     {"step_ms", ms},
                     {"tokens_per_s", tokens_per_s},
@@ -117,6 +123,7 @@ int run_bench_train(const BenchTrainOptions& o) {
                     {"seq", o.seq},
                     {"batch", o.batch},
                     {"streams", o.streams},
+                    {"recompute_layers", v.recompute == "mhc" ? o.recompute_layers : 0},
                     {"device", prop.name}});
   }
   for (const auto& r : rows) std::printf("%s\n", r.dump().c_str());
@@ -139,6 +146,10 @@ Command add_bench_train_command(CLI::App& bench) {
   cmd->add_option("--seq", o->seq, "sequence length T")->check(CLI::PositiveNumber)->capture_default_str();
   cmd->add_option("--batch", o->batch, "micro-batch")->check(CLI::PositiveNumber)->capture_default_str();
   cmd->add_option("--streams", o->streams, "mHC streams n")->check(CLI::PositiveNumber)->capture_default_str();
+  cmd->add_option("--recompute-layers", o->recompute_layers,
+                  "layers per recompute block in the recompute row (mhc_recompute_layer_num)")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
   cmd->add_option("--vocab", o->vocab, "vocabulary size")->check(CLI::PositiveNumber)->capture_default_str();
   cmd->add_option("--steps", o->steps, "timed steps (median reported)")->check(CLI::PositiveNumber)->capture_default_str();
   cmd->add_option("--warmup", o->warmup, "untimed steps first")->check(CLI::NonNegativeNumber)->capture_default_str();
