@@ -10,6 +10,7 @@
 #include "ops/cpu/aggregate.h"
 #include "ops/cpu/h_post_bda.h"
 #include "ops/cpu/stream_expand.h"
+#include "ops/cuda/linear.h"
 #include "ops/cuda/stream_mix.h"
 #include "cuda_test_util.h"
 
@@ -71,7 +72,9 @@ TEST_P(CudaStreamMix, HPostBiasDropoutAddForwardAndBackward) {
     cuda::h_post_bda_forward(d_x.data(), d_res.data(), d_post.data(), d_y.data(), d_yb.data(), tokens, n, C, dropout,
                              d_out.data(), d_sumsq.data());
     cuda::h_post_bda_backward(d_gout.data(), d_x.data(), d_res.data(), d_post.data(), d_y.data(), d_yb.data(), tokens,
-                              n, C, dropout, d_dx.data(), d_dres.data(), d_dpost.data(), d_dy.data(), d_dyb.data());
+                              n, C, dropout, d_dx.data(), d_dres.data(), d_dpost.data(), d_dy.data());
+    auto d_columns = poisoned<float>(cuda::column_sums_workspace_floats(tokens, C));
+    cuda::accumulate_column_sums(d_dy.data(), tokens, C, d_dyb.data(), d_columns.data());
     MHC_CUDA_CHECK(cudaDeviceSynchronize());
 
     const auto res = widen(h_res), post = widen(h_post);
@@ -116,7 +119,7 @@ TEST_P(CudaStreamMix, BackwardFusedWithTheAggregate) {
   auto d_dpre = poisoned<float>(tokens * n);
   const cuda::AggregateGrad aggregate{d_gagg.data(), d_pre.data(), d_dpre.data()};
   cuda::h_post_bda_backward(d_gout.data(), d_x.data(), d_res.data(), d_post.data(), d_y.data(), nullptr, tokens, n, C,
-                            {}, d_dx.data(), d_dres.data(), d_dpost.data(), d_dy.data(), nullptr, &aggregate);
+                            {}, d_dx.data(), d_dres.data(), d_dpost.data(), d_dy.data(), &aggregate);
   MHC_CUDA_CHECK(cudaDeviceSynchronize());
   const auto res = widen(h_res), post = widen(h_post), pre = widen(h_pre);
   std::vector<double> dx(tokens * n * C, 0.0), dres(tokens * n * n), dpost(tokens * n), dpre(tokens * n),
@@ -170,8 +173,10 @@ TEST_P(CudaStreamMix, DeterministicBits) {
     auto d_dres = poisoned<float>(tokens * n * n);
     auto d_dpost = poisoned<float>(tokens * n);
     DeviceBuffer<float> d_dyb(std::vector<float>(C, 0.0f));
+    auto d_columns = poisoned<float>(cuda::column_sums_workspace_floats(tokens, C));
     cuda::h_post_bda_backward(d_gout.data(), d_x.data(), d_res.data(), d_post.data(), d_y.data(), nullptr, tokens, n,
-                              C, {}, d_dx.data(), d_dres.data(), d_dpost.data(), d_dy.data(), d_dyb.data());
+                              C, {}, d_dx.data(), d_dres.data(), d_dpost.data(), d_dy.data());
+    cuda::accumulate_column_sums(d_dy.data(), tokens, C, d_dyb.data(), d_columns.data());
     const auto dres = d_dres.download(), dyb = d_dyb.download();
     if (run == 0) {
       first_res = dres;

@@ -12,6 +12,7 @@
 
 #if MHC_WITH_CUDA
 #include "core/cuda/device.h"
+#include "ops/cuda/linear.h"
 #include "ops/cuda/mhc_mappings.h"
 #include "ops/cuda/stream_mix.h"
 #endif
@@ -107,7 +108,7 @@ int run_bench_kernels(const std::vector<std::string>& shapes, int repeats) {
     // The mappings alone compute ||x||^2 (a pass over x); within the sublayer it comes from
     // the producer of x, the previous sublayer's h_post_bda forward, whose own output's
     // ||out||^2 is computed (and timed) in bda_fwd_chained: the work of each sublayer of a stack.
-    DeviceBuffer<float> x_sumsq(tokens), out_sumsq(tokens);
+    DeviceBuffer<float> x_sumsq(tokens), out_sumsq(tokens), columns_workspace(cuda::column_sums_workspace_floats(tokens, C));
     cuda::row_sumsq(x.data(), tokens, n * C, x_sumsq.data());
     auto mappings_fwd_given = [&](const float* given_sumsq) {
       cuda::mhc_mappings_forward(args, x.data(), given_sumsq, weight.data(), alpha.data(), map_bias.data(), proj.data(), r.data(),
@@ -134,8 +135,8 @@ int run_bench_kernels(const std::vector<std::string>& shapes, int repeats) {
     };
     auto bda_bwd = [&] {
       cuda::h_post_bda_backward(grad_out.data(), x.data(), h_res.data(), h_post.data(), y.data(), bias.data(), tokens,
-                                ni, C, {}, grad_x.data(), grad_res.data(), grad_post.data(), grad_y.data(),
-                                grad_bias.data());
+                                ni, C, {}, grad_x.data(), grad_res.data(), grad_post.data(), grad_y.data());
+      cuda::accumulate_column_sums(grad_y.data(), tokens, C, grad_bias.data(), columns_workspace.data());
     };
     struct Op {
       const char* name;
@@ -176,7 +177,8 @@ int run_bench_kernels(const std::vector<std::string>& shapes, int repeats) {
            const cuda::AggregateGrad aggregate{grad_agg.data(), h_pre.data(), grad_pre.data()};
            cuda::h_post_bda_backward(grad_out.data(), x.data(), h_res.data(), h_post.data(), y.data(), bias.data(),
                                      tokens, ni, C, {}, grad_x.data(), grad_res.data(), grad_post.data(),
-                                     grad_y.data(), grad_bias.data(), &aggregate);
+                                     grad_y.data(), &aggregate);
+           cuda::accumulate_column_sums(grad_y.data(), tokens, C, grad_bias.data(), columns_workspace.data());
            mappings_bwd();
          },
          10 * S + 5 * R, 0, megatron ? megatron->sublayer_fwd_bwd : 0},

@@ -110,7 +110,8 @@ struct GptCuda::State {
                          cpu::DropoutSpec d, bf16* grad_x) {
     cuda::h_post_bda_backward(grad_out, x, hc ? m.h_res.data() : ones.data(), hc ? m.h_post.data() : ones.data(), y,
                               half_of(bias), N, static_cast<int>(n), C, d, grad_x, grad_h_res.data(),
-                              grad_h_post.data(), dy.data(), grad_of(bias));
+                              grad_h_post.data(), dy.data());
+    if (grad_of(bias)) cuda::accumulate_column_sums(dy.data(), N, C, grad_of(bias), columns_ws.data());
   }
   // x_sumsq: the input's ||x||^2 when its producer computed it, else null.
   void mappings_forward(HcState& m, const bf16* x, const float* x_sumsq, bf16* agg, const ModelConfig& c) {

@@ -21,34 +21,42 @@ inline size_t column_sums_workspace_floats(int V, int64_t rows, int64_t cols) {
   return static_cast<size_t>(column_chunks(rows) * V * cols);
 }
 
-// What a Value functor returns for one (row, column).
-template <int V> struct ColumnValues {
-  float v[V];
-};
+// A Value functor fills out[v][k], value v of (row r, column c + k), for COLS adjacent
+// columns: `template <int COLS> __device__ void operator()(int64_t r, int64_t c,
+// float (&out)[V][COLS]) const`. COLS is 8 (16-byte loads) when the width is a multiple of
+// 8, else 1.
 
-// partial[chunk][v][c]; block (32, 8), grid (column tiles of 32, chunks).
-template <int V, typename Value>
+// partial[chunk][v][c]; block (32, 8): 32 threads across COLS-column groups, 8 rows of
+// threads; grid (column tiles of 32 COLS, chunks).
+template <int V, int COLS, typename Value>
 __global__ void column_partials_kernel(Value value, int64_t rows, int64_t cols, float* partial) {
-  __shared__ float sums[V][8][33];
-  const int64_t c = static_cast<int64_t>(blockIdx.x) * 32 + threadIdx.x;
+  __shared__ float sums[V][8][32 * COLS + 1];
+  const int64_t c = (static_cast<int64_t>(blockIdx.x) * 32 + threadIdx.x) * COLS;
   const int64_t begin = blockIdx.y * kColumnChunkRows, end = min(rows, begin + kColumnChunkRows);
-  float s[V] = {};
+  float s[V][COLS] = {};
   if (c < cols)
     for (int64_t r = begin + threadIdx.y; r < end; r += 8) {
-      const ColumnValues<V> v = value(r, c);
+      float v[V][COLS];
+      value.template operator()<COLS>(r, c, v);
 #pragma unroll
-      for (int i = 0; i < V; ++i) s[i] += v.v[i];
+      for (int i = 0; i < V; ++i)
+#pragma unroll
+        for (int k = 0; k < COLS; ++k) s[i][k] += v[i][k];
     }
 #pragma unroll
-  for (int i = 0; i < V; ++i) sums[i][threadIdx.y][threadIdx.x] = s[i];
+  for (int i = 0; i < V; ++i)
+#pragma unroll
+    for (int k = 0; k < COLS; ++k) sums[i][threadIdx.y][threadIdx.x * COLS + k] = s[i][k];
   __syncthreads();
-  if (threadIdx.y == 0 && c < cols)
-#pragma unroll
-    for (int i = 0; i < V; ++i) {
-      float total = 0;
-      for (int k = 0; k < 8; ++k) total += sums[i][k][threadIdx.x];
-      partial[(blockIdx.y * V + i) * cols + c] = total;
-    }
+  // The block's 32 COLS columns, each summed over the 8 rows of threads in order.
+  for (int e = threadIdx.y * 32 + threadIdx.x; e < V * 32 * COLS; e += 256) {
+    const int i = e / (32 * COLS), local = e % (32 * COLS);
+    const int64_t column = static_cast<int64_t>(blockIdx.x) * 32 * COLS + local;
+    if (column >= cols) continue;
+    float total = 0;
+    for (int k = 0; k < 8; ++k) total += sums[i][k][local];
+    partial[(blockIdx.y * V + i) * cols + column] = total;
+  }
 }
 
 template <int V> struct ColumnOutputs {
@@ -71,8 +79,12 @@ template <int V, typename Value>
 void column_sums(Value value, int64_t rows, int64_t cols, std::array<float*, V> out, float* workspace,
                  cudaStream_t stream) {
   const int64_t chunks = column_chunks(rows);
-  const dim3 grid(blocks_for(cols, 32), static_cast<unsigned>(chunks));
-  column_partials_kernel<V><<<grid, dim3(32, 8), 0, stream>>>(value, rows, cols, workspace);
+  if (cols % 8 == 0)
+    column_partials_kernel<V, 8><<<dim3(blocks_for(cols, 256), static_cast<unsigned>(chunks)), dim3(32, 8), 0, stream>>>(
+        value, rows, cols, workspace);
+  else
+    column_partials_kernel<V, 1><<<dim3(blocks_for(cols, 32), static_cast<unsigned>(chunks)), dim3(32, 8), 0, stream>>>(
+        value, rows, cols, workspace);
   MHC_CUDA_CHECK(cudaGetLastError());
   ColumnOutputs<V> outputs;
   for (int i = 0; i < V; ++i) outputs.out[i] = out[i];

@@ -9,8 +9,8 @@ namespace {
 struct BiasGrad {
   const bf16* grad_y;
   int64_t cols;
-  __device__ detail::ColumnValues<1> operator()(int64_t r, int64_t c) const {
-    return {{__bfloat162float(grad_y[r * cols + c])}};
+  template <int COLS> __device__ void operator()(int64_t r, int64_t c, float (&out)[1][COLS]) const {
+    detail::load_bf16<COLS>(grad_y + r * cols + c, out[0]);
   }
 };
 
@@ -30,9 +30,16 @@ void linear_forward(const bf16* x, const bf16* weight, const bf16* bias, int64_t
   gemm(g, stream);
 }
 
-size_t linear_backward_workspace_floats(int64_t rows, int64_t out) {
-  return detail::column_sums_workspace_floats(1, rows, out);
+size_t column_sums_workspace_floats(int64_t rows, int64_t cols) {
+  return detail::column_sums_workspace_floats(1, rows, cols);
 }
+
+void accumulate_column_sums(const bf16* grad_y, int64_t rows, int64_t cols, float* grad_bias, float* workspace,
+                            cudaStream_t stream) {
+  detail::column_sums<1>(BiasGrad{grad_y, cols}, rows, cols, {grad_bias}, workspace, stream);
+}
+
+size_t linear_backward_workspace_floats(int64_t rows, int64_t out) { return column_sums_workspace_floats(rows, out); }
 
 void linear_backward(const bf16* grad_y, const bf16* x, const bf16* weight, int64_t rows, int64_t in, int64_t out,
                      bf16* grad_x, float* grad_weight, float* grad_bias, float* workspace, cudaStream_t stream) {
@@ -55,7 +62,7 @@ void linear_backward(const bf16* grad_y, const bf16* x, const bf16* weight, int6
     g.beta = 1.0f;
     gemm(g, stream);
   }
-  if (grad_bias) detail::column_sums<1>(BiasGrad{grad_y, out}, rows, out, {grad_bias}, workspace, stream);
+  if (grad_bias) accumulate_column_sums(grad_y, rows, out, grad_bias, workspace, stream);
 }
 
 }  // namespace mhc::cuda

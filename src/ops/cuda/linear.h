@@ -19,6 +19,12 @@ void linear_forward(const bf16* x, const bf16* weight, const bf16* bias, int64_t
 
 size_t linear_backward_workspace_floats(int64_t rows, int64_t out);
 
+// db += column sums of dy [rows, cols] (bf16), in a fixed order; the workspace holds
+// column_sums_workspace_floats(rows, cols) floats.
+size_t column_sums_workspace_floats(int64_t rows, int64_t cols);
+void accumulate_column_sums(const bf16* grad_y, int64_t rows, int64_t cols, float* grad_bias, float* workspace,
+                            cudaStream_t stream = nullptr);
+
 // grad_x may be null (not wanted); grad_bias may be null.
 void linear_backward(const bf16* grad_y, const bf16* x, const bf16* weight, int64_t rows, int64_t in, int64_t out,
                      bf16* grad_x, float* grad_weight, float* grad_bias, float* workspace,

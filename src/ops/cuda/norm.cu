@@ -82,15 +82,21 @@ __global__ void norm_backward_kernel(const bf16* __restrict__ grad_out, const bf
   });
 }
 
-// (g xhat, g) at (row, column), for the weight and bias gradients.
+// (g xhat, g) at (row, columns c..c + COLS), for the weight and bias gradients.
 struct NormParameterGrads {
   const bf16 *grad_out, *x;
   const float *mean, *rstd;
   int64_t C;
-  __device__ detail::ColumnValues<2> operator()(int64_t r, int64_t c) const {
-    const float g = __bfloat162float(grad_out[r * C + c]);
-    const float xhat = (__bfloat162float(x[r * C + c]) - (mean ? mean[r] : 0.0f)) * rstd[r];
-    return {{g * xhat, g}};
+  template <int COLS> __device__ void operator()(int64_t r, int64_t c, float (&out)[2][COLS]) const {
+    float g[COLS], xv[COLS];
+    detail::load_bf16<COLS>(grad_out + r * C + c, g);
+    detail::load_bf16<COLS>(x + r * C + c, xv);
+    const float m = mean ? mean[r] : 0.0f, s = rstd[r];
+#pragma unroll
+    for (int k = 0; k < COLS; ++k) {
+      out[0][k] = g[k] * (xv[k] - m) * s;
+      out[1][k] = g[k];
+    }
   }
 };
 

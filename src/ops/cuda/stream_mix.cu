@@ -220,23 +220,6 @@ __global__ void stream_copy_kernel(const bf16* in, int64_t C, float scale, bf16*
   }
 }
 
-// dy_bias: a block owns 32 channels; its 32 rows of threads take every 32nd token, and
-// the rows are summed in order. A fixed partition, so deterministic.
-constexpr int kColumnRows = 32;
-__global__ void column_sum_kernel(const bf16* grad_y, int64_t tokens, int64_t C, float* grad_bias) {
-  __shared__ float partial[kColumnRows][33];
-  const int64_t c = static_cast<int64_t>(blockIdx.x) * 32 + threadIdx.x;
-  float sum = 0;
-  if (c < C)
-    for (int64_t t = threadIdx.y; t < tokens; t += kColumnRows) sum += __bfloat162float(grad_y[t * C + c]);
-  partial[threadIdx.y][threadIdx.x] = sum;
-  __syncthreads();
-  if (threadIdx.y == 0 && c < C) {
-    float total = 0;
-    for (int r = 0; r < kColumnRows; ++r) total += partial[r][threadIdx.x];
-    grad_bias[c] += total;
-  }
-}
 
 unsigned grid_of(int64_t tokens) {
   check(tokens >= 1 && tokens <= 0x7fffffff, "token count out of range for the CUDA kernels");
@@ -310,8 +293,8 @@ void h_post_bda_forward(const bf16* x, const float* h_res, const float* h_post, 
 
 void h_post_bda_backward(const bf16* grad_out, const bf16* x, const float* h_res, const float* h_post, const bf16* y,
                          const bf16* y_bias, int64_t tokens, int n, int64_t C, cpu::DropoutSpec dropout, bf16* grad_x,
-                         float* grad_h_res, float* grad_h_post, bf16* grad_y, float* grad_y_bias,
-                         const AggregateGrad* aggregate, cudaStream_t stream) {
+                         float* grad_h_res, float* grad_h_post, bf16* grad_y, const AggregateGrad* aggregate,
+                         cudaStream_t stream) {
   const bf16* grad_agg = aggregate ? aggregate->grad_agg : nullptr;
   const float* h_pre = aggregate ? aggregate->h_pre : nullptr;
   float* grad_h_pre = aggregate ? aggregate->grad_h_pre : nullptr;
@@ -332,11 +315,6 @@ void h_post_bda_backward(const bf16* grad_out, const bf16* x, const float* h_res
     }
   });
   MHC_CUDA_CHECK(cudaGetLastError());
-  if (grad_y_bias) {
-    column_sum_kernel<<<static_cast<unsigned>((C + 31) / 32), dim3(32, kColumnRows), 0, stream>>>(grad_y, tokens, C,
-                                                                                                grad_y_bias);
-    MHC_CUDA_CHECK(cudaGetLastError());
-  }
 }
 
 }  // namespace mhc::cuda

@@ -8,10 +8,11 @@
 //                backward: dx[j][c] = sum_i H_res[i][j] dout[i][c]         (overwrites;
 //                          + H_pre[j] dagg[c] when fused with the aggregate's backward)
 //                          dH_res[i][j] = sum_c dout[i][c] x[j][c],  dH_post[i] = sum_c dout D (y + y_bias)
-//                          dy[c] = sum_i dout[i][c] D H_post[i],  dy_bias += sum over tokens (fp32)
+//                          dy[c] = sum_i dout[i][c] D H_post[i]   (dy_bias = the column sums of dy:
+//                          cuda::accumulate_column_sums of ops/cuda/linear.h)
 //
 // One thread block per token; per-token reductions are block reductions in a fixed order,
-// and dy_bias is reduced over tokens by one thread per channel in token order, so every
+// so every
 // output is deterministic. n is a template parameter (1, 2, 4, 6, 8 supported).
 #pragma once
 #include <cuda_bf16.h>
@@ -54,11 +55,10 @@ struct AggregateGrad {
   float* grad_h_pre;
 };
 
-// grad_y_bias (fp32, accumulated) may be null; it is reduced from the bf16 grad_y.
 // `aggregate` may be null (h_post_bda alone).
 void h_post_bda_backward(const bf16* grad_out, const bf16* x, const float* h_res, const float* h_post, const bf16* y,
                          const bf16* y_bias, int64_t tokens, int n, int64_t C, cpu::DropoutSpec dropout, bf16* grad_x,
-                         float* grad_h_res, float* grad_h_post, bf16* grad_y, float* grad_y_bias,
+                         float* grad_h_res, float* grad_h_post, bf16* grad_y,
                          const AggregateGrad* aggregate = nullptr, cudaStream_t stream = nullptr);
 
 }  // namespace mhc::cuda
