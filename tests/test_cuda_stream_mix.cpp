@@ -75,6 +75,8 @@ TEST_P(CudaStreamMix, HPostBiasDropoutAddForwardAndBackward) {
                               n, C, dropout, d_dx.data(), d_dres.data(), d_dpost.data(), d_dy.data());
     auto d_columns = poisoned<float>(cuda::column_sums_workspace_floats(tokens, C));
     cuda::accumulate_column_sums(d_dy.data(), tokens, C, d_dyb.data(), d_columns.data());
+    auto d_dy_alone = poisoned<bf16>(tokens * C);  // dy alone, as a model computes it first
+    cuda::h_post_bda_grad_y(d_gout.data(), d_post.data(), tokens, n, C, dropout, d_dy_alone.data());
     MHC_CUDA_CHECK(cudaDeviceSynchronize());
 
     const auto res = widen(h_res), post = widen(h_post);
@@ -97,6 +99,7 @@ TEST_P(CudaStreamMix, HPostBiasDropoutAddForwardAndBackward) {
     EXPECT_LT(test::relative_error(widen(d_sumsq.download()), sumsq), kFp32Tolerance) << label;
     EXPECT_LT(test::relative_error(widen(d_dx.download()), dx), kBf16Tolerance) << label;
     EXPECT_LT(test::relative_error(widen(d_dy.download()), dy), kBf16Tolerance) << label;
+    EXPECT_EQ(d_dy_alone.download(), d_dy.download()) << label;  // the same sums in the same order
     EXPECT_LT(test::relative_error(widen(d_dres.download()), dres), kFp32Tolerance) << label;
     EXPECT_LT(test::relative_error(widen(d_dpost.download()), dpost), kFp32Tolerance) << label;
     // dy_bias sums the bf16-rounded dy over tokens: bf16-level agreement.

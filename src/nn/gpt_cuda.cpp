@@ -106,12 +106,31 @@ struct GptCuda::State {
     cuda::h_post_bda_forward(x, hc ? m.h_res.data() : ones.data(), hc ? m.h_post.data() : ones.data(), y,
                              half_of(bias), N, static_cast<int>(n), C, d, out, out_sumsq);
   }
+  // The sublayer's gradient dy (and its bias's), before the sublayer's backward. Residual
+  // models get their whole fused-add backward here (grad_x = dout); hyper connections get
+  // theirs in hc_backward, once the aggregate's gradient exists.
   void residual_backward(HcState& m, const bf16* grad_out, const bf16* x, const bf16* y, const Slot& bias,
                          cpu::DropoutSpec d, bf16* grad_x) {
-    cuda::h_post_bda_backward(grad_out, x, hc ? m.h_res.data() : ones.data(), hc ? m.h_post.data() : ones.data(), y,
-                              half_of(bias), N, static_cast<int>(n), C, d, grad_x, grad_h_res.data(),
-                              grad_h_post.data(), dy.data());
+    if (hc)
+      cuda::h_post_bda_grad_y(grad_out, m.h_post.data(), N, static_cast<int>(n), C, d, dy.data());
+    else
+      cuda::h_post_bda_backward(grad_out, x, ones.data(), ones.data(), y, half_of(bias), N, 1, C, d, grad_x,
+                                grad_h_res.data(), grad_h_post.data(), dy.data());
     if (grad_of(bias)) cuda::accumulate_column_sums(dy.data(), N, C, grad_of(bias), columns_ws.data());
+  }
+  // After the sublayer's backward: grad_x = H_res^T dout + H_pre dagg with dH_res, dH_post
+  // and dH_pre in one kernel, then the mappings' backward (grad_x += ..., and the mapping
+  // parameters' gradients accumulate).
+  void hc_backward(HcState& m, const bf16* grad_out, const bf16* x, const bf16* y, const Slot& bias,
+                   cpu::DropoutSpec d, const bf16* grad_agg, bf16* grad_x, const ModelConfig& c) {
+    const cuda::AggregateGrad aggregate{grad_agg, m.h_pre.data(), grad_h_pre.data()};
+    cuda::h_post_bda_backward(grad_out, x, m.h_res.data(), m.h_post.data(), y, half_of(bias), N,
+                              static_cast<int>(n), C, d, grad_x, grad_h_res.data(), grad_h_post.data(), dy.data(),
+                              &aggregate);
+    cuda::mhc_mappings_backward(mappings_args(c), x, value_of(m.weight), value_of(m.alpha), value_of(m.bias),
+                                m.proj.data(), m.r.data(), m.h_pre.data(), m.h_post.data(), grad_h_pre.data(),
+                                grad_h_post.data(), grad_h_res.data(), grad_x, grad_of(m.weight), grad_of(m.alpha),
+                                grad_of(m.bias), mappings_backward_ws.data());
   }
   // x_sumsq: the input's ||x||^2 when its producer computed it, else null.
   void mappings_forward(HcState& m, const bf16* x, const float* x_sumsq, bf16* agg, const ModelConfig& c) {
@@ -120,16 +139,6 @@ struct GptCuda::State {
                                mappings_forward_ws.data());
     cuda::aggregate_forward(x, m.h_pre.data(), N, static_cast<int>(n), C, agg);
   }
-  // After residual_backward (which left dH_res, dH_post): dx += the aggregate's and the
-  // mappings' gradients, and the mapping parameters' gradients accumulate.
-  void mappings_backward(HcState& m, const bf16* grad_agg, const bf16* x, bf16* grad_x, const ModelConfig& c) {
-    cuda::aggregate_backward(grad_agg, x, m.h_pre.data(), N, static_cast<int>(n), C, grad_x, grad_h_pre.data());
-    cuda::mhc_mappings_backward(mappings_args(c), x, value_of(m.weight), value_of(m.alpha), value_of(m.bias),
-                                m.proj.data(), m.r.data(), m.h_pre.data(), m.h_post.data(), grad_h_pre.data(),
-                                grad_h_post.data(), grad_h_res.data(), grad_x, grad_of(m.weight), grad_of(m.alpha),
-                                grad_of(m.bias), mappings_backward_ws.data());
-  }
-
   // next_sumsq: where the next layer's first hyper connection wants ||x_out||^2 (or null).
   void layer_forward(CudaLayer& L, const bf16* x_in, const float* x_in_sumsq, float* next_sumsq,
                      const ModelConfig& c) {
@@ -183,7 +192,7 @@ struct GptCuda::State {
     if (hc) {
       MHC_CUDA_CHECK(cudaMemsetAsync(dagg.data(), 0, dagg.size() * sizeof(bf16)));
       norm_backward(dln.data(), L.agg2, L.ln2_w, L.ln2_b, L.ln2_mean.data(), L.ln2_rstd.data(), dagg.data());
-      mappings_backward(L.hc_mlp, dagg.data(), L.x_mid, grad_mid, c);
+      hc_backward(L.hc_mlp, grad_out, L.x_mid, L.mlp_y.data(), L.fc2_b, L.drop_mlp, dagg.data(), grad_mid, c);
     } else {
       norm_backward(dln.data(), L.x_mid, L.ln2_w, L.ln2_b, L.ln2_mean.data(), L.ln2_rstd.data(), grad_mid);
     }
@@ -197,7 +206,7 @@ struct GptCuda::State {
     if (hc) {
       MHC_CUDA_CHECK(cudaMemsetAsync(dagg.data(), 0, dagg.size() * sizeof(bf16)));
       norm_backward(dln.data(), L.agg1, L.ln1_w, L.ln1_b, L.ln1_mean.data(), L.ln1_rstd.data(), dagg.data());
-      mappings_backward(L.hc_attn, dagg.data(), x_in, grad_in, c);
+      hc_backward(L.hc_attn, grad_mid, x_in, L.attn_y.data(), L.proj_b, L.drop_attn, dagg.data(), grad_in, c);
     } else {
       norm_backward(dln.data(), x_in, L.ln1_w, L.ln1_b, L.ln1_mean.data(), L.ln1_rstd.data(), grad_in);
     }

@@ -128,7 +128,8 @@ __global__ void h_post_bda_forward_kernel(const bf16* x, const float* h_res, con
 
 // AGG: also the aggregate's backward on the same x (dx += H_pre dagg, dH_pre), so that
 // dx is written once.
-template <int N, int VEC, bool AGG>
+// AGG: fused with the aggregate's backward; DY_ONLY: only dy (no x, dx or reductions).
+template <int N, int VEC, bool AGG, bool DY_ONLY = false>
 __global__ void h_post_bda_backward_kernel(const bf16* grad_out, const bf16* x, const float* h_res,
                                            const float* h_post, const bf16* y, const bf16* y_bias, int64_t C,
                                            float p, uint64_t key, bf16* grad_x, float* grad_h_res,
@@ -142,7 +143,7 @@ __global__ void h_post_bda_backward_kernel(const bf16* grad_out, const bf16* x, 
   for (int i = 0; i < N; ++i) {
     post[i] = h_post[t * N + i];
 #pragma unroll
-    for (int j = 0; j < N; ++j) mix[i][j] = h_res[(t * N + i) * N + j];
+    for (int j = 0; j < N; ++j) mix[i][j] = DY_ONLY ? 0.0f : h_res[(t * N + i) * N + j];
   }
 #pragma unroll
   for (int j = 0; j < N; ++j) pre[j] = AGG ? h_pre[t * N + j] : 0.0f;
@@ -150,13 +151,13 @@ __global__ void h_post_bda_backward_kernel(const bf16* grad_out, const bf16* x, 
   for (int k = 0; k < P; ++k) partial[k] = 0;
   const bf16* xt = x + t * N * C;
   for (int64_t c = threadIdx.x * VEC; c < C; c += blockDim.x * VEC) {
-    float sublayer[VEC], g[N][VEC], xs[N][VEC], dy[VEC] = {}, dagg[VEC] = {};
-    load_sublayer<VEC>(y + t * C, y_bias, c, sublayer);
+    float sublayer[VEC] = {}, g[N][VEC], xs[N][VEC], dy[VEC] = {}, dagg[VEC] = {};
+    if constexpr (!DY_ONLY) load_sublayer<VEC>(y + t * C, y_bias, c, sublayer);
     if constexpr (AGG) detail::load_bf16<VEC>(grad_agg + t * C + c, dagg);
 #pragma unroll
     for (int i = 0; i < N; ++i) {
       detail::load_bf16<VEC>(grad_out + (t * N + i) * C + c, g[i]);
-      detail::load_bf16<VEC>(xt + i * C + c, xs[i]);
+      if constexpr (!DY_ONLY) detail::load_bf16<VEC>(xt + i * C + c, xs[i]);
 #pragma unroll
       for (int v = 0; v < VEC; ++v) {
         const float masked = g[i][v] * dropout_scale<float>(key, static_cast<uint64_t>(t * N + i) * C + c + v, p);
@@ -164,25 +165,28 @@ __global__ void h_post_bda_backward_kernel(const bf16* grad_out, const bf16* x, 
         partial[N * N + i] += masked * sublayer[v];
       }
     }
+    if constexpr (!DY_ONLY) {
 #pragma unroll
-    for (int j = 0; j < N; ++j) {
-      float dx[VEC];
-#pragma unroll
-      for (int v = 0; v < VEC; ++v) {
-        dx[v] = pre[j] * dagg[v];
-        if constexpr (AGG) partial[N * N + N + j] += dagg[v] * xs[j][v];
-      }
-#pragma unroll
-      for (int i = 0; i < N; ++i)
+      for (int j = 0; j < N; ++j) {
+        float dx[VEC];
 #pragma unroll
         for (int v = 0; v < VEC; ++v) {
-          dx[v] += mix[i][j] * g[i][v];
-          partial[i * N + j] += g[i][v] * xs[j][v];
+          dx[v] = pre[j] * dagg[v];
+          if constexpr (AGG) partial[N * N + N + j] += dagg[v] * xs[j][v];
         }
-      detail::store_bf16<VEC>(grad_x + (t * N + j) * C + c, dx);
+#pragma unroll
+        for (int i = 0; i < N; ++i)
+#pragma unroll
+          for (int v = 0; v < VEC; ++v) {
+            dx[v] += mix[i][j] * g[i][v];
+            partial[i * N + j] += g[i][v] * xs[j][v];
+          }
+        detail::store_bf16<VEC>(grad_x + (t * N + j) * C + c, dx);
+      }
     }
     detail::store_bf16<VEC>(grad_y + t * C + c, dy);
   }
+  if constexpr (DY_ONLY) return;
   __shared__ float sums[P];
   block_sum<P>(partial, sums);
   for (int k = threadIdx.x; k < N * N; k += blockDim.x) grad_h_res[t * N * N + k] = sums[k];
@@ -287,6 +291,20 @@ void h_post_bda_forward(const bf16* x, const float* h_res, const float* h_post, 
     else
       h_post_bda_forward_kernel<N.value, 1><<<grid_of(tokens), threads_for(C, 1), 0, stream>>>(
           x, h_res, h_post, y, y_bias, C, dropout.p, dropout.key, out, out_sumsq);
+  });
+  MHC_CUDA_CHECK(cudaGetLastError());
+}
+
+void h_post_bda_grad_y(const bf16* grad_out, const float* h_post, int64_t tokens, int n, int64_t C,
+                       cpu::DropoutSpec dropout, bf16* grad_y, cudaStream_t stream) {
+  dispatch_streams(n, [&](auto N) {
+    auto launch = [&](auto kernel, int vec) {
+      kernel<<<grid_of(tokens), threads_for(C, vec), 0, stream>>>(grad_out, nullptr, nullptr, h_post, nullptr, nullptr,
+                                                                 C, dropout.p, dropout.key, nullptr, nullptr, nullptr,
+                                                                 grad_y, nullptr, nullptr, nullptr);
+    };
+    if (C % 8 == 0) launch(h_post_bda_backward_kernel<N.value, 8, false, true>, 8);
+    else launch(h_post_bda_backward_kernel<N.value, 1, false, true>, 1);
   });
   MHC_CUDA_CHECK(cudaGetLastError());
 }

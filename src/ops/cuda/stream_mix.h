@@ -46,6 +46,13 @@ void aggregate_backward(const bf16* grad_agg, const bf16* x, const float* h_pre,
 void h_post_bda_forward(const bf16* x, const float* h_res, const float* h_post, const bf16* y, const bf16* y_bias,
                         int64_t tokens, int n, int64_t C, cpu::DropoutSpec dropout, bf16* out,
                         float* out_sumsq = nullptr, cudaStream_t stream = nullptr);
+// dy alone (dy[c] = sum_i dout[i][c] D H_post[i]; overwrites): in a model the sublayer's
+// backward needs dy before the aggregate's gradient exists, so dy comes first and
+// h_post_bda_backward fused with the aggregate's (below) runs after the sublayer's backward
+// (it writes the same dy again).
+void h_post_bda_grad_y(const bf16* grad_out, const float* h_post, int64_t tokens, int n, int64_t C,
+                       cpu::DropoutSpec dropout, bf16* grad_y, cudaStream_t stream = nullptr);
+
 // The aggregate's backward of the same hyper connection (same x), for fusing into
 // h_post_bda_backward: then dx = H_res^T dout + H_pre dagg is written once and dH_pre is
 // reduced alongside dH_res and dH_post.
