@@ -45,6 +45,9 @@ template <int D> __device__ void load_b_kn(const bf16* tile, int ks, int n0, uin
   const int lane = threadIdx.x % 32;
   ldmatrix_x4<true>(b, tile + (ks * 16 + lane % 8 + (lane / 8) % 2 * 8) * kStride<D> + n0 + lane / 16 * 8);
 }
+// Column of accumulator element e of n8 tile j (C layout) within its 64-column block.
+__device__ inline int accumulator_column(int j, int e) { return j * 8 + 2 * static_cast<int>(threadIdx.x % 4) + e % 2; }
+
 // The A fragment of k step ks from accumulator tiles [16 rows][8 j + ...] (C layout).
 __device__ inline void accumulators_as_a(const float (&c)[8][4], int ks, uint32_t (&a)[4]) {
   a[0] = pack_bf16(c[2 * ks][0], c[2 * ks][1]);
@@ -153,7 +156,7 @@ __global__ void __launch_bounds__(kThreads) flash_forward_kernel(const bf16* qkv
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int hh = e / 2;
-        const int64_t u = kb * kBlock + j * 8 + 2 * q4 + e % 2;
+        const int64_t u = kb * kBlock + accumulator_column(j, e);
         p[j][e] = u > tq[hh] || u >= T ? -INFINITY : p[j][e] * scale2;
         mx[hh] = fmaxf(mx[hh], p[j][e]);
       }
@@ -175,7 +178,7 @@ __global__ void __launch_bounds__(kThreads) flash_forward_kernel(const bf16* qkv
         const int hh = e / 2;
         const float pe = m[hh] == -INFINITY ? 0.0f : exp2f(p[j][e] - m[hh]);
         l[hh] += pe;  // the normaliser is over P before dropout
-        p[j][e] = pe * drop(s, dropout, tq[hh], kb * kBlock + j * 8 + 2 * q4 + e % 2);
+        p[j][e] = pe * drop(s, dropout, tq[hh], kb * kBlock + accumulator_column(j, e));
       }
     accumulate_kn<D>(p, v_tile[buffer], o);
     __syncthreads();  // this buffer is refilled next iteration
@@ -220,7 +223,7 @@ __global__ void __launch_bounds__(kThreads) flash_backward_kv_kernel(const bf16*
   __shared__ __align__(16) bf16 kv_tile[kBlock * kStride<D>], q_tile[2][kBlock * kStride<D>],
       do_tile[2][kBlock * kStride<D>];
   __shared__ float lse_s[2][kBlock], delta_s[2][kBlock];
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, q4 = lane % 4;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4;
   const Head s = head_of(T, C, H);
   const int64_t row = 3 * C, kb = blockIdx.x;
   const bf16* base = qkv + s.b * T * row + s.h * D;
@@ -264,7 +267,7 @@ __global__ void __launch_bounds__(kThreads) flash_backward_kv_kernel(const bf16*
     for (int j = 0; j < 8; ++j)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const int local = j * 8 + 2 * q4 + e % 2;
+        const int local = accumulator_column(j, e);
         const int64_t t = qb * kBlock + local, u = ku[e / 2];
         p[j][e] = t >= T || t < u || u >= T ? 0.0f : exp2f(p[j][e] * scale2 - lse_s[buffer][local]);
         pd[j][e] = p[j][e] * drop(s, dropout, t, u);
@@ -276,7 +279,7 @@ __global__ void __launch_bounds__(kThreads) flash_backward_kv_kernel(const bf16*
     for (int j = 0; j < 8; ++j)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const int local = j * 8 + 2 * q4 + e % 2;
+        const int local = accumulator_column(j, e);
         const int64_t t = qb * kBlock + local, u = ku[e / 2];
         pd[j][e] =
             p[j][e] == 0.0f ? 0.0f : p[j][e] * (pd[j][e] * drop(s, dropout, t, u) - delta_s[buffer][local]) * scale;
@@ -303,7 +306,7 @@ __global__ void __launch_bounds__(kThreads) flash_backward_q_kernel(const bf16* 
                                                                     cpu::DropoutSpec dropout, bf16* grad_qkv) {
   // two buffers of k and v (the first one also brings this block's q and dout)
   __shared__ __align__(16) bf16 k_tile[2][kBlock * kStride<D>], v_tile[2][kBlock * kStride<D>];
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, q4 = lane % 4;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4;
   const Head s = head_of(T, C, H);
   const int64_t row = 3 * C, qb = blockIdx.x, t0 = qb * kBlock;
   const bf16* base = qkv + s.b * T * row + s.h * D;
@@ -344,7 +347,7 @@ __global__ void __launch_bounds__(kThreads) flash_backward_q_kernel(const bf16* 
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int hh = e / 2;
-        const int64_t u = kb * kBlock + j * 8 + 2 * q4 + e % 2;
+        const int64_t u = kb * kBlock + accumulator_column(j, e);
         const float pe = u > tq[hh] || u >= T || tq[hh] >= T ? 0.0f : exp2f(p[j][e] * scale2 - row_lse[hh]);
         ds[j][e] = pe == 0.0f ? 0.0f : pe * (ds[j][e] * drop(s, dropout, tq[hh], u) - row_delta[hh]) * scale;
       }
