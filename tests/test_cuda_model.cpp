@@ -88,6 +88,19 @@ TEST_P(CudaModel, TwentyStepsMatchTheCpuModel) {
     last = gpu_loss;
   }
   EXPECT_LT(last, first - 0.5) << "the GPU model did not learn";
+  // The stability metrics of the last forward (the same batch on both).
+  const std::vector<GainStats> cpu_gains = cpu_model.gains(), gpu_gains = gpu_model.gains();
+  ASSERT_EQ(gpu_gains.size(), cpu_gains.size());
+  for (size_t m = 0; m < cpu_gains.size(); ++m) {
+    const GainStats &a = cpu_gains[m], &b = gpu_gains[m];
+    const double got[] = {b.forward_max, b.forward_mean, b.backward_max, b.backward_mean,
+                          b.composite_forward_max, b.composite_forward_mean, b.composite_backward_max,
+                          b.composite_backward_mean};
+    const double want[] = {a.forward_max, a.forward_mean, a.backward_max, a.backward_mean,
+                           a.composite_forward_max, a.composite_forward_mean, a.composite_backward_max,
+                           a.composite_backward_mean};
+    for (int k = 0; k < 8; ++k) EXPECT_NEAR(got[k], want[k], 5e-2 * want[k]) << "module " << m << " statistic " << k;
+  }
   // The trained weights come back to the host parameters.
   gpu_model.download();
   double diff = 0, norm = 0;

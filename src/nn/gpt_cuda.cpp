@@ -11,6 +11,7 @@
 #include "ops/cuda/adamw.h"
 #include "ops/cuda/attention.h"
 #include "ops/cuda/embedding.h"
+#include "ops/cuda/gains.h"
 #include "ops/cuda/gemm.h"
 #include "ops/cuda/linear.h"
 #include "ops/cuda/mhc_mappings.h"
@@ -75,6 +76,8 @@ struct GptCuda::State {
   DeviceBuffer<float> grad_h_pre, grad_h_post, grad_h_res;
   DeviceBuffer<float> mappings_forward_ws, mappings_backward_ws, columns_ws, norm_result;
   DeviceBuffer<double> norm_ws;
+  DeviceBuffer<const float*> module_h_res;  // every hyper connection's H_res, forward order
+  DeviceBuffer<float> gains_ws, gains_stats;
   DeviceBuffer<unsigned char> attention_ws, embedding_ws;
 
   float* value_of(const Slot& s) { return s.host->value.empty() ? nullptr : value.data() + s.offset; }
@@ -418,6 +421,14 @@ GptCuda::GptCuda(const ModelConfig& config, int64_t batch, int64_t seq) : config
   s.attention_ws = DeviceBuffer<unsigned char>(cuda::attention_workspace_bytes({batch, seq, s.H, C}));
   s.embedding_ws = DeviceBuffer<unsigned char>(cuda::embedding_backward_workspace_bytes(batch, seq));
   s.norm_ws = DeviceBuffer<double>(cuda::grad_norm_workspace_doubles(1));
+  if (s.hc) {
+    std::vector<const float*> h_res;
+    for (CudaLayer& L : s.layers)
+      for (HcState* m : {&L.hc_attn, &L.hc_mlp}) h_res.push_back(m->h_res.data());
+    s.module_h_res = DeviceBuffer<const float*>(h_res);
+    s.gains_ws = DeviceBuffer<float>(cuda::gains_workspace_floats(static_cast<int64_t>(h_res.size()), N));
+    s.gains_stats = DeviceBuffer<float>(h_res.size() * 8);
+  }
   s.norm_result = DeviceBuffer<float>(2);
 }
 
@@ -484,6 +495,20 @@ double GptCuda::step(const TrainConfig& config, double lr) {
 int64_t GptCuda::steps_taken() const { return s_->steps_taken; }
 
 Gpt<float>& GptCuda::host() { return *s_->host; }
+
+std::vector<GainStats> GptCuda::gains() {
+  State& s = *s_;
+  if (!s.hc) return {};
+  const auto modules = static_cast<int64_t>(s.module_h_res.size());
+  cuda::hc_gains(s.module_h_res.data(), modules, s.N, static_cast<int>(s.n), s.gains_ws.data(), s.gains_stats.data());
+  const std::vector<float> v = s.gains_stats.download();
+  std::vector<GainStats> out(static_cast<size_t>(modules));
+  for (size_t m = 0; m < out.size(); ++m) {
+    const float* g = v.data() + m * 8;  // [fwd, bwd, composite fwd, composite bwd] x [max, mean]
+    out[m] = {g[0], g[1], g[2], g[3], g[4], g[5], g[6], g[7]};
+  }
+  return out;
+}
 
 void GptCuda::download_optimizer(AdamW& optimizer) {
   State& s = *s_;

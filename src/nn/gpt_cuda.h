@@ -9,7 +9,8 @@
 //
 // Selective recompute (recompute = mhc) as on the CPU (nn/recompute_plan.h): the
 // aggregates, norm outputs and fused-add outputs of a block live in one workspace and are
-// re-run before the block's backward. Not yet: the stability metrics (gains).
+// re-run before the block's backward. gains() computes the stability metrics of the last
+// forward on the device (ops/cuda/gains.h) and copies them back once.
 #pragma once
 #include <cstdint>
 #include <memory>
@@ -45,6 +46,9 @@ class GptCuda {
   // (train/optimizer.h's rules); returns the norm.
   double step(const TrainConfig& config, double lr);
   int64_t steps_taken() const;
+  // The H_res gains of the last forward (2 per layer, attention then MLP; empty for
+  // residual models), as nn/gpt.h's Gpt::gains().
+  std::vector<GainStats> gains();
 
   // The host model whose parameters these are (values current after download()), and the
   // AdamW moments and step count copied to or from a host optimizer over its parameters.

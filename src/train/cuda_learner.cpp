@@ -12,7 +12,7 @@ class CudaLearner final : public ModelLearner<GptCuda> {
   }
   double step(const TrainConfig& c, double lr) override { return model_.step(c, lr); }
   double evaluate(const int32_t* tokens, const int32_t* targets) override { return model_.evaluate(tokens, targets); }
-  std::vector<GainStats> gains() override { return {}; }
+  std::vector<GainStats> gains() override { return model_.gains(); }
   Gpt<float>& host_model() override { return model_.host(); }
   AdamW& host_optimizer() override { return optimizer_; }
   void to_host() override {

@@ -1,5 +1,4 @@
 // The training loop's learner on one CUDA device (nn/gpt_cuda.h), for `--device cuda`.
-// Stability metrics (gains) are not computed on the GPU yet: gains() is empty.
 #pragma once
 #include <memory>
 
