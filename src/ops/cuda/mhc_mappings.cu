@@ -2,6 +2,7 @@
 
 #include "core/cuda/device.h"
 #include "ops/cuda/gemm.h"
+#include "ops/cuda/column_sums.cuh"
 #include "ops/cuda/kernel_utils.cuh"
 #include "ops/cuda/mhc_mappings.h"
 
@@ -432,24 +433,15 @@ __global__ void sum_rows_kernel(const float* in, int64_t rows, int64_t cols, int
   out[c] += s;
 }
 
-// First pass of a long column sum: chunk blockIdx.y of kChunkRows rows, 32 columns per
-// block, 8 rows of threads summed in order. partial[chunk][c].
-constexpr int64_t kChunkRows = 256;
-__global__ void column_chunk_sums_kernel(const float* in, int64_t rows, int64_t cols, float* partial) {
-  __shared__ float sums[8][33];
-  const int64_t c = static_cast<int64_t>(blockIdx.x) * 32 + threadIdx.x;
-  const int64_t begin = blockIdx.y * kChunkRows, end = min(rows, begin + kChunkRows);
-  float s = 0;
-  if (c < cols)
-    for (int64_t row = begin + threadIdx.y; row < end; row += 8) s += in[row * cols + c];
-  sums[threadIdx.y][threadIdx.x] = s;
-  __syncthreads();
-  if (threadIdx.y == 0 && c < cols) {
-    float total = 0;
-    for (int k = 0; k < 8; ++k) total += sums[k][threadIdx.x];
-    partial[blockIdx.y * cols + c] = total;
+// Columns [offset, offset + cols) of grad_h's rows [dh, alpha terms], for column_sums.
+struct GradHColumns {
+  const float* grad_h;
+  int64_t row_width, offset;
+  template <int COLS> __device__ void operator()(int64_t r, int64_t c, float (&out)[1][COLS]) const {
+#pragma unroll
+    for (int k = 0; k < COLS; ++k) out[0][k] = grad_h[r * row_width + offset + c + k];
   }
-}
+};
 
 // Workspace offsets in floats, each a multiple of 4 (16-byte aligned for cuBLASLt).
 inline size_t aligned(size_t floats) { return (floats + 3) / 4 * 4; }
@@ -481,7 +473,7 @@ Layout layout_of(const MappingsArgs& a) {
   l.M = static_cast<int64_t>(a.n) * a.n + 2 * a.n;
   l.K = a.n * a.C;
   l.split_stride = split_width(l.M);
-  l.chunks = (a.tokens + kChunkRows - 1) / kChunkRows;
+  l.chunks = detail::column_chunks(a.tokens);
   l.grad_h = 0;
   l.coef = l.grad_h + a.tokens * (l.M + 3);
   l.chunk_sums = l.coef + a.tokens;
@@ -596,10 +588,9 @@ void mhc_mappings_backward(const MappingsArgs& a, const bf16* x, const float* we
   sum_rows_kernel<<<detail::blocks_for(l.M * l.K, kBlockThreads), kBlockThreads, 0, stream>>>(
       weight_parts, 3, l.M * l.K, l.M * l.K, grad_weight);
   const int64_t row = l.M + 3;  // [dh, alpha terms]
-  column_chunk_sums_kernel<<<dim3(detail::blocks_for(row, 32), static_cast<unsigned>(l.chunks)), dim3(32, 8), 0,
-                             stream>>>(grad_h, a.tokens, row, chunk_sums);
-  sum_rows_kernel<<<1, 128, 0, stream>>>(chunk_sums, l.chunks, l.M, row, grad_bias);
-  sum_rows_kernel<<<1, 32, 0, stream>>>(chunk_sums + l.M, l.chunks, 3, row, grad_alpha);
+  // dbias and dalpha: grad_h's columns summed over tokens in a fixed order
+  detail::column_sums<1>(GradHColumns{grad_h, row, 0}, a.tokens, l.M, {grad_bias}, chunk_sums, stream);
+  detail::column_sums<1>(GradHColumns{grad_h, row, l.M}, a.tokens, 3, {grad_alpha}, chunk_sums, stream);
   MHC_CUDA_CHECK(cudaGetLastError());
 }
 

@@ -12,8 +12,8 @@
 //             grad_x     dx += dproj W + coef x, dproj W on tensor cores (dproj and W
 //                        split into bf16 hi + mid)                           (bf16 accumulate)
 //             grad_w     dW += dproj^T x on tensor cores (dproj split like W, reduced over
-//                        tokens by cuBLASLt); dalpha, dbias over token chunks, then the
-//                        chunks in order (deterministic)
+//                        tokens by cuBLASLt); dalpha, dbias as fixed-order column sums
+//                        (ops/cuda/column_sums.cuh; deterministic)
 //
 // Saved for backward: proj [tokens, m] and r [tokens], fp32. n is a template parameter
 // (1, 2, 4, 6, 8); the workspaces are mappings_{forward,backward}_workspace_floats() floats.
