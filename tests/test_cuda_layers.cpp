@@ -88,7 +88,8 @@ TEST(CudaAttention, ForwardAndBackwardMatchTheCpuReference) {
   if (!cuda::device_available()) GTEST_SKIP() << "no CUDA device";
   // head dims 16, 32, 64; T below, at and above the 64-row tiles
   for (const cpu::AttentionShape& shape : {cpu::AttentionShape{2, 5, 2, 32}, cpu::AttentionShape{1, 64, 3, 48},
-                                           cpu::AttentionShape{2, 150, 4, 256}, cpu::AttentionShape{1, 97, 2, 64}}) {
+                                           cpu::AttentionShape{2, 150, 4, 256}, cpu::AttentionShape{1, 97, 2, 64},
+                                           cpu::AttentionShape{1, 300, 2, 128}}) {
     for (float p : {0.0f, 0.2f}) {
       const cpu::DropoutSpec dropout{p, rng_key(7, static_cast<uint64_t>(shape.seq))};
       const int64_t rows = shape.batch * shape.seq, C = shape.C, P = shape.batch * shape.heads * shape.seq * shape.seq;

@@ -70,8 +70,8 @@ struct GptCuda::State {
   Slot wte, wpe, lnf_w, lnf_b;
   std::vector<CudaLayer> layers;
   DeviceBuffer<int32_t> tokens, targets;
-  DeviceBuffer<bf16> e, x0, h, hf, dlogits;
-  DeviceBuffer<float> lnf_mean, lnf_rstd, logits, losses, ones;
+  DeviceBuffer<bf16> e, x0, h, hf, logits;
+  DeviceBuffer<float> lnf_mean, lnf_rstd, losses, ones;
   DeviceBuffer<bf16> dx_a, dx_b, dx_mid, dagg, dln, dy, dctx, dh, dhf, de, dqkv, dfc, dact;
   DeviceBuffer<float> grad_h_pre, grad_h_post, grad_h_res;
   DeviceBuffer<float> mappings_forward_ws, mappings_backward_ws, columns_ws, norm_result;
@@ -128,8 +128,8 @@ struct GptCuda::State {
                    cpu::DropoutSpec d, const bf16* grad_agg, bf16* grad_x, const ModelConfig& c) {
     const cuda::AggregateGrad aggregate{grad_agg, m.h_pre.data(), grad_h_pre.data()};
     cuda::h_post_bda_backward(grad_out, x, m.h_res.data(), m.h_post.data(), y, half_of(bias), N,
-                              static_cast<int>(n), C, d, grad_x, grad_h_res.data(), grad_h_post.data(), dy.data(),
-                              &aggregate);
+                              static_cast<int>(n), C, d, grad_x, grad_h_res.data(), grad_h_post.data(),
+                              /*grad_y, written before the sublayer's backward:*/ nullptr, &aggregate);
     cuda::mhc_mappings_backward(mappings_args(c), x, value_of(m.weight), value_of(m.alpha), value_of(m.bias),
                                 m.proj.data(), m.r.data(), m.h_pre.data(), m.h_post.data(), grad_h_pre.data(),
                                 grad_h_post.data(), grad_h_res.data(), grad_x, grad_of(m.weight), grad_of(m.alpha),
@@ -228,13 +228,14 @@ struct GptCuda::State {
       g.m = V, g.n = rows, g.k = C;
       g.a = wte_half, g.lda = C;
       g.b = hf.data() + r0 * C, g.ldb = C;
-      g.d = logits.data(), g.ldd = V;
+      g.d = logits.data(), g.ldd = V, g.output = cuda::GemmOutput::Bf16;
       cuda::gemm(g);
+      // The logits become their gradient in place.
       cuda::cross_entropy(logits.data(), targets.data() + r0, rows, V, 1.0f / static_cast<float>(N),
-                          losses.data() + r0, dlogits.data());
+                          losses.data() + r0);
       if (!train) continue;
       // dhf^T [C, rows] = wte^T [C, V] dlogits^T [V, rows];  dwte^T [C, V] += hf^T [C, rows] dlogits [rows, V]
-      cuda::linear_backward(dlogits.data(), hf.data() + r0 * C, wte_half, rows, C, V, dhf.data() + r0 * C,
+      cuda::linear_backward(logits.data(), hf.data() + r0 * C, wte_half, rows, C, V, dhf.data() + r0 * C,
                             grad_of(wte), nullptr, nullptr);
     }
     const std::vector<float> per_row = losses.download();
@@ -397,13 +398,13 @@ GptCuda::GptCuda(const ModelConfig& config, int64_t batch, int64_t seq) : config
     static_cast<RestorableTensors<bf16>&>(L) = carve_restorable(base, N, C, n, s.hc);
     if (s.recompute && s.plan.ends_block(static_cast<int>(l))) L.x_out = L.own.data();
   }
-  // At most about 512 MB of fp32 logits at a time.
-  s.head_rows = std::clamp<int64_t>((int64_t{512} << 20) / (4 * s.V), 1, N);
+  // At most about 512 MB of bf16 logits (then their gradient) at a time.
+  s.head_rows = std::clamp<int64_t>((int64_t{512} << 20) / (2 * s.V), 1, N);
   s.tokens = DeviceBuffer<int32_t>(N), s.targets = DeviceBuffer<int32_t>(N);
   s.e = DeviceBuffer<bf16>(N * C), s.x0 = DeviceBuffer<bf16>(N * n * C), s.h = DeviceBuffer<bf16>(N * C);
   s.hf = DeviceBuffer<bf16>(N * C);
   s.lnf_mean = DeviceBuffer<float>(s.rms ? 0 : N), s.lnf_rstd = DeviceBuffer<float>(N);
-  s.logits = DeviceBuffer<float>(s.head_rows * s.V), s.dlogits = DeviceBuffer<bf16>(s.head_rows * s.V);
+  s.logits = DeviceBuffer<bf16>(s.head_rows * s.V);
   s.losses = DeviceBuffer<float>(N);
   s.ones = DeviceBuffer<float>(std::vector<float>(N, 1.0f));
   for (auto* b : {&s.dx_a, &s.dx_b, &s.dx_mid}) *b = DeviceBuffer<bf16>(N * n * C);

@@ -1,5 +1,6 @@
 #include "ops/cuda/attention.h"
 
+#include <algorithm>
 #include <cmath>
 
 #include "core/cuda/device.h"
@@ -13,16 +14,26 @@ using detail::ldmatrix_x4;
 using detail::mma_bf16;
 using detail::pack_bf16;
 
-// Tiles of 64 queries or keys; four warps, 16 rows each. A tile row is D bf16 plus 8 of
+// A block's warps own 16 rows each (kWarps * 16 queries, or keys in dK/dV): the other
+// side streams through shared memory in tiles of 64 rows. A tile row is D bf16 plus 8 of
 // padding, so that the 8 rows an ldmatrix reads fall in distinct banks.
-constexpr int kBlock = 64, kThreads = 128;
+constexpr int kBlock = 64, kWarps = 8, kThreads = 32 * kWarps, kOwnRows = 16 * kWarps;
 constexpr float kLog2e = 1.4426950408889634f;
 template <int D> constexpr int kStride = D + 8;
+template <int D> constexpr int kTileElems = kBlock * kStride<D>;
 
-// Starts copying rows [row0, row0 + 64) of a matrix (row stride ld, D columns from
+// 2^x on the special function unit (x = -inf gives 0).
+__device__ inline float exp2_fast(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// Starts copying rows [row0, row0 + ROWS) of a matrix (row stride ld, D columns from
 // `base`) into a tile (cp.async), zeros past `rows`; the caller commits and waits.
-template <int D> __device__ void load_tile(const bf16* base, int64_t ld, int64_t row0, int64_t rows, bf16* tile) {
-  for (int e = threadIdx.x; e < kBlock * D / 8; e += kThreads) {
+template <int D, int ROWS = kBlock>
+__device__ void load_tile(const bf16* base, int64_t ld, int64_t row0, int64_t rows, bf16* tile) {
+  for (int e = threadIdx.x; e < ROWS * D / 8; e += kThreads) {
     const int r = e / (D / 8), c = e % (D / 8) * 8;
     const bool valid = row0 + r < rows;
     detail::copy_async<16>(tile + r * kStride<D> + c, valid ? base + (row0 + r) * ld + c : base, valid);
@@ -47,6 +58,21 @@ template <int D> __device__ void load_b_kn(const bf16* tile, int ks, int n0, uin
 }
 // Column of accumulator element e of n8 tile j (C layout) within its 64-column block.
 __device__ inline int accumulator_column(int j, int e) { return j * 8 + 2 * static_cast<int>(threadIdx.x % 4) + e % 2; }
+
+// Sets the scores of keys a query may not see (later keys, keys past T) to `hidden`.
+// Accumulator tiles of a [query][key] block (TRANSPOSED: [key][query]): row r is this
+// lane's row (g or g + 8 of the warp's 16, at `own[r]`), column u0 + accumulator_column.
+template <bool TRANSPOSED>
+__device__ inline void mask_scores(float (&p)[8][4], const int (&own)[2], int u0, int64_t T, float hidden) {
+#pragma unroll
+  for (int j = 0; j < 8; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int mine = own[e / 2], other = u0 + accumulator_column(j, e);
+      const int t = TRANSPOSED ? other : mine, u = TRANSPOSED ? mine : other;
+      if (u > t || u >= T) p[j][e] = hidden;
+    }
+}
 
 // The A fragment of k step ks from accumulator tiles [16 rows][8 j + ...] (C layout).
 __device__ inline void accumulators_as_a(const float (&c)[8][4], int ks, uint32_t (&a)[4]) {
@@ -121,66 +147,74 @@ __device__ inline float drop(const Head& s, cpu::DropoutSpec dropout, int64_t t,
   return dropout_scale<float>(dropout.key, static_cast<uint64_t>((s.bh * s.T + t) * s.T + u), dropout.p);
 }
 
-template <int D>
-__global__ void __launch_bounds__(kThreads) flash_forward_kernel(const bf16* qkv, int64_t T, int64_t C, int64_t H,
+// Forward: a block takes kOwnRows queries, the key tiles up to its last query.
+template <int D, bool DROPOUT>
+__global__ void __launch_bounds__(kThreads, 2) flash_forward_kernel(const bf16* qkv, int64_t T, int64_t C, int64_t H,
                                                                  float scale, cpu::DropoutSpec dropout, bf16* out,
                                                                  float* lse) {
   // q, then two buffers of k and v: the next key tile is copied while this one is used.
-  __shared__ __align__(16) bf16 q_tile[kBlock * kStride<D>], k_tile[2][kBlock * kStride<D>],
-      v_tile[2][kBlock * kStride<D>];
+  extern __shared__ __align__(16) bf16 shared[];
+  bf16* q_tile = shared;
+  auto k_tile = [&](int buffer) { return shared + kOwnRows * kStride<D> + buffer * kTileElems<D>; };
+  auto v_tile = [&](int buffer) { return k_tile(2 + buffer); };
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, q4 = lane % 4;
   const Head s = head_of(T, C, H);
-  const int64_t row = 3 * C, qb = blockIdx.x, t0 = qb * kBlock;
+  const int64_t row = 3 * C, t0 = static_cast<int64_t>(blockIdx.x) * kOwnRows;
   const bf16* base = qkv + s.b * T * row + s.h * D;
   const float scale2 = scale * kLog2e;  // scores in log2 units: exp2 is the fast path
-  load_tile<D>(base, row, t0, T, q_tile);
-  load_kv<D>(base, row, C, 0, T, k_tile[0], v_tile[0]);
+  load_tile<D, kOwnRows>(base, row, t0, T, q_tile);
+  load_kv<D>(base, row, C, 0, T, k_tile(0), v_tile(0));
   detail::commit_async();
   uint32_t qa[D / 16][4];
   float o[D / 8][4] = {}, m[2] = {-INFINITY, -INFINITY}, l[2] = {0, 0};
-  const int64_t tq[2] = {t0 + warp * 16 + g, t0 + warp * 16 + g + 8};
-  for (int64_t kb = 0; kb <= qb; ++kb) {
-    const int buffer = static_cast<int>(kb & 1);
-    if (kb < qb) load_kv<D>(base, row, C, kb + 1, T, k_tile[buffer ^ 1], v_tile[buffer ^ 1]);
+  const int first = static_cast<int>(t0) + warp * 16;  // this warp's first query
+  const int tq[2] = {first + g, first + g + 8};
+  const int last_tile = static_cast<int>(((t0 + kOwnRows < T ? t0 + kOwnRows : T) - 1) / kBlock);
+  for (int kb = 0; kb <= last_tile; ++kb) {
+    const int buffer = kb & 1;
+    if (kb < last_tile) load_kv<D>(base, row, C, kb + 1, T, k_tile(buffer ^ 1), v_tile(buffer ^ 1));
     detail::commit_async();
     detail::wait_async<1>();
     __syncthreads();
     if (kb == 0)
 #pragma unroll
       for (int ks = 0; ks < D / 16; ++ks) load_a<D>(q_tile, warp * 16, ks, qa[ks]);
-    float p[8][4];
-    product_nk<D>(qa, k_tile[buffer], p);
-    float mx[2] = {-INFINITY, -INFINITY};
+    const int u0 = kb * kBlock;
+    if (u0 <= first + 15) {  // else every key of the tile is after this warp's queries
+      float p[8][4];
+      product_nk<D>(qa, k_tile(buffer), p);
+      // Only the tile reaching this warp's queries (or past T) needs the mask.
+      if (u0 + kBlock - 1 > first || u0 + kBlock > T) mask_scores<false>(p, tq, u0, T, -INFINITY);
+      // m is in scaled log2 units. Key 0 precedes every query, so after the first tile every
+      // row's max is finite; before it m = -inf and the correction is exp2(-inf) = 0.
+      float mx[2] = {p[0][0], p[0][2]};
 #pragma unroll
-    for (int j = 0; j < 8; ++j)
+      for (int j = 0; j < 8; ++j)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int hh = e / 2;
-        const int64_t u = kb * kBlock + accumulator_column(j, e);
-        p[j][e] = u > tq[hh] || u >= T ? -INFINITY : p[j][e] * scale2;
-        mx[hh] = fmaxf(mx[hh], p[j][e]);
+        for (int e = 0; e < 4; ++e) mx[e / 2] = fmaxf(mx[e / 2], p[j][e]);
+#pragma unroll
+      for (int hh = 0; hh < 2; ++hh) {
+        mx[hh] = fmaxf(mx[hh], __shfl_xor_sync(0xffffffffu, mx[hh], 1));
+        mx[hh] = fmaxf(mx[hh], __shfl_xor_sync(0xffffffffu, mx[hh], 2));
+        const float m_new = fmaxf(m[hh], mx[hh] * scale2);
+        const float correction = exp2_fast(m[hh] - m_new);
+        l[hh] *= correction;
+#pragma unroll
+        for (int dt = 0; dt < D / 8; ++dt) o[dt][2 * hh] *= correction, o[dt][2 * hh + 1] *= correction;
+        m[hh] = m_new;
       }
 #pragma unroll
-    for (int hh = 0; hh < 2; ++hh) {
-      mx[hh] = fmaxf(mx[hh], __shfl_xor_sync(0xffffffffu, mx[hh], 1));
-      mx[hh] = fmaxf(mx[hh], __shfl_xor_sync(0xffffffffu, mx[hh], 2));
-      const float m_new = fmaxf(m[hh], mx[hh]);
-      const float correction = m_new == -INFINITY ? 1.0f : exp2f(m[hh] - m_new);
-      l[hh] *= correction;
+      for (int j = 0; j < 8; ++j)
 #pragma unroll
-      for (int dt = 0; dt < D / 8; ++dt) o[dt][2 * hh] *= correction, o[dt][2 * hh + 1] *= correction;
-      m[hh] = m_new;
+        for (int e = 0; e < 4; ++e) {
+          const int hh = e / 2;
+          const float pe = exp2_fast(fmaf(p[j][e], scale2, -m[hh]));
+          l[hh] += pe;  // the normaliser is over P before dropout
+          p[j][e] = pe;
+          if constexpr (DROPOUT) p[j][e] *= drop(s, dropout, tq[hh], u0 + accumulator_column(j, e));
+        }
+      accumulate_kn<D>(p, v_tile(buffer), o);
     }
-#pragma unroll
-    for (int j = 0; j < 8; ++j)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int hh = e / 2;
-        const float pe = m[hh] == -INFINITY ? 0.0f : exp2f(p[j][e] - m[hh]);
-        l[hh] += pe;  // the normaliser is over P before dropout
-        p[j][e] = pe * drop(s, dropout, tq[hh], kb * kBlock + accumulator_column(j, e));
-      }
-    accumulate_kn<D>(p, v_tile[buffer], o);
     __syncthreads();  // this buffer is refilled next iteration
   }
   bf16* rows[2];
@@ -214,106 +248,115 @@ __global__ void delta_kernel(const bf16* grad_out, const bf16* out, int64_t rows
   delta[i] = sum;
 }
 
-template <int D>
+// dK, dV: a block takes kOwnRows keys, the query tiles from its first key on.
+template <int D, bool DROPOUT>
 __global__ void __launch_bounds__(kThreads) flash_backward_kv_kernel(const bf16* qkv, const bf16* grad_out,
                                                                      const float* lse, const float* delta, int64_t T,
                                                                      int64_t C, int64_t H, float scale,
                                                                      cpu::DropoutSpec dropout, bf16* grad_qkv) {
-  // this block's k and v (through one tile), then two buffers of q, dout, lse and delta
-  __shared__ __align__(16) bf16 kv_tile[kBlock * kStride<D>], q_tile[2][kBlock * kStride<D>],
-      do_tile[2][kBlock * kStride<D>];
+  // two buffers of q, dout, lse and delta (the q buffers first bring this block's k and v)
+  __shared__ __align__(16) bf16 q_tile[2][kTileElems<D>], do_tile[2][kTileElems<D>];
   __shared__ float lse_s[2][kBlock], delta_s[2][kBlock];
+  static_assert(kOwnRows <= 2 * kBlock, "the block's keys are staged through the two q buffers");
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4;
   const Head s = head_of(T, C, H);
-  const int64_t row = 3 * C, kb = blockIdx.x;
+  const int64_t row = 3 * C, k0 = static_cast<int64_t>(blockIdx.x) * kOwnRows;
   const bf16* base = qkv + s.b * T * row + s.h * D;
   const bf16* go = grad_out + s.b * T * C + s.h * D;
   const float scale2 = scale * kLog2e;
   uint32_t ka[D / 16][4], va[D / 16][4];
 #pragma unroll
   for (int which = 0; which < 2; ++which) {
-    load_tile<D>(base + (1 + which) * C, row, kb * kBlock, T, kv_tile);
+    load_tile<D, kOwnRows>(base + (1 + which) * C, row, k0, T, q_tile[0]);
     detail::commit_async();
     detail::wait_async<0>();
     __syncthreads();
 #pragma unroll
-    for (int ks = 0; ks < D / 16; ++ks) load_a<D>(kv_tile, warp * 16, ks, which == 0 ? ka[ks] : va[ks]);
+    for (int ks = 0; ks < D / 16; ++ks) load_a<D>(q_tile[0], warp * 16, ks, which == 0 ? ka[ks] : va[ks]);
     __syncthreads();
   }
-  auto issue = [&](int64_t qb, int buffer) {
-    load_tile<D>(base, row, qb * kBlock, T, q_tile[buffer]);
-    load_tile<D>(go, C, qb * kBlock, T, do_tile[buffer]);
+  auto issue = [&](int qb, int buffer) {
+    load_tile<D>(base, row, static_cast<int64_t>(qb) * kBlock, T, q_tile[buffer]);
+    load_tile<D>(go, C, static_cast<int64_t>(qb) * kBlock, T, do_tile[buffer]);
     if (threadIdx.x < kBlock) {
-      const int64_t t = qb * kBlock + threadIdx.x;
+      const int64_t t = static_cast<int64_t>(qb) * kBlock + threadIdx.x;
       lse_s[buffer][threadIdx.x] = t < T ? lse[s.bh * T + t] * kLog2e : 0.0f;
       delta_s[buffer][threadIdx.x] = t < T ? delta[s.bh * T + t] : 0.0f;
     }
   };
   float dk[D / 8][4] = {}, dv[D / 8][4] = {};
-  const int64_t ku[2] = {kb * kBlock + warp * 16 + g, kb * kBlock + warp * 16 + g + 8};
-  const int64_t query_blocks = (T + kBlock - 1) / kBlock;
-  issue(kb, 0);
+  const int first = static_cast<int>(k0) + warp * 16;  // this warp's first key
+  const int ku[2] = {first + g, first + g + 8};
+  const int first_tile = static_cast<int>(k0 / kBlock), query_tiles = static_cast<int>((T + kBlock - 1) / kBlock);
+  issue(first_tile, 0);
   detail::commit_async();
-  for (int64_t qb = kb; qb < query_blocks; ++qb) {
-    const int buffer = static_cast<int>((qb - kb) & 1);
-    if (qb + 1 < query_blocks) issue(qb + 1, buffer ^ 1);
+  for (int qb = first_tile; qb < query_tiles; ++qb) {
+    const int buffer = (qb - first_tile) & 1;
+    if (qb + 1 < query_tiles) issue(qb + 1, buffer ^ 1);
     detail::commit_async();
     detail::wait_async<1>();
     __syncthreads();
-    // P^T [keys][queries] and, for dV, D P^T.
-    float p[8][4], pd[8][4];
-    product_nk<D>(ka, q_tile[buffer], p);
+    const int t0 = qb * kBlock;
+    if (t0 + kBlock - 1 >= first) {  // else every query of the tile is before this warp's keys
+      // P^T [keys][queries] and, for dV, D P^T. Only tiles reaching back to this warp's
+      // keys (or past T) need the mask. (Rows past T are zeros: no contribution.)
+      float p[8][4], pd[8][4];
+      product_nk<D>(ka, q_tile[buffer], p);
+      if (t0 < first + 15 || t0 + kBlock > T || first + 16 > T) mask_scores<true>(p, ku, t0, T, -INFINITY);
 #pragma unroll
-    for (int j = 0; j < 8; ++j)
+      for (int j = 0; j < 8; ++j)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int local = accumulator_column(j, e);
-        const int64_t t = qb * kBlock + local, u = ku[e / 2];
-        p[j][e] = t >= T || t < u || u >= T ? 0.0f : exp2f(p[j][e] * scale2 - lse_s[buffer][local]);
-        pd[j][e] = p[j][e] * drop(s, dropout, t, u);
-      }
-    accumulate_kn<D>(pd, do_tile[buffer], dv);
-    // dP^T = v dout^T; dS^T = P^T (D dP^T - delta) scale
-    product_nk<D>(va, do_tile[buffer], pd);
+        for (int e = 0; e < 4; ++e) {
+          const int local = accumulator_column(j, e);
+          p[j][e] = exp2_fast(fmaf(p[j][e], scale2, -lse_s[buffer][local]));
+          pd[j][e] = p[j][e];
+          if constexpr (DROPOUT) pd[j][e] *= drop(s, dropout, t0 + local, ku[e / 2]);
+        }
+      accumulate_kn<D>(pd, do_tile[buffer], dv);
+      // dP^T = v dout^T; dS^T = P^T (D dP^T - delta) (times scale when dK is stored)
+      product_nk<D>(va, do_tile[buffer], pd);
 #pragma unroll
-    for (int j = 0; j < 8; ++j)
+      for (int j = 0; j < 8; ++j)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int local = accumulator_column(j, e);
-        const int64_t t = qb * kBlock + local, u = ku[e / 2];
-        pd[j][e] =
-            p[j][e] == 0.0f ? 0.0f : p[j][e] * (pd[j][e] * drop(s, dropout, t, u) - delta_s[buffer][local]) * scale;
-      }
-    accumulate_kn<D>(pd, q_tile[buffer], dk);
+        for (int e = 0; e < 4; ++e) {
+          const int local = accumulator_column(j, e);
+          float dp = pd[j][e];
+          if constexpr (DROPOUT) dp *= drop(s, dropout, t0 + local, ku[e / 2]);
+          pd[j][e] = p[j][e] * (dp - delta_s[buffer][local]);
+        }
+      accumulate_kn<D>(pd, q_tile[buffer], dk);
+    }
     __syncthreads();  // this buffer is refilled next iteration
   }
   bf16 *k_rows[2], *v_rows[2];
-  const float one[2] = {1.0f, 1.0f};
+  const float one[2] = {1.0f, 1.0f}, scaled[2] = {scale, scale};
 #pragma unroll
   for (int hh = 0; hh < 2; ++hh) {
     bf16* grow = ku[hh] < T ? grad_qkv + (s.b * T + ku[hh]) * row + s.h * D : nullptr;
     k_rows[hh] = grow ? grow + C : nullptr;
     v_rows[hh] = grow ? grow + 2 * C : nullptr;
   }
-  store_rows<D>(dk, k_rows, one);
+  store_rows<D>(dk, k_rows, scaled);
   store_rows<D>(dv, v_rows, one);
 }
 
-template <int D>
+// dQ: a block takes kOwnRows queries, the key tiles up to its last query.
+template <int D, bool DROPOUT>
 __global__ void __launch_bounds__(kThreads) flash_backward_q_kernel(const bf16* qkv, const bf16* grad_out,
                                                                     const float* lse, const float* delta, int64_t T,
                                                                     int64_t C, int64_t H, float scale,
                                                                     cpu::DropoutSpec dropout, bf16* grad_qkv) {
-  // two buffers of k and v (the first one also brings this block's q and dout)
-  __shared__ __align__(16) bf16 k_tile[2][kBlock * kStride<D>], v_tile[2][kBlock * kStride<D>];
+  // two buffers of k and v (the k buffers first bring this block's q, the v buffers its dout)
+  __shared__ __align__(16) bf16 k_tile[2][kTileElems<D>], v_tile[2][kTileElems<D>];
+  static_assert(kOwnRows <= 2 * kBlock, "the block's queries are staged through the two k buffers");
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4;
   const Head s = head_of(T, C, H);
-  const int64_t row = 3 * C, qb = blockIdx.x, t0 = qb * kBlock;
+  const int64_t row = 3 * C, t0 = static_cast<int64_t>(blockIdx.x) * kOwnRows;
   const bf16* base = qkv + s.b * T * row + s.h * D;
   const float scale2 = scale * kLog2e;
   uint32_t qa[D / 16][4], doa[D / 16][4];
-  load_tile<D>(base, row, t0, T, k_tile[0]);
-  load_tile<D>(grad_out + s.b * T * C + s.h * D, C, t0, T, v_tile[0]);
+  load_tile<D, kOwnRows>(base, row, t0, T, k_tile[0]);
+  load_tile<D, kOwnRows>(grad_out + s.b * T * C + s.h * D, C, t0, T, v_tile[0]);
   detail::commit_async();
   detail::wait_async<0>();
   __syncthreads();
@@ -323,7 +366,8 @@ __global__ void __launch_bounds__(kThreads) flash_backward_q_kernel(const bf16* 
     load_a<D>(v_tile[0], warp * 16, ks, doa[ks]);
   }
   __syncthreads();
-  const int64_t tq[2] = {t0 + warp * 16 + g, t0 + warp * 16 + g + 8};
+  const int first = static_cast<int>(t0) + warp * 16;  // this warp's first query
+  const int tq[2] = {first + g, first + g + 8};
   float row_lse[2], row_delta[2];
 #pragma unroll
   for (int hh = 0; hh < 2; ++hh) {
@@ -331,34 +375,40 @@ __global__ void __launch_bounds__(kThreads) flash_backward_q_kernel(const bf16* 
     row_delta[hh] = tq[hh] < T ? delta[s.bh * T + tq[hh]] : 0.0f;
   }
   float dq[D / 8][4] = {};
+  const int last_tile = static_cast<int>(((t0 + kOwnRows < T ? t0 + kOwnRows : T) - 1) / kBlock);
   load_kv<D>(base, row, C, 0, T, k_tile[0], v_tile[0]);
   detail::commit_async();
-  for (int64_t kb = 0; kb <= qb; ++kb) {
-    const int buffer = static_cast<int>(kb & 1);
-    if (kb < qb) load_kv<D>(base, row, C, kb + 1, T, k_tile[buffer ^ 1], v_tile[buffer ^ 1]);
+  for (int kb = 0; kb <= last_tile; ++kb) {
+    const int buffer = kb & 1;
+    if (kb < last_tile) load_kv<D>(base, row, C, kb + 1, T, k_tile[buffer ^ 1], v_tile[buffer ^ 1]);
     detail::commit_async();
     detail::wait_async<1>();
     __syncthreads();
-    float p[8][4], ds[8][4];
-    product_nk<D>(qa, k_tile[buffer], p);
-    product_nk<D>(doa, v_tile[buffer], ds);  // dP = dout v^T
+    const int u0 = kb * kBlock;
+    if (u0 <= first + 15) {  // else every key of the tile is after this warp's queries
+      float p[8][4], ds[8][4];
+      product_nk<D>(qa, k_tile[buffer], p);
+      if (u0 + kBlock - 1 > first || u0 + kBlock > T) mask_scores<false>(p, tq, u0, T, -INFINITY);
+      product_nk<D>(doa, v_tile[buffer], ds);  // dP = dout v^T
 #pragma unroll
-    for (int j = 0; j < 8; ++j)
+      for (int j = 0; j < 8; ++j)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int hh = e / 2;
-        const int64_t u = kb * kBlock + accumulator_column(j, e);
-        const float pe = u > tq[hh] || u >= T || tq[hh] >= T ? 0.0f : exp2f(p[j][e] * scale2 - row_lse[hh]);
-        ds[j][e] = pe == 0.0f ? 0.0f : pe * (ds[j][e] * drop(s, dropout, tq[hh], u) - row_delta[hh]) * scale;
-      }
-    accumulate_kn<D>(ds, k_tile[buffer], dq);
+        for (int e = 0; e < 4; ++e) {
+          const int hh = e / 2;
+          const float pe = exp2_fast(fmaf(p[j][e], scale2, -row_lse[hh]));
+          float dp = ds[j][e];
+          if constexpr (DROPOUT) dp *= drop(s, dropout, tq[hh], u0 + accumulator_column(j, e));
+          ds[j][e] = pe * (dp - row_delta[hh]);  // times scale when dQ is stored
+        }
+      accumulate_kn<D>(ds, k_tile[buffer], dq);
+    }
     __syncthreads();  // this buffer is refilled next iteration
   }
   bf16* q_rows[2];
-  const float one[2] = {1.0f, 1.0f};
+  const float scaled[2] = {scale, scale};
 #pragma unroll
   for (int hh = 0; hh < 2; ++hh) q_rows[hh] = tq[hh] < T ? grad_qkv + (s.b * T + tq[hh]) * row + s.h * D : nullptr;
-  store_rows<D>(dq, q_rows, one);
+  store_rows<D>(dq, q_rows, scaled);
 }
 
 struct Geometry {
@@ -366,17 +416,23 @@ struct Geometry {
 };
 Geometry geometry_of(const cpu::AttentionShape& s) {
   check(s.batch >= 1 && s.seq >= 1 && s.heads >= 1 && s.C % s.heads == 0, "attention: bad shape");
+  check(s.seq < (int64_t{1} << 30), "attention: sequence length out of range");
   check(attention_head_dim_supported(s.C / s.heads),
         "hidden_size / num_attention_heads: the CUDA attention takes head dims 16, 32 or 64, got " +
             std::to_string(s.C / s.heads));
   return {s.seq, s.C, s.heads, s.C / s.heads};
 }
 
-template <typename Launch> void dispatch_head_dim(int64_t d, Launch&& launch) {
+// launch(head dim, dropout on) as integral constants.
+template <typename Launch> void dispatch_kernel(int64_t d, cpu::DropoutSpec dropout, Launch&& launch) {
+  auto with_dropout = [&](auto D) {
+    if (dropout.p > 0.0f) launch(D, std::true_type{});
+    else launch(D, std::false_type{});
+  };
   switch (d) {
-    case 16: launch(std::integral_constant<int, 16>{}); break;
-    case 32: launch(std::integral_constant<int, 32>{}); break;
-    default: launch(std::integral_constant<int, 64>{}); break;
+    case 16: with_dropout(std::integral_constant<int, 16>{}); break;
+    case 32: with_dropout(std::integral_constant<int, 32>{}); break;
+    default: with_dropout(std::integral_constant<int, 64>{}); break;
   }
 }
 
@@ -391,11 +447,14 @@ size_t attention_workspace_bytes(const cpu::AttentionShape& s) {
 void attention_forward(const cpu::AttentionShape& s, const bf16* qkv, cpu::DropoutSpec dropout, float* lse, bf16* out,
                        cudaStream_t stream) {
   const Geometry g = geometry_of(s);
-  const dim3 grid(detail::blocks_for(g.T, kBlock), static_cast<unsigned>(s.batch * g.H));
+  const dim3 grid(detail::blocks_for(g.T, kOwnRows), static_cast<unsigned>(s.batch * g.H));
   const float scale = 1.0f / std::sqrt(static_cast<float>(g.d));
-  dispatch_head_dim(g.d, [&](auto Dc) {
+  dispatch_kernel(g.d, dropout, [&](auto Dc, auto drop) {
     constexpr int D = decltype(Dc)::value;
-    flash_forward_kernel<D><<<grid, kThreads, 0, stream>>>(qkv, g.T, g.C, g.H, scale, dropout, out, lse);
+    const auto kernel = flash_forward_kernel<D, decltype(drop)::value>;
+    const int shared = (kOwnRows + 4 * kBlock) * kStride<D> * static_cast<int>(sizeof(bf16));
+    MHC_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, shared));
+    kernel<<<grid, kThreads, shared, stream>>>(qkv, g.T, g.C, g.H, scale, dropout, out, lse);
   });
   MHC_CUDA_CHECK(cudaGetLastError());
 }
@@ -405,18 +464,19 @@ void attention_backward(const cpu::AttentionShape& s, const bf16* grad_out, cons
                         cudaStream_t stream) {
   const Geometry g = geometry_of(s);
   float* delta = static_cast<float*>(workspace);
-  const dim3 grid(detail::blocks_for(g.T, kBlock), static_cast<unsigned>(s.batch * g.H));
+  const dim3 grid(detail::blocks_for(g.T, kOwnRows), static_cast<unsigned>(s.batch * g.H));
   const float scale = 1.0f / std::sqrt(static_cast<float>(g.d));
-  dispatch_head_dim(g.d, [&](auto Dc) {
+  dispatch_kernel(g.d, dropout, [&](auto Dc, auto drop) {
     constexpr int D = decltype(Dc)::value;
+    constexpr bool DROPOUT = decltype(drop)::value;
     const int64_t rows = s.batch * g.H * g.T;
     delta_kernel<D><<<detail::blocks_for(rows, 256), 256, 0, stream>>>(grad_out, out, rows, g.T, g.C, g.H, delta);
     MHC_CUDA_CHECK(cudaGetLastError());
-    flash_backward_kv_kernel<D><<<grid, kThreads, 0, stream>>>(qkv, grad_out, lse, delta, g.T, g.C, g.H, scale,
-                                                               dropout, grad_qkv);
+    flash_backward_kv_kernel<D, DROPOUT><<<grid, kThreads, 0, stream>>>(qkv, grad_out, lse, delta, g.T, g.C, g.H,
+                                                                        scale, dropout, grad_qkv);
     MHC_CUDA_CHECK(cudaGetLastError());
-    flash_backward_q_kernel<D><<<grid, kThreads, 0, stream>>>(qkv, grad_out, lse, delta, g.T, g.C, g.H, scale,
-                                                              dropout, grad_qkv);
+    flash_backward_q_kernel<D, DROPOUT><<<grid, kThreads, 0, stream>>>(qkv, grad_out, lse, delta, g.T, g.C, g.H,
+                                                                       scale, dropout, grad_qkv);
   });
   MHC_CUDA_CHECK(cudaGetLastError());
 }

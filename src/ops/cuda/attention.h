@@ -1,13 +1,13 @@
 // CUDA causal multi-head self-attention (ops/cpu/attention.h has the math), fused in the
 // manner of FlashAttention-2: the T x T scores never reach memory.
 //
-//   forward:  per (batch, head, 64 queries), keys in tiles of 64: S = q k^T / sqrt(d) on
+//   forward:  per (batch, head, 128 queries), keys in tiles of 64: S = q k^T / sqrt(d) on
 //             tensor cores (bf16 mma, fp32 sums), the causal mask, an online softmax (a
 //             running max and sum per row), out += (D . P) v with D the dropout
 //             multipliers of the CPU reference's Philox stream; saves the per-row
 //             log-sum-exp lse [B, H, T] (fp32) and reads q, k, v once per tile pass.
-//   backward: delta_t = dout_t . out_t; then per 64 keys dK, dV over the query tiles, and
-//             per 64 queries dQ over the key tiles (P recomputed from lse; no atomics, so
+//   backward: delta_t = dout_t . out_t; then per 128 keys dK, dV over the query tiles, and
+//             per 128 queries dQ over the key tiles (P recomputed from lse; no atomics, so
 //             deterministic): dV = (D P)^T dout, dS = P (D dout v^T - delta) / sqrt(d),
 //             dK = dS^T q, dQ = dS k. dqkv is overwritten.
 //

@@ -62,10 +62,12 @@ SortLayout sort_layout(int64_t rows) {
   return l;
 }
 
-// One block a row: the max and the sum of exponentials in one pass (each thread keeps a
-// running pair, rescaling its sum when its max grows; the pairs merged in a fixed order),
-// then the gradient.
-constexpr int kLossThreads = 256;
+// One block a row, VEC adjacent logits a thread step (8: 16-byte accesses, when V % 8 == 0).
+// Pass 1 keeps a running (max, sum of exponentials) pair per thread, rescaling the sum when
+// the max grows; the pairs are merged in a fixed order. Pass 2 writes the gradient over the
+// logits. STAGED: pass 1 also copies the row into shared memory and pass 2 reads it from
+// there (one read of the row from memory), when V bf16 fit.
+constexpr int kLossThreads = 512;
 struct MaxSum {
   float max, sum;
 };
@@ -74,19 +76,30 @@ __device__ inline MaxSum merge(MaxSum a, MaxSum b) {
   if (m == -INFINITY) return {m, 0.0f};
   return {m, a.sum * expf(a.max - m) + b.sum * expf(b.max - m)};
 }
-__global__ void cross_entropy_kernel(const float* __restrict__ logits, const int32_t* __restrict__ targets, int64_t V,
-                                     float scale, float* __restrict__ losses, bf16* __restrict__ grad_logits) {
+
+template <int VEC, bool STAGED>
+__global__ void __launch_bounds__(kLossThreads) cross_entropy_kernel(bf16* logits, const int32_t* __restrict__ targets,
+                                                                     int64_t V, float scale, float* __restrict__ losses) {
+  extern __shared__ __align__(16) bf16 staged[];
   const int64_t r = blockIdx.x;
-  const float* row = logits + r * V;
+  bf16* row = logits + r * V;
+  const int32_t target = targets[r];
+  float target_logit = 0;
+  if (threadIdx.x == 0) target_logit = __bfloat162float(row[target]);  // read before pass 2 overwrites it
   MaxSum ms{-INFINITY, 0.0f};
-  for (int64_t v = threadIdx.x; v < V; v += blockDim.x) {
-    const float x = row[v];
-    if (x > ms.max) {
-      ms.sum = ms.sum * expf(ms.max - x) + 1.0f;
-      ms.max = x;
-    } else {
-      ms.sum += expf(x - ms.max);
+  for (int64_t v = threadIdx.x * VEC; v < V; v += blockDim.x * VEC) {
+    float x[VEC];
+    detail::load_bf16<VEC>(row + v, x);
+    if constexpr (STAGED) detail::store_bf16<VEC>(staged + v, x);
+    float mx = x[0];
+#pragma unroll
+    for (int k = 1; k < VEC; ++k) mx = fmaxf(mx, x[k]);
+    if (mx > ms.max) {
+      ms.sum *= expf(ms.max - mx);
+      ms.max = mx;
     }
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) ms.sum += expf(x[k] - ms.max);
   }
   for (int offset = 16; offset > 0; offset /= 2)
     ms = merge(ms, {__shfl_xor_sync(0xffffffffu, ms.max, offset), __shfl_xor_sync(0xffffffffu, ms.sum, offset)});
@@ -94,12 +107,17 @@ __global__ void cross_entropy_kernel(const float* __restrict__ logits, const int
   if (threadIdx.x % 32 == 0) warps[threadIdx.x / 32] = ms;
   __syncthreads();
   MaxSum total = warps[0];
-  for (int w = 1; w < kLossThreads / 32; ++w) total = merge(total, warps[w]);
+  for (int w = 1; w < static_cast<int>(blockDim.x / 32); ++w) total = merge(total, warps[w]);
   const float mx = total.max, inverse = 1.0f / total.sum;
-  const int32_t target = targets[r];
-  for (int64_t v = threadIdx.x; v < V; v += blockDim.x)
-    grad_logits[r * V + v] = __float2bfloat16((expf(row[v] - mx) * inverse - (v == target ? 1.0f : 0.0f)) * scale);
-  if (threadIdx.x == 0) losses[r] = logf(total.sum) + mx - row[target];
+  const bf16* source = STAGED ? staged : row;
+  for (int64_t v = threadIdx.x * VEC; v < V; v += blockDim.x * VEC) {
+    float x[VEC];
+    detail::load_bf16<VEC>(source + v, x);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) x[k] = (expf(x[k] - mx) * inverse - (v + k == target ? 1.0f : 0.0f)) * scale;
+    detail::store_bf16<VEC>(row + v, x);
+  }
+  if (threadIdx.x == 0) losses[r] = logf(total.sum) + mx - target_logit;
 }
 
 }  // namespace
@@ -134,11 +152,28 @@ void embedding_backward(const bf16* grad_e, const int32_t* tokens, int64_t batch
   MHC_CUDA_CHECK(cudaGetLastError());
 }
 
-void cross_entropy(const float* logits, const int32_t* targets, int64_t rows, int64_t V, float scale, float* losses,
-                   bf16* grad_logits, cudaStream_t stream) {
+void cross_entropy(bf16* logits, const int32_t* targets, int64_t rows, int64_t V, float scale, float* losses,
+                   cudaStream_t stream) {
   check(rows >= 1 && V >= 1, "cross_entropy: empty input");
-  cross_entropy_kernel<<<detail::blocks_for(rows, 1), kLossThreads, 0, stream>>>(logits, targets, V, scale, losses,
-                                                                                 grad_logits);
+  check(rows <= 0x7fffffff, "cross_entropy: too many rows");
+  int device = 0, shared_limit = 0;
+  MHC_CUDA_CHECK(cudaGetDevice(&device));
+  MHC_CUDA_CHECK(cudaDeviceGetAttribute(&shared_limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  const size_t row_bytes = static_cast<size_t>(V) * sizeof(bf16);
+  // Leave room for the kernel's static shared memory (the per-warp pairs).
+  const bool staged = row_bytes + 1024 <= static_cast<size_t>(shared_limit);
+  auto launch = [&](auto kernel, size_t shared) {
+    if (shared > 48 * 1024)
+      MHC_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(shared)));
+    kernel<<<static_cast<unsigned>(rows), kLossThreads, shared, stream>>>(logits, targets, V, scale, losses);
+  };
+  if (V % 8 == 0) {
+    if (staged) launch(cross_entropy_kernel<8, true>, row_bytes);
+    else launch(cross_entropy_kernel<8, false>, 0);
+  } else {
+    if (staged) launch(cross_entropy_kernel<1, true>, row_bytes);
+    else launch(cross_entropy_kernel<1, false>, 0);
+  }
   MHC_CUDA_CHECK(cudaGetLastError());
 }
 

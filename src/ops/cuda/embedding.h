@@ -5,9 +5,11 @@
 //            backward: dwte[v] += sum of de over the positions holding token v, in position
 //            order (positions sorted by token with a stable radix sort, then one block per
 //            token summing its run); dwpe[t] += sum_b de[b][t]        (fp32, deterministic)
-//   loss:    per row, loss = logsumexp(logits) - logits[target]; the logits' gradient
-//            dlogits = (softmax - onehot) * scale is written alongside (bf16), for the
-//            head's backward products. One block a row, fixed-order reductions.
+//   loss:    per row, loss = logsumexp(logits) - logits[target] from bf16 logits (fp32
+//            arithmetic); the logits' gradient dlogits = (softmax - onehot) * scale
+//            overwrites them (bf16), for the head's backward products. One block a row,
+//            fixed-order reductions; the row is read from memory once when it fits in
+//            shared memory (V up to about 110k on an H100), twice otherwise.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -28,8 +30,8 @@ void embedding_backward(const bf16* grad_e, const int32_t* tokens, int64_t batch
                         int64_t vocab, float* grad_wte, float* grad_wpe, void* workspace,
                         cudaStream_t stream = nullptr);
 
-// losses[r] (fp32) and grad_logits = (softmax(logits[r]) - onehot(target[r])) * scale.
-void cross_entropy(const float* logits, const int32_t* targets, int64_t rows, int64_t V, float scale, float* losses,
-                   bf16* grad_logits, cudaStream_t stream = nullptr);
+// losses[r] (fp32), and logits[r] overwritten by (softmax(logits[r]) - onehot(target[r])) * scale.
+void cross_entropy(bf16* logits, const int32_t* targets, int64_t rows, int64_t V, float scale, float* losses,
+                   cudaStream_t stream = nullptr);
 
 }  // namespace mhc::cuda

@@ -184,7 +184,7 @@ __global__ void h_post_bda_backward_kernel(const bf16* grad_out, const bf16* x, 
         detail::store_bf16<VEC>(grad_x + (t * N + j) * C + c, dx);
       }
     }
-    detail::store_bf16<VEC>(grad_y + t * C + c, dy);
+    if (grad_y) detail::store_bf16<VEC>(grad_y + t * C + c, dy);
   }
   if constexpr (DY_ONLY) return;
   __shared__ float sums[P];

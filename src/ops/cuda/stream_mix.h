@@ -49,7 +49,7 @@ void h_post_bda_forward(const bf16* x, const float* h_res, const float* h_post, 
 // dy alone (dy[c] = sum_i dout[i][c] D H_post[i]; overwrites): in a model the sublayer's
 // backward needs dy before the aggregate's gradient exists, so dy comes first and
 // h_post_bda_backward fused with the aggregate's (below) runs after the sublayer's backward
-// (it writes the same dy again).
+// with a null grad_y.
 void h_post_bda_grad_y(const bf16* grad_out, const float* h_post, int64_t tokens, int n, int64_t C,
                        cpu::DropoutSpec dropout, bf16* grad_y, cudaStream_t stream = nullptr);
 
@@ -62,7 +62,7 @@ struct AggregateGrad {
   float* grad_h_pre;
 };
 
-// `aggregate` may be null (h_post_bda alone).
+// `aggregate` may be null (h_post_bda alone); so may grad_y (dy not written).
 void h_post_bda_backward(const bf16* grad_out, const bf16* x, const float* h_res, const float* h_post, const bf16* y,
                          const bf16* y_bias, int64_t tokens, int n, int64_t C, cpu::DropoutSpec dropout, bf16* grad_x,
                          float* grad_h_res, float* grad_h_post, bf16* grad_y,
