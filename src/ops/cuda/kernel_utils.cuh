@@ -36,6 +36,41 @@ template <int V> __device__ void block_sum(float (&values)[V], float* out) {
   __syncthreads();
 }
 
+// Per-token kernels: a token's threads are the whole block (lanes == blockDim.x, one token
+// a block) or one warp (lanes == 32, blockDim.x / 32 tokens a block).
+struct TokenGroup {
+  int64_t token;
+  int lane, lanes;
+};
+__device__ inline TokenGroup token_group(int lanes) {
+  if (lanes == 32)
+    return {static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32, static_cast<int>(threadIdx.x % 32),
+            32};
+  return {static_cast<int64_t>(blockIdx.x), static_cast<int>(threadIdx.x), static_cast<int>(blockDim.x)};
+}
+
+// Sums V per-thread values over a token's group; every thread of the group gets the
+// totals, in a fixed order (the xor butterfly's pairwise sums are the same bits in both
+// lanes of a pair). A whole-block group synchronises the block.
+template <int V> __device__ void group_sum(float (&values)[V], int lanes) {
+#pragma unroll
+  for (int v = 0; v < V; ++v)
+    for (int offset = 16; offset > 0; offset /= 2) values[v] += __shfl_xor_sync(0xffffffffu, values[v], offset);
+  if (lanes == 32) return;
+  __shared__ float partial[V][kBlockWarps];
+  const int warp = threadIdx.x / 32, warps = static_cast<int>(blockDim.x) / 32;
+  if (threadIdx.x % 32 == 0)
+#pragma unroll
+    for (int v = 0; v < V; ++v) partial[v][warp] = values[v];
+  __syncthreads();
+#pragma unroll
+  for (int v = 0; v < V; ++v) {
+    float s = 0;
+    for (int w = 0; w < warps; ++w) s += partial[v][w];
+    values[v] = s;
+  }
+}
+
 __device__ inline float warp_sum(float v) {
   for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
   return v;

@@ -9,25 +9,42 @@ namespace mhc::cuda {
 
 namespace {
 
-using detail::block_sum;
 using detail::dispatch_streams;
-// Threads of a token's block: enough whole warps for its groups of `vec` channels, at most
-// 256 (GPT-2 width, C = 768 in groups of 8, needs 96).
-unsigned threads_for(int64_t C, int vec) {
-  const int64_t groups = C / vec;
-  return static_cast<unsigned>(std::clamp<int64_t>((groups + 31) / 32 * 32, 32, detail::kBlockThreads));
+using detail::group_sum;
+using detail::TokenGroup;
+
+// A launch of a per-token kernel: a warp a token where a row of C channels (in steps of
+// `vec`) is at most 8 steps of a warp (GPT-2 widths: no block-wide synchronisation, several
+// tokens a block); else a block a token, with enough whole warps for the row (at most 256).
+struct TokenLaunch {
+  unsigned grid, threads;
+  int lanes;
+};
+TokenLaunch token_launch(int64_t tokens, int64_t C, int vec) {
+  check(tokens >= 1 && tokens <= 0x7fffffff, "token count out of range for the CUDA kernels");
+  const int64_t groups = (C + vec - 1) / vec;
+  if (groups <= 8 * 32) {
+    const unsigned per_block = detail::kBlockThreads / 32;
+    return {detail::blocks_for(tokens, per_block), detail::kBlockThreads, 32};
+  }
+  const auto threads =
+      static_cast<unsigned>(std::clamp<int64_t>((groups + 31) / 32 * 32, 32, detail::kBlockThreads));
+  return {static_cast<unsigned>(tokens), threads, static_cast<int>(threads)};
 }
 
 // Every kernel takes VEC adjacent channels per thread step: 8 (16-byte loads and stores)
 // when C % 8 == 0, else 1.
 template <int N, int VEC>
-__global__ void aggregate_forward_kernel(const bf16* x, const float* h_pre, int64_t C, bf16* agg) {
-  const int64_t t = blockIdx.x;
+__global__ void aggregate_forward_kernel(const bf16* x, const float* h_pre, int64_t tokens, int64_t C, int lanes,
+                                         bf16* agg) {
+  const TokenGroup tg = detail::token_group(lanes);
+  const int64_t t = tg.token;
+  if (t >= tokens) return;
   float gate[N];
 #pragma unroll
   for (int j = 0; j < N; ++j) gate[j] = h_pre[t * N + j];
   const bf16* xt = x + t * N * C;
-  for (int64_t c = threadIdx.x * VEC; c < C; c += blockDim.x * VEC) {
+  for (int64_t c = tg.lane * VEC; c < C; c += tg.lanes * VEC) {
     float acc[VEC] = {}, xs[VEC];
 #pragma unroll
     for (int j = 0; j < N; ++j) {
@@ -40,9 +57,11 @@ __global__ void aggregate_forward_kernel(const bf16* x, const float* h_pre, int6
 }
 
 template <int N, int VEC>
-__global__ void aggregate_backward_kernel(const bf16* grad_agg, const bf16* x, const float* h_pre, int64_t C,
-                                          bf16* grad_x, float* grad_h_pre) {
-  const int64_t t = blockIdx.x;
+__global__ void aggregate_backward_kernel(const bf16* grad_agg, const bf16* x, const float* h_pre, int64_t tokens,
+                                          int64_t C, int lanes, bf16* grad_x, float* grad_h_pre) {
+  const TokenGroup tg = detail::token_group(lanes);
+  const int64_t t = tg.token;
+  if (t >= tokens) return;
   float gate[N], dot[N];
 #pragma unroll
   for (int j = 0; j < N; ++j) {
@@ -51,7 +70,7 @@ __global__ void aggregate_backward_kernel(const bf16* grad_agg, const bf16* x, c
   }
   const bf16* xt = x + t * N * C;
   bf16* gxt = grad_x + t * N * C;
-  for (int64_t c = threadIdx.x * VEC; c < C; c += blockDim.x * VEC) {
+  for (int64_t c = tg.lane * VEC; c < C; c += tg.lanes * VEC) {
     float g[VEC];
     detail::load_bf16<VEC>(grad_agg + t * C + c, g);
 #pragma unroll
@@ -67,9 +86,10 @@ __global__ void aggregate_backward_kernel(const bf16* grad_agg, const bf16* x, c
       detail::store_bf16<VEC>(gxt + j * C + c, gx);
     }
   }
-  __shared__ float sums[N];
-  block_sum<N>(dot, sums);
-  if (threadIdx.x < N) grad_h_pre[t * N + threadIdx.x] = sums[threadIdx.x];
+  group_sum<N>(dot, lanes);
+#pragma unroll
+  for (int j = 0; j < N; ++j)
+    if (tg.lane == j % tg.lanes) grad_h_pre[t * N + j] = dot[j];
 }
 
 // y + y_bias for VEC channels from c.
@@ -85,9 +105,11 @@ __device__ inline void load_sublayer(const bf16* y, const bf16* y_bias, int64_t 
 
 template <int N, int VEC>
 __global__ void h_post_bda_forward_kernel(const bf16* x, const float* h_res, const float* h_post, const bf16* y,
-                                          const bf16* y_bias, int64_t C, float p, uint64_t key, bf16* out,
-                                          float* out_sumsq) {
-  const int64_t t = blockIdx.x;
+                                          const bf16* y_bias, int64_t tokens, int64_t C, int lanes, float p,
+                                          uint64_t key, bf16* out, float* out_sumsq) {
+  const TokenGroup tg = detail::token_group(lanes);
+  const int64_t t = tg.token;
+  if (t >= tokens) return;
   float sumsq[1] = {0};
   float mix[N][N], post[N];
 #pragma unroll
@@ -97,7 +119,7 @@ __global__ void h_post_bda_forward_kernel(const bf16* x, const float* h_res, con
     for (int j = 0; j < N; ++j) mix[i][j] = h_res[(t * N + i) * N + j];
   }
   const bf16* xt = x + t * N * C;
-  for (int64_t c = threadIdx.x * VEC; c < C; c += blockDim.x * VEC) {
+  for (int64_t c = tg.lane * VEC; c < C; c += tg.lanes * VEC) {
     float sublayer[VEC], xs[N][VEC];
     load_sublayer<VEC>(y + t * C, y_bias, c, sublayer);
 #pragma unroll
@@ -120,23 +142,24 @@ __global__ void h_post_bda_forward_kernel(const bf16* x, const float* h_res, con
     }
   }
   if (out_sumsq) {
-    __shared__ float total[1];
-    detail::block_sum<1>(sumsq, total);
-    if (threadIdx.x == 0) out_sumsq[t] = total[0];
+    group_sum<1>(sumsq, lanes);
+    if (tg.lane == 0) out_sumsq[t] = sumsq[0];
   }
 }
 
 // AGG: also the aggregate's backward on the same x (dx += H_pre dagg, dH_pre), so that
-// dx is written once.
-// AGG: fused with the aggregate's backward; DY_ONLY: only dy (no x, dx or reductions).
+// dx is written once. DY_ONLY: only dy (no x, dx or reductions). Two blocks a
+// multiprocessor where n <= 4 fits 128 registers without spilling.
 template <int N, int VEC, bool AGG, bool DY_ONLY = false>
-__global__ void h_post_bda_backward_kernel(const bf16* grad_out, const bf16* x, const float* h_res,
-                                           const float* h_post, const bf16* y, const bf16* y_bias, int64_t C,
-                                           float p, uint64_t key, bf16* grad_x, float* grad_h_res,
-                                           float* grad_h_post, bf16* grad_y, const bf16* grad_agg,
-                                           const float* h_pre, float* grad_h_pre) {
+__global__ void __launch_bounds__(detail::kBlockThreads, N <= 4 ? 2 : 1)
+    h_post_bda_backward_kernel(const bf16* grad_out, const bf16* x, const float* h_res, const float* h_post,
+                               const bf16* y, const bf16* y_bias, int64_t tokens, int64_t C, int lanes, float p,
+                               uint64_t key, bf16* grad_x, float* grad_h_res, float* grad_h_post, bf16* grad_y,
+                               const bf16* grad_agg, const float* h_pre, float* grad_h_pre) {
   constexpr int P = N * N + N + (AGG ? N : 0);
-  const int64_t t = blockIdx.x;
+  const TokenGroup tg = detail::token_group(lanes);
+  const int64_t t = tg.token;
+  if (t >= tokens) return;
   float mix[N][N], post[N], pre[N];
   float partial[P];  // dH_res row-major, then dH_post, then dH_pre
 #pragma unroll
@@ -150,7 +173,7 @@ __global__ void h_post_bda_backward_kernel(const bf16* grad_out, const bf16* x, 
 #pragma unroll
   for (int k = 0; k < P; ++k) partial[k] = 0;
   const bf16* xt = x + t * N * C;
-  for (int64_t c = threadIdx.x * VEC; c < C; c += blockDim.x * VEC) {
+  for (int64_t c = tg.lane * VEC; c < C; c += tg.lanes * VEC) {
     float sublayer[VEC] = {}, g[N][VEC], xs[N][VEC], dy[VEC] = {}, dagg[VEC] = {};
     if constexpr (!DY_ONLY) load_sublayer<VEC>(y + t * C, y_bias, c, sublayer);
     if constexpr (AGG) detail::load_bf16<VEC>(grad_agg + t * C + c, dagg);
@@ -187,21 +210,25 @@ __global__ void h_post_bda_backward_kernel(const bf16* grad_out, const bf16* x, 
     if (grad_y) detail::store_bf16<VEC>(grad_y + t * C + c, dy);
   }
   if constexpr (DY_ONLY) return;
-  __shared__ float sums[P];
-  block_sum<P>(partial, sums);
-  for (int k = threadIdx.x; k < N * N; k += blockDim.x) grad_h_res[t * N * N + k] = sums[k];
-  for (int i = threadIdx.x; i < N; i += blockDim.x) grad_h_post[t * N + i] = sums[N * N + i];
-  if constexpr (AGG)
-    for (int j = threadIdx.x; j < N; j += blockDim.x) grad_h_pre[t * N + j] = sums[N * N + N + j];
+  group_sum<P>(partial, lanes);
+#pragma unroll
+  for (int k = 0; k < P; ++k) {
+    if (tg.lane != k % tg.lanes) continue;
+    if (k < N * N) grad_h_res[t * N * N + k] = partial[k];
+    else if (k < N * N + N) grad_h_post[t * N + k - N * N] = partial[k];
+    else grad_h_pre[t * N + k - N * N - N] = partial[k];
+  }
 }
 
 // One token's row: `to_streams` replicates a [C] row into n streams scaled by `scale`
 // (expand: 1, contract's backward: 1/n); otherwise sums the n streams times `scale`
 // (expand's backward: 1, contract: 1/n).
 template <int N, int VEC, bool TO_STREAMS>
-__global__ void stream_copy_kernel(const bf16* in, int64_t C, float scale, bf16* out) {
-  const int64_t t = blockIdx.x;
-  for (int64_t c = threadIdx.x * VEC; c < C; c += blockDim.x * VEC) {
+__global__ void stream_copy_kernel(const bf16* in, int64_t tokens, int64_t C, int lanes, float scale, bf16* out) {
+  const TokenGroup tg = detail::token_group(lanes);
+  const int64_t t = tg.token;
+  if (t >= tokens) return;
+  for (int64_t c = tg.lane * VEC; c < C; c += tg.lanes * VEC) {
     float v[VEC];
     if constexpr (TO_STREAMS) {
       detail::load_bf16<VEC>(in + t * C + c, v);
@@ -225,18 +252,21 @@ __global__ void stream_copy_kernel(const bf16* in, int64_t C, float scale, bf16*
 }
 
 
-unsigned grid_of(int64_t tokens) {
-  check(tokens >= 1 && tokens <= 0x7fffffff, "token count out of range for the CUDA kernels");
-  return static_cast<unsigned>(tokens);
+// Launches kernel<VEC = 8> when C % 8 == 0 (16-byte accesses), else kernel<1>:
+// launch(kernel, TokenLaunch) with the kernel a function pointer.
+template <typename Vec8, typename Vec1, typename Launch>
+void launch_by_width(int64_t tokens, int64_t C, Vec8 vec8, Vec1 vec1, Launch&& launch) {
+  if (C % 8 == 0) launch(vec8, token_launch(tokens, C, 8));
+  else launch(vec1, token_launch(tokens, C, 1));
 }
 
 template <bool TO_STREAMS>
 void stream_copy(const bf16* in, int64_t tokens, int n, int64_t C, float scale, bf16* out, cudaStream_t stream) {
   dispatch_streams(n, [&](auto N) {
-    if (C % 8 == 0)
-      stream_copy_kernel<N.value, 8, TO_STREAMS><<<grid_of(tokens), threads_for(C, 8), 0, stream>>>(in, C, scale, out);
-    else
-      stream_copy_kernel<N.value, 1, TO_STREAMS><<<grid_of(tokens), threads_for(C, 1), 0, stream>>>(in, C, scale, out);
+    launch_by_width(tokens, C, stream_copy_kernel<N.value, 8, TO_STREAMS>, stream_copy_kernel<N.value, 1, TO_STREAMS>,
+                    [&](auto kernel, TokenLaunch l) {
+                      kernel<<<l.grid, l.threads, 0, stream>>>(in, tokens, C, l.lanes, scale, out);
+                    });
   });
   MHC_CUDA_CHECK(cudaGetLastError());
 }
@@ -262,8 +292,10 @@ bool stream_count_supported(int n) { return n == 1 || n == 2 || n == 4 || n == 6
 void aggregate_forward(const bf16* x, const float* h_pre, int64_t tokens, int n, int64_t C, bf16* agg,
                        cudaStream_t stream) {
   dispatch_streams(n, [&](auto N) {
-    if (C % 8 == 0) aggregate_forward_kernel<N.value, 8><<<grid_of(tokens), threads_for(C, 8), 0, stream>>>(x, h_pre, C, agg);
-    else aggregate_forward_kernel<N.value, 1><<<grid_of(tokens), threads_for(C, 1), 0, stream>>>(x, h_pre, C, agg);
+    launch_by_width(tokens, C, aggregate_forward_kernel<N.value, 8>, aggregate_forward_kernel<N.value, 1>,
+                    [&](auto kernel, TokenLaunch l) {
+                      kernel<<<l.grid, l.threads, 0, stream>>>(x, h_pre, tokens, C, l.lanes, agg);
+                    });
   });
   MHC_CUDA_CHECK(cudaGetLastError());
 }
@@ -271,12 +303,11 @@ void aggregate_forward(const bf16* x, const float* h_pre, int64_t tokens, int n,
 void aggregate_backward(const bf16* grad_agg, const bf16* x, const float* h_pre, int64_t tokens, int n, int64_t C,
                         bf16* grad_x, float* grad_h_pre, cudaStream_t stream) {
   dispatch_streams(n, [&](auto N) {
-    if (C % 8 == 0)
-      aggregate_backward_kernel<N.value, 8><<<grid_of(tokens), threads_for(C, 8), 0, stream>>>(grad_agg, x, h_pre, C, grad_x,
-                                                                                      grad_h_pre);
-    else
-      aggregate_backward_kernel<N.value, 1><<<grid_of(tokens), threads_for(C, 1), 0, stream>>>(grad_agg, x, h_pre, C, grad_x,
-                                                                                      grad_h_pre);
+    launch_by_width(tokens, C, aggregate_backward_kernel<N.value, 8>, aggregate_backward_kernel<N.value, 1>,
+                    [&](auto kernel, TokenLaunch l) {
+                      kernel<<<l.grid, l.threads, 0, stream>>>(grad_agg, x, h_pre, tokens, C, l.lanes, grad_x,
+                                                               grad_h_pre);
+                    });
   });
   MHC_CUDA_CHECK(cudaGetLastError());
 }
@@ -285,12 +316,11 @@ void h_post_bda_forward(const bf16* x, const float* h_res, const float* h_post, 
                         int64_t tokens, int n, int64_t C, cpu::DropoutSpec dropout, bf16* out, float* out_sumsq,
                         cudaStream_t stream) {
   dispatch_streams(n, [&](auto N) {
-    if (C % 8 == 0)
-      h_post_bda_forward_kernel<N.value, 8><<<grid_of(tokens), threads_for(C, 8), 0, stream>>>(
-          x, h_res, h_post, y, y_bias, C, dropout.p, dropout.key, out, out_sumsq);
-    else
-      h_post_bda_forward_kernel<N.value, 1><<<grid_of(tokens), threads_for(C, 1), 0, stream>>>(
-          x, h_res, h_post, y, y_bias, C, dropout.p, dropout.key, out, out_sumsq);
+    launch_by_width(tokens, C, h_post_bda_forward_kernel<N.value, 8>, h_post_bda_forward_kernel<N.value, 1>,
+                    [&](auto kernel, TokenLaunch l) {
+                      kernel<<<l.grid, l.threads, 0, stream>>>(x, h_res, h_post, y, y_bias, tokens, C, l.lanes,
+                                                               dropout.p, dropout.key, out, out_sumsq);
+                    });
   });
   MHC_CUDA_CHECK(cudaGetLastError());
 }
@@ -298,13 +328,12 @@ void h_post_bda_forward(const bf16* x, const float* h_res, const float* h_post, 
 void h_post_bda_grad_y(const bf16* grad_out, const float* h_post, int64_t tokens, int n, int64_t C,
                        cpu::DropoutSpec dropout, bf16* grad_y, cudaStream_t stream) {
   dispatch_streams(n, [&](auto N) {
-    auto launch = [&](auto kernel, int vec) {
-      kernel<<<grid_of(tokens), threads_for(C, vec), 0, stream>>>(grad_out, nullptr, nullptr, h_post, nullptr, nullptr,
-                                                                 C, dropout.p, dropout.key, nullptr, nullptr, nullptr,
-                                                                 grad_y, nullptr, nullptr, nullptr);
-    };
-    if (C % 8 == 0) launch(h_post_bda_backward_kernel<N.value, 8, false, true>, 8);
-    else launch(h_post_bda_backward_kernel<N.value, 1, false, true>, 1);
+    launch_by_width(tokens, C, h_post_bda_backward_kernel<N.value, 8, false, true>,
+                    h_post_bda_backward_kernel<N.value, 1, false, true>, [&](auto kernel, TokenLaunch l) {
+                      kernel<<<l.grid, l.threads, 0, stream>>>(grad_out, nullptr, nullptr, h_post, nullptr, nullptr,
+                                                               tokens, C, l.lanes, dropout.p, dropout.key, nullptr,
+                                                               nullptr, nullptr, grad_y, nullptr, nullptr, nullptr);
+                    });
   });
   MHC_CUDA_CHECK(cudaGetLastError());
 }
@@ -317,19 +346,19 @@ void h_post_bda_backward(const bf16* grad_out, const bf16* x, const float* h_res
   const float* h_pre = aggregate ? aggregate->h_pre : nullptr;
   float* grad_h_pre = aggregate ? aggregate->grad_h_pre : nullptr;
   dispatch_streams(n, [&](auto N) {
-    const int vec = C % 4 == 0 ? 4 : 1;
-    auto launch = [&](auto kernel) {
-      kernel<<<grid_of(tokens), threads_for(C, vec), 0, stream>>>(grad_out, x, h_res, h_post, y, y_bias, C, dropout.p,
-                                                             dropout.key, grad_x, grad_h_res, grad_h_post, grad_y,
-                                                             grad_agg, h_pre, grad_h_pre);
+    auto launch = [&](auto kernel, int vec) {
+      const TokenLaunch l = token_launch(tokens, C, vec);
+      kernel<<<l.grid, l.threads, 0, stream>>>(grad_out, x, h_res, h_post, y, y_bias, tokens, C, l.lanes, dropout.p,
+                                               dropout.key, grad_x, grad_h_res, grad_h_post, grad_y, grad_agg, h_pre,
+                                               grad_h_pre);
     };
     // 4 channels a step: 8 make the fused kernel need 225 registers (one block per multiprocessor).
     if (C % 4 == 0) {
-      if (aggregate) launch(h_post_bda_backward_kernel<N.value, 4, true>);
-      else launch(h_post_bda_backward_kernel<N.value, 4, false>);
+      if (aggregate) launch(h_post_bda_backward_kernel<N.value, 4, true>, 4);
+      else launch(h_post_bda_backward_kernel<N.value, 4, false>, 4);
     } else {
-      if (aggregate) launch(h_post_bda_backward_kernel<N.value, 1, true>);
-      else launch(h_post_bda_backward_kernel<N.value, 1, false>);
+      if (aggregate) launch(h_post_bda_backward_kernel<N.value, 1, true>, 1);
+      else launch(h_post_bda_backward_kernel<N.value, 1, false>, 1);
     }
   });
   MHC_CUDA_CHECK(cudaGetLastError());
