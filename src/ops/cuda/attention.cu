@@ -31,12 +31,20 @@ __device__ inline float exp2_fast(float x) {
 
 // Starts copying rows [row0, row0 + ROWS) of a matrix (row stride ld, D columns from
 // `base`) into a tile (cp.async), zeros past `rows`; the caller commits and waits.
+// Each thread copies 16 bytes of every kThreads / (D / 8)-th row, unrolled: the copies sit
+// in the kernels' main loops, where index arithmetic would cost as much as the math.
 template <int D, int ROWS = kBlock>
 __device__ void load_tile(const bf16* base, int64_t ld, int64_t row0, int64_t rows, bf16* tile) {
-  for (int e = threadIdx.x; e < ROWS * D / 8; e += kThreads) {
-    const int r = e / (D / 8), c = e % (D / 8) * 8;
-    const bool valid = row0 + r < rows;
-    detail::copy_async<16>(tile + r * kStride<D> + c, valid ? base + (row0 + r) * ld + c : base, valid);
+  constexpr int kPerRow = D / 8, kRowStep = kThreads / kPerRow, kSteps = (ROWS + kRowStep - 1) / kRowStep;
+  static_assert(kThreads % kPerRow == 0, "whole rows per pass");
+  const int r = static_cast<int>(threadIdx.x) / kPerRow, c = static_cast<int>(threadIdx.x) % kPerRow * 8;
+#pragma unroll
+  for (int i = 0; i < kSteps; ++i) {
+    const int tile_row = r + i * kRowStep;
+    if (ROWS % kRowStep != 0 && tile_row >= ROWS) break;
+    const int64_t row = row0 + tile_row;
+    const bool valid = row < rows;
+    detail::copy_async<16>(tile + tile_row * kStride<D> + c, base + (valid ? row : 0) * ld + c, valid);
   }
 }
 
@@ -63,7 +71,7 @@ __device__ inline int accumulator_column(int j, int e) { return j * 8 + 2 * stat
 // Accumulator tiles of a [query][key] block (TRANSPOSED: [key][query]): row r is this
 // lane's row (g or g + 8 of the warp's 16, at `own[r]`), column u0 + accumulator_column.
 template <bool TRANSPOSED>
-__device__ inline void mask_scores(float (&p)[8][4], const int (&own)[2], int u0, int64_t T, float hidden) {
+__device__ inline void mask_scores(float (&p)[8][4], const int (&own)[2], int u0, int T, float hidden) {
 #pragma unroll
   for (int j = 0; j < 8; ++j)
 #pragma unroll
@@ -184,7 +192,8 @@ __global__ void __launch_bounds__(kThreads, 2) flash_forward_kernel(const bf16* 
       float p[8][4];
       product_nk<D>(qa, k_tile(buffer), p);
       // Only the tile reaching this warp's queries (or past T) needs the mask.
-      if (u0 + kBlock - 1 > first || u0 + kBlock > T) mask_scores<false>(p, tq, u0, T, -INFINITY);
+      if (u0 + kBlock - 1 > first || u0 + kBlock > T)
+        mask_scores<false>(p, tq, u0, static_cast<int>(T), -INFINITY);
       // m is in scaled log2 units. Key 0 precedes every query, so after the first tile every
       // row's max is finite; before it m = -inf and the correction is exp2(-inf) = 0.
       float mx[2] = {p[0][0], p[0][2]};
@@ -225,7 +234,7 @@ __global__ void __launch_bounds__(kThreads, 2) flash_forward_kernel(const bf16* 
     l[hh] += __shfl_xor_sync(0xffffffffu, l[hh], 2);
     rows[hh] = tq[hh] < T ? out + (s.b * T + tq[hh]) * C + s.h * D : nullptr;
     inverse[hh] = 1.0f / l[hh];
-    if (q4 == 0 && tq[hh] < T) lse[s.bh * T + tq[hh]] = (m[hh] + log2f(l[hh])) / kLog2e;  // natural log
+    if (q4 == 0 && tq[hh] < T) lse[s.bh * T + tq[hh]] = m[hh] + log2f(l[hh]);  // log2 units
   }
   store_rows<D>(o, rows, inverse);
 }
@@ -278,10 +287,12 @@ __global__ void __launch_bounds__(kThreads) flash_backward_kv_kernel(const bf16*
   auto issue = [&](int qb, int buffer) {
     load_tile<D>(base, row, static_cast<int64_t>(qb) * kBlock, T, q_tile[buffer]);
     load_tile<D>(go, C, static_cast<int64_t>(qb) * kBlock, T, do_tile[buffer]);
-    if (threadIdx.x < kBlock) {
-      const int64_t t = static_cast<int64_t>(qb) * kBlock + threadIdx.x;
-      lse_s[buffer][threadIdx.x] = t < T ? lse[s.bh * T + t] * kLog2e : 0.0f;
-      delta_s[buffer][threadIdx.x] = t < T ? delta[s.bh * T + t] : 0.0f;
+    if (threadIdx.x < 2 * kBlock) {  // lse by the first kBlock threads, delta by the next
+      const int local = static_cast<int>(threadIdx.x) % kBlock;
+      const int64_t t = static_cast<int64_t>(qb) * kBlock + local;
+      const float* source = threadIdx.x < kBlock ? lse : delta;
+      float* target = threadIdx.x < kBlock ? lse_s[buffer] : delta_s[buffer];
+      detail::copy_async<4>(target + local, source + s.bh * T + (t < T ? t : 0), t < T);
     }
   };
   float dk[D / 8][4] = {}, dv[D / 8][4] = {};
@@ -302,7 +313,8 @@ __global__ void __launch_bounds__(kThreads) flash_backward_kv_kernel(const bf16*
       // keys (or past T) need the mask. (Rows past T are zeros: no contribution.)
       float p[8][4], pd[8][4];
       product_nk<D>(ka, q_tile[buffer], p);
-      if (t0 < first + 15 || t0 + kBlock > T || first + 16 > T) mask_scores<true>(p, ku, t0, T, -INFINITY);
+      if (t0 < first + 15 || t0 + kBlock > T || first + 16 > T)
+        mask_scores<true>(p, ku, t0, static_cast<int>(T), -INFINITY);
 #pragma unroll
       for (int j = 0; j < 8; ++j)
 #pragma unroll
@@ -371,7 +383,7 @@ __global__ void __launch_bounds__(kThreads) flash_backward_q_kernel(const bf16* 
   float row_lse[2], row_delta[2];
 #pragma unroll
   for (int hh = 0; hh < 2; ++hh) {
-    row_lse[hh] = tq[hh] < T ? lse[s.bh * T + tq[hh]] * kLog2e : 0.0f;
+    row_lse[hh] = tq[hh] < T ? lse[s.bh * T + tq[hh]] : 0.0f;
     row_delta[hh] = tq[hh] < T ? delta[s.bh * T + tq[hh]] : 0.0f;
   }
   float dq[D / 8][4] = {};
@@ -388,7 +400,8 @@ __global__ void __launch_bounds__(kThreads) flash_backward_q_kernel(const bf16* 
     if (u0 <= first + 15) {  // else every key of the tile is after this warp's queries
       float p[8][4], ds[8][4];
       product_nk<D>(qa, k_tile[buffer], p);
-      if (u0 + kBlock - 1 > first || u0 + kBlock > T) mask_scores<false>(p, tq, u0, T, -INFINITY);
+      if (u0 + kBlock - 1 > first || u0 + kBlock > T)
+        mask_scores<false>(p, tq, u0, static_cast<int>(T), -INFINITY);
       product_nk<D>(doa, v_tile[buffer], ds);  // dP = dout v^T
 #pragma unroll
       for (int j = 0; j < 8; ++j)
