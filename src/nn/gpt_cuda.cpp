@@ -319,13 +319,16 @@ GptCuda::GptCuda(const ModelConfig& config, int64_t batch, int64_t seq) : config
   s.host = std::make_unique<Gpt<float>>(c, 1, 1);
   // Each tensor starts 64 bytes into the arenas (the kernels' vector accesses need it),
   // except that a hyper connection's three gates stay consecutive: the kernels take them
-  // as one [3] array. The padding stays zero (zero gradient, zero moments).
-  for (Parameter<float>* p : s.host->parameters()) {
-    const bool gate = p->name.ends_with("alpha_post") || p->name.ends_with("alpha_res");
-    if (!gate) s.parameter_count = (s.parameter_count + 15) / 16 * 16;
-    s.slots.push_back({p, s.parameter_count});
-    s.parameter_count += p->size();
-  }
+  // as one [3] array. The padding stays zero (zero gradient, zero moments). The tensors
+  // with weight decay come first, so that the optimizer step is two launches.
+  for (const bool with_decay : {true, false})
+    for (Parameter<float>* p : s.host->parameters()) {
+      if (decays(p->name) != with_decay) continue;
+      const bool gate = p->name.ends_with("alpha_post") || p->name.ends_with("alpha_res");
+      if (!gate) s.parameter_count = (s.parameter_count + 15) / 16 * 16;
+      s.slots.push_back({p, s.parameter_count});
+      s.parameter_count += p->size();
+    }
   const auto count = static_cast<size_t>(s.parameter_count);
   s.value = DeviceBuffer<float>(count);
   s.grad = DeviceBuffer<float>(count);

@@ -7,39 +7,80 @@ namespace {
 
 constexpr int kRowsPerBlock = 4;  // one warp a row
 
-// Each lane takes VEC adjacent columns a step (16-byte accesses when VEC = 8).
-template <int VEC, typename F> __device__ void for_row(int64_t C, int lane, F f) {
-  for (int64_t c = static_cast<int64_t>(lane) * VEC; c < C; c += 32 * VEC) f(c);
+// Each lane takes VEC adjacent columns a step (16-byte accesses when VEC = 8); f(c, step),
+// the steps unrolled when a row has at most STEPS of them (the register cache below).
+template <int VEC, int STEPS, typename F> __device__ void for_row(int64_t C, int lane, F f) {
+  if constexpr (STEPS > 0) {
+#pragma unroll
+    for (int step = 0; step < STEPS; ++step) {
+      const int64_t c = (static_cast<int64_t>(lane) + 32 * step) * VEC;
+      if (c < C) f(c, step);
+    }
+  } else {
+    for (int64_t c = static_cast<int64_t>(lane) * VEC; c < C; c += 32 * VEC) f(c, 0);
+  }
 }
 
-template <int VEC>
+template <int VEC> __device__ inline void load_f32(const float* p, float (&out)[VEC]) {
+  if constexpr (VEC % 4 == 0) {
+#pragma unroll
+    for (int k = 0; k < VEC; k += 4) *reinterpret_cast<float4*>(out + k) = *reinterpret_cast<const float4*>(p + k);
+  } else {
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) out[k] = p[k];
+  }
+}
+
+// A lane's part of a bf16 row: with STEPS > 0 (rows of at most 32 VEC STEPS values) read
+// from memory once and then kept in registers; with 0 read from memory at every use.
+template <int VEC, int STEPS> struct RowCache {
+  const bf16* row;
+  float v[STEPS > 0 ? STEPS : 1][VEC];
+  __device__ void get(int64_t c, int step, bool first_use, float (&out)[VEC]) {
+    if constexpr (STEPS > 0) {
+      if (first_use) detail::load_bf16<VEC>(row + c, v[step]);
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) out[k] = v[step][k];
+    } else {
+      detail::load_bf16<VEC>(row + c, out);
+    }
+  }
+};
+// Register-held rows up to 4 steps of a warp (C up to 1024 with 16-byte accesses).
+constexpr int kCachedSteps = 4;
+
+template <int VEC, int STEPS>
 __global__ void norm_forward_kernel(const bf16* __restrict__ x, const float* __restrict__ weight,
                                     const float* __restrict__ bias, int64_t rows, int64_t C, float eps, bool rms,
                                     bf16* __restrict__ out, float* __restrict__ mean, float* __restrict__ rstd) {
   const int lane = threadIdx.x % 32;
   const int64_t r = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / 32;
   if (r >= rows) return;
-  const bf16* xr = x + r * C;
+  RowCache<VEC, STEPS> xr{x + r * C};
   const float inv_c = 1.0f / static_cast<float>(C);
   float sum = 0;
-  if (!rms)
-    for_row<VEC>(C, lane, [&](int64_t c) {
-      float v[VEC];
-      detail::load_bf16<VEC>(xr + c, v);
-      for (int k = 0; k < VEC; ++k) sum += v[k];
-    });
+  for_row<VEC, STEPS>(C, lane, [&](int64_t c, int step) {
+    float v[VEC];
+    xr.get(c, step, true, v);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) sum += v[k];
+  });
   const float m = rms ? 0.0f : detail::warp_sum(sum) * inv_c;
   float var = 0;
-  for_row<VEC>(C, lane, [&](int64_t c) {
+  for_row<VEC, STEPS>(C, lane, [&](int64_t c, int step) {
     float v[VEC];
-    detail::load_bf16<VEC>(xr + c, v);
+    xr.get(c, step, false, v);
+#pragma unroll
     for (int k = 0; k < VEC; ++k) var += (v[k] - m) * (v[k] - m);
   });
   const float s = rsqrtf(detail::warp_sum(var) * inv_c + eps);
-  for_row<VEC>(C, lane, [&](int64_t c) {
-    float v[VEC];
-    detail::load_bf16<VEC>(xr + c, v);
-    for (int k = 0; k < VEC; ++k) v[k] = (v[k] - m) * s * weight[c + k] + (bias ? bias[c + k] : 0.0f);
+  for_row<VEC, STEPS>(C, lane, [&](int64_t c, int step) {
+    float v[VEC], w[VEC], b[VEC] = {};
+    xr.get(c, step, false, v);
+    load_f32<VEC>(weight + c, w);
+    if (bias) load_f32<VEC>(bias + c, b);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) v[k] = (v[k] - m) * s * w[k] + b[k];
     detail::store_bf16<VEC>(out + r * C + c, v);
   });
   if (lane == 0) {
@@ -48,7 +89,7 @@ __global__ void norm_forward_kernel(const bf16* __restrict__ x, const float* __r
   }
 }
 
-template <int VEC>
+template <int VEC, int STEPS>
 __global__ void norm_backward_kernel(const bf16* __restrict__ grad_out, const bf16* __restrict__ x,
                                      const float* __restrict__ weight, const float* __restrict__ mean,
                                      const float* __restrict__ rstd, int64_t rows, int64_t C, bool rms,
@@ -56,28 +97,31 @@ __global__ void norm_backward_kernel(const bf16* __restrict__ grad_out, const bf
   const int lane = threadIdx.x % 32;
   const int64_t r = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / 32;
   if (r >= rows) return;
-  const bf16 *g = grad_out + r * C, *xr = x + r * C;
+  RowCache<VEC, STEPS> g{grad_out + r * C}, xr{x + r * C};
   const float m = rms ? 0.0f : mean[r], s = rstd[r], inv_c = 1.0f / static_cast<float>(C);
   float sum_gw = 0, sum_gw_xhat = 0;
-  for_row<VEC>(C, lane, [&](int64_t c) {
-    float gv[VEC], xv[VEC];
-    detail::load_bf16<VEC>(g + c, gv);
-    detail::load_bf16<VEC>(xr + c, xv);
+  for_row<VEC, STEPS>(C, lane, [&](int64_t c, int step) {
+    float gv[VEC], xv[VEC], w[VEC];
+    g.get(c, step, true, gv);
+    xr.get(c, step, true, xv);
+    load_f32<VEC>(weight + c, w);
+#pragma unroll
     for (int k = 0; k < VEC; ++k) {
-      const float gw = gv[k] * weight[c + k];
+      const float gw = gv[k] * w[k];
       sum_gw += gw;
       sum_gw_xhat += gw * (xv[k] - m) * s;
     }
   });
   const float mean_gw = rms ? 0.0f : detail::warp_sum(sum_gw) * inv_c;
   const float mean_gw_xhat = detail::warp_sum(sum_gw_xhat) * inv_c;
-  for_row<VEC>(C, lane, [&](int64_t c) {
-    float gv[VEC], xv[VEC], dx[VEC];
-    detail::load_bf16<VEC>(g + c, gv);
-    detail::load_bf16<VEC>(xr + c, xv);
+  for_row<VEC, STEPS>(C, lane, [&](int64_t c, int step) {
+    float gv[VEC], xv[VEC], w[VEC], dx[VEC];
+    g.get(c, step, false, gv);
+    xr.get(c, step, false, xv);
+    load_f32<VEC>(weight + c, w);
     detail::load_bf16<VEC>(grad_x + r * C + c, dx);
-    for (int k = 0; k < VEC; ++k)
-      dx[k] += s * (gv[k] * weight[c + k] - mean_gw - (xv[k] - m) * s * mean_gw_xhat);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) dx[k] += s * (gv[k] * w[k] - mean_gw - (xv[k] - m) * s * mean_gw_xhat);
     detail::store_bf16<VEC>(grad_x + r * C + c, dx);
   });
 }
@@ -100,18 +144,34 @@ struct NormParameterGrads {
   }
 };
 
+// launch(kernel) with kernel<VEC, STEPS>: 16-byte accesses when C % 8 == 0, rows held in
+// registers when they fit kCachedSteps warp steps.
+template <template <int, int> class Kernel, typename Launch> void dispatch_row(int64_t C, Launch&& launch) {
+  if (C % 8 == 0) {
+    if (C <= 32 * 8 * kCachedSteps) launch(Kernel<8, kCachedSteps>::kernel);
+    else launch(Kernel<8, 0>::kernel);
+  } else {
+    if (C <= 32 * kCachedSteps) launch(Kernel<1, kCachedSteps>::kernel);
+    else launch(Kernel<1, 0>::kernel);
+  }
+}
+template <int VEC, int STEPS> struct ForwardKernel {
+  static constexpr auto kernel = norm_forward_kernel<VEC, STEPS>;
+};
+template <int VEC, int STEPS> struct BackwardKernel {
+  static constexpr auto kernel = norm_backward_kernel<VEC, STEPS>;
+};
+
 }  // namespace
 
 void norm_forward(const bf16* x, const float* weight, const float* bias, int64_t rows, int64_t C, float eps, bool rms,
                   bf16* out, float* mean, float* rstd, cudaStream_t stream) {
   check(rows >= 1 && C >= 1, "norm: empty input");
   const unsigned blocks = detail::blocks_for(rows, kRowsPerBlock);
-  if (C % 8 == 0)
-    norm_forward_kernel<8><<<blocks, kRowsPerBlock * 32, 0, stream>>>(x, weight, rms ? nullptr : bias, rows, C, eps,
-                                                                      rms, out, rms ? nullptr : mean, rstd);
-  else
-    norm_forward_kernel<1><<<blocks, kRowsPerBlock * 32, 0, stream>>>(x, weight, rms ? nullptr : bias, rows, C, eps,
-                                                                      rms, out, rms ? nullptr : mean, rstd);
+  dispatch_row<ForwardKernel>(C, [&](auto kernel) {
+    kernel<<<blocks, kRowsPerBlock * 32, 0, stream>>>(x, weight, rms ? nullptr : bias, rows, C, eps, rms, out,
+                                                      rms ? nullptr : mean, rstd);
+  });
   MHC_CUDA_CHECK(cudaGetLastError());
 }
 
@@ -125,12 +185,9 @@ void norm_backward(const bf16* grad_out, const bf16* x, const float* weight, con
   check(rows >= 1 && C >= 1, "norm: empty input");
   if (rms) mean = nullptr, grad_bias = nullptr;
   const unsigned blocks = detail::blocks_for(rows, kRowsPerBlock);
-  if (C % 8 == 0)
-    norm_backward_kernel<8><<<blocks, kRowsPerBlock * 32, 0, stream>>>(grad_out, x, weight, mean, rstd, rows, C, rms,
-                                                                       grad_x);
-  else
-    norm_backward_kernel<1><<<blocks, kRowsPerBlock * 32, 0, stream>>>(grad_out, x, weight, mean, rstd, rows, C, rms,
-                                                                       grad_x);
+  dispatch_row<BackwardKernel>(C, [&](auto kernel) {
+    kernel<<<blocks, kRowsPerBlock * 32, 0, stream>>>(grad_out, x, weight, mean, rstd, rows, C, rms, grad_x);
+  });
   MHC_CUDA_CHECK(cudaGetLastError());
   detail::column_sums<2>(NormParameterGrads{grad_out, x, mean, rstd, C}, rows, C, {grad_weight, grad_bias}, workspace,
                          stream);
