@@ -3,6 +3,8 @@
 // Skipped without a GPU.
 #include <gtest/gtest.h>
 
+#include <cstring>
+
 #include "core/rng.h"
 #include "cuda_test_util.h"
 #include "ops/cpu/activation.h"
@@ -55,6 +57,17 @@ TEST_P(CudaLayers, NormForwardAndBackward) {
     const std::string label = rms ? "rms" : "layernorm";
     EXPECT_LT(relative_error(widen(d_out.download()), out), kBf16Tolerance) << label;
     EXPECT_LT(relative_error(widen(d_rstd.download()), rstd), kFp32Tolerance) << label;
+    {  // overwriting dx gives the bits of accumulating onto zeros; the poisoned dx is not read
+      auto d_dx_only = poisoned<bf16>(rows * C);
+      DeviceBuffer<bf16> d_dx_zero(std::vector<bf16>(rows * C, __float2bfloat16(0.0f)));
+      DeviceBuffer<float> d_dw1(dw0), d_db1(db0);
+      cuda::norm_backward(d_g.data(), d_x.data(), d_w.data(), d_mean.data(), d_rstd.data(), rows, C, rms,
+                          d_dx_only.data(), d_dw1.data(), d_db1.data(), d_work.data(), /*accumulate=*/false);
+      cuda::norm_backward(d_g.data(), d_x.data(), d_w.data(), d_mean.data(), d_rstd.data(), rows, C, rms,
+                          d_dx_zero.data(), d_dw1.data(), d_db1.data(), d_work.data());
+      const auto only = d_dx_only.download(), zero = d_dx_zero.download();
+      EXPECT_EQ(std::memcmp(only.data(), zero.data(), only.size() * sizeof(bf16)), 0) << label << " overwrite";
+    }
     if (!rms) {
       EXPECT_LT(relative_error(widen(d_mean.download()), mean), kFp32Tolerance) << label;
     }

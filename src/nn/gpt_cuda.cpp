@@ -97,9 +97,11 @@ struct GptCuda::State {
     cuda::norm_forward(x, value_of(w), value_of(b), N, C, eps, rms, out, mean, rstd);
   }
   // dx += norm backward; the weight and bias gradients accumulate.
+  // accumulate: dx += the norm's input gradient, else dx = it.
   void norm_backward(const bf16* g, const bf16* x, const Slot& w, const Slot& b, const float* mean, const float* rstd,
-                     bf16* dx) {
-    cuda::norm_backward(g, x, value_of(w), mean, rstd, N, C, rms, dx, grad_of(w), grad_of(b), columns_ws.data());
+                     bf16* dx, bool accumulate) {
+    cuda::norm_backward(g, x, value_of(w), mean, rstd, N, C, rms, dx, grad_of(w), grad_of(b), columns_ws.data(),
+                        accumulate);
   }
   // H_res/H_post mixing and the bias-dropout-add; residual models are the n = 1 case with
   // H_res = H_post = 1.
@@ -109,16 +111,12 @@ struct GptCuda::State {
     cuda::h_post_bda_forward(x, hc ? m.h_res.data() : ones.data(), hc ? m.h_post.data() : ones.data(), y,
                              half_of(bias), N, static_cast<int>(n), C, d, out, out_sumsq);
   }
-  // The sublayer's gradient dy (and its bias's), before the sublayer's backward. Residual
-  // models get their whole fused-add backward here (grad_x = dout); hyper connections get
-  // theirs in hc_backward, once the aggregate's gradient exists.
-  void residual_backward(HcState& m, const bf16* grad_out, const bf16* x, const bf16* y, const Slot& bias,
-                         cpu::DropoutSpec d, bf16* grad_x) {
-    if (hc)
-      cuda::h_post_bda_grad_y(grad_out, m.h_post.data(), N, static_cast<int>(n), C, d, dy.data());
-    else
-      cuda::h_post_bda_backward(grad_out, x, ones.data(), ones.data(), y, half_of(bias), N, 1, C, d, grad_x,
-                                grad_h_res.data(), grad_h_post.data(), dy.data());
+  // The sublayer's gradient dy (and its bias's), before the sublayer's backward. A plain
+  // residual passes dout through unchanged (layer_backward accumulates in place); hyper
+  // connections get the rest of their backward in hc_backward, once the aggregate's
+  // gradient exists.
+  void residual_backward(HcState& m, const bf16* grad_out, const Slot& bias, cpu::DropoutSpec d) {
+    cuda::h_post_bda_grad_y(grad_out, hc ? m.h_post.data() : ones.data(), N, static_cast<int>(n), C, d, dy.data());
     if (grad_of(bias)) cuda::accumulate_column_sums(dy.data(), N, C, grad_of(bias), columns_ws.data());
   }
   // After the sublayer's backward: grad_x = H_res^T dout + H_pre dagg with dH_res, dH_post
@@ -181,25 +179,27 @@ struct GptCuda::State {
     if (with_output) residual_forward(L.hc_mlp, L.x_mid, L.mlp_y.data(), L.fc2_b, L.drop_mlp, L.x_out);
   }
 
-  // grad_out: d loss / d x_out; grad_in (overwritten): d loss / d x_in; grad_mid: scratch.
-  void layer_backward(CudaLayer& L, const bf16* x_in, const bf16* grad_out, bf16* grad_in, bf16* grad_mid,
-                      const ModelConfig& c) {
+  // grad_out: d loss / d x_out; grad_in: d loss / d x_in (overwritten); grad_mid: scratch.
+  // Returns where d loss / d x_in is: grad_in with hyper connections, else grad_out's
+  // buffer (a plain residual adds the sublayers' input gradients to dout in place).
+  bf16* layer_backward(CudaLayer& L, const bf16* x_in, bf16* grad_out, bf16* grad_in, bf16* grad_mid,
+                       const ModelConfig& c) {
+    if (!hc) grad_mid = grad_in = grad_out;
     const cpu::AttentionShape shape{B, S, H, C};
     float* columns = columns_ws.data();
-    residual_backward(L.hc_mlp, grad_out, L.x_mid, L.mlp_y.data(), L.fc2_b, L.drop_mlp, grad_mid);
+    residual_backward(L.hc_mlp, grad_out, L.fc2_b, L.drop_mlp);
     cuda::linear_backward(dy.data(), L.act.data(), half_of(L.fc2_w), N, F, C, dact.data(), grad_of(L.fc2_w), nullptr,
                           columns);
     cuda::activation_backward(activation, dact.data(), L.fc.data(), N, F, dfc.data());
     cuda::linear_backward(dfc.data(), L.ln2_out, half_of(L.fc1_w), N, C, width, dln.data(), grad_of(L.fc1_w),
                           grad_of(L.fc1_b), columns);
     if (hc) {
-      MHC_CUDA_CHECK(cudaMemsetAsync(dagg.data(), 0, dagg.size() * sizeof(bf16)));
-      norm_backward(dln.data(), L.agg2, L.ln2_w, L.ln2_b, L.ln2_mean.data(), L.ln2_rstd.data(), dagg.data());
+      norm_backward(dln.data(), L.agg2, L.ln2_w, L.ln2_b, L.ln2_mean.data(), L.ln2_rstd.data(), dagg.data(), false);
       hc_backward(L.hc_mlp, grad_out, L.x_mid, L.mlp_y.data(), L.fc2_b, L.drop_mlp, dagg.data(), grad_mid, c);
     } else {
-      norm_backward(dln.data(), L.x_mid, L.ln2_w, L.ln2_b, L.ln2_mean.data(), L.ln2_rstd.data(), grad_mid);
+      norm_backward(dln.data(), L.x_mid, L.ln2_w, L.ln2_b, L.ln2_mean.data(), L.ln2_rstd.data(), grad_mid, true);
     }
-    residual_backward(L.hc_attn, grad_mid, x_in, L.attn_y.data(), L.proj_b, L.drop_attn, grad_in);
+    residual_backward(L.hc_attn, grad_mid, L.proj_b, L.drop_attn);
     cuda::linear_backward(dy.data(), L.ctx.data(), half_of(L.proj_w), N, C, C, dctx.data(), grad_of(L.proj_w),
                           nullptr, columns);
     cuda::attention_backward(shape, dctx.data(), L.qkv.data(), L.ctx.data(), L.lse.data(), L.drop_probs, dqkv.data(),
@@ -207,12 +207,12 @@ struct GptCuda::State {
     cuda::linear_backward(dqkv.data(), L.ln1_out, half_of(L.qkv_w), N, C, 3 * C, dln.data(), grad_of(L.qkv_w),
                           grad_of(L.qkv_b), columns);
     if (hc) {
-      MHC_CUDA_CHECK(cudaMemsetAsync(dagg.data(), 0, dagg.size() * sizeof(bf16)));
-      norm_backward(dln.data(), L.agg1, L.ln1_w, L.ln1_b, L.ln1_mean.data(), L.ln1_rstd.data(), dagg.data());
+      norm_backward(dln.data(), L.agg1, L.ln1_w, L.ln1_b, L.ln1_mean.data(), L.ln1_rstd.data(), dagg.data(), false);
       hc_backward(L.hc_attn, grad_mid, x_in, L.attn_y.data(), L.proj_b, L.drop_attn, dagg.data(), grad_in, c);
     } else {
-      norm_backward(dln.data(), x_in, L.ln1_w, L.ln1_b, L.ln1_mean.data(), L.ln1_rstd.data(), grad_in);
+      norm_backward(dln.data(), x_in, L.ln1_w, L.ln1_b, L.ln1_mean.data(), L.ln1_rstd.data(), grad_in, true);
     }
+    return grad_in;
   }
 
   const bf16* layer_input(size_t l) const { return l == 0 ? x0.data() : layers[l - 1].x_out; }
@@ -274,8 +274,7 @@ struct GptCuda::State {
   }
 
   void backward(const ModelConfig& c) {
-    MHC_CUDA_CHECK(cudaMemsetAsync(dh.data(), 0, dh.size() * sizeof(bf16)));
-    norm_backward(dhf.data(), h.data(), lnf_w, lnf_b, lnf_mean.data(), lnf_rstd.data(), dh.data());
+    norm_backward(dhf.data(), h.data(), lnf_w, lnf_b, lnf_mean.data(), lnf_rstd.data(), dh.data(), false);
     cuda::stream_contract_backward(dh.data(), N, static_cast<int>(n), C, dx_a.data());
     bf16* grad_out = dx_a.data();
     bf16* grad_in = dx_b.data();
@@ -285,8 +284,8 @@ struct GptCuda::State {
         for (int k = block.first; k <= block.last; ++k)
           restore(layers[static_cast<size_t>(k)], layer_input(static_cast<size_t>(k)), k != block.last);
       }
-      layer_backward(layers[l], layer_input(l), grad_out, grad_in, dx_mid.data(), c);
-      std::swap(grad_out, grad_in);
+      if (layer_backward(layers[l], layer_input(l), grad_out, grad_in, dx_mid.data(), c) == grad_in)
+        std::swap(grad_out, grad_in);
     }
     cuda::stream_expand_backward(grad_out, N, static_cast<int>(n), C, de.data());
     cuda::embedding_backward(de.data(), tokens.data(), B, S, C, V, grad_of(wte), grad_of(wpe), embedding_ws.data());

@@ -6,7 +6,8 @@
 namespace mhc::cuda {
 namespace {
 
-constexpr int kNormBlocks = 128, kNormThreads = 256;
+// Enough blocks to fill every multiprocessor (the sum is bandwidth-bound).
+constexpr int kNormBlocks = 1024, kNormThreads = 256;
 
 // partial[b] = sum over this block's grid-stride elements of (scale g)^2, in a fixed order.
 __global__ void sum_squares_kernel(const float* grad, int64_t size, float scale, double* partial) {
@@ -27,9 +28,17 @@ __global__ void sum_squares_kernel(const float* grad, int64_t size, float scale,
   }
 }
 
+// One block of kNormThreads: each thread sums a strided share of the partials, then the
+// threads' sums in a fixed order.
 __global__ void finish_norm_kernel(const double* partial, int64_t count, float clip, float* result) {
+  __shared__ double thread_sums[kNormThreads];
+  double s = 0;
+  for (int64_t i = threadIdx.x; i < count; i += kNormThreads) s += partial[i];
+  thread_sums[threadIdx.x] = s;
+  __syncthreads();
+  if (threadIdx.x != 0) return;
   double total = 0;
-  for (int64_t i = 0; i < count; ++i) total += partial[i];
+  for (int t = 0; t < kNormThreads; ++t) total += thread_sums[t];
   const double norm = sqrt(total);
   result[0] = static_cast<float>(norm);
   result[1] = clip > 0 && norm > clip ? static_cast<float>(clip / norm) : 1.0f;
@@ -60,7 +69,7 @@ void grad_norm(const std::vector<GradTensor>& tensors, float scale, float clip, 
                                                                  workspace + k * kNormBlocks);
     MHC_CUDA_CHECK(cudaGetLastError());
   }
-  finish_norm_kernel<<<1, 1, 0, stream>>>(workspace, static_cast<int64_t>(tensors.size()) * kNormBlocks, clip,
+  finish_norm_kernel<<<1, kNormThreads, 0, stream>>>(workspace, static_cast<int64_t>(tensors.size()) * kNormBlocks, clip,
                                           result);
   MHC_CUDA_CHECK(cudaGetLastError());
 }

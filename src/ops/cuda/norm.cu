@@ -93,7 +93,7 @@ template <int VEC, int STEPS>
 __global__ void norm_backward_kernel(const bf16* __restrict__ grad_out, const bf16* __restrict__ x,
                                      const float* __restrict__ weight, const float* __restrict__ mean,
                                      const float* __restrict__ rstd, int64_t rows, int64_t C, bool rms,
-                                     bf16* __restrict__ grad_x) {
+                                     bool accumulate, bf16* __restrict__ grad_x) {
   const int lane = threadIdx.x % 32;
   const int64_t r = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / 32;
   if (r >= rows) return;
@@ -115,11 +115,11 @@ __global__ void norm_backward_kernel(const bf16* __restrict__ grad_out, const bf
   const float mean_gw = rms ? 0.0f : detail::warp_sum(sum_gw) * inv_c;
   const float mean_gw_xhat = detail::warp_sum(sum_gw_xhat) * inv_c;
   for_row<VEC, STEPS>(C, lane, [&](int64_t c, int step) {
-    float gv[VEC], xv[VEC], w[VEC], dx[VEC];
+    float gv[VEC], xv[VEC], w[VEC], dx[VEC] = {};
     g.get(c, step, false, gv);
     xr.get(c, step, false, xv);
     load_f32<VEC>(weight + c, w);
-    detail::load_bf16<VEC>(grad_x + r * C + c, dx);
+    if (accumulate) detail::load_bf16<VEC>(grad_x + r * C + c, dx);
 #pragma unroll
     for (int k = 0; k < VEC; ++k) dx[k] += s * (gv[k] * w[k] - mean_gw - (xv[k] - m) * s * mean_gw_xhat);
     detail::store_bf16<VEC>(grad_x + r * C + c, dx);
@@ -181,12 +181,13 @@ size_t norm_backward_workspace_floats(int64_t rows, int64_t C) {
 
 void norm_backward(const bf16* grad_out, const bf16* x, const float* weight, const float* mean, const float* rstd,
                    int64_t rows, int64_t C, bool rms, bf16* grad_x, float* grad_weight, float* grad_bias,
-                   float* workspace, cudaStream_t stream) {
+                   float* workspace, bool accumulate, cudaStream_t stream) {
   check(rows >= 1 && C >= 1, "norm: empty input");
   if (rms) mean = nullptr, grad_bias = nullptr;
   const unsigned blocks = detail::blocks_for(rows, kRowsPerBlock);
   dispatch_row<BackwardKernel>(C, [&](auto kernel) {
-    kernel<<<blocks, kRowsPerBlock * 32, 0, stream>>>(grad_out, x, weight, mean, rstd, rows, C, rms, grad_x);
+    kernel<<<blocks, kRowsPerBlock * 32, 0, stream>>>(grad_out, x, weight, mean, rstd, rows, C, rms, accumulate,
+                                                      grad_x);
   });
   MHC_CUDA_CHECK(cudaGetLastError());
   detail::column_sums<2>(NormParameterGrads{grad_out, x, mean, rstd, C}, rows, C, {grad_weight, grad_bias}, workspace,

@@ -3,7 +3,8 @@
 //
 //   forward:  out = (x - mean) rstd w + b  (LayerNorm), x rstd w (RMSNorm, mean null);
 //             saves mean and rstd per row (x is kept by the caller)
-//   backward: dx += rstd (g w - mean(g w) - xhat mean(g w xhat))   (bf16 accumulate)
+//   backward: dx += rstd (g w - mean(g w) - xhat mean(g w xhat))   (bf16 accumulate,
+//             or dx = ... with accumulate false: dx is then not read)
 //             dw += sum_rows g xhat, db += sum_rows g                 (fp32, deterministic)
 //
 // One warp a row; the column sums over rows go through chunks summed in order.
@@ -25,6 +26,6 @@ size_t norm_backward_workspace_floats(int64_t rows, int64_t C);
 // grad_bias may be null (RMSNorm has none).
 void norm_backward(const bf16* grad_out, const bf16* x, const float* weight, const float* mean, const float* rstd,
                    int64_t rows, int64_t C, bool rms, bf16* grad_x, float* grad_weight, float* grad_bias,
-                   float* workspace, cudaStream_t stream = nullptr);
+                   float* workspace, bool accumulate = true, cudaStream_t stream = nullptr);
 
 }  // namespace mhc::cuda
