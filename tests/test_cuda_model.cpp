@@ -111,6 +111,25 @@ TEST_P(CudaModel, TwentyStepsMatchTheCpuModel) {
       norm += std::pow(params[k]->value[i], 2);
     }
   EXPECT_LT(std::sqrt(diff / norm), 5e-2);
+  // The AdamW moments come back per parameter (checkpoints), close to the CPU optimizer's,
+  // and go up again unchanged.
+  AdamW gpu_optimizer(gpu_params);
+  gpu_model.download_optimizer(gpu_optimizer);
+  EXPECT_EQ(gpu_optimizer.steps_taken, optimizer.steps_taken);
+  double m_diff = 0, m_norm = 0;
+  for (size_t k = 0; k < params.size(); ++k) {
+    ASSERT_EQ(gpu_optimizer.exp_avg[k].size(), optimizer.exp_avg[k].size()) << params[k]->name;
+    for (size_t i = 0; i < optimizer.exp_avg[k].size(); ++i) {
+      m_diff += std::pow(gpu_optimizer.exp_avg[k][i] - optimizer.exp_avg[k][i], 2);
+      m_norm += std::pow(optimizer.exp_avg[k][i], 2);
+    }
+  }
+  EXPECT_LT(std::sqrt(m_diff / m_norm), 5e-2);
+  gpu_model.upload_optimizer(gpu_optimizer);
+  AdamW again(gpu_params);
+  gpu_model.download_optimizer(again);
+  EXPECT_EQ(again.exp_avg, gpu_optimizer.exp_avg);
+  EXPECT_EQ(again.exp_avg_sq, gpu_optimizer.exp_avg_sq);
 }
 
 INSTANTIATE_TEST_SUITE_P(Connections, CudaModel, ::testing::Values("mhc", "residual", "hc"));

@@ -64,7 +64,7 @@ struct GptCuda::State {
   int64_t steps_taken = 0;
   std::unique_ptr<Gpt<float>> host;  // parameters and their initialisation
   std::vector<Slot> slots;           // in host parameter order
-  int64_t parameter_count = 0;
+  int64_t parameter_count = 0, decay_end = 0;  // [0, decay_end): the parameters with weight decay
   DeviceBuffer<float> value, grad, exp_avg, exp_avg_sq;
   DeviceBuffer<bf16> half;  // bf16 copies of the values, for the products
   Slot wte, wpe, lnf_w, lnf_b;
@@ -319,15 +319,21 @@ GptCuda::GptCuda(const ModelConfig& config, int64_t batch, int64_t seq) : config
   // Each tensor starts 64 bytes into the arenas (the kernels' vector accesses need it),
   // except that a hyper connection's three gates stay consecutive: the kernels take them
   // as one [3] array. The padding stays zero (zero gradient, zero moments). The tensors
-  // with weight decay come first, so that the optimizer step is two launches.
-  for (const bool with_decay : {true, false})
-    for (Parameter<float>* p : s.host->parameters()) {
+  // with weight decay take [0, decay_end), so that the optimizer step is two launches;
+  // `slots` stays in host parameter order.
+  const std::vector<Parameter<float>*> params = s.host->parameters();
+  s.slots.resize(params.size());
+  for (const bool with_decay : {true, false}) {
+    for (size_t k = 0; k < params.size(); ++k) {
+      Parameter<float>* p = params[k];
       if (decays(p->name) != with_decay) continue;
       const bool gate = p->name.ends_with("alpha_post") || p->name.ends_with("alpha_res");
       if (!gate) s.parameter_count = (s.parameter_count + 15) / 16 * 16;
-      s.slots.push_back({p, s.parameter_count});
+      s.slots[k] = {p, s.parameter_count};
       s.parameter_count += p->size();
     }
+    if (with_decay) s.decay_end = s.parameter_count;
+  }
   const auto count = static_cast<size_t>(s.parameter_count);
   s.value = DeviceBuffer<float>(count);
   s.grad = DeviceBuffer<float>(count);
@@ -481,16 +487,12 @@ double GptCuda::step(const TrainConfig& config, double lr) {
   cuda::grad_norm({{s.grad.data(), s.parameter_count}}, scale, static_cast<float>(config.grad_clip), s.norm_ws.data(),
                   s.norm_result.data());
   const AdamWScalars a = adamw_scalars(config, lr, s.steps_taken);
-  // One update a run of consecutive parameters with the same decay rule.
-  for (size_t k = 0; k < s.slots.size();) {
-    const bool decay = decays(s.slots[k].host->name);
-    size_t end = k + 1;
-    while (end < s.slots.size() && decays(s.slots[end].host->name) == decay) ++end;
-    const int64_t offset = s.slots[k].offset, size = s.slots[end - 1].offset + s.slots[end - 1].size() - offset;
+  // One update for the parameters with weight decay, one for the rest.
+  for (const bool decay : {true, false}) {
+    const int64_t offset = decay ? 0 : s.decay_end, size = (decay ? s.decay_end : s.parameter_count) - offset;
     const cuda::AdamWStep st{a.beta1, a.beta2, a.eps, a.step_size, a.sqrt_correction2, decay ? a.decay : 1.0f, scale};
     cuda::adamw_update(st, s.grad.data() + offset, s.norm_result.data() + 1, size, s.value.data() + offset,
                        s.exp_avg.data() + offset, s.exp_avg_sq.data() + offset, s.half.data() + offset);
-    k = end;
   }
   return s.norm_result.download()[0];
 }

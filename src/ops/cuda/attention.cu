@@ -10,6 +10,7 @@
 namespace mhc::cuda {
 namespace {
 
+using detail::exp2_fast;
 using detail::ldmatrix_x4;
 using detail::mma_bf16;
 using detail::pack_bf16;
@@ -21,13 +22,6 @@ constexpr int kBlock = 64, kWarps = 8, kThreads = 32 * kWarps, kOwnRows = 16 * k
 constexpr float kLog2e = 1.4426950408889634f;
 template <int D> constexpr int kStride = D + 8;
 template <int D> constexpr int kTileElems = kBlock * kStride<D>;
-
-// 2^x on the special function unit (x = -inf gives 0).
-__device__ inline float exp2_fast(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-}
 
 // Starts copying rows [row0, row0 + ROWS) of a matrix (row stride ld, D columns from
 // `base`) into a tile (cp.async), zeros past `rows`; the caller commits and waits.
@@ -239,24 +233,6 @@ __global__ void __launch_bounds__(kThreads, 2) flash_forward_kernel(const bf16* 
   store_rows<D>(o, rows, inverse);
 }
 
-// delta[b h][t] = dout_t . out_t (= sum_u P_tu D_tu dP_tu, the softmax backward's row term).
-template <int D>
-__global__ void delta_kernel(const bf16* grad_out, const bf16* out, int64_t rows, int64_t T, int64_t C, int64_t H,
-                             float* delta) {
-  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;  // (b h) T + t
-  if (i >= rows) return;
-  const int64_t bh = i / T, t = i % T, b = bh / H, h = bh % H;
-  const int64_t at = (b * T + t) * C + h * D;
-  float sum = 0;
-  for (int d = 0; d < D; d += 8) {
-    float x[8], y[8];
-    detail::load_bf16<8>(grad_out + at + d, x);
-    detail::load_bf16<8>(out + at + d, y);
-    for (int k = 0; k < 8; ++k) sum += x[k] * y[k];
-  }
-  delta[i] = sum;
-}
-
 // dK, dV: a block takes kOwnRows keys, the query tiles from its first key on.
 template <int D, bool DROPOUT>
 __global__ void __launch_bounds__(kThreads) flash_backward_kv_kernel(const bf16* qkv, const bf16* grad_out,
@@ -352,12 +328,38 @@ __global__ void __launch_bounds__(kThreads) flash_backward_kv_kernel(const bf16*
   store_rows<D>(dv, v_rows, one);
 }
 
-// dQ: a block takes kOwnRows queries, the key tiles up to its last query.
+// delta_t = dout_t . out_t (= sum_u P_tu D_tu dP_tu, the softmax backward's row term) of
+// this warp's 16 rows from `first`: two lanes a row, each half of it, one shuffle; every
+// lane gets its rows' values (its accumulator rows g and g + 8); lanes 0, 2, .. store them.
+template <int D>
+__device__ void row_deltas(const bf16* grad_out, const bf16* out, int64_t row0, int64_t ld, int first, int64_t T,
+                           float* delta, float (&mine)[2]) {
+  const int lane = threadIdx.x % 32, t = first + lane / 2, d0 = lane % 2 * (D / 2);
+  float sum = 0;
+  if (t < T)
+#pragma unroll
+    for (int d = d0; d < d0 + D / 2; d += 8) {
+      float a[8], b[8];
+      detail::load_bf16<8>(grad_out + (row0 + t) * ld + d, a);
+      detail::load_bf16<8>(out + (row0 + t) * ld + d, b);
+#pragma unroll
+      for (int k = 0; k < 8; ++k) sum += a[k] * b[k];
+    }
+  sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+  if (lane % 2 == 0 && t < T) delta[t] = sum;
+  const int g = lane / 4;
+  mine[0] = __shfl_sync(0xffffffffu, sum, 2 * g);
+  mine[1] = __shfl_sync(0xffffffffu, sum, 2 * g + 16);
+}
+
+// dQ (and delta, which the dK/dV kernel reads after it): a block takes kOwnRows queries,
+// the key tiles up to its last query.
 template <int D, bool DROPOUT>
 __global__ void __launch_bounds__(kThreads) flash_backward_q_kernel(const bf16* qkv, const bf16* grad_out,
-                                                                    const float* lse, const float* delta, int64_t T,
+                                                                    const bf16* out, const float* lse, int64_t T,
                                                                     int64_t C, int64_t H, float scale,
-                                                                    cpu::DropoutSpec dropout, bf16* grad_qkv) {
+                                                                    cpu::DropoutSpec dropout, float* delta,
+                                                                    bf16* grad_qkv) {
   // two buffers of k and v (the k buffers first bring this block's q, the v buffers its dout)
   __shared__ __align__(16) bf16 k_tile[2][kTileElems<D>], v_tile[2][kTileElems<D>];
   static_assert(kOwnRows <= 2 * kBlock, "the block's queries are staged through the two k buffers");
@@ -381,11 +383,9 @@ __global__ void __launch_bounds__(kThreads) flash_backward_q_kernel(const bf16* 
   const int first = static_cast<int>(t0) + warp * 16;  // this warp's first query
   const int tq[2] = {first + g, first + g + 8};
   float row_lse[2], row_delta[2];
+  row_deltas<D>(grad_out + s.h * D, out + s.h * D, s.b * T, C, first, T, delta + s.bh * T, row_delta);
 #pragma unroll
-  for (int hh = 0; hh < 2; ++hh) {
-    row_lse[hh] = tq[hh] < T ? lse[s.bh * T + tq[hh]] : 0.0f;
-    row_delta[hh] = tq[hh] < T ? delta[s.bh * T + tq[hh]] : 0.0f;
-  }
+  for (int hh = 0; hh < 2; ++hh) row_lse[hh] = tq[hh] < T ? lse[s.bh * T + tq[hh]] : 0.0f;
   float dq[D / 8][4] = {};
   const int last_tile = static_cast<int>(((t0 + kOwnRows < T ? t0 + kOwnRows : T) - 1) / kBlock);
   load_kv<D>(base, row, C, 0, T, k_tile[0], v_tile[0]);
@@ -482,14 +482,11 @@ void attention_backward(const cpu::AttentionShape& s, const bf16* grad_out, cons
   dispatch_kernel(g.d, dropout, [&](auto Dc, auto drop) {
     constexpr int D = decltype(Dc)::value;
     constexpr bool DROPOUT = decltype(drop)::value;
-    const int64_t rows = s.batch * g.H * g.T;
-    delta_kernel<D><<<detail::blocks_for(rows, 256), 256, 0, stream>>>(grad_out, out, rows, g.T, g.C, g.H, delta);
+    flash_backward_q_kernel<D, DROPOUT><<<grid, kThreads, 0, stream>>>(qkv, grad_out, out, lse, g.T, g.C, g.H,
+                                                                       scale, dropout, delta, grad_qkv);
     MHC_CUDA_CHECK(cudaGetLastError());
     flash_backward_kv_kernel<D, DROPOUT><<<grid, kThreads, 0, stream>>>(qkv, grad_out, lse, delta, g.T, g.C, g.H,
                                                                         scale, dropout, grad_qkv);
-    MHC_CUDA_CHECK(cudaGetLastError());
-    flash_backward_q_kernel<D, DROPOUT><<<grid, kThreads, 0, stream>>>(qkv, grad_out, lse, delta, g.T, g.C, g.H,
-                                                                       scale, dropout, grad_qkv);
   });
   MHC_CUDA_CHECK(cudaGetLastError());
 }

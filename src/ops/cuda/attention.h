@@ -7,8 +7,8 @@
 //             multipliers of the CPU reference's Philox stream; saves the per-row
 //             log-sum-exp lse [B, H, T] (fp32, in log2 units of the scaled scores: the
 //             backward's exp2 argument) and reads q, k, v once per tile pass.
-//   backward: delta_t = dout_t . out_t; then per 128 keys dK, dV over the query tiles, and
-//             per 128 queries dQ over the key tiles (P recomputed from lse; no atomics, so
+//   backward: per 128 queries dQ over the key tiles (and delta_t = dout_t . out_t), then
+//             per 128 keys dK, dV over the query tiles (P recomputed from lse; no atomics, so
 //             deterministic): dV = (D P)^T dout, dS = P (D dout v^T - delta) / sqrt(d),
 //             dK = dS^T q, dQ = dS k. dqkv is overwritten.
 //

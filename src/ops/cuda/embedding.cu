@@ -66,15 +66,19 @@ SortLayout sort_layout(int64_t rows) {
 // Pass 1 keeps a running (max, sum of exponentials) pair per thread, rescaling the sum when
 // the max grows; the pairs are merged in a fixed order. Pass 2 writes the gradient over the
 // logits. STAGED: pass 1 also copies the row into shared memory and pass 2 reads it from
-// there (one read of the row from memory), when V bf16 fit.
+// there (one read of the row from memory), when V bf16 fit. Exponentials are exp2 of
+// log2e-scaled logits on the special function unit (the kernel is bound by them and by
+// memory).
 constexpr int kLossThreads = 512;
+constexpr float kLog2e = 1.4426950408889634f;
+using detail::exp2_fast;
 struct MaxSum {
-  float max, sum;
+  float max, sum;  // max of the logits times log2e; the sum of 2^(logit log2e - max)
 };
 __device__ inline MaxSum merge(MaxSum a, MaxSum b) {
   const float m = fmaxf(a.max, b.max);
   if (m == -INFINITY) return {m, 0.0f};
-  return {m, a.sum * expf(a.max - m) + b.sum * expf(b.max - m)};
+  return {m, a.sum * exp2_fast(a.max - m) + b.sum * exp2_fast(b.max - m)};
 }
 
 template <int VEC, bool STAGED>
@@ -94,12 +98,13 @@ __global__ void __launch_bounds__(kLossThreads) cross_entropy_kernel(bf16* logit
     float mx = x[0];
 #pragma unroll
     for (int k = 1; k < VEC; ++k) mx = fmaxf(mx, x[k]);
+    mx *= kLog2e;
     if (mx > ms.max) {
-      ms.sum *= expf(ms.max - mx);
+      ms.sum *= exp2_fast(ms.max - mx);
       ms.max = mx;
     }
 #pragma unroll
-    for (int k = 0; k < VEC; ++k) ms.sum += expf(x[k] - ms.max);
+    for (int k = 0; k < VEC; ++k) ms.sum += exp2_fast(fmaf(x[k], kLog2e, -ms.max));
   }
   for (int offset = 16; offset > 0; offset /= 2)
     ms = merge(ms, {__shfl_xor_sync(0xffffffffu, ms.max, offset), __shfl_xor_sync(0xffffffffu, ms.sum, offset)});
@@ -114,10 +119,11 @@ __global__ void __launch_bounds__(kLossThreads) cross_entropy_kernel(bf16* logit
     float x[VEC];
     detail::load_bf16<VEC>(source + v, x);
 #pragma unroll
-    for (int k = 0; k < VEC; ++k) x[k] = (expf(x[k] - mx) * inverse - (v + k == target ? 1.0f : 0.0f)) * scale;
+    for (int k = 0; k < VEC; ++k)
+      x[k] = (exp2_fast(fmaf(x[k], kLog2e, -mx)) * inverse - (v + k == target ? 1.0f : 0.0f)) * scale;
     detail::store_bf16<VEC>(row + v, x);
   }
-  if (threadIdx.x == 0) losses[r] = logf(total.sum) + mx - target_logit;
+  if (threadIdx.x == 0) losses[r] = (log2f(total.sum) + mx) / kLog2e - target_logit;
 }
 
 }  // namespace

@@ -71,6 +71,13 @@ template <int V> __device__ void group_sum(float (&values)[V], int lanes) {
   }
 }
 
+// 2^x on the special function unit (relative error about 2^-22; x = -inf gives 0).
+__device__ inline float exp2_fast(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
 __device__ inline float warp_sum(float v) {
   for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
   return v;
