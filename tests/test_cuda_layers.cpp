@@ -94,6 +94,19 @@ TEST_P(CudaLayers, ActivationsForwardAndBackward) {
     const std::string label = a == cpu::Activation::Gelu ? "gelu" : "swiglu";
     EXPECT_LT(relative_error(widen(d_out.download()), out), kBf16Tolerance) << label;
     EXPECT_LT(relative_error(widen(d_dx.download()), dx), kBf16Tolerance) << label;
+    // With the preceding linear's bias gradient fused in: the same dx bits, and the bias
+    // gradient accumulates dx's column sums (the CPU reference's dx summed in double).
+    const std::vector<float> b0 = random_float(width, 13);
+    DeviceBuffer<float> d_db(b0);
+    auto d_dx_fused = poisoned<bf16>(rows * width);
+    auto d_work = poisoned<float>(cuda::activation_backward_workspace_floats(a, rows, F));
+    cuda::activation_backward(a, d_g.data(), d_x.data(), rows, F, d_dx_fused.data(), d_db.data(), d_work.data());
+    const auto plain = d_dx.download(), fused = d_dx_fused.download();
+    EXPECT_EQ(std::memcmp(plain.data(), fused.data(), plain.size() * sizeof(bf16)), 0) << label << " fused dx";
+    std::vector<double> db = widen(b0);
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t c = 0; c < width; ++c) db[c] += dx[r * width + c];
+    EXPECT_LT(relative_error(widen(d_db.download()), db), kBf16Tolerance) << label << " bias gradient";
   }
 }
 

@@ -75,8 +75,11 @@ TEST_P(CudaStreamMix, HPostBiasDropoutAddForwardAndBackward) {
                               n, C, dropout, d_dx.data(), d_dres.data(), d_dpost.data(), d_dy.data());
     auto d_columns = poisoned<float>(cuda::column_sums_workspace_floats(tokens, C));
     cuda::accumulate_column_sums(d_dy.data(), tokens, C, d_dyb.data(), d_columns.data());
-    auto d_dy_alone = poisoned<bf16>(tokens * C);  // dy alone, as a model computes it first
-    cuda::h_post_bda_grad_y(d_gout.data(), d_post.data(), tokens, n, C, dropout, d_dy_alone.data());
+    auto d_dy_alone = poisoned<bf16>(tokens * C);  // dy alone (and dy_bias), as a model computes it first
+    DeviceBuffer<float> d_dyb_alone(dyb0);
+    auto d_dy_work = poisoned<float>(cuda::h_post_bda_grad_y_workspace_floats(tokens, C));
+    cuda::h_post_bda_grad_y(d_gout.data(), d_post.data(), tokens, n, C, dropout, d_dy_alone.data(),
+                            d_dyb_alone.data(), d_dy_work.data());
     MHC_CUDA_CHECK(cudaDeviceSynchronize());
 
     const auto res = widen(h_res), post = widen(h_post);
@@ -100,6 +103,7 @@ TEST_P(CudaStreamMix, HPostBiasDropoutAddForwardAndBackward) {
     EXPECT_LT(test::relative_error(widen(d_dx.download()), dx), kBf16Tolerance) << label;
     EXPECT_LT(test::relative_error(widen(d_dy.download()), dy), kBf16Tolerance) << label;
     EXPECT_EQ(d_dy_alone.download(), d_dy.download()) << label;  // the same sums in the same order
+    EXPECT_EQ(d_dyb_alone.download(), d_dyb.download()) << label;  // the same column sums of the same dy
     EXPECT_LT(test::relative_error(widen(d_dres.download()), dres), kFp32Tolerance) << label;
     EXPECT_LT(test::relative_error(widen(d_dpost.download()), dpost), kFp32Tolerance) << label;
     // dy_bias sums the bf16-rounded dy over tokens: bf16-level agreement.

@@ -116,8 +116,8 @@ struct GptCuda::State {
   // connections get the rest of their backward in hc_backward, once the aggregate's
   // gradient exists.
   void residual_backward(HcState& m, const bf16* grad_out, const Slot& bias, cpu::DropoutSpec d) {
-    cuda::h_post_bda_grad_y(grad_out, hc ? m.h_post.data() : ones.data(), N, static_cast<int>(n), C, d, dy.data());
-    if (grad_of(bias)) cuda::accumulate_column_sums(dy.data(), N, C, grad_of(bias), columns_ws.data());
+    cuda::h_post_bda_grad_y(grad_out, hc ? m.h_post.data() : ones.data(), N, static_cast<int>(n), C, d, dy.data(),
+                            grad_of(bias), columns_ws.data());
   }
   // After the sublayer's backward: grad_x = H_res^T dout + H_pre dagg with dH_res, dH_post
   // and dH_pre in one kernel, then the mappings' backward (grad_x += ..., and the mapping
@@ -190,9 +190,10 @@ struct GptCuda::State {
     residual_backward(L.hc_mlp, grad_out, L.fc2_b, L.drop_mlp);
     cuda::linear_backward(dy.data(), L.act.data(), half_of(L.fc2_w), N, F, C, dact.data(), grad_of(L.fc2_w), nullptr,
                           columns);
-    cuda::activation_backward(activation, dact.data(), L.fc.data(), N, F, dfc.data());
+    // fc1's bias gradient comes out of the activation's backward (one pass over dfc)
+    cuda::activation_backward(activation, dact.data(), L.fc.data(), N, F, dfc.data(), grad_of(L.fc1_b), columns);
     cuda::linear_backward(dfc.data(), L.ln2_out, half_of(L.fc1_w), N, C, width, dln.data(), grad_of(L.fc1_w),
-                          grad_of(L.fc1_b), columns);
+                          nullptr, columns);
     if (hc) {
       norm_backward(dln.data(), L.agg2, L.ln2_w, L.ln2_b, L.ln2_mean.data(), L.ln2_rstd.data(), dagg.data(), false);
       hc_backward(L.hc_mlp, grad_out, L.x_mid, L.mlp_y.data(), L.fc2_b, L.drop_mlp, dagg.data(), grad_mid, c);
@@ -425,8 +426,10 @@ GptCuda::GptCuda(const ModelConfig& config, int64_t batch, int64_t seq) : config
     s.mappings_backward_ws = DeviceBuffer<float>(cuda::mappings_backward_workspace_floats(args));
   }
   const int64_t widest = std::max({3 * C, s.width, s.V});
-  s.columns_ws = DeviceBuffer<float>(std::max(cuda::norm_backward_workspace_floats(N, C),
-                                              cuda::linear_backward_workspace_floats(N, widest)));
+  s.columns_ws = DeviceBuffer<float>(std::max({cuda::norm_backward_workspace_floats(N, C),
+                                               cuda::h_post_bda_grad_y_workspace_floats(N, C),
+                                               cuda::linear_backward_workspace_floats(N, widest),
+                                               cuda::activation_backward_workspace_floats(s.activation, N, s.F)}));
   s.attention_ws = DeviceBuffer<unsigned char>(cuda::attention_workspace_bytes({batch, seq, s.H, C}));
   s.embedding_ws = DeviceBuffer<unsigned char>(cuda::embedding_backward_workspace_bytes(batch, seq));
   s.norm_ws = DeviceBuffer<double>(cuda::grad_norm_workspace_doubles(1));

@@ -2,6 +2,7 @@
 
 #include "core/cuda/device.h"
 #include "core/rng.h"
+#include "ops/cuda/column_sums.cuh"
 #include "ops/cuda/kernel_utils.cuh"
 #include "ops/cuda/stream_mix.h"
 
@@ -148,9 +149,9 @@ __global__ void h_post_bda_forward_kernel(const bf16* x, const float* h_res, con
 }
 
 // AGG: also the aggregate's backward on the same x (dx += H_pre dagg, dH_pre), so that
-// dx is written once. DY_ONLY: only dy (no x, dx or reductions). Two blocks a
-// multiprocessor where n <= 4 fits 128 registers without spilling.
-template <int N, int VEC, bool AGG, bool DY_ONLY = false>
+// dx is written once. Two blocks a multiprocessor where n <= 4 fits 128 registers without
+// spilling.
+template <int N, int VEC, bool AGG>
 __global__ void __launch_bounds__(detail::kBlockThreads, N <= 4 ? 2 : 1)
     h_post_bda_backward_kernel(const bf16* grad_out, const bf16* x, const float* h_res, const float* h_post,
                                const bf16* y, const bf16* y_bias, int64_t tokens, int64_t C, int lanes, float p,
@@ -166,7 +167,7 @@ __global__ void __launch_bounds__(detail::kBlockThreads, N <= 4 ? 2 : 1)
   for (int i = 0; i < N; ++i) {
     post[i] = h_post[t * N + i];
 #pragma unroll
-    for (int j = 0; j < N; ++j) mix[i][j] = DY_ONLY ? 0.0f : h_res[(t * N + i) * N + j];
+    for (int j = 0; j < N; ++j) mix[i][j] = h_res[(t * N + i) * N + j];
   }
 #pragma unroll
   for (int j = 0; j < N; ++j) pre[j] = AGG ? h_pre[t * N + j] : 0.0f;
@@ -175,12 +176,12 @@ __global__ void __launch_bounds__(detail::kBlockThreads, N <= 4 ? 2 : 1)
   const bf16* xt = x + t * N * C;
   for (int64_t c = tg.lane * VEC; c < C; c += tg.lanes * VEC) {
     float sublayer[VEC] = {}, g[N][VEC], xs[N][VEC], dy[VEC] = {}, dagg[VEC] = {};
-    if constexpr (!DY_ONLY) load_sublayer<VEC>(y + t * C, y_bias, c, sublayer);
+    load_sublayer<VEC>(y + t * C, y_bias, c, sublayer);
     if constexpr (AGG) detail::load_bf16<VEC>(grad_agg + t * C + c, dagg);
 #pragma unroll
     for (int i = 0; i < N; ++i) {
       detail::load_bf16<VEC>(grad_out + (t * N + i) * C + c, g[i]);
-      if constexpr (!DY_ONLY) detail::load_bf16<VEC>(xt + i * C + c, xs[i]);
+      detail::load_bf16<VEC>(xt + i * C + c, xs[i]);
 #pragma unroll
       for (int v = 0; v < VEC; ++v) {
         const float masked = g[i][v] * dropout_scale<float>(key, static_cast<uint64_t>(t * N + i) * C + c + v, p);
@@ -188,28 +189,25 @@ __global__ void __launch_bounds__(detail::kBlockThreads, N <= 4 ? 2 : 1)
         partial[N * N + i] += masked * sublayer[v];
       }
     }
-    if constexpr (!DY_ONLY) {
 #pragma unroll
-      for (int j = 0; j < N; ++j) {
-        float dx[VEC];
+    for (int j = 0; j < N; ++j) {
+      float dx[VEC];
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) {
+        dx[v] = pre[j] * dagg[v];
+        if constexpr (AGG) partial[N * N + N + j] += dagg[v] * xs[j][v];
+      }
+#pragma unroll
+      for (int i = 0; i < N; ++i)
 #pragma unroll
         for (int v = 0; v < VEC; ++v) {
-          dx[v] = pre[j] * dagg[v];
-          if constexpr (AGG) partial[N * N + N + j] += dagg[v] * xs[j][v];
+          dx[v] += mix[i][j] * g[i][v];
+          partial[i * N + j] += g[i][v] * xs[j][v];
         }
-#pragma unroll
-        for (int i = 0; i < N; ++i)
-#pragma unroll
-          for (int v = 0; v < VEC; ++v) {
-            dx[v] += mix[i][j] * g[i][v];
-            partial[i * N + j] += g[i][v] * xs[j][v];
-          }
-        detail::store_bf16<VEC>(grad_x + (t * N + j) * C + c, dx);
-      }
+      detail::store_bf16<VEC>(grad_x + (t * N + j) * C + c, dx);
     }
     if (grad_y) detail::store_bf16<VEC>(grad_y + t * C + c, dy);
   }
-  if constexpr (DY_ONLY) return;
   group_sum<P>(partial, lanes);
 #pragma unroll
   for (int k = 0; k < P; ++k) {
@@ -219,6 +217,35 @@ __global__ void __launch_bounds__(detail::kBlockThreads, N <= 4 ? 2 : 1)
     else grad_h_pre[t * N + k - N * N - N] = partial[k];
   }
 }
+
+// dy alone as a column-sum value (ops/cuda/column_sums.cuh): writes dy at (t, c..) and
+// gives it as stored (bf16-rounded) for dy_bias. The same arithmetic, in the same order,
+// as h_post_bda_backward_kernel's dy.
+template <int N> struct GradY {
+  const bf16* grad_out;
+  const float* h_post;
+  int64_t C;
+  float p;
+  uint64_t key;
+  bf16* grad_y;
+  template <int COLS> __device__ void operator()(int64_t t, int64_t c, float (&out)[1][COLS]) const {
+    float dy[COLS] = {};
+#pragma unroll
+    for (int i = 0; i < N; ++i) {
+      float g[COLS];
+      detail::load_bf16<COLS>(grad_out + (t * N + i) * C + c, g);
+      const float post = h_post[t * N + i];
+#pragma unroll
+      for (int v = 0; v < COLS; ++v) {
+        const float masked = g[v] * dropout_scale<float>(key, static_cast<uint64_t>(t * N + i) * C + c + v, p);
+        dy[v] += masked * post;
+      }
+    }
+    detail::store_bf16<COLS>(grad_y + t * C + c, dy);
+#pragma unroll
+    for (int v = 0; v < COLS; ++v) out[0][v] = __bfloat162float(__float2bfloat16(dy[v]));
+  }
+};
 
 // One token's row: `to_streams` replicates a [C] row into n streams scaled by `scale`
 // (expand: 1, contract's backward: 1/n); otherwise sums the n streams times `scale`
@@ -325,17 +352,18 @@ void h_post_bda_forward(const bf16* x, const float* h_res, const float* h_post, 
   MHC_CUDA_CHECK(cudaGetLastError());
 }
 
+size_t h_post_bda_grad_y_workspace_floats(int64_t tokens, int64_t C) {
+  return detail::column_sums_workspace_floats(1, tokens, C);
+}
+
 void h_post_bda_grad_y(const bf16* grad_out, const float* h_post, int64_t tokens, int n, int64_t C,
-                       cpu::DropoutSpec dropout, bf16* grad_y, cudaStream_t stream) {
+                       cpu::DropoutSpec dropout, bf16* grad_y, float* grad_y_bias, float* workspace,
+                       cudaStream_t stream) {
+  check(tokens >= 1 && C >= 1, "h_post_bda_grad_y: empty input");
   dispatch_streams(n, [&](auto N) {
-    launch_by_width(tokens, C, h_post_bda_backward_kernel<N.value, 8, false, true>,
-                    h_post_bda_backward_kernel<N.value, 1, false, true>, [&](auto kernel, TokenLaunch l) {
-                      kernel<<<l.grid, l.threads, 0, stream>>>(grad_out, nullptr, nullptr, h_post, nullptr, nullptr,
-                                                               tokens, C, l.lanes, dropout.p, dropout.key, nullptr,
-                                                               nullptr, nullptr, grad_y, nullptr, nullptr, nullptr);
-                    });
+    detail::column_sums<1>(GradY<N.value>{grad_out, h_post, C, dropout.p, dropout.key, grad_y}, tokens, C,
+                           {grad_y_bias}, workspace, stream);
   });
-  MHC_CUDA_CHECK(cudaGetLastError());
 }
 
 void h_post_bda_backward(const bf16* grad_out, const bf16* x, const float* h_res, const float* h_post, const bf16* y,

@@ -46,12 +46,16 @@ void aggregate_backward(const bf16* grad_agg, const bf16* x, const float* h_pre,
 void h_post_bda_forward(const bf16* x, const float* h_res, const float* h_post, const bf16* y, const bf16* y_bias,
                         int64_t tokens, int n, int64_t C, cpu::DropoutSpec dropout, bf16* out,
                         float* out_sumsq = nullptr, cudaStream_t stream = nullptr);
-// dy alone (dy[c] = sum_i dout[i][c] D H_post[i]; overwrites): in a model the sublayer's
-// backward needs dy before the aggregate's gradient exists, so dy comes first and
-// h_post_bda_backward fused with the aggregate's (below) runs after the sublayer's backward
-// with a null grad_y.
+// dy alone (dy[c] = sum_i dout[i][c] D H_post[i]; overwrites), and when grad_y_bias is
+// not null dy_bias += dy's column sums (of dy as stored, fixed order) in the same pass: in
+// a model the sublayer's backward needs dy before the aggregate's gradient exists, so dy
+// comes first and h_post_bda_backward fused with the aggregate's (below) runs after the
+// sublayer's backward with a null grad_y. The workspace holds
+// h_post_bda_grad_y_workspace_floats(tokens, C) floats.
+size_t h_post_bda_grad_y_workspace_floats(int64_t tokens, int64_t C);
 void h_post_bda_grad_y(const bf16* grad_out, const float* h_post, int64_t tokens, int n, int64_t C,
-                       cpu::DropoutSpec dropout, bf16* grad_y, cudaStream_t stream = nullptr);
+                       cpu::DropoutSpec dropout, bf16* grad_y, float* grad_y_bias, float* workspace,
+                       cudaStream_t stream = nullptr);
 
 // The aggregate's backward of the same hyper connection (same x), for fusing into
 // h_post_bda_backward: then dx = H_res^T dout + H_pre dagg is written once and dH_pre is
