@@ -96,8 +96,8 @@ struct GptCuda::State {
   void norm(const bf16* x, const Slot& w, const Slot& b, bf16* out, float* mean, float* rstd) {
     cuda::norm_forward(x, value_of(w), value_of(b), N, C, eps, rms, out, mean, rstd);
   }
-  // dx += norm backward; the weight and bias gradients accumulate.
-  // accumulate: dx += the norm's input gradient, else dx = it.
+  // dx += the norm's input gradient (accumulate), else dx = it; the weight and bias
+  // gradients accumulate.
   void norm_backward(const bf16* g, const bf16* x, const Slot& w, const Slot& b, const float* mean, const float* rstd,
                      bf16* dx, bool accumulate) {
     cuda::norm_backward(g, x, value_of(w), mean, rstd, N, C, rms, dx, grad_of(w), grad_of(b), columns_ws.data(),
@@ -419,8 +419,10 @@ GptCuda::GptCuda(const ModelConfig& config, int64_t batch, int64_t seq) : config
   for (auto* b : {&s.dx_a, &s.dx_b, &s.dx_mid}) *b = DeviceBuffer<bf16>(N * n * C);
   for (auto* b : {&s.dagg, &s.dln, &s.dy, &s.dctx, &s.dh, &s.dhf, &s.de}) *b = DeviceBuffer<bf16>(N * C);
   s.dqkv = DeviceBuffer<bf16>(N * 3 * C), s.dfc = DeviceBuffer<bf16>(N * s.width), s.dact = DeviceBuffer<bf16>(N * s.F);
-  s.grad_h_pre = DeviceBuffer<float>(N * n), s.grad_h_post = DeviceBuffer<float>(N * n);
-  s.grad_h_res = DeviceBuffer<float>(N * n * n);
+  if (s.hc) {  // the hyper connections' backward only
+    s.grad_h_pre = DeviceBuffer<float>(N * n), s.grad_h_post = DeviceBuffer<float>(N * n);
+    s.grad_h_res = DeviceBuffer<float>(N * n * n);
+  }
   if (s.hc) {
     s.mappings_forward_ws = DeviceBuffer<float>(cuda::mappings_forward_workspace_floats(args));
     s.mappings_backward_ws = DeviceBuffer<float>(cuda::mappings_backward_workspace_floats(args));
