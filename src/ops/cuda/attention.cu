@@ -141,9 +141,18 @@ __device__ void store_rows(const float (&acc)[D / 8][4], bf16* const (&rows)[2],
 struct Head {
   int64_t T, C, H, b, h, bh;
 };
+// Grid (batch x heads, row blocks): every head's blocks of one weight launch together,
+// the heaviest first (see own_rows), so the light ones fill the tail.
 __device__ inline Head head_of(int64_t T, int64_t C, int64_t H) {
-  const int64_t bh = blockIdx.y;
+  const int64_t bh = blockIdx.x;
   return {T, C, H, bh / H, bh % H, bh};
+}
+// The block's first own row. Causal work grows with the query and shrinks with the key:
+// query blocks (LATER_FIRST) are taken from the end of the sequence, key blocks from the
+// start.
+template <bool LATER_FIRST> __device__ inline int64_t own_rows() {
+  const int64_t block = LATER_FIRST ? gridDim.y - 1 - blockIdx.y : blockIdx.y;
+  return block * kOwnRows;
 }
 __device__ inline float drop(const Head& s, cpu::DropoutSpec dropout, int64_t t, int64_t u) {
   return dropout_scale<float>(dropout.key, static_cast<uint64_t>((s.bh * s.T + t) * s.T + u), dropout.p);
@@ -161,7 +170,7 @@ __global__ void __launch_bounds__(kThreads, 2) flash_forward_kernel(const bf16* 
   auto v_tile = [&](int buffer) { return k_tile(2 + buffer); };
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, q4 = lane % 4;
   const Head s = head_of(T, C, H);
-  const int64_t row = 3 * C, t0 = static_cast<int64_t>(blockIdx.x) * kOwnRows;
+  const int64_t row = 3 * C, t0 = own_rows<true>();
   const bf16* base = qkv + s.b * T * row + s.h * D;
   const float scale2 = scale * kLog2e;  // scores in log2 units: exp2 is the fast path
   load_tile<D, kOwnRows>(base, row, t0, T, q_tile);
@@ -245,7 +254,7 @@ __global__ void __launch_bounds__(kThreads) flash_backward_kv_kernel(const bf16*
   static_assert(kOwnRows <= 2 * kBlock, "the block's keys are staged through the two q buffers");
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4;
   const Head s = head_of(T, C, H);
-  const int64_t row = 3 * C, k0 = static_cast<int64_t>(blockIdx.x) * kOwnRows;
+  const int64_t row = 3 * C, k0 = own_rows<false>();
   const bf16* base = qkv + s.b * T * row + s.h * D;
   const bf16* go = grad_out + s.b * T * C + s.h * D;
   const float scale2 = scale * kLog2e;
@@ -365,7 +374,7 @@ __global__ void __launch_bounds__(kThreads) flash_backward_q_kernel(const bf16* 
   static_assert(kOwnRows <= 2 * kBlock, "the block's queries are staged through the two k buffers");
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4;
   const Head s = head_of(T, C, H);
-  const int64_t row = 3 * C, t0 = static_cast<int64_t>(blockIdx.x) * kOwnRows;
+  const int64_t row = 3 * C, t0 = own_rows<true>();
   const bf16* base = qkv + s.b * T * row + s.h * D;
   const float scale2 = scale * kLog2e;
   uint32_t qa[D / 16][4], doa[D / 16][4];
@@ -429,7 +438,7 @@ struct Geometry {
 };
 Geometry geometry_of(const cpu::AttentionShape& s) {
   check(s.batch >= 1 && s.seq >= 1 && s.heads >= 1 && s.C % s.heads == 0, "attention: bad shape");
-  check(s.seq < (int64_t{1} << 30), "attention: sequence length out of range");
+  check(s.seq <= int64_t{65535} * kOwnRows, "attention: sequence length out of range");
   check(attention_head_dim_supported(s.C / s.heads),
         "hidden_size / num_attention_heads: the CUDA attention takes head dims 16, 32 or 64, got " +
             std::to_string(s.C / s.heads));
@@ -460,7 +469,7 @@ size_t attention_workspace_bytes(const cpu::AttentionShape& s) {
 void attention_forward(const cpu::AttentionShape& s, const bf16* qkv, cpu::DropoutSpec dropout, float* lse, bf16* out,
                        cudaStream_t stream) {
   const Geometry g = geometry_of(s);
-  const dim3 grid(detail::blocks_for(g.T, kOwnRows), static_cast<unsigned>(s.batch * g.H));
+  const dim3 grid(detail::blocks_for(s.batch * g.H, 1), detail::blocks_for(g.T, kOwnRows));
   const float scale = 1.0f / std::sqrt(static_cast<float>(g.d));
   dispatch_kernel(g.d, dropout, [&](auto Dc, auto drop) {
     constexpr int D = decltype(Dc)::value;
@@ -477,7 +486,7 @@ void attention_backward(const cpu::AttentionShape& s, const bf16* grad_out, cons
                         cudaStream_t stream) {
   const Geometry g = geometry_of(s);
   float* delta = static_cast<float*>(workspace);
-  const dim3 grid(detail::blocks_for(g.T, kOwnRows), static_cast<unsigned>(s.batch * g.H));
+  const dim3 grid(detail::blocks_for(s.batch * g.H, 1), detail::blocks_for(g.T, kOwnRows));
   const float scale = 1.0f / std::sqrt(static_cast<float>(g.d));
   dispatch_kernel(g.d, dropout, [&](auto Dc, auto drop) {
     constexpr int D = decltype(Dc)::value;

@@ -1,7 +1,9 @@
 // Deterministic sums over rows, per column, of V values a (row, column) given by a functor:
-// out_v[c] += sum_r value(r, c)[v]. Rows go in chunks of kColumnChunkRows (one fp32
-// partial per chunk, 8 rows of threads summed in order), then the chunks in order, so the
-// result does not depend on scheduling. Used for bias and norm-weight gradients.
+// out_v[c] += sum_r value(r, c)[v]. Rows go in chunks (one fp32 partial per chunk, 8 rows
+// of threads summed in order), then the chunks in order, so the result does not depend on
+// scheduling. The chunk height depends only on the shape (rows, cols): narrow shapes take
+// shorter chunks so that the first pass still has about kColumnBlocks blocks. Used for
+// bias and norm-weight gradients.
 #pragma once
 #include <cuda_runtime.h>
 
@@ -13,12 +15,24 @@
 
 namespace mhc::cuda::detail {
 
-constexpr int64_t kColumnChunkRows = 256;
+constexpr int64_t kColumnBlocks = 1024;
 
-inline int64_t column_chunks(int64_t rows) { return (rows + kColumnChunkRows - 1) / kColumnChunkRows; }
+// Columns a first-pass block covers: 32 threads of 8 columns (16-byte loads) when the
+// width is a multiple of 8, else of 1.
+inline int64_t column_tile(int64_t cols) { return cols % 8 == 0 ? 256 : 32; }
+inline int64_t column_chunk_rows(int64_t rows, int64_t cols) {
+  const int64_t tiles = (cols + column_tile(cols) - 1) / column_tile(cols);
+  int64_t chunk = 256;
+  while (chunk > 32 && tiles * ((rows + chunk - 1) / chunk) < kColumnBlocks) chunk /= 2;
+  return chunk;
+}
+inline int64_t column_chunks(int64_t rows, int64_t cols) {
+  const int64_t chunk = column_chunk_rows(rows, cols);
+  return (rows + chunk - 1) / chunk;
+}
 // Workspace floats of column_sums<V>.
 inline size_t column_sums_workspace_floats(int V, int64_t rows, int64_t cols) {
-  return static_cast<size_t>(column_chunks(rows) * V * cols);
+  return static_cast<size_t>(column_chunks(rows, cols) * V * cols);
 }
 
 // A Value functor fills out[v][k], value v of (row r, column c + k), for COLS adjacent
@@ -29,10 +43,10 @@ inline size_t column_sums_workspace_floats(int V, int64_t rows, int64_t cols) {
 // partial[chunk][v][c]; block (32, 8): 32 threads across COLS-column groups, 8 rows of
 // threads; grid (column tiles of 32 COLS, chunks).
 template <int V, int COLS, typename Value>
-__global__ void column_partials_kernel(Value value, int64_t rows, int64_t cols, float* partial) {
+__global__ void column_partials_kernel(Value value, int64_t rows, int64_t cols, int64_t chunk_rows, float* partial) {
   __shared__ float sums[V][8][32 * COLS + 1];
   const int64_t c = (static_cast<int64_t>(blockIdx.x) * 32 + threadIdx.x) * COLS;
-  const int64_t begin = blockIdx.y * kColumnChunkRows, end = min(rows, begin + kColumnChunkRows);
+  const int64_t begin = blockIdx.y * chunk_rows, end = min(rows, begin + chunk_rows);
   float s[V][COLS] = {};
   if (c < cols)
     for (int64_t r = begin + threadIdx.y; r < end; r += 8) {
@@ -63,32 +77,41 @@ template <int V> struct ColumnOutputs {
   float* out[V];  // null: that sum is not wanted
 };
 
+// Block (32, 32): 32 outputs, each summed over the chunks by 32 rows of threads (chunks
+// y, y + 32, ...), then the 32 partials in order.
 template <int V>
 __global__ void add_chunk_sums_kernel(const float* partial, int64_t chunks, int64_t cols, ColumnOutputs<V> outputs) {
-  const int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (e >= V * cols) return;
-  const int i = static_cast<int>(e / cols);
-  const int64_t c = e % cols;
-  if (!outputs.out[i]) return;
+  __shared__ float sums[32][33];
+  const int64_t e = static_cast<int64_t>(blockIdx.x) * 32 + threadIdx.x;
+  const bool valid = e < V * cols;
+  const int i = valid ? static_cast<int>(e / cols) : 0;
+  const int64_t c = valid ? e % cols : 0;
+  float s = 0;
+  if (valid)
+#pragma unroll 4
+    for (int64_t chunk = threadIdx.y; chunk < chunks; chunk += 32) s += partial[(chunk * V + i) * cols + c];
+  sums[threadIdx.y][threadIdx.x] = s;
+  __syncthreads();
+  if (threadIdx.y != 0 || !valid || !outputs.out[i]) return;
   float total = 0;
-  for (int64_t chunk = 0; chunk < chunks; ++chunk) total += partial[(chunk * V + i) * cols + c];
+  for (int k = 0; k < 32; ++k) total += sums[k][threadIdx.x];
   outputs.out[i][c] += total;
 }
 
 template <int V, typename Value>
 void column_sums(Value value, int64_t rows, int64_t cols, std::array<float*, V> out, float* workspace,
                  cudaStream_t stream) {
-  const int64_t chunks = column_chunks(rows);
+  const int64_t chunk_rows = column_chunk_rows(rows, cols), chunks = column_chunks(rows, cols);
+  check(chunks <= 65535, "column sums: too many rows for the CUDA kernels");
+  const dim3 grid(blocks_for(cols, column_tile(cols)), static_cast<unsigned>(chunks));
   if (cols % 8 == 0)
-    column_partials_kernel<V, 8><<<dim3(blocks_for(cols, 256), static_cast<unsigned>(chunks)), dim3(32, 8), 0, stream>>>(
-        value, rows, cols, workspace);
+    column_partials_kernel<V, 8><<<grid, dim3(32, 8), 0, stream>>>(value, rows, cols, chunk_rows, workspace);
   else
-    column_partials_kernel<V, 1><<<dim3(blocks_for(cols, 32), static_cast<unsigned>(chunks)), dim3(32, 8), 0, stream>>>(
-        value, rows, cols, workspace);
+    column_partials_kernel<V, 1><<<grid, dim3(32, 8), 0, stream>>>(value, rows, cols, chunk_rows, workspace);
   MHC_CUDA_CHECK(cudaGetLastError());
   ColumnOutputs<V> outputs;
   for (int i = 0; i < V; ++i) outputs.out[i] = out[i];
-  add_chunk_sums_kernel<V><<<blocks_for(V * cols, 256), 256, 0, stream>>>(workspace, chunks, cols, outputs);
+  add_chunk_sums_kernel<V><<<blocks_for(V * cols, 32), dim3(32, 32), 0, stream>>>(workspace, chunks, cols, outputs);
   MHC_CUDA_CHECK(cudaGetLastError());
 }
 

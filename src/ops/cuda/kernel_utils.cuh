@@ -1,6 +1,6 @@
 // Shared pieces of the CUDA kernels: the stream-count dispatch (n as a template
-// parameter, so per-token n×n work stays in registers), a fixed-order block reduction,
-// and bf16 vector loads.
+// parameter, so per-token n×n work stays in registers), fixed-order reductions, bf16
+// vector loads and the tensor-core and cp.async primitives.
 #pragma once
 #include <cuda_bf16.h>
 
@@ -13,28 +13,6 @@ namespace mhc::cuda::detail {
 
 constexpr int kBlockThreads = 256;
 constexpr int kBlockWarps = kBlockThreads / 32;
-
-// Sums V per-thread values over the block (whole warps, at most kBlockThreads) in a fixed
-// order; `out` (shared, V floats) holds the sums after the call. Deterministic for a
-// fixed launch shape.
-template <int V> __device__ void block_sum(float (&values)[V], float* out) {
-  __shared__ float partial[V][kBlockWarps];
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-#pragma unroll
-  for (int v = 0; v < V; ++v) {
-    float s = values[v];
-    for (int offset = 16; offset > 0; offset /= 2) s += __shfl_xor_sync(0xffffffffu, s, offset);
-    if (lane == 0) partial[v][warp] = s;
-  }
-  __syncthreads();
-  const int warps = static_cast<int>(blockDim.x) / 32;
-  for (int v = threadIdx.x; v < V; v += blockDim.x) {
-    float s = 0;
-    for (int w = 0; w < warps; ++w) s += partial[v][w];
-    out[v] = s;
-  }
-  __syncthreads();
-}
 
 // Per-token kernels: a token's threads are the whole block (lanes == blockDim.x, one token
 // a block) or one warp (lanes == 32, blockDim.x / 32 tokens a block).
@@ -51,7 +29,8 @@ __device__ inline TokenGroup token_group(int lanes) {
 
 // Sums V per-thread values over a token's group; every thread of the group gets the
 // totals, in a fixed order (the xor butterfly's pairwise sums are the same bits in both
-// lanes of a pair). A whole-block group synchronises the block.
+// lanes of a pair). A whole-block group synchronises the block, also after reading the
+// partials, so that calls may follow one another.
 template <int V> __device__ void group_sum(float (&values)[V], int lanes) {
 #pragma unroll
   for (int v = 0; v < V; ++v)
@@ -69,6 +48,7 @@ template <int V> __device__ void group_sum(float (&values)[V], int lanes) {
     for (int w = 0; w < warps; ++w) s += partial[v][w];
     values[v] = s;
   }
+  __syncthreads();
 }
 
 // 2^x on the special function unit (relative error about 2^-22; x = -inf gives 0).

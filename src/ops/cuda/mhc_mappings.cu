@@ -18,88 +18,120 @@ constexpr float kNormEps = 1e-6f, kSinkhornEps = 1e-6f;
 template <int N> constexpr int width() { return N * N + 2 * N; }
 
 
-// ---- Sinkhorn in registers -------------------------------------------------------------
+// ---- Sinkhorn in registers, a lane a row ------------------------------------------------
+//
+// Per-token work runs on a group of G = row_lanes<N>() adjacent lanes of a warp (the power
+// of two at or above N); lane i holds row i of the token's N x N matrices, lanes i >= N
+// hold rows of zeros. Row sums are the lane's own, column sums a butterfly over the group
+// (every lane gets the same bits), so a token's chain is N times shorter than one thread's
+// and a warp serves 32 / G tokens.
 
-template <int N> __device__ void exp_shifted(const float (&L)[N][N], float (&M)[N][N]) {
+template <int N> constexpr int row_lanes() { return N <= 1 ? 1 : N <= 2 ? 2 : N <= 4 ? 4 : 8; }
+
+template <int G> __device__ inline float lanes_sum(float v) {
 #pragma unroll
-  for (int i = 0; i < N; ++i) {
-    float mx = L[i][0];
-#pragma unroll
-    for (int j = 1; j < N; ++j) mx = fmaxf(mx, L[i][j]);
-#pragma unroll
-    for (int j = 0; j < N; ++j) M[i][j] = expf(L[i][j] - mx);
-  }
+  for (int offset = G / 2; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  return v;
 }
 
-// One half step: rows (step even) or columns (odd) divided by max(sum, eps).
-template <int N> __device__ void normalise(float (&M)[N][N], bool rows, float (&sums)[N]) {
+// A lane's token and row. Lanes past the last token work on the last token (every lane
+// must take part in the shuffles) and store nothing.
+template <int N> struct RowLane {
+  int64_t token;  // clamped to the last token
+  int row;        // row_lanes<N>() lanes a token; rows >= N idle
+  bool store;     // a real token and row
+};
+template <int N> __device__ inline RowLane<N> row_lane(int64_t tokens) {
+  constexpr int G = row_lanes<N>();
+  const int64_t id = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t t = id / G;
+  const int row = static_cast<int>(id % G);
+  return {t < tokens ? t : tokens - 1, row, t < tokens && row < N};
+}
+
+// The lane's row of exp(L - row max), zeros for an idle row.
+template <int N> __device__ void exp_shifted(const float (&l)[N], bool active, float (&m)[N]) {
+  float mx = l[0];
 #pragma unroll
-  for (int a = 0; a < N; ++a) {
+  for (int j = 1; j < N; ++j) mx = fmaxf(mx, l[j]);
+#pragma unroll
+  for (int j = 0; j < N; ++j) m[j] = active ? expf(l[j] - mx) : 0.0f;
+}
+
+// One half step: rows (step even) or columns (odd) divided by max(sum, eps). Returns the
+// divisor of the lane's row (rows) or of column `row` (columns).
+template <int N> __device__ float normalise(float (&m)[N], bool rows, int row) {
+  constexpr int G = row_lanes<N>();
+  if (rows) {
     float s = 0;
 #pragma unroll
-    for (int b = 0; b < N; ++b) s += rows ? M[a][b] : M[b][a];
+    for (int b = 0; b < N; ++b) s += m[b];
     s = fmaxf(s, kSinkhornEps);
-    sums[a] = s;
     // One division a row, then products: within an ulp of dividing each entry (the CPU
-    // reference divides), and the per-token chains here are latency-bound.
+    // reference divides).
     const float inverse = 1.0f / s;
 #pragma unroll
-    for (int b = 0; b < N; ++b) {
-      if (rows) M[a][b] *= inverse;
-      else M[b][a] *= inverse;
-    }
+    for (int b = 0; b < N; ++b) m[b] *= inverse;
+    return s;
   }
+  float own = 0;
+#pragma unroll
+  for (int b = 0; b < N; ++b) {
+    const float s = fmaxf(lanes_sum<G>(m[b]), kSinkhornEps);
+    m[b] *= 1.0f / s;
+    if (b == row) own = s;
+  }
+  return own;
 }
 
-template <int N> __device__ void sinkhorn_forward(const float (&L)[N][N], int iterations, float (&M)[N][N]) {
-  exp_shifted(L, M);
-  float sums[N];
-  for (int h = 0; h < 2 * iterations; ++h) normalise(M, h % 2 == 0, sums);
+template <int N> __device__ void sinkhorn_forward(const float (&l)[N], int row, int iterations, float (&m)[N]) {
+  exp_shifted(l, row < N, m);
+  for (int h = 0; h < 2 * iterations; ++h) normalise(m, h % 2 == 0, row);
 }
 
-// G holds dM on entry and dL on exit. Forward is re-run once, keeping only each half
-// step's divisors (kMaxIterations x 2 x N floats in local memory); walking back, the
-// state before a half step is its output times those divisors (exact up to rounding,
-// also where a sum was clamped to eps). Same zero-entry rule as the CPU reference.
+// g holds the lane's row of dM on entry and of dL on exit. Forward is re-run once, keeping
+// only each half step's divisor of the lane (kMaxIterations x 2 floats in local memory; a
+// column step's other divisors come from their lanes by shuffle); walking back, the state
+// before a half step is its output times those divisors (exact up to rounding, also where
+// a sum was clamped to eps). Same zero-entry rule as the CPU reference.
 constexpr int kMaxIterations = 64;
-template <int N> __device__ void sinkhorn_backward(const float (&L)[N][N], int iterations, float (&G)[N][N]) {
-  float M0[N][N], Y[N][N], sums[2 * kMaxIterations][N];
-  exp_shifted(L, M0);
+template <int N> __device__ void sinkhorn_backward(const float (&l)[N], int row, int iterations, float (&g)[N]) {
+  constexpr int G = row_lanes<N>();
+  const int group_base = static_cast<int>(threadIdx.x % 32) & ~(G - 1);
+  float m0[N], y[N], sums[2 * kMaxIterations];
+  exp_shifted(l, row < N, m0);
 #pragma unroll
-  for (int i = 0; i < N; ++i)
-#pragma unroll
-    for (int j = 0; j < N; ++j) Y[i][j] = M0[i][j];
-  for (int h = 0; h < 2 * iterations; ++h) normalise(Y, h % 2 == 0, sums[h]);
+  for (int j = 0; j < N; ++j) y[j] = m0[j];
+  for (int h = 0; h < 2 * iterations; ++h) sums[h] = normalise(y, h % 2 == 0, row);
   for (int half = 2 * iterations - 1; half >= 0; --half) {
-    const bool rows = half % 2 == 0;
-    // Y is the output of this half step: back-propagate through it, then undo it.
-#pragma unroll
-    for (int a = 0; a < N; ++a) {
-      const float s = sums[half][a];
+    // y is the output of this half step: back-propagate through it, then undo it.
+    if (half % 2 == 0) {
+      const float s = sums[half];
       float dot = 0;
 #pragma unroll
-      for (int b = 0; b < N; ++b) {
-        const float y = rows ? Y[a][b] : Y[b][a], g = rows ? G[a][b] : G[b][a];
-        if (y != 0.0f) dot += g * y;
-      }
+      for (int b = 0; b < N; ++b)
+        if (y[b] != 0.0f) dot += g[b] * y[b];
       if (!(s > kSinkhornEps)) dot = 0;
       const float inverse = 1.0f / s;
 #pragma unroll
       for (int b = 0; b < N; ++b) {
-        if (rows) {
-          G[a][b] = Y[a][b] != 0.0f ? (G[a][b] - dot) * inverse : 0.0f;
-          Y[a][b] *= s;
-        } else {
-          G[b][a] = Y[b][a] != 0.0f ? (G[b][a] - dot) * inverse : 0.0f;
-          Y[b][a] *= s;
-        }
+        g[b] = y[b] != 0.0f ? (g[b] - dot) * inverse : 0.0f;
+        y[b] *= s;
+      }
+    } else {
+      const float own = sums[half];
+#pragma unroll
+      for (int a = 0; a < N; ++a) {
+        const float s = __shfl_sync(0xffffffffu, own, group_base + a);
+        float dot = lanes_sum<G>(y[a] != 0.0f ? g[a] * y[a] : 0.0f);
+        if (!(s > kSinkhornEps)) dot = 0;
+        g[a] = y[a] != 0.0f ? (g[a] - dot) * (1.0f / s) : 0.0f;
+        y[a] *= s;
       }
     }
   }
 #pragma unroll
-  for (int i = 0; i < N; ++i)
-#pragma unroll
-    for (int j = 0; j < N; ++j) G[i][j] *= M0[i][j];
+  for (int j = 0; j < N; ++j) g[j] *= m0[j];
 }
 
 // ---- the split of fp32 values into three bf16 parts -------------------------------------
@@ -151,51 +183,45 @@ template <int VEC> __global__ void row_sumsq_kernel(const bf16* x, int64_t K, fl
 #pragma unroll
     for (int i = 0; i < VEC; ++i) s[0] += v[i] * v[i];
   }
-  __shared__ float total[1];
-  detail::block_sum<1>(s, total);
-  if (threadIdx.x == 0) sumsq[blockIdx.x] = total[0];
+  detail::group_sum<1>(s, static_cast<int>(blockDim.x));
+  if (threadIdx.x == 0) sumsq[blockIdx.x] = s[0];
 }
 
-// Per token: proj = hi + mid + lo parts of the product, r from ||x||^2, then the gates,
-// Sinkhorn in registers, H_pre, H_post, H_res.
+// Per token, a lane a row (see row_lanes): proj = hi + mid + lo parts of the product, r
+// from ||x||^2, then the gates, Sinkhorn in registers, H_pre, H_post, H_res. Lane i owns
+// the outputs of row i: proj entries i, N + i and the row 2N + iN.., H_pre[i], H_post[i],
+// H_res[i][..].
 template <int N>
 __global__ void finish_kernel(const float* parts, int64_t parts_stride, const float* sumsq, int64_t K,
                               const float* alpha, const float* bias, int64_t tokens, int iterations, float* proj,
                               float* r, float* h_pre, float* h_post, float* h_res) {
   constexpr int M = width<N>();
-  const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (t >= tokens) return;
+  const RowLane<N> lane = row_lane<N>(tokens);
+  const int64_t t = lane.token;
+  const int i = lane.row < N ? lane.row : 0;
   const float* part = parts + t * parts_stride;
-  const float ss = sumsq[t];
-  float p[M];
+  auto projection = [&](int o) {
+    const float p = part[o] + part[M + o] + part[2 * M + o];
+    if (lane.store) proj[t * M + o] = p;
+    return p;
+  };
+  const float rt = 1.0f / (sqrtf(sumsq[t]) / sqrtf(static_cast<float>(K)) + kNormEps);
+  const float p_pre = projection(i), p_post = projection(N + i);
+  float l[N], h[N];
 #pragma unroll
-  for (int o = 0; o < M; ++o) p[o] = part[o] + part[M + o] + part[2 * M + o];
-#pragma unroll
-  for (int o = 0; o < M; ++o) proj[t * M + o] = p[o];
-  const float rt = 1.0f / (sqrtf(ss) / sqrtf(static_cast<float>(K)) + kNormEps);
-  r[t] = rt;
-#pragma unroll
-  for (int i = 0; i < N; ++i) {
-    h_pre[t * N + i] = 1.0f / (1.0f + expf(-(rt * p[i] * alpha[0] + bias[i])));
-    h_post[t * N + i] = 2.0f / (1.0f + expf(-(rt * p[N + i] * alpha[1] + bias[N + i])));
-  }
-  float L[N][N], H[N][N];
-#pragma unroll
-  for (int i = 0; i < N; ++i)
-#pragma unroll
-    for (int j = 0; j < N; ++j) L[i][j] = rt * p[2 * N + i * N + j] * alpha[2] + bias[2 * N + i * N + j];
+  for (int j = 0; j < N; ++j) l[j] = rt * projection(2 * N + i * N + j) * alpha[2] + bias[2 * N + i * N + j];
   if (iterations > 0) {
-    sinkhorn_forward(L, iterations, H);
+    sinkhorn_forward(l, lane.row, iterations, h);
   } else {
 #pragma unroll
-    for (int i = 0; i < N; ++i)
-#pragma unroll
-      for (int j = 0; j < N; ++j) H[i][j] = L[i][j] + (i == j ? 1.0f : 0.0f);
+    for (int j = 0; j < N; ++j) h[j] = l[j] + (i == j ? 1.0f : 0.0f);
   }
+  if (!lane.store) return;
+  if (lane.row == 0) r[t] = rt;
+  h_pre[t * N + i] = 1.0f / (1.0f + expf(-(rt * p_pre * alpha[0] + bias[i])));
+  h_post[t * N + i] = 2.0f / (1.0f + expf(-(rt * p_post * alpha[1] + bias[N + i])));
 #pragma unroll
-  for (int i = 0; i < N; ++i)
-#pragma unroll
-    for (int j = 0; j < N; ++j) h_res[t * N * N + i * N + j] = H[i][j];
+  for (int j = 0; j < N; ++j) h_res[t * N * N + i * N + j] = h[j];
 }
 
 // ---- dx on tensor cores -------------------------------------------------------------------
@@ -359,66 +385,63 @@ __global__ void __launch_bounds__(kDxWarps * 32) grad_x_kernel(const bf16* x, co
 
 // ---- backward --------------------------------------------------------------------------
 
-// Per token: the row [dh, alpha terms (dh r proj summed by gate)] of width M + 3 (summed
-// over tokens into dbias and dalpha), dproj = dh r a (also split into bf16 parts for dW),
-// and the coefficient of x in dx from r: -dr r^2 / (sqrt(K) ||x||).
+// Per token, a lane a row (see row_lanes): the row [dh, alpha terms (dh r proj summed by
+// gate)] of width M + 3 (summed over tokens into dbias and dalpha), dproj = dh r a (also
+// split into bf16 parts for dW and in fragment order for dx), and the coefficient of x in
+// dx from r: -dr r^2 / (sqrt(K) ||x||). Lane i owns entries i, N + i and 2N + iN.. of dh.
 template <int N>
 __global__ void grad_h_kernel(const float* proj, const float* r, const float* alpha, const float* bias,
                               const float* h_pre, const float* h_post, const float* grad_h_pre,
                               const float* grad_h_post, const float* grad_h_res, int64_t tokens, int64_t K,
                               int iterations, float* grad_h, bf16* grad_proj_split,
                               bf16* grad_proj_fragments, float* coef) {
-  constexpr int M = width<N>();
+  constexpr int M = width<N>(), G = row_lanes<N>(), KS = dx_ksteps<N>();
   const int64_t split_stride = split_width(M);
-  const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (t >= tokens) return;
+  const RowLane<N> lane = row_lane<N>(tokens);
+  const int64_t t = lane.token;
+  const bool active = lane.row < N;
+  const int i = active ? lane.row : 0;
   const float rt = r[t];
   const float* p = proj + t * M;
-  float dh[M];
+  const float pre = h_pre[t * N + i], post = h_post[t * N + i];
+  const float dh_pre = grad_h_pre[t * N + i] * pre * (1.0f - pre);
+  const float dh_post = grad_h_post[t * N + i] * post * (1.0f - 0.5f * post);
+  float g[N];
 #pragma unroll
-  for (int i = 0; i < N; ++i) {
-    const float pre = h_pre[t * N + i], post = h_post[t * N + i];
-    dh[i] = grad_h_pre[t * N + i] * pre * (1.0f - pre);
-    dh[N + i] = grad_h_post[t * N + i] * post * (1.0f - 0.5f * post);
-  }
-  float G[N][N];
-#pragma unroll
-  for (int i = 0; i < N; ++i)
-#pragma unroll
-    for (int j = 0; j < N; ++j) G[i][j] = grad_h_res[t * N * N + i * N + j];
+  for (int j = 0; j < N; ++j) g[j] = grad_h_res[t * N * N + i * N + j];
   if (iterations > 0) {
-    float L[N][N];
+    float l[N];
 #pragma unroll
-    for (int i = 0; i < N; ++i)
-#pragma unroll
-      for (int j = 0; j < N; ++j) L[i][j] = rt * p[2 * N + i * N + j] * alpha[2] + bias[2 * N + i * N + j];
-    sinkhorn_backward(L, iterations, G);
+    for (int j = 0; j < N; ++j) l[j] = rt * p[2 * N + i * N + j] * alpha[2] + bias[2 * N + i * N + j];
+    sinkhorn_backward(l, lane.row, iterations, g);
   }
-#pragma unroll
-  for (int i = 0; i < N; ++i)
-#pragma unroll
-    for (int j = 0; j < N; ++j) dh[2 * N + i * N + j] = G[i][j];
+  // The lane's N + 2 entries of dh: k = i (gate 0), N + i (gate 1), 2N + iN + j (gate 2).
   float dr = 0, terms[3] = {0, 0, 0};
-#pragma unroll
-  for (int k = 0; k < M; ++k) {
-    const int g = k < N ? 0 : (k < 2 * N ? 1 : 2);
-    dr += dh[k] * p[k] * alpha[g];
-    terms[g] += dh[k] * rt * p[k];
-    grad_h[t * (M + 3) + k] = dh[k];
-    const float dp = dh[k] * rt * alpha[g];
-    bf16* split = grad_proj_split + t * split_stride;
-    split3(dp, &split[k], &split[M + k], &split[2 * M + k]);
+  bf16* split = grad_proj_split + t * split_stride;
+  auto entry = [&](int k, int gate, float dh) {
+    if (!active) return;
+    dr += dh * p[k] * alpha[gate];
+    terms[gate] += dh * rt * p[k];
+    if (!lane.store) return;
+    grad_h[t * (M + 3) + k] = dh;
+    split3(dh * rt * alpha[gate], &split[k], &split[M + k], &split[2 * M + k]);
     // dx's A operand: [hi | hi | mid] (see grad_x_kernel)
-    constexpr int KS = dx_ksteps<N>();
     grad_proj_fragments[dx_fragment_index(t, k, KS)] = split[k];
     grad_proj_fragments[dx_fragment_index(t, M + k, KS)] = split[k];
     grad_proj_fragments[dx_fragment_index(t, 2 * M + k, KS)] = split[M + k];
-  }
-  for (int kk = 3 * M; kk < dx_ksteps<N>() * 16; ++kk)
-    grad_proj_fragments[dx_fragment_index(t, kk, dx_ksteps<N>())] = __float2bfloat16(0.0f);
-  for (int64_t k = 3 * M; k < split_stride; ++k) grad_proj_split[t * split_stride + k] = __float2bfloat16(0.0f);
+  };
+  entry(i, 0, dh_pre);
+  entry(N + i, 1, dh_post);
 #pragma unroll
-  for (int g = 0; g < 3; ++g) grad_h[t * (M + 3) + M + g] = terms[g];
+  for (int j = 0; j < N; ++j) entry(2 * N + i * N + j, 2, g[j]);
+  dr = lanes_sum<G>(dr);
+#pragma unroll
+  for (int k = 0; k < 3; ++k) terms[k] = lanes_sum<G>(terms[k]);
+  if (!lane.store || lane.row != 0) return;
+  for (int kk = 3 * M; kk < KS * 16; ++kk) grad_proj_fragments[dx_fragment_index(t, kk, KS)] = __float2bfloat16(0.0f);
+  for (int64_t k = 3 * M; k < split_stride; ++k) split[k] = __float2bfloat16(0.0f);
+#pragma unroll
+  for (int k = 0; k < 3; ++k) grad_h[t * (M + 3) + M + k] = terms[k];
   const float sqrt_k = sqrtf(static_cast<float>(K));
   const float norm = sqrt_k * (1.0f / rt - kNormEps);
   coef[t] = norm > 0.0f ? -dr * rt * rt / (sqrt_k * norm) : 0.0f;
@@ -464,7 +487,7 @@ ForwardLayout forward_layout_of(const MappingsArgs& a) {
 }
 
 struct Layout {
-  int64_t M, K, split_stride, chunks;
+  int64_t M, K, split_stride;
   size_t grad_h, coef, chunk_sums, grad_proj_split, grad_proj_fragments, weight_split, weight_parts, total;
 };
 
@@ -473,11 +496,13 @@ Layout layout_of(const MappingsArgs& a) {
   l.M = static_cast<int64_t>(a.n) * a.n + 2 * a.n;
   l.K = a.n * a.C;
   l.split_stride = split_width(l.M);
-  l.chunks = detail::column_chunks(a.tokens);
   l.grad_h = 0;
   l.coef = l.grad_h + a.tokens * (l.M + 3);
   l.chunk_sums = l.coef + a.tokens;
-  l.grad_proj_split = aligned(l.chunk_sums + l.chunks * (l.M + 3));
+  // column sums of grad_h's first M columns, then of its last 3
+  const size_t chunk_floats = std::max(detail::column_sums_workspace_floats(1, a.tokens, l.M),
+                                       detail::column_sums_workspace_floats(1, a.tokens, 3));
+  l.grad_proj_split = aligned(l.chunk_sums + chunk_floats);
   l.grad_proj_fragments = aligned(l.grad_proj_split + (a.tokens * l.split_stride + 1) / 2);
   const int64_t fragment_values = ((a.tokens + 15) / 16 * 16) * ((3 * l.M + 15) / 16 * 16);
   l.weight_split = aligned(l.grad_proj_fragments + (fragment_values + 1) / 2);
@@ -530,7 +555,7 @@ void mhc_mappings_forward(const MappingsArgs& a, const bf16* x, const float* x_s
   }
   detail::dispatch_streams(a.n, [&](auto Ns) {
     constexpr int N = decltype(Ns)::value;
-    finish_kernel<N><<<detail::blocks_for(a.tokens, 128), 128, 0, stream>>>(
+    finish_kernel<N><<<detail::blocks_for(a.tokens * row_lanes<N>(), 128), 128, 0, stream>>>(
         parts, l.split_stride, x_sumsq, l.K, alpha, bias, a.tokens, a.sinkhorn_iterations, proj, r, h_pre, h_post,
         h_res);
   });
@@ -555,7 +580,7 @@ void mhc_mappings_backward(const MappingsArgs& a, const bf16* x, const float* we
   float* weight_parts = workspace + l.weight_parts;
   detail::dispatch_streams(a.n, [&](auto Ns) {
     constexpr int N = decltype(Ns)::value;
-    grad_h_kernel<N><<<detail::blocks_for(a.tokens, 128), 128, 0, stream>>>(
+    grad_h_kernel<N><<<detail::blocks_for(a.tokens * row_lanes<N>(), 128), 128, 0, stream>>>(
         proj, r, alpha, bias, h_pre, h_post, grad_h_pre, grad_h_post, grad_h_res, a.tokens, l.K,
         a.sinkhorn_iterations, grad_h, grad_proj_split, grad_proj_fragments, coef);
     MHC_CUDA_CHECK(cudaGetLastError());
