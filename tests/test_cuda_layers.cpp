@@ -10,8 +10,10 @@
 #include "ops/cpu/activation.h"
 #include "ops/cpu/layernorm.h"
 #include "ops/cpu/attention.h"
+#include "ops/cpu/linear.h"
 #include "ops/cuda/activation.h"
 #include "ops/cuda/attention.h"
+#include "ops/cuda/linear.h"
 #include "ops/cuda/norm.h"
 
 namespace mhc {
@@ -108,6 +110,26 @@ TEST_P(CudaLayers, ActivationsForwardAndBackward) {
       for (int64_t c = 0; c < width; ++c) db[c] += dx[r * width + c];
     EXPECT_LT(relative_error(widen(d_db.download()), db), kBf16Tolerance) << label << " bias gradient";
   }
+}
+
+// y = x W^T + b, and with a residual added in the product's epilogue (rows x C in, C + 3
+// out: an unaligned width too).
+TEST_P(CudaLayers, LinearForwardWithAndWithoutAResidual) {
+  const auto [rows, in] = GetParam();
+  const int64_t out = in + 3;
+  const Bf16Data x = random_bf16(rows * in, 21), w = random_bf16(out * in, 22), b = random_bf16(out, 23),
+                 residual = random_bf16(rows * out, 24);
+  DeviceBuffer<bf16> d_x(x.bits), d_w(w.bits), d_b(b.bits), d_residual(residual.bits);
+  auto d_y = poisoned<bf16>(rows * out);
+  auto d_sum = poisoned<bf16>(rows * out);
+  cuda::linear_forward(d_x.data(), d_w.data(), d_b.data(), rows, in, out, d_y.data());
+  cuda::linear_forward(d_x.data(), d_w.data(), d_b.data(), rows, in, out, d_sum.data(), nullptr, d_residual.data());
+  MHC_CUDA_CHECK(cudaDeviceSynchronize());
+  std::vector<double> y(rows * out);
+  cpu::linear_forward(x.values.data(), w.values.data(), b.values.data(), rows, in, out, y.data());
+  EXPECT_LT(relative_error(widen(d_y.download()), y), kBf16Tolerance);
+  for (size_t i = 0; i < y.size(); ++i) y[i] += residual.values[i];
+  EXPECT_LT(relative_error(widen(d_sum.download()), y), kBf16Tolerance) << "with the residual";
 }
 
 TEST(CudaAttention, ForwardAndBackwardMatchTheCpuReference) {

@@ -111,13 +111,31 @@ struct GptCuda::State {
     cuda::h_post_bda_forward(x, hc ? m.h_res.data() : ones.data(), hc ? m.h_post.data() : ones.data(), y,
                              half_of(bias), N, static_cast<int>(n), C, d, out, out_sumsq);
   }
-  // The sublayer's gradient dy (and its bias's), before the sublayer's backward. A plain
-  // residual passes dout through unchanged (layer_backward accumulates in place); hyper
-  // connections get the rest of their backward in hc_backward, once the aggregate's
-  // gradient exists.
-  void residual_backward(HcState& m, const bf16* grad_out, const Slot& bias, cpu::DropoutSpec d) {
+  // A plain residual without dropout: out = x + y + bias, in the output product's epilogue.
+  bool residual_add_in_epilogue(cpu::DropoutSpec d) const { return !hc && d.p <= 0.0f; }
+  // The sublayer's output product, then the hyper connection (or residual) forward:
+  // y = in W^T, out = the bias-dropout-add of y onto x.
+  void sublayer_output(HcState& m, const bf16* in, int64_t in_features, const Slot& weight, const Slot& bias,
+                       const bf16* x, cpu::DropoutSpec d, bf16* y, bf16* out, float* out_sumsq) {
+    if (residual_add_in_epilogue(d)) {
+      cuda::linear_forward(in, half_of(weight), half_of(bias), N, in_features, C, out, nullptr, x);
+      return;
+    }
+    cuda::linear_forward(in, half_of(weight), nullptr, N, in_features, C, y);
+    residual_forward(m, x, y, bias, d, out, out_sumsq);
+  }
+  // The sublayer's gradient dy (and its bias's), before the sublayer's backward; returns
+  // where dy is. A plain residual passes dout through unchanged (dy is dout itself without
+  // dropout; layer_backward accumulates in place); hyper connections get the rest of their
+  // backward in hc_backward, once the aggregate's gradient exists.
+  const bf16* residual_backward(HcState& m, const bf16* grad_out, const Slot& bias, cpu::DropoutSpec d) {
+    if (residual_add_in_epilogue(d)) {
+      if (float* db = grad_of(bias)) cuda::accumulate_column_sums(grad_out, N, C, db, columns_ws.data());
+      return grad_out;
+    }
     cuda::h_post_bda_grad_y(grad_out, hc ? m.h_post.data() : ones.data(), N, static_cast<int>(n), C, d, dy.data(),
                             grad_of(bias), columns_ws.data());
+    return dy.data();
   }
   // After the sublayer's backward: grad_x = H_res^T dout + H_pre dagg with dH_res, dH_post
   // and dH_pre in one kernel, then the mappings' backward (grad_x += ..., and the mapping
@@ -152,9 +170,8 @@ struct GptCuda::State {
     norm(norm1_in, L.ln1_w, L.ln1_b, L.ln1_out, L.ln1_mean.data(), L.ln1_rstd.data());
     cuda::linear_forward(L.ln1_out, half_of(L.qkv_w), half_of(L.qkv_b), N, C, 3 * C, L.qkv.data());
     cuda::attention_forward(shape, L.qkv.data(), L.drop_probs, L.lse.data(), L.ctx.data());
-    cuda::linear_forward(L.ctx.data(), half_of(L.proj_w), nullptr, N, C, C, L.attn_y.data());
-    residual_forward(L.hc_attn, x_in, L.attn_y.data(), L.proj_b, L.drop_attn, L.x_mid,
-                     hc ? L.hc_mlp.input_sumsq.data() : nullptr);
+    sublayer_output(L.hc_attn, L.ctx.data(), C, L.proj_w, L.proj_b, x_in, L.drop_attn, L.attn_y.data(), L.x_mid,
+                    hc ? L.hc_mlp.input_sumsq.data() : nullptr);
     const bf16* norm2_in = L.x_mid;
     if (hc) {
       mappings_forward(L.hc_mlp, L.x_mid, L.hc_mlp.input_sumsq.data(), L.agg2, c);
@@ -163,8 +180,8 @@ struct GptCuda::State {
     norm(norm2_in, L.ln2_w, L.ln2_b, L.ln2_out, L.ln2_mean.data(), L.ln2_rstd.data());
     cuda::linear_forward(L.ln2_out, half_of(L.fc1_w), half_of(L.fc1_b), N, C, width, L.fc.data());
     cuda::activation_forward(activation, L.fc.data(), N, F, L.act.data());
-    cuda::linear_forward(L.act.data(), half_of(L.fc2_w), nullptr, N, F, C, L.mlp_y.data());
-    residual_forward(L.hc_mlp, L.x_mid, L.mlp_y.data(), L.fc2_b, L.drop_mlp, L.x_out, next_sumsq);
+    sublayer_output(L.hc_mlp, L.act.data(), F, L.fc2_w, L.fc2_b, L.x_mid, L.drop_mlp, L.mlp_y.data(), L.x_out,
+                    next_sumsq);
   }
 
   // What selective recompute discarded, re-run from the layer input with the kept mappings
@@ -187,8 +204,8 @@ struct GptCuda::State {
     if (!hc) grad_mid = grad_in = grad_out;
     const cpu::AttentionShape shape{B, S, H, C};
     float* columns = columns_ws.data();
-    residual_backward(L.hc_mlp, grad_out, L.fc2_b, L.drop_mlp);
-    cuda::linear_backward(dy.data(), L.act.data(), half_of(L.fc2_w), N, F, C, dact.data(), grad_of(L.fc2_w), nullptr,
+    const bf16* dy_mlp = residual_backward(L.hc_mlp, grad_out, L.fc2_b, L.drop_mlp);
+    cuda::linear_backward(dy_mlp, L.act.data(), half_of(L.fc2_w), N, F, C, dact.data(), grad_of(L.fc2_w), nullptr,
                           columns);
     // fc1's bias gradient comes out of the activation's backward (one pass over dfc)
     cuda::activation_backward(activation, dact.data(), L.fc.data(), N, F, dfc.data(), grad_of(L.fc1_b), columns);
@@ -200,9 +217,9 @@ struct GptCuda::State {
     } else {
       norm_backward(dln.data(), L.x_mid, L.ln2_w, L.ln2_b, L.ln2_mean.data(), L.ln2_rstd.data(), grad_mid, true);
     }
-    residual_backward(L.hc_attn, grad_mid, L.proj_b, L.drop_attn);
-    cuda::linear_backward(dy.data(), L.ctx.data(), half_of(L.proj_w), N, C, C, dctx.data(), grad_of(L.proj_w),
-                          nullptr, columns);
+    const bf16* dy_attn = residual_backward(L.hc_attn, grad_mid, L.proj_b, L.drop_attn);
+    cuda::linear_backward(dy_attn, L.ctx.data(), half_of(L.proj_w), N, C, C, dctx.data(), grad_of(L.proj_w), nullptr,
+                          columns);
     cuda::attention_backward(shape, dctx.data(), L.qkv.data(), L.ctx.data(), L.lse.data(), L.drop_probs, dqkv.data(),
                              attention_ws.data());
     cuda::linear_backward(dqkv.data(), L.ln1_out, half_of(L.qkv_w), N, C, 3 * C, dln.data(), grad_of(L.qkv_w),
@@ -359,6 +376,9 @@ GptCuda::GptCuda(const ModelConfig& config, int64_t batch, int64_t seq) : config
   s.lnf_b = find("decoder.final_layernorm.bias");
 
   const cuda::MappingsArgs args{N, static_cast<int>(n), C, 1};
+  // A plain residual without dropout adds in the output products' epilogues: no sublayer
+  // outputs y and no dy buffer (see residual_add_in_epilogue).
+  const bool epilogue_add = !s.hc && c.hidden_dropout <= 0;
   const int64_t restorable = restorable_elements(N, C, n, s.hc);
   if (s.recompute) s.workspace = DeviceBuffer<bf16>(s.plan.max_block_size() * restorable);
   s.layers.resize(static_cast<size_t>(c.num_layers));
@@ -394,7 +414,8 @@ GptCuda::GptCuda(const ModelConfig& config, int64_t batch, int64_t seq) : config
     L.ln1_rstd = DeviceBuffer<float>(N), L.ln2_rstd = DeviceBuffer<float>(N);
     L.qkv = DeviceBuffer<bf16>(N * 3 * C);
     L.lse = DeviceBuffer<float>(batch * s.H * seq);
-    L.ctx = DeviceBuffer<bf16>(N * C), L.attn_y = DeviceBuffer<bf16>(N * C), L.mlp_y = DeviceBuffer<bf16>(N * C);
+    L.ctx = DeviceBuffer<bf16>(N * C);
+    if (!epilogue_add) L.attn_y = DeviceBuffer<bf16>(N * C), L.mlp_y = DeviceBuffer<bf16>(N * C);
     L.fc = DeviceBuffer<bf16>(N * s.width), L.act = DeviceBuffer<bf16>(N * s.F);
     bf16* base;
     if (s.recompute) {
@@ -417,7 +438,8 @@ GptCuda::GptCuda(const ModelConfig& config, int64_t batch, int64_t seq) : config
   s.losses = DeviceBuffer<float>(N);
   s.ones = DeviceBuffer<float>(std::vector<float>(N, 1.0f));
   for (auto* b : {&s.dx_a, &s.dx_b, &s.dx_mid}) *b = DeviceBuffer<bf16>(N * n * C);
-  for (auto* b : {&s.dagg, &s.dln, &s.dy, &s.dctx, &s.dh, &s.dhf, &s.de}) *b = DeviceBuffer<bf16>(N * C);
+  for (auto* b : {&s.dagg, &s.dln, &s.dctx, &s.dh, &s.dhf, &s.de}) *b = DeviceBuffer<bf16>(N * C);
+  if (!epilogue_add) s.dy = DeviceBuffer<bf16>(N * C);
   s.dqkv = DeviceBuffer<bf16>(N * 3 * C), s.dfc = DeviceBuffer<bf16>(N * s.width), s.dact = DeviceBuffer<bf16>(N * s.F);
   if (s.hc) {  // the hyper connections' backward only
     s.grad_h_pre = DeviceBuffer<float>(N * n), s.grad_h_post = DeviceBuffer<float>(N * n);

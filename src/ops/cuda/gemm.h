@@ -1,11 +1,11 @@
 // Matrix products on tensor cores through cuBLASLt, column-major as in BLAS:
 //
-//   D = alpha op(A) op(B) + beta D      op(A) m×k, op(B) k×n, D m×n (ldd >= m)
+//   D = alpha op(A) op(B) + beta C      op(A) m×k, op(B) k×n, C and D m×n (ldd >= m)
 //
 // optionally strided-batched.
 //
-// A and B are bf16, the products are summed in fp32, D is fp32 or bf16 (beta != 0 reads
-// the D it overwrites). Row-major callers swap the operands: a row-major [rows, cols]
+// A and B are bf16, the products are summed in fp32, C and D are fp32 or bf16; C is D
+// itself (beta != 0 then reads the D it overwrites) unless given (same layout as D). Row-major callers swap the operands: a row-major [rows, cols]
 // matrix is the column-major [cols, rows] one.
 //
 // One cuBLASLt handle and workspace per device, created on first use; the algorithm of
@@ -33,6 +33,7 @@ struct Gemm {
   int64_t ldd = 0;
   GemmOutput output = GemmOutput::Fp32;
   float alpha = 1.0f, beta = 0.0f;
+  const void* c = nullptr;  // null: C is D
   // batch > 1: that many products, the i-th at a + i stride_a, b + i stride_b, d + i stride_d
   // (in elements).
   int batch = 1;

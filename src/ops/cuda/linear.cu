@@ -17,7 +17,8 @@ struct BiasGrad {
 }  // namespace
 
 void linear_forward(const bf16* x, const bf16* weight, const bf16* bias, int64_t rows, int64_t in, int64_t out, bf16* y,
-                    cudaStream_t stream) {
+                    cudaStream_t stream, const bf16* residual) {
+  check(residual != y, "linear_forward: the residual must not be the output");
   // column-major: y^T [out, rows] = W [out, in] (W^T's storage, transposed) x^T [in, rows]
   Gemm g;
   g.trans_a = true;
@@ -27,6 +28,7 @@ void linear_forward(const bf16* x, const bf16* weight, const bf16* bias, int64_t
   g.d = y, g.ldd = out;
   g.output = GemmOutput::Bf16;
   g.bias = bias;
+  if (residual) g.c = residual, g.beta = 1.0f;
   gemm(g, stream);
 }
 

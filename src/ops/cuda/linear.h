@@ -14,8 +14,10 @@ namespace mhc::cuda {
 
 using bf16 = __nv_bfloat16;
 
+// y = x W^T (+ bias) (+ residual, a [rows, out] bf16 tensor other than y: a residual add
+// fused into the product's epilogue, summed in fp32 and rounded once).
 void linear_forward(const bf16* x, const bf16* weight, const bf16* bias, int64_t rows, int64_t in, int64_t out, bf16* y,
-                    cudaStream_t stream = nullptr);
+                    cudaStream_t stream = nullptr, const bf16* residual = nullptr);
 
 size_t linear_backward_workspace_floats(int64_t rows, int64_t out);
 

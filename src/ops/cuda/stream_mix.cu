@@ -33,6 +33,18 @@ TokenLaunch token_launch(int64_t tokens, int64_t C, int vec) {
   return {static_cast<unsigned>(tokens), threads, static_cast<int>(threads)};
 }
 
+// The dropout keep-scale of one element; DROPOUT false (p = 0) compiles the hash out,
+// which would otherwise hold registers in every kernel that has it.
+template <bool DROPOUT> __device__ inline float keep_scale(uint64_t key, uint64_t index, float p) {
+  if constexpr (DROPOUT) return dropout_scale<float>(key, index, p);
+  else return 1.0f;
+}
+// launch(std::bool_constant<p > 0>).
+template <typename Launch> void dispatch_dropout(float p, Launch&& launch) {
+  if (p > 0.0f) launch(std::true_type{});
+  else launch(std::false_type{});
+}
+
 // Every kernel takes VEC adjacent channels per thread step: 8 (16-byte loads and stores)
 // when C % 8 == 0, else 1.
 template <int N, int VEC>
@@ -104,7 +116,7 @@ __device__ inline void load_sublayer(const bf16* y, const bf16* y_bias, int64_t 
   for (int v = 0; v < VEC; ++v) out[v] += b[v];
 }
 
-template <int N, int VEC>
+template <int N, int VEC, bool DROPOUT>
 __global__ void h_post_bda_forward_kernel(const bf16* x, const float* h_res, const float* h_post, const bf16* y,
                                           const bf16* y_bias, int64_t tokens, int64_t C, int lanes, float p,
                                           uint64_t key, bf16* out, float* out_sumsq) {
@@ -131,7 +143,7 @@ __global__ void h_post_bda_forward_kernel(const bf16* x, const float* h_res, con
 #pragma unroll
       for (int v = 0; v < VEC; ++v) {
         const uint64_t index = static_cast<uint64_t>(t * N + i) * C + c + v;
-        acc[v] = dropout_scale<float>(key, index, p) * post[i] * sublayer[v];
+        acc[v] = keep_scale<DROPOUT>(key, index, p) * post[i] * sublayer[v];
 #pragma unroll
         for (int j = 0; j < N; ++j) acc[v] += mix[i][j] * xs[j][v];
         if (out_sumsq) {
@@ -151,7 +163,7 @@ __global__ void h_post_bda_forward_kernel(const bf16* x, const float* h_res, con
 // AGG: also the aggregate's backward on the same x (dx += H_pre dagg, dH_pre), so that
 // dx is written once. Two blocks a multiprocessor where n <= 4 fits 128 registers without
 // spilling.
-template <int N, int VEC, bool AGG>
+template <int N, int VEC, bool AGG, bool DROPOUT>
 __global__ void __launch_bounds__(detail::kBlockThreads, N <= 4 ? 2 : 1)
     h_post_bda_backward_kernel(const bf16* grad_out, const bf16* x, const float* h_res, const float* h_post,
                                const bf16* y, const bf16* y_bias, int64_t tokens, int64_t C, int lanes, float p,
@@ -184,7 +196,7 @@ __global__ void __launch_bounds__(detail::kBlockThreads, N <= 4 ? 2 : 1)
       detail::load_bf16<VEC>(xt + i * C + c, xs[i]);
 #pragma unroll
       for (int v = 0; v < VEC; ++v) {
-        const float masked = g[i][v] * dropout_scale<float>(key, static_cast<uint64_t>(t * N + i) * C + c + v, p);
+        const float masked = g[i][v] * keep_scale<DROPOUT>(key, static_cast<uint64_t>(t * N + i) * C + c + v, p);
         dy[v] += masked * post[i];
         partial[N * N + i] += masked * sublayer[v];
       }
@@ -221,7 +233,7 @@ __global__ void __launch_bounds__(detail::kBlockThreads, N <= 4 ? 2 : 1)
 // dy alone as a column-sum value (ops/cuda/column_sums.cuh): writes dy at (t, c..) and
 // gives it as stored (bf16-rounded) for dy_bias. The same arithmetic, in the same order,
 // as h_post_bda_backward_kernel's dy.
-template <int N> struct GradY {
+template <int N, bool DROPOUT> struct GradY {
   const bf16* grad_out;
   const float* h_post;
   int64_t C;
@@ -237,7 +249,7 @@ template <int N> struct GradY {
       const float post = h_post[t * N + i];
 #pragma unroll
       for (int v = 0; v < COLS; ++v) {
-        const float masked = g[v] * dropout_scale<float>(key, static_cast<uint64_t>(t * N + i) * C + c + v, p);
+        const float masked = g[v] * keep_scale<DROPOUT>(key, static_cast<uint64_t>(t * N + i) * C + c + v, p);
         dy[v] += masked * post;
       }
     }
@@ -343,11 +355,14 @@ void h_post_bda_forward(const bf16* x, const float* h_res, const float* h_post, 
                         int64_t tokens, int n, int64_t C, cpu::DropoutSpec dropout, bf16* out, float* out_sumsq,
                         cudaStream_t stream) {
   dispatch_streams(n, [&](auto N) {
-    launch_by_width(tokens, C, h_post_bda_forward_kernel<N.value, 8>, h_post_bda_forward_kernel<N.value, 1>,
-                    [&](auto kernel, TokenLaunch l) {
-                      kernel<<<l.grid, l.threads, 0, stream>>>(x, h_res, h_post, y, y_bias, tokens, C, l.lanes,
-                                                               dropout.p, dropout.key, out, out_sumsq);
-                    });
+    dispatch_dropout(dropout.p, [&](auto drop) {
+      constexpr bool DROPOUT = decltype(drop)::value;
+      launch_by_width(tokens, C, h_post_bda_forward_kernel<N.value, 8, DROPOUT>,
+                      h_post_bda_forward_kernel<N.value, 1, DROPOUT>, [&](auto kernel, TokenLaunch l) {
+                        kernel<<<l.grid, l.threads, 0, stream>>>(x, h_res, h_post, y, y_bias, tokens, C, l.lanes,
+                                                                 dropout.p, dropout.key, out, out_sumsq);
+                      });
+    });
   });
   MHC_CUDA_CHECK(cudaGetLastError());
 }
@@ -361,8 +376,10 @@ void h_post_bda_grad_y(const bf16* grad_out, const float* h_post, int64_t tokens
                        cudaStream_t stream) {
   check(tokens >= 1 && C >= 1, "h_post_bda_grad_y: empty input");
   dispatch_streams(n, [&](auto N) {
-    detail::column_sums<1>(GradY<N.value>{grad_out, h_post, C, dropout.p, dropout.key, grad_y}, tokens, C,
-                           {grad_y_bias}, workspace, stream);
+    dispatch_dropout(dropout.p, [&](auto drop) {
+      detail::column_sums<1>(GradY<N.value, decltype(drop)::value>{grad_out, h_post, C, dropout.p, dropout.key, grad_y},
+                             tokens, C, {grad_y_bias}, workspace, stream);
+    });
   });
 }
 
@@ -381,13 +398,16 @@ void h_post_bda_backward(const bf16* grad_out, const bf16* x, const float* h_res
                                                grad_h_pre);
     };
     // 4 channels a step: 8 make the fused kernel need 225 registers (one block per multiprocessor).
-    if (C % 4 == 0) {
-      if (aggregate) launch(h_post_bda_backward_kernel<N.value, 4, true>, 4);
-      else launch(h_post_bda_backward_kernel<N.value, 4, false>, 4);
-    } else {
-      if (aggregate) launch(h_post_bda_backward_kernel<N.value, 1, true>, 1);
-      else launch(h_post_bda_backward_kernel<N.value, 1, false>, 1);
-    }
+    dispatch_dropout(dropout.p, [&](auto drop) {
+      constexpr bool DROPOUT = decltype(drop)::value;
+      if (C % 4 == 0) {
+        if (aggregate) launch(h_post_bda_backward_kernel<N.value, 4, true, DROPOUT>, 4);
+        else launch(h_post_bda_backward_kernel<N.value, 4, false, DROPOUT>, 4);
+      } else {
+        if (aggregate) launch(h_post_bda_backward_kernel<N.value, 1, true, DROPOUT>, 1);
+        else launch(h_post_bda_backward_kernel<N.value, 1, false, DROPOUT>, 1);
+      }
+    });
   });
   MHC_CUDA_CHECK(cudaGetLastError());
 }
