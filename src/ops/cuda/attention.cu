@@ -15,10 +15,14 @@ using detail::ldmatrix_x4;
 using detail::mma_bf16;
 using detail::pack_bf16;
 
-// A block's warps own 16 rows each (kWarps * 16 queries, or keys in dK/dV): the other
-// side streams through shared memory in tiles of 64 rows. A tile row is D bf16 plus 8 of
-// padding, so that the 8 rows an ldmatrix reads fall in distinct banks.
-constexpr int kBlock = 64, kWarps = 8, kThreads = 32 * kWarps, kOwnRows = 16 * kWarps;
+// A block's warps own kWarpRows rows each (kOwnRows queries, or keys in dK/dV), as
+// kMTiles m16 tiles: every B fragment read from shared memory feeds kMTiles products,
+// which halves the shared-memory reads per product against one tile a warp (those reads,
+// not the tensor cores, bounded the kernels). The other side streams through shared
+// memory in tiles of 64 rows. A tile row is D bf16 plus 8 of padding, so that the 8 rows
+// an ldmatrix reads fall in distinct banks.
+constexpr int kBlock = 64, kMTiles = 2, kWarpRows = 16 * kMTiles, kWarps = 4, kThreads = 32 * kWarps,
+              kOwnRows = kWarpRows * kWarps;
 constexpr float kLog2e = 1.4426950408889634f;
 template <int D> constexpr int kStride = D + 8;
 template <int D> constexpr int kTileElems = kBlock * kStride<D>;
@@ -58,16 +62,29 @@ template <int D> __device__ void load_b_kn(const bf16* tile, int ks, int n0, uin
   const int lane = threadIdx.x % 32;
   ldmatrix_x4<true>(b, tile + (ks * 16 + lane % 8 + (lane / 8) % 2 * 8) * kStride<D> + n0 + lane / 16 * 8);
 }
-// Column of accumulator element e of n8 tile j (C layout) within its 64-column block.
+// Column of accumulator element e of n8 tile j (C layout) within its block of columns.
 __device__ inline int accumulator_column(int j, int e) { return j * 8 + 2 * static_cast<int>(threadIdx.x % 4) + e % 2; }
+
+// The lane's two accumulator rows (g and g + 8) of each of the warp's m-tiles, from the
+// warp's first row.
+struct WarpRows {
+  int row[kMTiles][2];
+};
+__device__ inline WarpRows warp_rows(int first) {
+  const int g = static_cast<int>(threadIdx.x % 32) / 4;
+  WarpRows w;
+#pragma unroll
+  for (int mt = 0; mt < kMTiles; ++mt) w.row[mt][0] = first + 16 * mt + g, w.row[mt][1] = first + 16 * mt + g + 8;
+  return w;
+}
 
 // Sets the scores of keys a query may not see (later keys, keys past T) to `hidden`.
 // Accumulator tiles of a [query][key] block (TRANSPOSED: [key][query]): row r is this
-// lane's row (g or g + 8 of the warp's 16, at `own[r]`), column u0 + accumulator_column.
-template <bool TRANSPOSED>
-__device__ inline void mask_scores(float (&p)[8][4], const int (&own)[2], int u0, int T, float hidden) {
+// lane's row own[r], column u0 + accumulator_column.
+template <bool TRANSPOSED, int NT>
+__device__ inline void mask_scores(float (&p)[NT][4], const int (&own)[2], int u0, int T, float hidden) {
 #pragma unroll
-  for (int j = 0; j < 8; ++j)
+  for (int j = 0; j < NT; ++j)
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
       const int mine = own[e / 2], other = u0 + accumulator_column(j, e);
@@ -77,41 +94,73 @@ __device__ inline void mask_scores(float (&p)[8][4], const int (&own)[2], int u0
 }
 
 // The A fragment of k step ks from accumulator tiles [16 rows][8 j + ...] (C layout).
-__device__ inline void accumulators_as_a(const float (&c)[8][4], int ks, uint32_t (&a)[4]) {
+template <int NT> __device__ inline void accumulators_as_a(const float (&c)[NT][4], int ks, uint32_t (&a)[4]) {
   a[0] = pack_bf16(c[2 * ks][0], c[2 * ks][1]);
   a[1] = pack_bf16(c[2 * ks][2], c[2 * ks][3]);
   a[2] = pack_bf16(c[2 * ks + 1][0], c[2 * ks + 1][1]);
   a[3] = pack_bf16(c[2 * ks + 1][2], c[2 * ks + 1][3]);
 }
 
-// acc [16 rows][64 columns] = A (registers, D/16 k steps) times the tile stored [n][k].
-template <int D> __device__ void product_nk(const uint32_t (&a)[D / 16][4], const bf16* tile, float (&acc)[8][4]) {
+// acc [m-tile][NT n8 tiles] = A times the tile stored [n][k] (NT * 8 rows), over D / 16 k
+// steps; a_fragment(mt, ks, a) gives A's fragments (from registers or shared memory).
+template <int D, int NT, typename AFragment>
+__device__ void product_nk(AFragment a_fragment, const bf16* tile, float (&acc)[kMTiles][NT][4]) {
 #pragma unroll
-  for (int j = 0; j < 8; ++j)
+  for (int mt = 0; mt < kMTiles; ++mt)
 #pragma unroll
-    for (int e = 0; e < 4; ++e) acc[j][e] = 0;
+    for (int j = 0; j < NT; ++j)
 #pragma unroll
-  for (int ks = 0; ks < D / 16; ++ks)
+      for (int e = 0; e < 4; ++e) acc[mt][j][e] = 0;
 #pragma unroll
-    for (int j = 0; j < 8; j += 2) {
+  for (int ks = 0; ks < D / 16; ++ks) {
+    uint32_t a[kMTiles][4];
+#pragma unroll
+    for (int mt = 0; mt < kMTiles; ++mt) a_fragment(mt, ks, a[mt]);
+#pragma unroll
+    for (int j = 0; j < NT; j += 2) {
       uint32_t b[4];
       load_b_nk<D>(tile, j * 8, ks, b);
-      mma_bf16(acc[j], a[ks], b[0], b[1]);
-      mma_bf16(acc[j + 1], a[ks], b[2], b[3]);
-    }
-}
-// acc [16 rows][D] += (accumulator tiles as A, 64 columns) times the tile stored [k][n].
-template <int D> __device__ void accumulate_kn(const float (&p)[8][4], const bf16* tile, float (&acc)[D / 8][4]) {
 #pragma unroll
-  for (int ks = 0; ks < 4; ++ks) {
-    uint32_t a[4];
-    accumulators_as_a(p, ks, a);
+      for (int mt = 0; mt < kMTiles; ++mt) {
+        mma_bf16(acc[mt][j], a[mt], b[0], b[1]);
+        mma_bf16(acc[mt][j + 1], a[mt], b[2], b[3]);
+      }
+    }
+  }
+}
+// A in registers: fragments[mt][ks].
+template <int D> struct RegisterA {
+  const uint32_t (&fragments)[kMTiles][D / 16][4];
+  __device__ void operator()(int mt, int ks, uint32_t (&a)[4]) const {
+#pragma unroll
+    for (int k = 0; k < 4; ++k) a[k] = fragments[mt][ks][k];
+  }
+};
+// A in shared memory: the warp's rows [r0 + 16 mt, ..) of a row-major tile.
+template <int D> struct SharedA {
+  const bf16* tile;
+  int r0;
+  __device__ void operator()(int mt, int ks, uint32_t (&a)[4]) const { load_a<D>(tile, r0 + 16 * mt, ks, a); }
+};
+
+// acc [m-tile][D] += (accumulator tiles as A, KS k steps of 16 columns) times the tile
+// stored [k][n].
+template <int D, int KS>
+__device__ void accumulate_kn(const float (&p)[kMTiles][2 * KS][4], const bf16* tile, float (&acc)[kMTiles][D / 8][4]) {
+#pragma unroll
+  for (int ks = 0; ks < KS; ++ks) {
+    uint32_t a[kMTiles][4];
+#pragma unroll
+    for (int mt = 0; mt < kMTiles; ++mt) accumulators_as_a(p[mt], ks, a[mt]);
 #pragma unroll
     for (int dt = 0; dt < D / 8; dt += 2) {
       uint32_t b[4];
       load_b_kn<D>(tile, ks, dt * 8, b);
-      mma_bf16(acc[dt], a, b[0], b[1]);
-      mma_bf16(acc[dt + 1], a, b[2], b[3]);
+#pragma unroll
+      for (int mt = 0; mt < kMTiles; ++mt) {
+        mma_bf16(acc[mt][dt], a[mt], b[0], b[1]);
+        mma_bf16(acc[mt][dt + 1], a[mt], b[2], b[3]);
+      }
     }
   }
 }
@@ -123,19 +172,22 @@ __device__ void load_kv(const bf16* base, int64_t row, int64_t C, int64_t kb, in
   load_tile<D>(base + 2 * C, row, kb * kBlock, T, v_tile);
 }
 
-// Stores this lane's accumulator rows (C layout: rows g and g + 8 of the warp's 16) as
-// bf16, each times its factor; a null row is skipped (past the sequence).
+// Stores this lane's accumulator rows (C layout: rows g and g + 8 of each m-tile) as bf16,
+// each times its factor; a null row is skipped (past the sequence).
 template <int D>
-__device__ void store_rows(const float (&acc)[D / 8][4], bf16* const (&rows)[2], const float (&factor)[2]) {
+__device__ void store_rows(const float (&acc)[kMTiles][D / 8][4], bf16* const (&rows)[kMTiles][2],
+                           const float (&factor)[kMTiles][2]) {
   const int q4 = threadIdx.x % 4;
 #pragma unroll
-  for (int hh = 0; hh < 2; ++hh) {
-    if (!rows[hh]) continue;
+  for (int mt = 0; mt < kMTiles; ++mt)
 #pragma unroll
-    for (int dt = 0; dt < D / 8; ++dt)
-      *reinterpret_cast<uint32_t*>(rows[hh] + dt * 8 + 2 * q4) =
-          pack_bf16(acc[dt][2 * hh] * factor[hh], acc[dt][2 * hh + 1] * factor[hh]);
-  }
+    for (int hh = 0; hh < 2; ++hh) {
+      if (!rows[mt][hh]) continue;
+#pragma unroll
+      for (int dt = 0; dt < D / 8; ++dt)
+        *reinterpret_cast<uint32_t*>(rows[mt][hh] + dt * 8 + 2 * q4) =
+            pack_bf16(acc[mt][dt][2 * hh] * factor[mt][hh], acc[mt][dt][2 * hh + 1] * factor[mt][hh]);
+    }
 }
 
 struct Head {
@@ -160,15 +212,15 @@ __device__ inline float drop(const Head& s, cpu::DropoutSpec dropout, int64_t t,
 
 // Forward: a block takes kOwnRows queries, the key tiles up to its last query.
 template <int D, bool DROPOUT>
-__global__ void __launch_bounds__(kThreads, 2) flash_forward_kernel(const bf16* qkv, int64_t T, int64_t C, int64_t H,
-                                                                 float scale, cpu::DropoutSpec dropout, bf16* out,
-                                                                 float* lse) {
+__global__ void __launch_bounds__(kThreads) flash_forward_kernel(const bf16* qkv, int64_t T, int64_t C, int64_t H,
+                                                               float scale, cpu::DropoutSpec dropout, bf16* out,
+                                                               float* lse) {
   // q, then two buffers of k and v: the next key tile is copied while this one is used.
   extern __shared__ __align__(16) bf16 shared[];
   bf16* q_tile = shared;
   auto k_tile = [&](int buffer) { return shared + kOwnRows * kStride<D> + buffer * kTileElems<D>; };
   auto v_tile = [&](int buffer) { return k_tile(2 + buffer); };
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, q4 = lane % 4;
+  const int warp = threadIdx.x / 32, q4 = threadIdx.x % 4;
   const Head s = head_of(T, C, H);
   const int64_t row = 3 * C, t0 = own_rows<true>();
   const bf16* base = qkv + s.b * T * row + s.h * D;
@@ -176,10 +228,12 @@ __global__ void __launch_bounds__(kThreads, 2) flash_forward_kernel(const bf16* 
   load_tile<D, kOwnRows>(base, row, t0, T, q_tile);
   load_kv<D>(base, row, C, 0, T, k_tile(0), v_tile(0));
   detail::commit_async();
-  uint32_t qa[D / 16][4];
-  float o[D / 8][4] = {}, m[2] = {-INFINITY, -INFINITY}, l[2] = {0, 0};
-  const int first = static_cast<int>(t0) + warp * 16;  // this warp's first query
-  const int tq[2] = {first + g, first + g + 8};
+  uint32_t qa[kMTiles][D / 16][4];
+  float o[kMTiles][D / 8][4] = {}, m[kMTiles][2], l[kMTiles][2] = {};
+#pragma unroll
+  for (int mt = 0; mt < kMTiles; ++mt) m[mt][0] = m[mt][1] = -INFINITY;
+  const int first = static_cast<int>(t0) + warp * kWarpRows;  // this warp's first query
+  const WarpRows tq = warp_rows(first);
   const int last_tile = static_cast<int>(((t0 + kOwnRows < T ? t0 + kOwnRows : T) - 1) / kBlock);
   for (int kb = 0; kb <= last_tile; ++kb) {
     const int buffer = kb & 1;
@@ -189,100 +243,115 @@ __global__ void __launch_bounds__(kThreads, 2) flash_forward_kernel(const bf16* 
     __syncthreads();
     if (kb == 0)
 #pragma unroll
-      for (int ks = 0; ks < D / 16; ++ks) load_a<D>(q_tile, warp * 16, ks, qa[ks]);
+      for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+        for (int ks = 0; ks < D / 16; ++ks) load_a<D>(q_tile, warp * kWarpRows + 16 * mt, ks, qa[mt][ks]);
     const int u0 = kb * kBlock;
-    if (u0 <= first + 15) {  // else every key of the tile is after this warp's queries
-      float p[8][4];
-      product_nk<D>(qa, k_tile(buffer), p);
-      // Only the tile reaching this warp's queries (or past T) needs the mask.
-      if (u0 + kBlock - 1 > first || u0 + kBlock > T)
-        mask_scores<false>(p, tq, u0, static_cast<int>(T), -INFINITY);
-      // m is in scaled log2 units. Key 0 precedes every query, so after the first tile every
-      // row's max is finite; before it m = -inf and the correction is exp2(-inf) = 0.
-      float mx[2] = {p[0][0], p[0][2]};
+    if (u0 <= first + kWarpRows - 1) {  // else every key of the tile is after this warp's queries
+      float p[kMTiles][8][4];
+      product_nk<D, 8>(RegisterA<D>{qa}, k_tile(buffer), p);
 #pragma unroll
-      for (int j = 0; j < 8; ++j)
+      for (int mt = 0; mt < kMTiles; ++mt) {
+        // Only the tile reaching these queries (or past T) needs the mask.
+        if (u0 + kBlock - 1 > first + 16 * mt || u0 + kBlock > T)
+          mask_scores<false>(p[mt], tq.row[mt], u0, static_cast<int>(T), -INFINITY);
+        // m is in scaled log2 units. Key 0 precedes every query, so after the first tile every
+        // row's max is finite; before it m = -inf and the correction is exp2(-inf) = 0. (An
+        // m-tile whose queries all precede the tile has max -inf here: no change, P = 0.)
+        float mx[2] = {p[mt][0][0], p[mt][0][2]};
 #pragma unroll
-        for (int e = 0; e < 4; ++e) mx[e / 2] = fmaxf(mx[e / 2], p[j][e]);
+        for (int j = 0; j < 8; ++j)
 #pragma unroll
-      for (int hh = 0; hh < 2; ++hh) {
-        mx[hh] = fmaxf(mx[hh], __shfl_xor_sync(0xffffffffu, mx[hh], 1));
-        mx[hh] = fmaxf(mx[hh], __shfl_xor_sync(0xffffffffu, mx[hh], 2));
-        const float m_new = fmaxf(m[hh], mx[hh] * scale2);
-        const float correction = exp2_fast(m[hh] - m_new);
-        l[hh] *= correction;
+          for (int e = 0; e < 4; ++e) mx[e / 2] = fmaxf(mx[e / 2], p[mt][j][e]);
 #pragma unroll
-        for (int dt = 0; dt < D / 8; ++dt) o[dt][2 * hh] *= correction, o[dt][2 * hh + 1] *= correction;
-        m[hh] = m_new;
-      }
+        for (int hh = 0; hh < 2; ++hh) {
+          mx[hh] = fmaxf(mx[hh], __shfl_xor_sync(0xffffffffu, mx[hh], 1));
+          mx[hh] = fmaxf(mx[hh], __shfl_xor_sync(0xffffffffu, mx[hh], 2));
+          const float m_new = fmaxf(m[mt][hh], mx[hh] * scale2);
+          const float correction = exp2_fast(m[mt][hh] - m_new);
+          l[mt][hh] *= correction;
 #pragma unroll
-      for (int j = 0; j < 8; ++j)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int hh = e / 2;
-          const float pe = exp2_fast(fmaf(p[j][e], scale2, -m[hh]));
-          l[hh] += pe;  // the normaliser is over P before dropout
-          p[j][e] = pe;
-          if constexpr (DROPOUT) p[j][e] *= drop(s, dropout, tq[hh], u0 + accumulator_column(j, e));
+          for (int dt = 0; dt < D / 8; ++dt) o[mt][dt][2 * hh] *= correction, o[mt][dt][2 * hh + 1] *= correction;
+          m[mt][hh] = m_new;
         }
-      accumulate_kn<D>(p, v_tile(buffer), o);
+#pragma unroll
+        for (int j = 0; j < 8; ++j)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int hh = e / 2;
+            const float pe = exp2_fast(fmaf(p[mt][j][e], scale2, -m[mt][hh]));
+            l[mt][hh] += pe;  // the normaliser is over P before dropout
+            p[mt][j][e] = pe;
+            if constexpr (DROPOUT) p[mt][j][e] *= drop(s, dropout, tq.row[mt][hh], u0 + accumulator_column(j, e));
+          }
+      }
+      accumulate_kn<D, 4>(p, v_tile(buffer), o);
     }
     __syncthreads();  // this buffer is refilled next iteration
   }
-  bf16* rows[2];
-  float inverse[2];
+  bf16* rows[kMTiles][2];
+  float inverse[kMTiles][2];
 #pragma unroll
-  for (int hh = 0; hh < 2; ++hh) {
-    l[hh] += __shfl_xor_sync(0xffffffffu, l[hh], 1);
-    l[hh] += __shfl_xor_sync(0xffffffffu, l[hh], 2);
-    rows[hh] = tq[hh] < T ? out + (s.b * T + tq[hh]) * C + s.h * D : nullptr;
-    inverse[hh] = 1.0f / l[hh];
-    if (q4 == 0 && tq[hh] < T) lse[s.bh * T + tq[hh]] = m[hh] + log2f(l[hh]);  // log2 units
-  }
+  for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh) {
+      const int t = tq.row[mt][hh];
+      float& sum = l[mt][hh];
+      sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+      sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+      rows[mt][hh] = t < T ? out + (s.b * T + t) * C + s.h * D : nullptr;
+      inverse[mt][hh] = 1.0f / sum;
+      if (q4 == 0 && t < T) lse[s.bh * T + t] = m[mt][hh] + log2f(sum);  // log2 units
+    }
   store_rows<D>(o, rows, inverse);
 }
 
-// dK, dV: a block takes kOwnRows keys, the query tiles from its first key on.
+// The query columns are processed 32 at a time in the backward kernels (kHalf): two sets of
+// score accumulators of a whole 64-column tile would not fit the registers.
+constexpr int kHalf = kBlock / 2, kHalfTiles = kHalf / 8;
+
+// dK, dV: a block takes kOwnRows keys, the query tiles from its first key on. The block's
+// k and v stay in shared memory (A fragments re-read per use: registers hold dK, dV).
+template <int D> constexpr int kv_shared_bytes() {
+  return (2 * kOwnRows * kStride<D> + 4 * kTileElems<D>) * static_cast<int>(sizeof(bf16)) +
+         4 * kBlock * static_cast<int>(sizeof(float));
+}
 template <int D, bool DROPOUT>
 __global__ void __launch_bounds__(kThreads) flash_backward_kv_kernel(const bf16* qkv, const bf16* grad_out,
                                                                      const float* lse, const float* delta, int64_t T,
                                                                      int64_t C, int64_t H, float scale,
                                                                      cpu::DropoutSpec dropout, bf16* grad_qkv) {
-  // two buffers of q, dout, lse and delta (the q buffers first bring this block's k and v)
-  __shared__ __align__(16) bf16 q_tile[2][kTileElems<D>], do_tile[2][kTileElems<D>];
-  __shared__ float lse_s[2][kBlock], delta_s[2][kBlock];
-  static_assert(kOwnRows <= 2 * kBlock, "the block's keys are staged through the two q buffers");
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4;
+  // the block's k and v; two buffers of q, dout, lse and delta
+  extern __shared__ __align__(16) bf16 shared[];
+  bf16* k_own = shared;
+  bf16* v_own = k_own + kOwnRows * kStride<D>;
+  auto q_tile = [&](int buffer) { return v_own + kOwnRows * kStride<D> + buffer * kTileElems<D>; };
+  auto do_tile = [&](int buffer) { return q_tile(2 + buffer); };
+  float* lse_s = reinterpret_cast<float*>(q_tile(4));  // [2][kBlock], then delta's
+  float* delta_s = lse_s + 2 * kBlock;
+  const int warp = threadIdx.x / 32;
   const Head s = head_of(T, C, H);
   const int64_t row = 3 * C, k0 = own_rows<false>();
   const bf16* base = qkv + s.b * T * row + s.h * D;
   const bf16* go = grad_out + s.b * T * C + s.h * D;
   const float scale2 = scale * kLog2e;
-  uint32_t ka[D / 16][4], va[D / 16][4];
-#pragma unroll
-  for (int which = 0; which < 2; ++which) {
-    load_tile<D, kOwnRows>(base + (1 + which) * C, row, k0, T, q_tile[0]);
-    detail::commit_async();
-    detail::wait_async<0>();
-    __syncthreads();
-#pragma unroll
-    for (int ks = 0; ks < D / 16; ++ks) load_a<D>(q_tile[0], warp * 16, ks, which == 0 ? ka[ks] : va[ks]);
-    __syncthreads();
-  }
+  load_tile<D, kOwnRows>(base + C, row, k0, T, k_own);
+  load_tile<D, kOwnRows>(base + 2 * C, row, k0, T, v_own);
   auto issue = [&](int qb, int buffer) {
-    load_tile<D>(base, row, static_cast<int64_t>(qb) * kBlock, T, q_tile[buffer]);
-    load_tile<D>(go, C, static_cast<int64_t>(qb) * kBlock, T, do_tile[buffer]);
-    if (threadIdx.x < 2 * kBlock) {  // lse by the first kBlock threads, delta by the next
-      const int local = static_cast<int>(threadIdx.x) % kBlock;
+    load_tile<D>(base, row, static_cast<int64_t>(qb) * kBlock, T, q_tile(buffer));
+    load_tile<D>(go, C, static_cast<int64_t>(qb) * kBlock, T, do_tile(buffer));
+    for (int i = static_cast<int>(threadIdx.x); i < 2 * kBlock; i += kThreads) {  // lse, then delta
+      const int local = i % kBlock;
       const int64_t t = static_cast<int64_t>(qb) * kBlock + local;
-      const float* source = threadIdx.x < kBlock ? lse : delta;
-      float* target = threadIdx.x < kBlock ? lse_s[buffer] : delta_s[buffer];
+      const float* source = i < kBlock ? lse : delta;
+      float* target = (i < kBlock ? lse_s : delta_s) + buffer * kBlock;
       detail::copy_async<4>(target + local, source + s.bh * T + (t < T ? t : 0), t < T);
     }
   };
-  float dk[D / 8][4] = {}, dv[D / 8][4] = {};
-  const int first = static_cast<int>(k0) + warp * 16;  // this warp's first key
-  const int ku[2] = {first + g, first + g + 8};
+  float dk[kMTiles][D / 8][4] = {}, dv[kMTiles][D / 8][4] = {};
+  const int first = static_cast<int>(k0) + warp * kWarpRows;  // this warp's first key
+  const WarpRows ku = warp_rows(first);
+  const SharedA<D> k_a{k_own, warp * kWarpRows}, v_a{v_own, warp * kWarpRows};
   const int first_tile = static_cast<int>(k0 / kBlock), query_tiles = static_cast<int>((T + kBlock - 1) / kBlock);
   issue(first_tile, 0);
   detail::commit_async();
@@ -292,73 +361,90 @@ __global__ void __launch_bounds__(kThreads) flash_backward_kv_kernel(const bf16*
     detail::commit_async();
     detail::wait_async<1>();
     __syncthreads();
-    const int t0 = qb * kBlock;
-    if (t0 + kBlock - 1 >= first) {  // else every query of the tile is before this warp's keys
-      // P^T [keys][queries] and, for dV, D P^T. Only tiles reaching back to this warp's
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int t0 = qb * kBlock + half * kHalf, offset = half * kHalf;
+      if (t0 + kHalf - 1 < first) continue;  // every query of the half is before this warp's keys
+      const bf16* q_rows = q_tile(buffer) + offset * kStride<D>;
+      const bf16* do_rows = do_tile(buffer) + offset * kStride<D>;
+      const float* lse_h = lse_s + buffer * kBlock + offset;
+      const float* delta_h = delta_s + buffer * kBlock + offset;
+      // P^T [keys][queries] and, for dV, D P^T. Only halves reaching back to this warp's
       // keys (or past T) need the mask. (Rows past T are zeros: no contribution.)
-      float p[8][4], pd[8][4];
-      product_nk<D>(ka, q_tile[buffer], p);
-      if (t0 < first + 15 || t0 + kBlock > T || first + 16 > T)
-        mask_scores<true>(p, ku, t0, static_cast<int>(T), -INFINITY);
+      float p[kMTiles][kHalfTiles][4], pd[kMTiles][kHalfTiles][4];
+      product_nk<D, kHalfTiles>(k_a, q_rows, p);
 #pragma unroll
-      for (int j = 0; j < 8; ++j)
+      for (int mt = 0; mt < kMTiles; ++mt) {
+        if (t0 < first + 16 * mt + 15 || t0 + kHalf > T || first + 16 * mt + 16 > T)
+          mask_scores<true>(p[mt], ku.row[mt], t0, static_cast<int>(T), -INFINITY);
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int local = accumulator_column(j, e);
-          p[j][e] = exp2_fast(fmaf(p[j][e], scale2, -lse_s[buffer][local]));
-          pd[j][e] = p[j][e];
-          if constexpr (DROPOUT) pd[j][e] *= drop(s, dropout, t0 + local, ku[e / 2]);
-        }
-      accumulate_kn<D>(pd, do_tile[buffer], dv);
+        for (int j = 0; j < kHalfTiles; ++j)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int local = accumulator_column(j, e);
+            p[mt][j][e] = exp2_fast(fmaf(p[mt][j][e], scale2, -lse_h[local]));
+            pd[mt][j][e] = p[mt][j][e];
+            if constexpr (DROPOUT) pd[mt][j][e] *= drop(s, dropout, t0 + local, ku.row[mt][e / 2]);
+          }
+      }
+      accumulate_kn<D, kHalfTiles / 2>(pd, do_rows, dv);
       // dP^T = v dout^T; dS^T = P^T (D dP^T - delta) (times scale when dK is stored)
-      product_nk<D>(va, do_tile[buffer], pd);
+      product_nk<D, kHalfTiles>(v_a, do_rows, pd);
 #pragma unroll
-      for (int j = 0; j < 8; ++j)
+      for (int mt = 0; mt < kMTiles; ++mt)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int local = accumulator_column(j, e);
-          float dp = pd[j][e];
-          if constexpr (DROPOUT) dp *= drop(s, dropout, t0 + local, ku[e / 2]);
-          pd[j][e] = p[j][e] * (dp - delta_s[buffer][local]);
-        }
-      accumulate_kn<D>(pd, q_tile[buffer], dk);
+        for (int j = 0; j < kHalfTiles; ++j)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int local = accumulator_column(j, e);
+            float dp = pd[mt][j][e];
+            if constexpr (DROPOUT) dp *= drop(s, dropout, t0 + local, ku.row[mt][e / 2]);
+            pd[mt][j][e] = p[mt][j][e] * (dp - delta_h[local]);
+          }
+      accumulate_kn<D, kHalfTiles / 2>(pd, q_rows, dk);
     }
     __syncthreads();  // this buffer is refilled next iteration
   }
-  bf16 *k_rows[2], *v_rows[2];
-  const float one[2] = {1.0f, 1.0f}, scaled[2] = {scale, scale};
+  bf16 *k_rows[kMTiles][2], *v_rows[kMTiles][2];
+  float one[kMTiles][2], scaled[kMTiles][2];
 #pragma unroll
-  for (int hh = 0; hh < 2; ++hh) {
-    bf16* grow = ku[hh] < T ? grad_qkv + (s.b * T + ku[hh]) * row + s.h * D : nullptr;
-    k_rows[hh] = grow ? grow + C : nullptr;
-    v_rows[hh] = grow ? grow + 2 * C : nullptr;
-  }
+  for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh) {
+      const int u = ku.row[mt][hh];
+      bf16* grow = u < T ? grad_qkv + (s.b * T + u) * row + s.h * D : nullptr;
+      k_rows[mt][hh] = grow ? grow + C : nullptr;
+      v_rows[mt][hh] = grow ? grow + 2 * C : nullptr;
+      one[mt][hh] = 1.0f, scaled[mt][hh] = scale;
+    }
   store_rows<D>(dk, k_rows, scaled);
   store_rows<D>(dv, v_rows, one);
 }
 
 // delta_t = dout_t . out_t (= sum_u P_tu D_tu dP_tu, the softmax backward's row term) of
-// this warp's 16 rows from `first`: two lanes a row, each half of it, one shuffle; every
-// lane gets its rows' values (its accumulator rows g and g + 8); lanes 0, 2, .. store them.
+// this warp's kWarpRows rows from `first`: a lane a row; every lane gets its accumulator
+// rows' values (mine[mt][hh]) by shuffle, and stores its own row's.
 template <int D>
 __device__ void row_deltas(const bf16* grad_out, const bf16* out, int64_t row0, int64_t ld, int first, int64_t T,
-                           float* delta, float (&mine)[2]) {
-  const int lane = threadIdx.x % 32, t = first + lane / 2, d0 = lane % 2 * (D / 2);
+                           float* delta, float (&mine)[kMTiles][2]) {
+  static_assert(kWarpRows == 32, "a lane a row");
+  const int lane = threadIdx.x % 32, t = first + lane;
   float sum = 0;
   if (t < T)
 #pragma unroll
-    for (int d = d0; d < d0 + D / 2; d += 8) {
+    for (int d = 0; d < D; d += 8) {
       float a[8], b[8];
       detail::load_bf16<8>(grad_out + (row0 + t) * ld + d, a);
       detail::load_bf16<8>(out + (row0 + t) * ld + d, b);
 #pragma unroll
       for (int k = 0; k < 8; ++k) sum += a[k] * b[k];
     }
-  sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-  if (lane % 2 == 0 && t < T) delta[t] = sum;
+  if (t < T) delta[t] = sum;
   const int g = lane / 4;
-  mine[0] = __shfl_sync(0xffffffffu, sum, 2 * g);
-  mine[1] = __shfl_sync(0xffffffffu, sum, 2 * g + 16);
+#pragma unroll
+  for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh) mine[mt][hh] = __shfl_sync(0xffffffffu, sum, 16 * mt + g + 8 * hh);
 }
 
 // dQ (and delta, which the dK/dV kernel reads after it): a block takes kOwnRows queries,
@@ -372,30 +458,34 @@ __global__ void __launch_bounds__(kThreads) flash_backward_q_kernel(const bf16* 
   // two buffers of k and v (the k buffers first bring this block's q, the v buffers its dout)
   __shared__ __align__(16) bf16 k_tile[2][kTileElems<D>], v_tile[2][kTileElems<D>];
   static_assert(kOwnRows <= 2 * kBlock, "the block's queries are staged through the two k buffers");
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4;
+  const int warp = threadIdx.x / 32;
   const Head s = head_of(T, C, H);
   const int64_t row = 3 * C, t0 = own_rows<true>();
   const bf16* base = qkv + s.b * T * row + s.h * D;
   const float scale2 = scale * kLog2e;
-  uint32_t qa[D / 16][4], doa[D / 16][4];
+  uint32_t qa[kMTiles][D / 16][4], doa[kMTiles][D / 16][4];
   load_tile<D, kOwnRows>(base, row, t0, T, k_tile[0]);
   load_tile<D, kOwnRows>(grad_out + s.b * T * C + s.h * D, C, t0, T, v_tile[0]);
   detail::commit_async();
   detail::wait_async<0>();
   __syncthreads();
 #pragma unroll
-  for (int ks = 0; ks < D / 16; ++ks) {
-    load_a<D>(k_tile[0], warp * 16, ks, qa[ks]);
-    load_a<D>(v_tile[0], warp * 16, ks, doa[ks]);
-  }
+  for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+    for (int ks = 0; ks < D / 16; ++ks) {
+      load_a<D>(k_tile[0], warp * kWarpRows + 16 * mt, ks, qa[mt][ks]);
+      load_a<D>(v_tile[0], warp * kWarpRows + 16 * mt, ks, doa[mt][ks]);
+    }
   __syncthreads();
-  const int first = static_cast<int>(t0) + warp * 16;  // this warp's first query
-  const int tq[2] = {first + g, first + g + 8};
-  float row_lse[2], row_delta[2];
+  const int first = static_cast<int>(t0) + warp * kWarpRows;  // this warp's first query
+  const WarpRows tq = warp_rows(first);
+  float row_lse[kMTiles][2], row_delta[kMTiles][2];
   row_deltas<D>(grad_out + s.h * D, out + s.h * D, s.b * T, C, first, T, delta + s.bh * T, row_delta);
 #pragma unroll
-  for (int hh = 0; hh < 2; ++hh) row_lse[hh] = tq[hh] < T ? lse[s.bh * T + tq[hh]] : 0.0f;
-  float dq[D / 8][4] = {};
+  for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh) row_lse[mt][hh] = tq.row[mt][hh] < T ? lse[s.bh * T + tq.row[mt][hh]] : 0.0f;
+  float dq[kMTiles][D / 8][4] = {};
   const int last_tile = static_cast<int>(((t0 + kOwnRows < T ? t0 + kOwnRows : T) - 1) / kBlock);
   load_kv<D>(base, row, C, 0, T, k_tile[0], v_tile[0]);
   detail::commit_async();
@@ -405,31 +495,43 @@ __global__ void __launch_bounds__(kThreads) flash_backward_q_kernel(const bf16* 
     detail::commit_async();
     detail::wait_async<1>();
     __syncthreads();
-    const int u0 = kb * kBlock;
-    if (u0 <= first + 15) {  // else every key of the tile is after this warp's queries
-      float p[8][4], ds[8][4];
-      product_nk<D>(qa, k_tile[buffer], p);
-      if (u0 + kBlock - 1 > first || u0 + kBlock > T)
-        mask_scores<false>(p, tq, u0, static_cast<int>(T), -INFINITY);
-      product_nk<D>(doa, v_tile[buffer], ds);  // dP = dout v^T
 #pragma unroll
-      for (int j = 0; j < 8; ++j)
+    for (int half = 0; half < 2; ++half) {
+      const int u0 = kb * kBlock + half * kHalf;
+      if (u0 > first + kWarpRows - 1) continue;  // every key of the half is after this warp's queries
+      const bf16* k_rows = k_tile[buffer] + half * kHalf * kStride<D>;
+      float p[kMTiles][kHalfTiles][4], ds[kMTiles][kHalfTiles][4];
+      product_nk<D, kHalfTiles>(RegisterA<D>{qa}, k_rows, p);
+      product_nk<D, kHalfTiles>(RegisterA<D>{doa}, v_tile[buffer] + half * kHalf * kStride<D>, ds);  // dP = dout v^T
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int hh = e / 2;
-          const float pe = exp2_fast(fmaf(p[j][e], scale2, -row_lse[hh]));
-          float dp = ds[j][e];
-          if constexpr (DROPOUT) dp *= drop(s, dropout, tq[hh], u0 + accumulator_column(j, e));
-          ds[j][e] = pe * (dp - row_delta[hh]);  // times scale when dQ is stored
-        }
-      accumulate_kn<D>(ds, k_tile[buffer], dq);
+      for (int mt = 0; mt < kMTiles; ++mt) {
+        if (u0 + kHalf - 1 > first + 16 * mt || u0 + kHalf > T)
+          mask_scores<false>(p[mt], tq.row[mt], u0, static_cast<int>(T), -INFINITY);
+#pragma unroll
+        for (int j = 0; j < kHalfTiles; ++j)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int hh = e / 2;
+            const float pe = exp2_fast(fmaf(p[mt][j][e], scale2, -row_lse[mt][hh]));
+            float dp = ds[mt][j][e];
+            if constexpr (DROPOUT) dp *= drop(s, dropout, tq.row[mt][hh], u0 + accumulator_column(j, e));
+            ds[mt][j][e] = pe * (dp - row_delta[mt][hh]);  // times scale when dQ is stored
+          }
+      }
+      accumulate_kn<D, kHalfTiles / 2>(ds, k_rows, dq);
     }
     __syncthreads();  // this buffer is refilled next iteration
   }
-  bf16* q_rows[2];
-  const float scaled[2] = {scale, scale};
+  bf16* q_rows[kMTiles][2];
+  float scaled[kMTiles][2];
 #pragma unroll
-  for (int hh = 0; hh < 2; ++hh) q_rows[hh] = tq[hh] < T ? grad_qkv + (s.b * T + tq[hh]) * row + s.h * D : nullptr;
+  for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh) {
+      const int t = tq.row[mt][hh];
+      q_rows[mt][hh] = t < T ? grad_qkv + (s.b * T + t) * row + s.h * D : nullptr;
+      scaled[mt][hh] = scale;
+    }
   store_rows<D>(dq, q_rows, scaled);
 }
 
@@ -494,8 +596,10 @@ void attention_backward(const cpu::AttentionShape& s, const bf16* grad_out, cons
     flash_backward_q_kernel<D, DROPOUT><<<grid, kThreads, 0, stream>>>(qkv, grad_out, out, lse, g.T, g.C, g.H,
                                                                        scale, dropout, delta, grad_qkv);
     MHC_CUDA_CHECK(cudaGetLastError());
-    flash_backward_kv_kernel<D, DROPOUT><<<grid, kThreads, 0, stream>>>(qkv, grad_out, lse, delta, g.T, g.C, g.H,
-                                                                        scale, dropout, grad_qkv);
+    const auto kv_kernel = flash_backward_kv_kernel<D, DROPOUT>;
+    MHC_CUDA_CHECK(cudaFuncSetAttribute(kv_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kv_shared_bytes<D>()));
+    kv_kernel<<<grid, kThreads, kv_shared_bytes<D>(), stream>>>(qkv, grad_out, lse, delta, g.T, g.C, g.H, scale,
+                                                               dropout, grad_qkv);
   });
   MHC_CUDA_CHECK(cudaGetLastError());
 }
