@@ -210,9 +210,14 @@ __device__ inline float drop(const Head& s, cpu::DropoutSpec dropout, int64_t t,
   return dropout_scale<float>(dropout.key, static_cast<uint64_t>((s.bh * s.T + t) * s.T + u), dropout.p);
 }
 
-// Forward: a block takes kOwnRows queries, the key tiles up to its last query.
+// The streamed tiles are used 32 rows at a time (kHalf): score accumulators of a whole
+// 64-row tile for two m-tiles would take 64 registers a set.
+constexpr int kHalf = kBlock / 2, kHalfTiles = kHalf / 8;
+
+// Forward: a block takes kOwnRows queries, the key tiles up to its last query. Held to 168
+// registers (three blocks a multiprocessor; a few bytes spill outside the main loop).
 template <int D, bool DROPOUT>
-__global__ void __launch_bounds__(kThreads) flash_forward_kernel(const bf16* qkv, int64_t T, int64_t C, int64_t H,
+__global__ void __launch_bounds__(kThreads, 3) flash_forward_kernel(const bf16* qkv, int64_t T, int64_t C, int64_t H,
                                                                float scale, cpu::DropoutSpec dropout, bf16* out,
                                                                float* lse) {
   // q, then two buffers of k and v: the next key tile is copied while this one is used.
@@ -246,21 +251,24 @@ __global__ void __launch_bounds__(kThreads) flash_forward_kernel(const bf16* qkv
       for (int mt = 0; mt < kMTiles; ++mt)
 #pragma unroll
         for (int ks = 0; ks < D / 16; ++ks) load_a<D>(q_tile, warp * kWarpRows + 16 * mt, ks, qa[mt][ks]);
-    const int u0 = kb * kBlock;
-    if (u0 <= first + kWarpRows - 1) {  // else every key of the tile is after this warp's queries
-      float p[kMTiles][8][4];
-      product_nk<D, 8>(RegisterA<D>{qa}, k_tile(buffer), p);
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int u0 = kb * kBlock + half * kHalf;
+      if (u0 > first + kWarpRows - 1) continue;  // every key of the half is after this warp's queries
+      const int offset = half * kHalf * kStride<D>;
+      float p[kMTiles][kHalfTiles][4];
+      product_nk<D, kHalfTiles>(RegisterA<D>{qa}, k_tile(buffer) + offset, p);
 #pragma unroll
       for (int mt = 0; mt < kMTiles; ++mt) {
-        // Only the tile reaching these queries (or past T) needs the mask.
-        if (u0 + kBlock - 1 > first + 16 * mt || u0 + kBlock > T)
+        // Only the half reaching these queries (or past T) needs the mask.
+        if (u0 + kHalf - 1 > first + 16 * mt || u0 + kHalf > T)
           mask_scores<false>(p[mt], tq.row[mt], u0, static_cast<int>(T), -INFINITY);
-        // m is in scaled log2 units. Key 0 precedes every query, so after the first tile every
+        // m is in scaled log2 units. Key 0 precedes every query, so after the first half every
         // row's max is finite; before it m = -inf and the correction is exp2(-inf) = 0. (An
-        // m-tile whose queries all precede the tile has max -inf here: no change, P = 0.)
+        // m-tile whose queries all precede the half has max -inf here: no change, P = 0.)
         float mx[2] = {p[mt][0][0], p[mt][0][2]};
 #pragma unroll
-        for (int j = 0; j < 8; ++j)
+        for (int j = 0; j < kHalfTiles; ++j)
 #pragma unroll
           for (int e = 0; e < 4; ++e) mx[e / 2] = fmaxf(mx[e / 2], p[mt][j][e]);
 #pragma unroll
@@ -275,7 +283,7 @@ __global__ void __launch_bounds__(kThreads) flash_forward_kernel(const bf16* qkv
           m[mt][hh] = m_new;
         }
 #pragma unroll
-        for (int j = 0; j < 8; ++j)
+        for (int j = 0; j < kHalfTiles; ++j)
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
             const int hh = e / 2;
@@ -285,7 +293,7 @@ __global__ void __launch_bounds__(kThreads) flash_forward_kernel(const bf16* qkv
             if constexpr (DROPOUT) p[mt][j][e] *= drop(s, dropout, tq.row[mt][hh], u0 + accumulator_column(j, e));
           }
       }
-      accumulate_kn<D, 4>(p, v_tile(buffer), o);
+      accumulate_kn<D, kHalfTiles / 2>(p, v_tile(buffer) + offset, o);
     }
     __syncthreads();  // this buffer is refilled next iteration
   }
@@ -305,10 +313,6 @@ __global__ void __launch_bounds__(kThreads) flash_forward_kernel(const bf16* qkv
     }
   store_rows<D>(o, rows, inverse);
 }
-
-// The query columns are processed 32 at a time in the backward kernels (kHalf): two sets of
-// score accumulators of a whole 64-column tile would not fit the registers.
-constexpr int kHalf = kBlock / 2, kHalfTiles = kHalf / 8;
 
 // dK, dV: a block takes kOwnRows keys, the query tiles from its first key on. The block's
 // k and v stay in shared memory (A fragments re-read per use: registers hold dK, dV).
