@@ -18,121 +18,133 @@ constexpr float kNormEps = 1e-6f, kSinkhornEps = 1e-6f;
 template <int N> constexpr int width() { return N * N + 2 * N; }
 
 
-// ---- Sinkhorn in registers, a lane a row ------------------------------------------------
+// ---- Sinkhorn in registers, lanes of a token ------------------------------------------
 //
-// Per-token work runs on a group of G = row_lanes<N>() adjacent lanes of a warp (the power
-// of two at or above N); lane i holds row i of the token's N x N matrices, lanes i >= N
-// hold rows of zeros. Row sums are the lane's own, column sums a butterfly over the group
-// (every lane gets the same bits), so a token's chain is N times shorter than one thread's
-// and a warp serves 32 / G tokens.
+// Per-token work runs on L = G x S adjacent lanes of a warp (TokenLanes): G = the power of
+// two at or above N rows, each split over S lanes; the lane (row i, split k) holds the
+// entries (i, k + S c) of the token's N x N matrices for c < CPL (its "columns"); entries
+// past N are padding and hold zeros. Row sums are the lane's own plus a butterfly over the
+// S lanes of the row, column sums a butterfly over the G rows (every lane gets the same
+// bits), so a token's chain is about N^2 / CPL times shorter than one thread's; at n = 4 a
+// lane holds one entry and a warp serves two tokens.
+template <int N> struct TokenLanes {
+  static constexpr int G = N <= 1 ? 1 : N <= 2 ? 2 : N <= 4 ? 4 : 8;
+  static constexpr int S = N <= 1 ? 1 : N <= 2 ? 2 : 4;
+  static constexpr int L = G * S, CPL = (N + S - 1) / S;
+  static_assert(32 % L == 0, "a token's lanes within a warp");
+};
 
-template <int N> constexpr int row_lanes() { return N <= 1 ? 1 : N <= 2 ? 2 : N <= 4 ? 4 : 8; }
-
-template <int G> __device__ inline float lanes_sum(float v) {
+// Sum over COUNT lanes STRIDE apart (a butterfly; the lanes get the same bits).
+template <int STRIDE, int COUNT> __device__ inline float lanes_sum(float v) {
 #pragma unroll
-  for (int offset = G / 2; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  for (int offset = STRIDE * COUNT / 2; offset >= STRIDE; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
   return v;
 }
+template <int N> __device__ inline float row_sum(float v) { return lanes_sum<1, TokenLanes<N>::S>(v); }
+template <int N> __device__ inline float column_sum(float v) {
+  return lanes_sum<TokenLanes<N>::S, TokenLanes<N>::G>(v);
+}
 
-// A lane's token and row. Lanes past the last token work on the last token (every lane
-// must take part in the shuffles) and store nothing.
-template <int N> struct RowLane {
+// A lane's token and entries. Lanes past the last token work on the last token (every
+// lane must take part in the shuffles) and store nothing.
+template <int N> struct TokenLane {
   int64_t token;  // clamped to the last token
-  int row;        // row_lanes<N>() lanes a token; rows >= N idle
-  bool store;     // a real token and row
+  int row, split;
+  bool store;  // a real token and row
+  // column of the lane's entry c, and whether it is a real entry
+  __device__ int column(int c) const { return split + TokenLanes<N>::S * c; }
+  __device__ bool holds(int c) const { return row < N && column(c) < N; }
 };
-template <int N> __device__ inline RowLane<N> row_lane(int64_t tokens) {
-  constexpr int G = row_lanes<N>();
+template <int N> __device__ inline TokenLane<N> token_lane(int64_t tokens) {
+  constexpr int S = TokenLanes<N>::S, L = TokenLanes<N>::L;
   const int64_t id = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  const int64_t t = id / G;
-  const int row = static_cast<int>(id % G);
-  return {t < tokens ? t : tokens - 1, row, t < tokens && row < N};
+  const int64_t t = id / L;
+  const int lane = static_cast<int>(id % L);
+  return {t < tokens ? t : tokens - 1, lane / S, lane % S, t < tokens && lane / S < N};
 }
 
-// The lane's row of exp(L - row max), zeros for an idle row.
-template <int N> __device__ void exp_shifted(const float (&l)[N], bool active, float (&m)[N]) {
-  float mx = l[0];
+// The lane's entries of exp(L - row max), zeros for padding.
+template <int N, int CPL>
+__device__ void exp_shifted(const TokenLane<N>& lane, const float (&l)[CPL], float (&m)[CPL]) {
+  float mx = -INFINITY;
 #pragma unroll
-  for (int j = 1; j < N; ++j) mx = fmaxf(mx, l[j]);
+  for (int c = 0; c < CPL; ++c)
+    if (lane.holds(c)) mx = fmaxf(mx, l[c]);
 #pragma unroll
-  for (int j = 0; j < N; ++j) m[j] = active ? expf(l[j] - mx) : 0.0f;
+  for (int offset = TokenLanes<N>::S / 2; offset >= 1; offset /= 2)
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, offset));
+#pragma unroll
+  for (int c = 0; c < CPL; ++c) m[c] = lane.holds(c) ? expf(l[c] - mx) : 0.0f;
 }
 
-// One half step: rows (step even) or columns (odd) divided by max(sum, eps). Returns the
-// divisor of the lane's row (rows) or of column `row` (columns).
-template <int N> __device__ float normalise(float (&m)[N], bool rows, int row) {
-  constexpr int G = row_lanes<N>();
+// One half step: rows (step even) or columns (odd) divided by max(sum, eps); the divisors
+// of the lane's entries go to `divisors` (a row step's is the same for all: [0]).
+template <int N, int CPL> __device__ void normalise(float (&m)[CPL], bool rows, float (&divisors)[CPL]) {
   if (rows) {
     float s = 0;
 #pragma unroll
-    for (int b = 0; b < N; ++b) s += m[b];
-    s = fmaxf(s, kSinkhornEps);
+    for (int c = 0; c < CPL; ++c) s += m[c];
+    s = fmaxf(row_sum<N>(s), kSinkhornEps);
     // One reciprocal a row, then products: within an ulp of dividing each entry (the CPU
     // reference divides). __frcp_rn is correctly rounded: the bits of 1.0f / s, without
     // the division routine's extra steps.
     const float inverse = __frcp_rn(s);
 #pragma unroll
-    for (int b = 0; b < N; ++b) m[b] *= inverse;
-    return s;
+    for (int c = 0; c < CPL; ++c) m[c] *= inverse;
+    divisors[0] = s;
+    return;
   }
-  float own = 0;
 #pragma unroll
-  for (int b = 0; b < N; ++b) {
-    const float s = fmaxf(lanes_sum<G>(m[b]), kSinkhornEps);
-    m[b] *= __frcp_rn(s);
-    if (b == row) own = s;
+  for (int c = 0; c < CPL; ++c) {
+    const float s = fmaxf(column_sum<N>(m[c]), kSinkhornEps);
+    m[c] *= __frcp_rn(s);
+    divisors[c] = s;
   }
-  return own;
 }
 
-template <int N> __device__ void sinkhorn_forward(const float (&l)[N], int row, int iterations, float (&m)[N]) {
-  exp_shifted(l, row < N, m);
-  for (int h = 0; h < 2 * iterations; ++h) normalise(m, h % 2 == 0, row);
+template <int N, int CPL>
+__device__ void sinkhorn_forward(const TokenLane<N>& lane, const float (&l)[CPL], int iterations, float (&m)[CPL]) {
+  exp_shifted(lane, l, m);
+  float unused[CPL];
+  for (int h = 0; h < 2 * iterations; ++h) normalise<N>(m, h % 2 == 0, unused);
 }
 
-// g holds the lane's row of dM on entry and of dL on exit. Forward is re-run once, keeping
-// only each half step's divisor of the lane (kMaxIterations x 2 floats in local memory; a
-// column step's other divisors come from their lanes by shuffle); walking back, the state
-// before a half step is its output times those divisors (exact up to rounding, also where
-// a sum was clamped to eps). Same zero-entry rule as the CPU reference.
+// g holds the lane's entries of dM on entry and of dL on exit. Forward is re-run once,
+// keeping only each half step's divisors of the lane's entries (kMaxIterations x 2 x CPL
+// floats in local memory); walking back, the state before a half step is its output times
+// those divisors (exact up to rounding, also where a sum was clamped to eps). Same
+// zero-entry rule as the CPU reference.
 constexpr int kMaxIterations = 64;
-template <int N> __device__ void sinkhorn_backward(const float (&l)[N], int row, int iterations, float (&g)[N]) {
-  constexpr int G = row_lanes<N>();
-  const int group_base = static_cast<int>(threadIdx.x % 32) & ~(G - 1);
-  float m0[N], y[N], sums[2 * kMaxIterations];
-  exp_shifted(l, row < N, m0);
+template <int N, int CPL>
+__device__ void sinkhorn_backward(const TokenLane<N>& lane, const float (&l)[CPL], int iterations, float (&g)[CPL]) {
+  float m0[CPL], y[CPL], divisors[2 * kMaxIterations][CPL];
+  exp_shifted(lane, l, m0);
 #pragma unroll
-  for (int j = 0; j < N; ++j) y[j] = m0[j];
-  for (int h = 0; h < 2 * iterations; ++h) sums[h] = normalise(y, h % 2 == 0, row);
+  for (int c = 0; c < CPL; ++c) y[c] = m0[c];
+  for (int h = 0; h < 2 * iterations; ++h) normalise<N>(y, h % 2 == 0, divisors[h]);
   for (int half = 2 * iterations - 1; half >= 0; --half) {
     // y is the output of this half step: back-propagate through it, then undo it.
-    if (half % 2 == 0) {
-      const float s = sums[half];
-      float dot = 0;
+    const bool rows = half % 2 == 0;
+    float dot[CPL];
+    if (rows) {
+      float partial = 0;
 #pragma unroll
-      for (int b = 0; b < N; ++b)
-        if (y[b] != 0.0f) dot += g[b] * y[b];
-      if (!(s > kSinkhornEps)) dot = 0;
-      const float inverse = __frcp_rn(s);
-#pragma unroll
-      for (int b = 0; b < N; ++b) {
-        g[b] = y[b] != 0.0f ? (g[b] - dot) * inverse : 0.0f;
-        y[b] *= s;
-      }
+      for (int c = 0; c < CPL; ++c)
+        if (y[c] != 0.0f) partial += g[c] * y[c];
+      dot[0] = row_sum<N>(partial);
     } else {
-      const float own = sums[half];
 #pragma unroll
-      for (int a = 0; a < N; ++a) {
-        const float s = __shfl_sync(0xffffffffu, own, group_base + a);
-        float dot = lanes_sum<G>(y[a] != 0.0f ? g[a] * y[a] : 0.0f);
-        if (!(s > kSinkhornEps)) dot = 0;
-        g[a] = y[a] != 0.0f ? (g[a] - dot) * __frcp_rn(s) : 0.0f;
-        y[a] *= s;
-      }
+      for (int c = 0; c < CPL; ++c) dot[c] = column_sum<N>(y[c] != 0.0f ? g[c] * y[c] : 0.0f);
+    }
+#pragma unroll
+    for (int c = 0; c < CPL; ++c) {
+      const float s = divisors[half][rows ? 0 : c], d = s > kSinkhornEps ? dot[rows ? 0 : c] : 0.0f;
+      g[c] = y[c] != 0.0f ? (g[c] - d) * __frcp_rn(s) : 0.0f;
+      y[c] *= s;
     }
   }
 #pragma unroll
-  for (int j = 0; j < N; ++j) g[j] *= m0[j];
+  for (int c = 0; c < CPL; ++c) g[c] *= m0[c];
 }
 
 // ---- the split of fp32 values into three bf16 parts -------------------------------------
@@ -188,16 +200,16 @@ template <int VEC> __global__ void row_sumsq_kernel(const bf16* x, int64_t K, fl
   if (threadIdx.x == 0) sumsq[blockIdx.x] = s[0];
 }
 
-// Per token, a lane a row (see row_lanes): proj = hi + mid + lo parts of the product, r
-// from ||x||^2, then the gates, Sinkhorn in registers, H_pre, H_post, H_res. Lane i owns
-// the outputs of row i: proj entries i, N + i and the row 2N + iN.., H_pre[i], H_post[i],
-// H_res[i][..].
+// Per token, on its lanes (TokenLanes): proj = hi + mid + lo parts of the product, r from
+// ||x||^2, then the gates, Sinkhorn in registers, H_pre, H_post, H_res. The lane (i, k)
+// owns the outputs of its entries (proj 2N + iN + j, H_res[i][j]); split 0 of row i also
+// those of the row's gates (proj i and N + i, H_pre[i], H_post[i]).
 template <int N>
 __global__ void finish_kernel(const float* parts, int64_t parts_stride, const float* sumsq, int64_t K,
                               const float* alpha, const float* bias, int64_t tokens, int iterations, float* proj,
                               float* r, float* h_pre, float* h_post, float* h_res) {
-  constexpr int M = width<N>();
-  const RowLane<N> lane = row_lane<N>(tokens);
+  constexpr int M = width<N>(), CPL = TokenLanes<N>::CPL;
+  const TokenLane<N> lane = token_lane<N>(tokens);
   const int64_t t = lane.token;
   const int i = lane.row < N ? lane.row : 0;
   const float* part = parts + t * parts_stride;
@@ -207,22 +219,26 @@ __global__ void finish_kernel(const float* parts, int64_t parts_stride, const fl
     return p;
   };
   const float rt = 1.0f / (sqrtf(sumsq[t]) / sqrtf(static_cast<float>(K)) + kNormEps);
-  const float p_pre = projection(i), p_post = projection(N + i);
-  float l[N], h[N];
+  float l[CPL], h[CPL];
 #pragma unroll
-  for (int j = 0; j < N; ++j) l[j] = rt * projection(2 * N + i * N + j) * alpha[2] + bias[2 * N + i * N + j];
+  for (int c = 0; c < CPL; ++c) {
+    const int o = 2 * N + i * N + lane.column(c);
+    l[c] = lane.holds(c) ? rt * projection(o) * alpha[2] + bias[o] : 0.0f;
+  }
   if (iterations > 0) {
-    sinkhorn_forward(l, lane.row, iterations, h);
+    sinkhorn_forward(lane, l, iterations, h);
   } else {
 #pragma unroll
-    for (int j = 0; j < N; ++j) h[j] = l[j] + (i == j ? 1.0f : 0.0f);
+    for (int c = 0; c < CPL; ++c) h[c] = l[c] + (i == lane.column(c) ? 1.0f : 0.0f);
   }
   if (!lane.store) return;
-  if (lane.row == 0) r[t] = rt;
-  h_pre[t * N + i] = 1.0f / (1.0f + expf(-(rt * p_pre * alpha[0] + bias[i])));
-  h_post[t * N + i] = 2.0f / (1.0f + expf(-(rt * p_post * alpha[1] + bias[N + i])));
 #pragma unroll
-  for (int j = 0; j < N; ++j) h_res[t * N * N + i * N + j] = h[j];
+  for (int c = 0; c < CPL; ++c)
+    if (lane.holds(c)) h_res[t * N * N + i * N + lane.column(c)] = h[c];
+  if (lane.split != 0) return;
+  if (i == 0) r[t] = rt;
+  h_pre[t * N + i] = 1.0f / (1.0f + expf(-(rt * projection(i) * alpha[0] + bias[i])));
+  h_post[t * N + i] = 2.0f / (1.0f + expf(-(rt * projection(N + i) * alpha[1] + bias[N + i])));
 }
 
 // ---- dx on tensor cores -------------------------------------------------------------------
@@ -386,41 +402,35 @@ __global__ void __launch_bounds__(kDxWarps * 32) grad_x_kernel(const bf16* x, co
 
 // ---- backward --------------------------------------------------------------------------
 
-// Per token, a lane a row (see row_lanes): the row [dh, alpha terms (dh r proj summed by
+// Per token, on its lanes (TokenLanes): the row [dh, alpha terms (dh r proj summed by
 // gate)] of width M + 3 (summed over tokens into dbias and dalpha), dproj = dh r a (also
 // split into bf16 parts for dW and in fragment order for dx), and the coefficient of x in
-// dx from r: -dr r^2 / (sqrt(K) ||x||). Lane i owns entries i, N + i and 2N + iN.. of dh.
+// dx from r: -dr r^2 / (sqrt(K) ||x||). The lane (i, k) owns dh's entries 2N + iN + j of
+// its columns j; split 0 of row i also entries i and N + i (the gates).
 template <int N>
 __global__ void grad_h_kernel(const float* proj, const float* r, const float* alpha, const float* bias,
                               const float* h_pre, const float* h_post, const float* grad_h_pre,
                               const float* grad_h_post, const float* grad_h_res, int64_t tokens, int64_t K,
                               int iterations, float* grad_h, bf16* grad_proj_split,
                               bf16* grad_proj_fragments, float* coef) {
-  constexpr int M = width<N>(), G = row_lanes<N>(), KS = dx_ksteps<N>();
+  constexpr int M = width<N>(), CPL = TokenLanes<N>::CPL, KS = dx_ksteps<N>();
   const int64_t split_stride = split_width(M);
-  const RowLane<N> lane = row_lane<N>(tokens);
+  const TokenLane<N> lane = token_lane<N>(tokens);
   const int64_t t = lane.token;
-  const bool active = lane.row < N;
-  const int i = active ? lane.row : 0;
+  const int i = lane.row < N ? lane.row : 0;
   const float rt = r[t];
   const float* p = proj + t * M;
-  const float pre = h_pre[t * N + i], post = h_post[t * N + i];
-  const float dh_pre = grad_h_pre[t * N + i] * pre * (1.0f - pre);
-  const float dh_post = grad_h_post[t * N + i] * post * (1.0f - 0.5f * post);
-  float g[N];
+  float g[CPL], l[CPL];
 #pragma unroll
-  for (int j = 0; j < N; ++j) g[j] = grad_h_res[t * N * N + i * N + j];
-  if (iterations > 0) {
-    float l[N];
-#pragma unroll
-    for (int j = 0; j < N; ++j) l[j] = rt * p[2 * N + i * N + j] * alpha[2] + bias[2 * N + i * N + j];
-    sinkhorn_backward(l, lane.row, iterations, g);
+  for (int c = 0; c < CPL; ++c) {
+    const int j = lane.column(c);
+    g[c] = lane.holds(c) ? grad_h_res[t * N * N + i * N + j] : 0.0f;
+    l[c] = lane.holds(c) ? rt * p[2 * N + i * N + j] * alpha[2] + bias[2 * N + i * N + j] : 0.0f;
   }
-  // The lane's N + 2 entries of dh: k = i (gate 0), N + i (gate 1), 2N + iN + j (gate 2).
+  if (iterations > 0) sinkhorn_backward(lane, l, iterations, g);
   float dr = 0, terms[3] = {0, 0, 0};
   bf16* split = grad_proj_split + t * split_stride;
   auto entry = [&](int k, int gate, float dh) {
-    if (!active) return;
     dr += dh * p[k] * alpha[gate];
     terms[gate] += dh * rt * p[k];
     if (!lane.store) return;
@@ -431,14 +441,19 @@ __global__ void grad_h_kernel(const float* proj, const float* r, const float* al
     grad_proj_fragments[dx_fragment_index(t, M + k, KS)] = split[k];
     grad_proj_fragments[dx_fragment_index(t, 2 * M + k, KS)] = split[M + k];
   };
-  entry(i, 0, dh_pre);
-  entry(N + i, 1, dh_post);
+  if (lane.row < N && lane.split == 0) {
+    const float pre = h_pre[t * N + i], post = h_post[t * N + i];
+    entry(i, 0, grad_h_pre[t * N + i] * pre * (1.0f - pre));
+    entry(N + i, 1, grad_h_post[t * N + i] * post * (1.0f - 0.5f * post));
+  }
 #pragma unroll
-  for (int j = 0; j < N; ++j) entry(2 * N + i * N + j, 2, g[j]);
-  dr = lanes_sum<G>(dr);
+  for (int c = 0; c < CPL; ++c)
+    if (lane.holds(c)) entry(2 * N + i * N + lane.column(c), 2, g[c]);
+  constexpr int L = TokenLanes<N>::L;
+  dr = lanes_sum<1, L>(dr);
 #pragma unroll
-  for (int k = 0; k < 3; ++k) terms[k] = lanes_sum<G>(terms[k]);
-  if (!lane.store || lane.row != 0) return;
+  for (int k = 0; k < 3; ++k) terms[k] = lanes_sum<1, L>(terms[k]);
+  if (!lane.store || lane.row != 0 || lane.split != 0) return;
   for (int kk = 3 * M; kk < KS * 16; ++kk) grad_proj_fragments[dx_fragment_index(t, kk, KS)] = __float2bfloat16(0.0f);
   for (int64_t k = 3 * M; k < split_stride; ++k) split[k] = __float2bfloat16(0.0f);
 #pragma unroll
@@ -556,7 +571,7 @@ void mhc_mappings_forward(const MappingsArgs& a, const bf16* x, const float* x_s
   }
   detail::dispatch_streams(a.n, [&](auto Ns) {
     constexpr int N = decltype(Ns)::value;
-    finish_kernel<N><<<detail::blocks_for(a.tokens * row_lanes<N>(), 128), 128, 0, stream>>>(
+    finish_kernel<N><<<detail::blocks_for(a.tokens * TokenLanes<N>::L, 128), 128, 0, stream>>>(
         parts, l.split_stride, x_sumsq, l.K, alpha, bias, a.tokens, a.sinkhorn_iterations, proj, r, h_pre, h_post,
         h_res);
   });
@@ -581,7 +596,7 @@ void mhc_mappings_backward(const MappingsArgs& a, const bf16* x, const float* we
   float* weight_parts = workspace + l.weight_parts;
   detail::dispatch_streams(a.n, [&](auto Ns) {
     constexpr int N = decltype(Ns)::value;
-    grad_h_kernel<N><<<detail::blocks_for(a.tokens * row_lanes<N>(), 128), 128, 0, stream>>>(
+    grad_h_kernel<N><<<detail::blocks_for(a.tokens * TokenLanes<N>::L, 128), 128, 0, stream>>>(
         proj, r, alpha, bias, h_pre, h_post, grad_h_pre, grad_h_post, grad_h_res, a.tokens, l.K,
         a.sinkhorn_iterations, grad_h, grad_proj_split, grad_proj_fragments, coef);
     MHC_CUDA_CHECK(cudaGetLastError());
