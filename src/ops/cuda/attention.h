@@ -1,18 +1,19 @@
 // CUDA causal multi-head self-attention (ops/cpu/attention.h has the math), fused in the
 // manner of FlashAttention-2: the T x T scores never reach memory.
 //
-//   forward:  per (batch, head, 128 queries), keys in tiles of 64: S = q k^T / sqrt(d) on
-//             tensor cores (bf16 mma, fp32 sums), the causal mask, an online softmax (a
-//             running max and sum per row), out += (D . P) v with D the dropout
-//             multipliers of the CPU reference's Philox stream; saves the per-row
-//             log-sum-exp lse [B, H, T] (fp32, in log2 units of the scaled scores: the
-//             backward's exp2 argument) and reads q, k, v once per tile pass.
+//   forward:  per (batch, head, 128 queries: 4 warps of two m16 tiles), keys in tiles of
+//             64 used 32 at a time: S = q k^T / sqrt(d) on tensor cores (bf16 mma, fp32
+//             sums), the causal mask, an online softmax (a running max and sum per row),
+//             out += (D . P) v with D the dropout multipliers of the CPU reference's Philox
+//             stream; saves the per-row log-sum-exp lse [B, H, T] (fp32, in log2 units of
+//             the scaled scores: the backward's exp2 argument) and reads q, k, v once per
+//             tile pass.
 //   backward: per 128 queries dQ over the key tiles (and delta_t = dout_t . out_t), then
 //             per 128 keys dK, dV over the query tiles (P recomputed from lse; no atomics, so
 //             deterministic): dV = (D P)^T dout, dS = P (D dout v^T - delta) / sqrt(d),
 //             dK = dS^T q, dQ = dS k. dqkv is overwritten.
 //
-// Head dims 16, 32 and 64.
+// Blocks are launched heaviest first (late queries, early keys). Head dims 16, 32 and 64.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
