@@ -172,21 +172,24 @@ __device__ void load_kv(const bf16* base, int64_t row, int64_t C, int64_t kb, in
   load_tile<D>(base + 2 * C, row, kb * kBlock, T, v_tile);
 }
 
-// Stores this lane's accumulator rows (C layout: rows g and g + 8 of each m-tile) as bf16,
-// each times its factor; a null row is skipped (past the sequence).
-template <int D>
-__device__ void store_rows(const float (&acc)[kMTiles][D / 8][4], bf16* const (&rows)[kMTiles][2],
-                           const float (&factor)[kMTiles][2]) {
+// Stores this lane's accumulator rows (C layout: rows g and g + 8 of each m-tile, the
+// sequence positions in `rows`) as bf16: position t's row at destination(t) times
+// factor(mt, hh); positions past T are skipped.
+template <int D, typename Destination, typename Factor>
+__device__ void store_rows(const float (&acc)[kMTiles][D / 8][4], const WarpRows& rows, int64_t T,
+                           Destination destination, Factor factor) {
   const int q4 = threadIdx.x % 4;
 #pragma unroll
   for (int mt = 0; mt < kMTiles; ++mt)
 #pragma unroll
     for (int hh = 0; hh < 2; ++hh) {
-      if (!rows[mt][hh]) continue;
+      if (rows.row[mt][hh] >= T) continue;
+      bf16* out = destination(static_cast<int64_t>(rows.row[mt][hh]));
+      const float f = factor(mt, hh);
 #pragma unroll
       for (int dt = 0; dt < D / 8; ++dt)
-        *reinterpret_cast<uint32_t*>(rows[mt][hh] + dt * 8 + 2 * q4) =
-            pack_bf16(acc[mt][dt][2 * hh] * factor[mt][hh], acc[mt][dt][2 * hh + 1] * factor[mt][hh]);
+        *reinterpret_cast<uint32_t*>(out + dt * 8 + 2 * q4) =
+            pack_bf16(acc[mt][dt][2 * hh] * f, acc[mt][dt][2 * hh + 1] * f);
     }
 }
 
@@ -297,8 +300,6 @@ __global__ void __launch_bounds__(kThreads, 3) flash_forward_kernel(const bf16* 
     }
     __syncthreads();  // this buffer is refilled next iteration
   }
-  bf16* rows[kMTiles][2];
-  float inverse[kMTiles][2];
 #pragma unroll
   for (int mt = 0; mt < kMTiles; ++mt)
 #pragma unroll
@@ -307,11 +308,11 @@ __global__ void __launch_bounds__(kThreads, 3) flash_forward_kernel(const bf16* 
       float& sum = l[mt][hh];
       sum += __shfl_xor_sync(0xffffffffu, sum, 1);
       sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-      rows[mt][hh] = t < T ? out + (s.b * T + t) * C + s.h * D : nullptr;
-      inverse[mt][hh] = 1.0f / sum;
       if (q4 == 0 && t < T) lse[s.bh * T + t] = m[mt][hh] + log2f(sum);  // log2 units
     }
-  store_rows<D>(o, rows, inverse);
+  store_rows<D>(
+      o, tq, T, [&](int64_t t) { return out + (s.b * T + t) * C + s.h * D; },
+      [&](int mt, int hh) { return 1.0f / l[mt][hh]; });
 }
 
 // dK, dV: a block takes kOwnRows keys, the query tiles from its first key on. The block's
@@ -409,20 +410,9 @@ __global__ void __launch_bounds__(kThreads) flash_backward_kv_kernel(const bf16*
     }
     __syncthreads();  // this buffer is refilled next iteration
   }
-  bf16 *k_rows[kMTiles][2], *v_rows[kMTiles][2];
-  float one[kMTiles][2], scaled[kMTiles][2];
-#pragma unroll
-  for (int mt = 0; mt < kMTiles; ++mt)
-#pragma unroll
-    for (int hh = 0; hh < 2; ++hh) {
-      const int u = ku.row[mt][hh];
-      bf16* grow = u < T ? grad_qkv + (s.b * T + u) * row + s.h * D : nullptr;
-      k_rows[mt][hh] = grow ? grow + C : nullptr;
-      v_rows[mt][hh] = grow ? grow + 2 * C : nullptr;
-      one[mt][hh] = 1.0f, scaled[mt][hh] = scale;
-    }
-  store_rows<D>(dk, k_rows, scaled);
-  store_rows<D>(dv, v_rows, one);
+  auto grad_row = [&](int64_t u) { return grad_qkv + (s.b * T + u) * row + s.h * D; };
+  store_rows<D>(dk, ku, T, [&](int64_t u) { return grad_row(u) + C; }, [&](int, int) { return scale; });
+  store_rows<D>(dv, ku, T, [&](int64_t u) { return grad_row(u) + 2 * C; }, [](int, int) { return 1.0f; });
 }
 
 // delta_t = dout_t . out_t (= sum_u P_tu D_tu dP_tu, the softmax backward's row term) of
@@ -526,17 +516,9 @@ __global__ void __launch_bounds__(kThreads) flash_backward_q_kernel(const bf16* 
     }
     __syncthreads();  // this buffer is refilled next iteration
   }
-  bf16* q_rows[kMTiles][2];
-  float scaled[kMTiles][2];
-#pragma unroll
-  for (int mt = 0; mt < kMTiles; ++mt)
-#pragma unroll
-    for (int hh = 0; hh < 2; ++hh) {
-      const int t = tq.row[mt][hh];
-      q_rows[mt][hh] = t < T ? grad_qkv + (s.b * T + t) * row + s.h * D : nullptr;
-      scaled[mt][hh] = scale;
-    }
-  store_rows<D>(dq, q_rows, scaled);
+  store_rows<D>(
+      dq, tq, T, [&](int64_t t) { return grad_qkv + (s.b * T + t) * row + s.h * D; },
+      [&](int, int) { return scale; });
 }
 
 struct Geometry {

@@ -138,7 +138,8 @@ void gemm(const Gemm& g, cudaStream_t stream) {
     if (g.bias)  // the plan was made with another call's bias pointer
       MHC_BLAS_CHECK(cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &g.bias, sizeof(g.bias)));
   }
-  MHC_BLAS_CHECK(cublasLtMatmul(c.handle, p.desc, &g.alpha, g.a, p.a, g.b, p.b, &g.beta, g.c ? g.c : g.d, p.d, g.d, p.d,
+  const void* c_matrix = g.c ? g.c : g.d;  // same layout as D
+  MHC_BLAS_CHECK(cublasLtMatmul(c.handle, p.desc, &g.alpha, g.a, p.a, g.b, p.b, &g.beta, c_matrix, p.d, g.d, p.d,
                                 &p.algo, c.workspace, kWorkspaceBytes, stream));
 }
 
