@@ -123,9 +123,10 @@ void gemm(const Gemm& g, cudaStream_t stream) {
         "gemm: a leading dimension is smaller than its matrix");
   Context& c = context_of_current_device();
   const size_t out_bytes = g.output == GemmOutput::Fp32 ? 4 : 2;
+  const void* c_matrix = g.c ? g.c : g.d;  // same layout as D
   const uint32_t align_a = alignment_of(g.a, g.lda, g.stride_a, 2), align_b = alignment_of(g.b, g.ldb, g.stride_b, 2),
                  align_d = std::min(alignment_of(g.d, g.ldd, g.stride_d, out_bytes),
-                                    alignment_of(g.c ? g.c : g.d, g.ldd, g.stride_d, out_bytes));
+                                    alignment_of(c_matrix, g.ldd, g.stride_d, out_bytes));
   const Key key{g.trans_a, g.trans_b, g.m,      g.n,      g.k,          g.lda,        g.ldb,
                 g.ldd,     static_cast<int>(g.output), align_a, align_b, align_d, g.beta != 0.0f,
                 g.batch,   g.stride_a, g.stride_b, g.stride_d, g.bias != nullptr};
@@ -138,7 +139,6 @@ void gemm(const Gemm& g, cudaStream_t stream) {
     if (g.bias)  // the plan was made with another call's bias pointer
       MHC_BLAS_CHECK(cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &g.bias, sizeof(g.bias)));
   }
-  const void* c_matrix = g.c ? g.c : g.d;  // same layout as D
   MHC_BLAS_CHECK(cublasLtMatmul(c.handle, p.desc, &g.alpha, g.a, p.a, g.b, p.b, &g.beta, c_matrix, p.d, g.d, p.d,
                                 &p.algo, c.workspace, kWorkspaceBytes, stream));
 }
