@@ -535,10 +535,7 @@ Geometry geometry_of(const cpu::AttentionShape& s) {
 
 // launch(head dim, dropout on) as integral constants.
 template <typename Launch> void dispatch_kernel(int64_t d, cpu::DropoutSpec dropout, Launch&& launch) {
-  auto with_dropout = [&](auto D) {
-    if (dropout.p > 0.0f) launch(D, std::true_type{});
-    else launch(D, std::false_type{});
-  };
+  auto with_dropout = [&](auto D) { detail::dispatch_dropout(dropout.p, [&](auto drop) { launch(D, drop); }); };
   switch (d) {
     case 16: with_dropout(std::integral_constant<int, 16>{}); break;
     case 32: with_dropout(std::integral_constant<int, 32>{}); break;

@@ -171,6 +171,12 @@ template <typename Launch> void dispatch_streams(int n, Launch&& launch) {
   }
 }
 
+// launch(std::bool_constant<p > 0>): kernels compile their dropout code only where it runs.
+template <typename Launch> void dispatch_dropout(float p, Launch&& launch) {
+  if (p > 0.0f) launch(std::true_type{});
+  else launch(std::false_type{});
+}
+
 inline unsigned blocks_for(int64_t count, int64_t per_block) {
   const int64_t blocks = (count + per_block - 1) / per_block;
   check(blocks >= 1 && blocks <= 0x7fffffff, "work size out of range for the CUDA kernels");

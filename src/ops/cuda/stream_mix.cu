@@ -10,6 +10,7 @@ namespace mhc::cuda {
 
 namespace {
 
+using detail::dispatch_dropout;
 using detail::dispatch_streams;
 using detail::group_sum;
 using detail::TokenGroup;
@@ -38,11 +39,6 @@ TokenLaunch token_launch(int64_t tokens, int64_t C, int vec) {
 template <bool DROPOUT> __device__ inline float keep_scale(uint64_t key, uint64_t index, float p) {
   if constexpr (DROPOUT) return dropout_scale<float>(key, index, p);
   else return 1.0f;
-}
-// launch(std::bool_constant<p > 0>).
-template <typename Launch> void dispatch_dropout(float p, Launch&& launch) {
-  if (p > 0.0f) launch(std::true_type{});
-  else launch(std::false_type{});
 }
 
 // Every kernel takes VEC adjacent channels per thread step: 8 (16-byte loads and stores)
