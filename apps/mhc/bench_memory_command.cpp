@@ -5,24 +5,16 @@
 #include <nlohmann/json.hpp>
 
 #include "apps/mhc/commands.h"
+#include "apps/mhc/gpt_shape.h"
 #include "nn/gpt.h"
 
 namespace mhc::app {
 
 namespace {
 
-struct MemoryOptions {
-  int64_t layers = 12, hidden = 768, heads = 12, seq = 1024, batch = 16, streams = 4, vocab = 50304;
-};
-
-int run_bench_memory(const MemoryOptions& o) {
+int run_bench_memory(const GptShape& o) {
   ModelConfig base;
-  base.num_layers = o.layers;
-  base.hidden_size = o.hidden;
-  base.num_attention_heads = o.heads;
-  base.seq_length = o.seq;
-  base.vocab_size = o.vocab;
-  base.num_residual_streams = o.streams;
+  o.apply(base);
 
   struct Row {
     std::string label;
@@ -70,18 +62,12 @@ int run_bench_memory(const MemoryOptions& o) {
 }  // namespace
 
 Command add_bench_memory_command(CLI::App& bench) {
-  auto o = std::make_shared<MemoryOptions>();
+  auto o = std::make_shared<GptShape>();
   CLI::App* cmd = bench.add_subcommand(
       "memory",
       "Activation bytes kept for backward (fp32 CPU model) for residual, mHC without recompute and mHC with "
       "selective recompute at k = 1, 2, L layers per block; a table, then one JSON line.");
-  cmd->add_option("--layers", o->layers, "transformer layers")->check(CLI::PositiveNumber)->capture_default_str();
-  cmd->add_option("--hidden", o->hidden, "hidden size C")->check(CLI::PositiveNumber)->capture_default_str();
-  cmd->add_option("--heads", o->heads, "attention heads")->check(CLI::PositiveNumber)->capture_default_str();
-  cmd->add_option("--seq", o->seq, "sequence length T")->check(CLI::PositiveNumber)->capture_default_str();
-  cmd->add_option("--batch", o->batch, "micro-batch size")->check(CLI::PositiveNumber)->capture_default_str();
-  cmd->add_option("--streams", o->streams, "residual streams n")->check(CLI::PositiveNumber)->capture_default_str();
-  cmd->add_option("--vocab", o->vocab, "vocabulary size")->check(CLI::PositiveNumber)->capture_default_str();
+  o->add_options(cmd);
   return [cmd, o] { return cmd->parsed() ? run_bench_memory(*o) : -1; };
 }
 

@@ -10,6 +10,7 @@
 #include <nlohmann/json.hpp>
 
 #include "apps/mhc/commands.h"
+#include "apps/mhc/gpt_shape.h"
 #include "core/error.h"
 #include "core/rng.h"
 #include "train/train_config.h"
@@ -23,8 +24,7 @@
 namespace mhc::app {
 namespace {
 
-struct BenchTrainOptions {
-  int64_t layers = 12, hidden = 768, heads = 12, seq = 1024, batch = 16, streams = 4, vocab = 50304;
+struct BenchTrainOptions : GptShape {
   int64_t recompute_layers = 1;  // mhc_recompute_layer_num of the recompute row
   int steps = 10, warmup = 3;
   std::vector<std::string> variants{"residual", "mhc", "mhc-recompute"};
@@ -65,8 +65,8 @@ int run_bench_train(const BenchTrainOptions& o) {
   for (const Variant& v : variants) {
     TrainConfig config = default_train_config();
     ModelConfig& m = config.model;
-    m.num_layers = o.layers, m.hidden_size = o.hidden, m.num_attention_heads = o.heads, m.seq_length = o.seq;
-    m.vocab_size = o.vocab, m.connection = v.connection, m.num_residual_streams = o.streams;
+    o.apply(m);
+    m.connection = v.connection;
     m.recompute = v.recompute;
     if (v.recompute == "mhc") m.mhc_recompute_layer_num = o.recompute_layers;
     config.batch_size = o.batch;
@@ -140,17 +140,11 @@ Command add_bench_train_command(CLI::App& bench) {
       "Times the whole training step (forward, backward, clipping, AdamW) on one GPU for a plain residual GPT, mHC "
       "and mHC with selective recompute, on synthetic tokens: step time, tokens/s, peak GPU memory (memory in use "
       "after each step minus before the model). Defaults: GPT-2 small. Needs a CUDA build and a GPU.");
-  cmd->add_option("--layers", o->layers, "transformer layers")->check(CLI::PositiveNumber)->capture_default_str();
-  cmd->add_option("--hidden", o->hidden, "hidden size C")->check(CLI::PositiveNumber)->capture_default_str();
-  cmd->add_option("--heads", o->heads, "attention heads")->check(CLI::PositiveNumber)->capture_default_str();
-  cmd->add_option("--seq", o->seq, "sequence length T")->check(CLI::PositiveNumber)->capture_default_str();
-  cmd->add_option("--batch", o->batch, "micro-batch")->check(CLI::PositiveNumber)->capture_default_str();
-  cmd->add_option("--streams", o->streams, "mHC streams n")->check(CLI::PositiveNumber)->capture_default_str();
+  o->add_options(cmd);
   cmd->add_option("--recompute-layers", o->recompute_layers,
                   "layers per recompute block in the recompute row (mhc_recompute_layer_num)")
       ->check(CLI::PositiveNumber)
       ->capture_default_str();
-  cmd->add_option("--vocab", o->vocab, "vocabulary size")->check(CLI::PositiveNumber)->capture_default_str();
   cmd->add_option("--steps", o->steps, "timed steps (median reported)")->check(CLI::PositiveNumber)->capture_default_str();
   cmd->add_option("--warmup", o->warmup, "untimed steps first")->check(CLI::NonNegativeNumber)->capture_default_str();
   cmd->add_option("--variants", o->variants, "which rows to run")
