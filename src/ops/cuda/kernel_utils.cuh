@@ -27,14 +27,22 @@ __device__ inline TokenGroup token_group(int lanes) {
   return {static_cast<int64_t>(blockIdx.x), static_cast<int>(threadIdx.x), static_cast<int>(blockDim.x)};
 }
 
+// Sum over COUNT lanes STRIDE apart (an xor butterfly: the lanes of a pair add the same two
+// values, so every lane gets the same bits).
+template <int STRIDE, int COUNT> __device__ inline float lanes_sum(float v) {
+#pragma unroll
+  for (int offset = STRIDE * COUNT / 2; offset >= STRIDE; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  return v;
+}
+__device__ inline float warp_sum(float v) { return lanes_sum<1, 32>(v); }
+
 // Sums V per-thread values over a token's group; every thread of the group gets the
 // totals, in a fixed order (the xor butterfly's pairwise sums are the same bits in both
 // lanes of a pair). A whole-block group synchronises the block, also after reading the
 // partials, so that calls may follow one another.
 template <int V> __device__ void group_sum(float (&values)[V], int lanes) {
 #pragma unroll
-  for (int v = 0; v < V; ++v)
-    for (int offset = 16; offset > 0; offset /= 2) values[v] += __shfl_xor_sync(0xffffffffu, values[v], offset);
+  for (int v = 0; v < V; ++v) values[v] = warp_sum(values[v]);
   if (lanes == 32) return;
   __shared__ float partial[V][kBlockWarps];
   const int warp = threadIdx.x / 32, warps = static_cast<int>(blockDim.x) / 32;
@@ -56,11 +64,6 @@ __device__ inline float exp2_fast(float x) {
   float y;
   asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
   return y;
-}
-
-__device__ inline float warp_sum(float v) {
-  for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
-  return v;
 }
 
 // Loads VEC consecutive bf16 (8-byte vectors when VEC is 4, 16-byte ones when VEC is a

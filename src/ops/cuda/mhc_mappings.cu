@@ -11,7 +11,7 @@ namespace mhc::cuda {
 namespace {
 
 using detail::kBlockThreads;
-using detail::kBlockWarps;
+using detail::lanes_sum;
 
 constexpr float kNormEps = 1e-6f, kSinkhornEps = 1e-6f;
 
@@ -34,12 +34,6 @@ template <int N> struct TokenLanes {
   static_assert(32 % L == 0, "a token's lanes within a warp");
 };
 
-// Sum over COUNT lanes STRIDE apart (a butterfly; the lanes get the same bits).
-template <int STRIDE, int COUNT> __device__ inline float lanes_sum(float v) {
-#pragma unroll
-  for (int offset = STRIDE * COUNT / 2; offset >= STRIDE; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
-  return v;
-}
 template <int N> __device__ inline float row_sum(float v) { return lanes_sum<1, TokenLanes<N>::S>(v); }
 template <int N> __device__ inline float column_sum(float v) {
   return lanes_sum<TokenLanes<N>::S, TokenLanes<N>::G>(v);
