@@ -91,6 +91,26 @@ TEST_P(CudaMappings, ForwardAndBackwardMatchTheCpuReference) {
                               d_gw.data(), d_galpha.data(), d_gbias.data(), d_work.data());
   const auto gw_second = d_gw.download();
   EXPECT_EQ(std::memcmp(gw_first.data(), gw_second.data(), gw_first.size() * sizeof(float)), 0);
+
+  // With the stream mixing's and the aggregate's terms (the model's path): dx is overwritten
+  // by H_res^T dout + H_pre dagg + the mappings' terms.
+  const Bf16Data gout = random_bf16(T * K, 12), gagg = random_bf16(T * c.C, 13);
+  DeviceBuffer<bf16> d_gout(gout.bits), d_gagg(gagg.bits);
+  auto d_gx_mix = poisoned<bf16>(T * K);
+  const cuda::StreamMixGrad mix{d_gout.data(), d_res.data(), d_gagg.data()};
+  cuda::mhc_mappings_backward(args, d_x.data(), d_w.data(), d_alpha.data(), d_bias.data(), d_proj.data(), d_r.data(),
+                              d_pre.data(), d_post.data(), d_gpre.data(), d_gpost.data(), d_gres.data(),
+                              d_gx_mix.data(), d_gw.data(), d_galpha.data(), d_gbias.data(), d_work.data(), &mix);
+  std::vector<double> gx_mix(T * K);
+  for (int64_t t = 0; t < T; ++t)
+    for (int j = 0; j < c.n; ++j)
+      for (int64_t ch = 0; ch < c.C; ++ch) {
+        const int64_t k = t * K + j * c.C + ch;
+        double v = pre[t * c.n + j] * gagg.values[t * c.C + ch] + (gx[k] - gx0.values[k]);
+        for (int i = 0; i < c.n; ++i) v += res[(t * c.n + i) * c.n + j] * gout.values[t * K + i * c.C + ch];
+        gx_mix[k] = v;
+      }
+  EXPECT_LT(relative_error(widen(d_gx_mix.download()), gx_mix), kBf16Tolerance);
 }
 
 INSTANTIATE_TEST_SUITE_P(Shapes, CudaMappings,

@@ -115,12 +115,14 @@ int run_bench_kernels(const std::vector<std::string>& shapes, int repeats) {
                                  h_pre.data(), h_post.data(), h_res.data(), forward_workspace.data());
     };
     auto mappings_fwd = [&] { mappings_fwd_given(nullptr); };
-    auto mappings_bwd = [&] {
+    // mix: dx written once with the stream mixing's and the aggregate's terms (the model's path)
+    auto mappings_bwd_with = [&](const cuda::StreamMixGrad* mix) {
       cuda::mhc_mappings_backward(args, x.data(), weight.data(), alpha.data(), map_bias.data(), proj.data(), r.data(),
                                   h_pre.data(), h_post.data(), grad_pre.data(), grad_post.data(), grad_res.data(),
                                   grad_x.data(), grad_weight.data(), grad_alpha.data(), grad_map_bias.data(),
-                                  workspace.data());
+                                  workspace.data(), mix);
     };
+    auto mappings_bwd = [&] { mappings_bwd_with(nullptr); };
     auto aggregate_fwd = [&] { cuda::aggregate_forward(x.data(), h_pre.data(), tokens, ni, C, agg.data()); };
     auto aggregate_bwd = [&] {
       cuda::aggregate_backward(grad_agg.data(), x.data(), h_pre.data(), tokens, ni, C, grad_x.data(), grad_pre.data());
@@ -165,8 +167,9 @@ int run_bench_kernels(const std::vector<std::string>& shapes, int repeats) {
            cuda::stream_expand_backward(grad_out.data(), tokens, ni, C, grad_y.data());
          },
          4 * S + 4 * R, 0, 0},
-        // the three forward, then h_post_bda's backward fused with the aggregate's (dx written
-        // once: reads dout, x, dagg, y; writes dx, dy), then the mappings' backward
+        // the three forward, then h_post_bda's backward fused with the aggregate's (reads
+        // dout, x, dagg, y; writes dy and the per-token reductions), dy_bias, then the
+        // mappings' backward writing all of dx once (reads x, dout, dagg)
         {"sublayer (all 3)",
          [&] {
            mappings_fwd_given(x_sumsq.data());
@@ -176,10 +179,11 @@ int run_bench_kernels(const std::vector<std::string>& shapes, int repeats) {
          [&] {
            const cuda::AggregateGrad aggregate{grad_agg.data(), h_pre.data(), grad_pre.data()};
            cuda::h_post_bda_backward(grad_out.data(), x.data(), h_res.data(), h_post.data(), y.data(), bias.data(),
-                                     tokens, ni, C, {}, grad_x.data(), grad_res.data(), grad_post.data(),
-                                     grad_y.data(), &aggregate);
+                                     tokens, ni, C, {}, nullptr, grad_res.data(), grad_post.data(), grad_y.data(),
+                                     &aggregate);
            cuda::accumulate_column_sums(grad_y.data(), tokens, C, grad_bias.data(), columns_workspace.data());
-           mappings_bwd();
+           const cuda::StreamMixGrad mix{grad_out.data(), h_res.data(), grad_agg.data()};
+           mappings_bwd_with(&mix);
          },
          10 * S + 5 * R, 0, megatron ? megatron->sublayer_fwd_bwd : 0},
     };

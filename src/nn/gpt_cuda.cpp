@@ -137,19 +137,21 @@ struct GptCuda::State {
                             grad_of(bias), columns_ws.data());
     return dy.data();
   }
-  // After the sublayer's backward: grad_x = H_res^T dout + H_pre dagg with dH_res, dH_post
-  // and dH_pre in one kernel, then the mappings' backward (grad_x += ..., and the mapping
-  // parameters' gradients accumulate).
+  // After the sublayer's backward: dH_res, dH_post and dH_pre in one kernel, then the
+  // mappings' backward, which writes all of grad_x (H_res^T dout + H_pre dagg + its own
+  // terms) once; the mapping parameters' gradients accumulate.
   void hc_backward(HcState& m, const bf16* grad_out, const bf16* x, const bf16* y, const Slot& bias,
                    cpu::DropoutSpec d, const bf16* grad_agg, bf16* grad_x, const ModelConfig& c) {
     const cuda::AggregateGrad aggregate{grad_agg, m.h_pre.data(), grad_h_pre.data()};
     cuda::h_post_bda_backward(grad_out, x, m.h_res.data(), m.h_post.data(), y, half_of(bias), N,
-                              static_cast<int>(n), C, d, grad_x, grad_h_res.data(), grad_h_post.data(),
+                              static_cast<int>(n), C, d, /*grad_x, written by the mappings:*/ nullptr,
+                              grad_h_res.data(), grad_h_post.data(),
                               /*grad_y, written before the sublayer's backward:*/ nullptr, &aggregate);
+    const cuda::StreamMixGrad mix{grad_out, m.h_res.data(), grad_agg};
     cuda::mhc_mappings_backward(mappings_args(c), x, value_of(m.weight), value_of(m.alpha), value_of(m.bias),
                                 m.proj.data(), m.r.data(), m.h_pre.data(), m.h_post.data(), grad_h_pre.data(),
                                 grad_h_post.data(), grad_h_res.data(), grad_x, grad_of(m.weight), grad_of(m.alpha),
-                                grad_of(m.bias), mappings_backward_ws.data());
+                                grad_of(m.bias), mappings_backward_ws.data(), &mix);
   }
   // x_sumsq: the input's ||x||^2 when its producer computed it, else null.
   void mappings_forward(HcState& m, const bf16* x, const float* x_sumsq, bf16* agg, const ModelConfig& c) {

@@ -240,29 +240,38 @@ __global__ void finish_kernel(const float* parts, int64_t parts_stride, const fl
 // dx[t][k] += sum_o dproj[t][o] W[o][k] + coef[t] x[t][k] as bf16 mma.sync (m16n8k16, fp32
 // sums) with tokens as the rows: A = [dp_hi | dp_hi | dp_mid] (16 tokens x 3m), B = [W_hi;
 // W_mid; W_hi] (3m x 8 columns), i.e. dp_hi W_hi + dp_hi W_mid + dp_mid W_hi, accurate to
-// about 2^-16, far below dx's bf16 rounding. Each warp owns 8 J columns of K for its life
-// (B in registers, loaded once) and walks its tokens 16 at a time; A comes from an array
-// grad_h writes in fragment order (one 16-byte load per lane and k step). The columns are
-// permuted inside the warp's block so that each lane's accumulators are 2 J adjacent
-// columns of two tokens: the x and dx accesses are 16-byte vectors. A block's warps take
-// adjacent columns and the same tokens, streamed through a ring of kDxStages stages in
-// shared memory filled by cp.async (the next groups' loads in flight while one is
-// computed); A's fragments are copied once per block, not once per warp (they were most of
-// the L2 traffic).
+// about 2^-16, far below dx's bf16 rounding. A block has N warps, warp s on stream s: its
+// 8 J channels of the block's channel range (B in registers, loaded once), its tokens 16 at
+// a time; A comes from an array grad_h writes in fragment order (one 16-byte load per lane
+// and k step). The columns are permuted inside the warp's range so that each lane's
+// accumulators are 2 J adjacent channels of two tokens: the x and dx accesses are 16-byte
+// vectors. The block's tokens are streamed through a ring of kDxStages stages in shared
+// memory filled by cp.async (the next groups' loads in flight while one is computed); A's
+// fragments are copied once per block, not once per warp (they were most of the L2 traffic).
+//
+// MIX (the model's path): dx is written, not read and accumulated, with the stream mixing's
+// and the aggregate's terms added: dx_s += sum_i H_res[i][s] dout_i + H_pre[s] dagg. Warp s
+// copies dout_s of its channels into the stage, so every warp finds the dout of all N
+// streams of its channels there; that is why a block's warps are the N streams.
 
 template <int N> constexpr int dx_ksteps() { return (3 * width<N>() + 15) / 16; }
 // n8 column tiles per warp: fewer for wide m, so that B (J x ksteps x 2 registers) fits.
 template <int N> constexpr int dx_tiles() { return dx_ksteps<N>() <= 5 ? 8 : dx_ksteps<N>() <= 9 ? 4 : 2; }
-#ifndef MHC_DX_STAGES
-#define MHC_DX_STAGES 3
-#endif
-constexpr int kDxWarps = 4, kDxStages = MHC_DX_STAGES;
-// One stage of a block's ring (see grad_x_kernel), bytes.
-template <int N> constexpr int dx_stage_bytes() {
-  return dx_ksteps<N>() * 32 * 16 + kDxWarps * (2 * (2 * 32 * 2 * dx_tiles<N>()) * 2 + 2 * 32 * 4);
-}
-template <int N> constexpr int dx_smem_bytes() { return kDxStages * dx_stage_bytes<N>(); }
+template <int N> constexpr int dx_channels() { return 8 * dx_tiles<N>(); }  // a block's channel range
+constexpr int kDxStages = 3;
 
+// One stage of a block's ring, in bytes: A's fragments [KS][32] (16 bytes a lane), then a
+// part per warp (this lane's x and source, dx or dout, [2][32][COLS] for its tokens g and
+// g + 8, and their coef [2][32]); with MIX also dagg [2][32][COLS] and each of the 16
+// tokens' H_res and H_pre.
+template <int N, bool MIX> struct DxStage {
+  static constexpr int kCols = 2 * dx_tiles<N>(), kRowBytes = 2 * 32 * kCols * 2;
+  static constexpr int kFragments = 0, kWarps = dx_ksteps<N>() * 32 * 16;
+  static constexpr int kX = 0, kSource = kRowBytes, kCoef = 2 * kRowBytes, kWarpBytes = kCoef + 2 * 32 * 4;
+  static constexpr int kGradAgg = kWarps + N * kWarpBytes, kMixing = kGradAgg + kRowBytes;
+  static constexpr int kMixingFloats = N * N + N;  // a token's H_res, then H_pre
+  static constexpr int kBytes = MIX ? kMixing + 16 * kMixingFloats * 4 : kGradAgg;
+};
 
 // Position in the fragment-ordered A array of token t's value kk (of 16 ksteps).
 __host__ __device__ inline int64_t dx_fragment_index(int64_t t, int kk, int ksteps) {
@@ -272,81 +281,88 @@ __host__ __device__ inline int64_t dx_fragment_index(int64_t t, int kk, int kste
   return ((group * ksteps + s) * 32 + lane) * 8 + reg * 2 + k % 2;
 }
 
-template <int N, int VEC>
-__global__ void __launch_bounds__(kDxWarps * 32) grad_x_kernel(const bf16* x, const bf16* weight_split,
-                                                               const bf16* grad_proj_fragments, const float* coef,
-                                                               int64_t tokens, int64_t K, int64_t tokens_per_block,
-                                                               bf16* grad_x) {
-  constexpr int M = width<N>(), KS = dx_ksteps<N>(), J = dx_tiles<N>(), COLS = 2 * J;
+template <int N, int VEC, bool MIX>
+__global__ void __launch_bounds__(N * 32) grad_x_kernel(const bf16* x, const bf16* weight_split,
+                                                        const bf16* grad_proj_fragments, const float* coef,
+                                                        StreamMixGrad mix, const float* h_pre, int64_t tokens,
+                                                        int64_t C, int64_t tokens_per_block, bf16* grad_x) {
+  using Stage = DxStage<N, MIX>;
+  constexpr int M = width<N>(), KS = dx_ksteps<N>(), J = dx_tiles<N>(), COLS = Stage::kCols;
   static_assert(VEC == COLS || VEC == 1, "a lane's columns are one vector or scalars");
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, tig = lane % 4;
-  // (A warp past K still takes part in the copies and barriers of its block.)
-  const int64_t base = (static_cast<int64_t>(blockIdx.x) * kDxWarps + warp) * 8 * J;
-  // Logical column (tile j, 2 q + e) of the warp's block is physical column base + 2 J q + 2 j + e.
+  const int lane = threadIdx.x % 32, s = threadIdx.x / 32, g = lane / 4, tig = lane % 4;
+  const int64_t K = N * C, base = static_cast<int64_t>(blockIdx.x) * dx_channels<N>();
+  // Logical column (tile j, 2 q + e) of the warp's range is channel base + 2 J q + 2 j + e.
   uint32_t b[J][KS][2];
   {
 #pragma unroll
     for (int j = 0; j < J; ++j) {
-      const int64_t col = base + 2 * J * (g / 2) + 2 * j + g % 2;  // this lane's B column: n = g
+      const int64_t channel = base + 2 * J * (g / 2) + 2 * j + g % 2;  // this lane's B column: n = g
 #pragma unroll
-      for (int s = 0; s < KS; ++s)
+      for (int k = 0; k < KS; ++k)
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
           bf16 pair[2];
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
-            const int kk = s * 16 + h * 8 + 2 * tig + e;
+            const int kk = k * 16 + h * 8 + 2 * tig + e;
             // B rows [W_hi; W_mid; W_hi]: parts 0, 1, 0 of the [hi; mid; lo] split.
             const int part = kk / M == 1 ? 1 : 0, o = kk % M;
-            pair[e] = kk < 3 * M && col < K ? weight_split[(part * M + o) * K + col] : __float2bfloat16(0.0f);
+            pair[e] = kk < 3 * M && channel < C ? weight_split[(part * M + o) * K + s * C + channel]
+                                                : __float2bfloat16(0.0f);
           }
-          b[j][s][h] = *reinterpret_cast<const uint32_t*>(pair);
+          b[j][k][h] = *reinterpret_cast<const uint32_t*>(pair);
         }
     }
   }
   const int64_t begin = static_cast<int64_t>(blockIdx.y) * tokens_per_block;
   const int64_t end = min(tokens, begin + tokens_per_block);
-  const int64_t col0 = base + COLS * tig;  // this lane's first column
-  const bool lane_in = col0 < K;
-  // A stage of the block's ring: A's fragments [KS][32] (16 bytes a lane; shared by the
-  // block's warps, which take the same tokens), then per warp this lane's x and dx
-  // [2][32][COLS] of its tokens g and g + 8 and their coef [2][32].
-  constexpr int kWarpPart = 2 * (2 * 32 * COLS * 2) + 2 * 32 * 4;
-  constexpr int kX = KS * 32 * 16, kDx = kX + 2 * 32 * COLS * 2, kCoef = kDx + 2 * 32 * COLS * 2;
-  static_assert(kCoef + 2 * 32 * 4 - kX == kWarpPart, "stage layout");
+  const int64_t channel0 = base + COLS * tig;  // this lane's first channel
+  const int64_t column0 = s * C + channel0;
+  const bool lane_in = channel0 < C;
+  const bf16* source = MIX ? mix.grad_out : grad_x;  // what this warp copies besides x
   extern __shared__ __align__(16) unsigned char dx_ring[];
   const int groups = static_cast<int>((end - begin + 15) / 16);
-  // The next group to copy: its stage, its A fragments, and this lane's token g of it.
+  // This lane's COLS values of row `row` (token t) at `column`, into a [2][32][COLS] stage array.
+  auto copy_row = [&](unsigned char* to, const bf16* row, int64_t column, int h, bool valid) {
+    bf16* dst = reinterpret_cast<bf16*>(to) + (h * 32 + lane) * COLS;
+    if constexpr (VEC == COLS) {
+      const bool in = valid && lane_in;
+      detail::copy_async<2 * COLS>(dst, in ? row + column : row, in);
+    } else {
+#pragma unroll
+      for (int v = 0; v < COLS; ++v) dst[v] = valid && channel0 + v < C ? row[column + v] : __float2bfloat16(0.0f);
+    }
+  };
+  // The next group to copy: its stage and its first token.
   int next_stage = 0;
-  int64_t next_token = begin + g;
-  const uint4* next_fragments = reinterpret_cast<const uint4*>(grad_proj_fragments) + (begin / 16) * KS * 32;
+  int64_t next_begin = begin;
   auto issue_next = [&]() {
-    unsigned char* st = dx_ring + next_stage * dx_stage_bytes<N>();
-    for (int e = threadIdx.x; e < KS * 32; e += kDxWarps * 32) detail::copy_async<16>(st + e * 16, next_fragments + e, true);
-    unsigned char* mine = st + warp * kWarpPart;
+    unsigned char* st = dx_ring + next_stage * Stage::kBytes;
+    const uint4* fragments = reinterpret_cast<const uint4*>(grad_proj_fragments) + (next_begin / 16) * KS * 32;
+    for (int e = threadIdx.x; e < KS * 32; e += N * 32) detail::copy_async<16>(st + Stage::kFragments + e * 16, fragments + e, true);
+    unsigned char* mine = st + Stage::kWarps + s * Stage::kWarpBytes;
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      const int64_t t = next_token + 8 * h, at = t * K + col0;
+      const int64_t t = next_begin + g + 8 * h;
       const bool valid = t < end;
-      detail::copy_async<4>(mine + kCoef + (h * 32 + lane) * 4, valid ? coef + t : coef, valid);
-      bf16* xs = reinterpret_cast<bf16*>(mine + kX) + (h * 32 + lane) * COLS;
-      bf16* dxs = reinterpret_cast<bf16*>(mine + kDx) + (h * 32 + lane) * COLS;
-      if constexpr (VEC == COLS) {
-        const bool in = valid && lane_in;
-        detail::copy_async<2 * COLS>(xs, in ? x + at : x, in);
-        detail::copy_async<2 * COLS>(dxs, in ? grad_x + at : grad_x, in);
-      } else {
-#pragma unroll
-        for (int v = 0; v < COLS; ++v) {
-          const bool in = valid && col0 + v < K;
-          xs[v] = in ? x[at + v] : __float2bfloat16(0.0f);
-          dxs[v] = in ? grad_x[at + v] : __float2bfloat16(0.0f);
-        }
+      detail::copy_async<4>(mine + Stage::kCoef + (h * 32 + lane) * 4, valid ? coef + t : coef, valid);
+      copy_row(mine + Stage::kX, x, t * K + column0, h, valid);
+      copy_row(mine + Stage::kSource, source, t * K + column0, h, valid);
+      if constexpr (MIX)
+        if (s == 0) copy_row(st + Stage::kGradAgg, mix.grad_agg, t * C + channel0, h, valid);
+    }
+    if constexpr (MIX) {
+      constexpr int F = Stage::kMixingFloats;
+      for (int e = threadIdx.x; e < 16 * F; e += N * 32) {
+        const int64_t t = next_begin + e / F;
+        const int k = e % F;
+        const bool valid = t < end;
+        const float* from = k < N * N ? mix.h_res + t * N * N + k : h_pre + t * N + k - N * N;
+        detail::copy_async<4>(st + Stage::kMixing + e * 4, valid ? from : h_pre, valid);
       }
     }
     next_stage = next_stage + 1 == kDxStages ? 0 : next_stage + 1;
-    next_token += 16;
-    next_fragments += KS * 32;
+    next_begin += 16;
   };
   for (int group = 0; group < kDxStages - 1; ++group) {
     if (group < groups) issue_next();
@@ -356,37 +372,56 @@ __global__ void __launch_bounds__(kDxWarps * 32) grad_x_kernel(const bf16* x, co
   int64_t token = begin + g;
   for (int group = 0; group < groups; ++group) {
     detail::wait_async<kDxStages - 2>();  // this thread's copies of the group have landed
-    __syncthreads();              // everyone's have, and everyone is done with the previous group
+    __syncthreads();                      // everyone's have, and everyone is done with the previous group
     if (group + kDxStages - 1 < groups) issue_next();  // refills the previous group's stage
     detail::commit_async();
-    const unsigned char* st = dx_ring + stage * dx_stage_bytes<N>();
-    const unsigned char* mine = st + warp * kWarpPart;
+    const unsigned char* st = dx_ring + stage * Stage::kBytes;
+    const unsigned char* warps = st + Stage::kWarps;
     float c[J][4] = {};
 #pragma unroll
-    for (int s = 0; s < KS; ++s) {
-      const uint4 a4 = *reinterpret_cast<const uint4*>(st + (s * 32 + lane) * 16);
+    for (int k = 0; k < KS; ++k) {
+      const uint4 a4 = *reinterpret_cast<const uint4*>(st + Stage::kFragments + (k * 32 + lane) * 16);
       const uint32_t a[4] = {a4.x, a4.y, a4.z, a4.w};
 #pragma unroll
-      for (int j = 0; j < J; ++j) detail::mma_bf16(c[j], a, b[j][s][0], b[j][s][1]);
+      for (int j = 0; j < J; ++j) detail::mma_bf16(c[j], a, b[j][k][0], b[j][k][1]);
     }
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      const int64_t t = token + 8 * h, at = t * K + col0;
+      const int64_t t = token + 8 * h;
       if (t >= end || !lane_in) continue;
+      const int row = (h * 32 + lane) * COLS;  // this lane's values in a [2][32][COLS] array
+      auto values = [&](const unsigned char* array, float (&out)[COLS]) {
+        detail::load_bf16<COLS>(reinterpret_cast<const bf16*>(array) + row, out);
+      };
       float xv[COLS], gx[COLS];
-      detail::load_bf16<COLS>(reinterpret_cast<const bf16*>(mine + kX) + (h * 32 + lane) * COLS, xv);
-      detail::load_bf16<COLS>(reinterpret_cast<const bf16*>(mine + kDx) + (h * 32 + lane) * COLS, gx);
-      const float ct = *reinterpret_cast<const float*>(mine + kCoef + (h * 32 + lane) * 4);
+      values(warps + s * Stage::kWarpBytes + Stage::kX, xv);
+      if constexpr (MIX) {
+        const float* mixing = reinterpret_cast<const float*>(st + Stage::kMixing) + (g + 8 * h) * Stage::kMixingFloats;
+        float v[COLS];
+        values(st + Stage::kGradAgg, v);
+#pragma unroll
+        for (int e = 0; e < COLS; ++e) gx[e] = mixing[N * N + s] * v[e];
+#pragma unroll
+        for (int i = 0; i < N; ++i) {
+          values(warps + i * Stage::kWarpBytes + Stage::kSource, v);
+#pragma unroll
+          for (int e = 0; e < COLS; ++e) gx[e] += mixing[i * N + s] * v[e];
+        }
+      } else {
+        values(warps + s * Stage::kWarpBytes + Stage::kSource, gx);
+      }
+      const float ct = *reinterpret_cast<const float*>(warps + s * Stage::kWarpBytes + Stage::kCoef + (h * 32 + lane) * 4);
 #pragma unroll
       for (int j = 0; j < J; ++j)
 #pragma unroll
         for (int e = 0; e < 2; ++e) gx[2 * j + e] += c[j][2 * h + e] + ct * xv[2 * j + e];
+      const int64_t at = t * K + column0;
       if constexpr (VEC == COLS) {
         detail::store_bf16<COLS>(grad_x + at, gx);
       } else {
 #pragma unroll
-        for (int v = 0; v < COLS; ++v)
-          if (col0 + v < K) grad_x[at + v] = __float2bfloat16(gx[v]);
+        for (int e = 0; e < COLS; ++e)
+          if (channel0 + e < C) grad_x[at + e] = __float2bfloat16(gx[e]);
       }
     }
     stage = stage + 1 == kDxStages ? 0 : stage + 1;
@@ -578,7 +613,7 @@ void mhc_mappings_backward(const MappingsArgs& a, const bf16* x, const float* we
                            const float* bias, const float* proj, const float* r, const float* h_pre,
                            const float* h_post, const float* grad_h_pre, const float* grad_h_post,
                            const float* grad_h_res, bf16* grad_x, float* grad_weight, float* grad_alpha,
-                           float* grad_bias, float* workspace, cudaStream_t stream) {
+                           float* grad_bias, float* workspace, const StreamMixGrad* mix, cudaStream_t stream) {
   check_args(a);
   const Layout l = layout_of(a);
   float* grad_h = workspace + l.grad_h;
@@ -595,19 +630,27 @@ void mhc_mappings_backward(const MappingsArgs& a, const bf16* x, const float* we
         a.sinkhorn_iterations, grad_h, grad_proj_split, grad_proj_fragments, coef);
     MHC_CUDA_CHECK(cudaGetLastError());
     split_weight(weight, l.M, l.K, weight_split, stream);
-    // Column blocks of kDxWarps warps; token runs (multiples of 16) for about 2000 blocks.
-    const int64_t columns_per_block = kDxWarps * 8 * dx_tiles<N>();
-    const int64_t column_blocks = (l.K + columns_per_block - 1) / columns_per_block;
-    const int64_t runs = std::clamp<int64_t>(2048 / column_blocks, 1, (a.tokens + 15) / 16);
+    // Blocks of N warps over dx_channels<N>() channels; token runs (multiples of 16) for
+    // about 2000 blocks.
+    const int64_t channel_blocks = detail::blocks_for(a.C, dx_channels<N>());
+    const int64_t runs = std::clamp<int64_t>(2048 / channel_blocks, 1, (a.tokens + 15) / 16);
     const int64_t tokens_per_block = ((a.tokens + runs - 1) / runs + 15) / 16 * 16;
-    const dim3 grid(detail::blocks_for(l.K, columns_per_block), detail::blocks_for(a.tokens, tokens_per_block));
-    auto launch = [&](auto kernel) {
-      MHC_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, dx_smem_bytes<N>()));
-      kernel<<<grid, kDxWarps * 32, dx_smem_bytes<N>(), stream>>>(x, weight_split, grad_proj_fragments, coef, a.tokens,
-                                                                  l.K, tokens_per_block, grad_x);
+    const dim3 grid(static_cast<unsigned>(channel_blocks), detail::blocks_for(a.tokens, tokens_per_block));
+    auto launch = [&](auto kernel, auto with_mix) {
+      constexpr int bytes = kDxStages * DxStage<N, decltype(with_mix)::value>::kBytes;
+      MHC_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+      kernel<<<grid, N * 32, bytes, stream>>>(x, weight_split, grad_proj_fragments, coef, mix ? *mix : StreamMixGrad{},
+                                              h_pre, a.tokens, a.C, tokens_per_block, grad_x);
     };
-    if (l.K % (2 * dx_tiles<N>()) == 0) launch(grad_x_kernel<N, 2 * dx_tiles<N>()>);
-    else launch(grad_x_kernel<N, 1>);
+    constexpr int COLS = 2 * dx_tiles<N>();
+    const bool vectors = a.C % COLS == 0;
+    if (mix) {
+      if (vectors) launch(grad_x_kernel<N, COLS, true>, std::true_type{});
+      else launch(grad_x_kernel<N, 1, true>, std::true_type{});
+    } else {
+      if (vectors) launch(grad_x_kernel<N, COLS, false>, std::false_type{});
+      else launch(grad_x_kernel<N, 1, false>, std::false_type{});
+    }
     MHC_CUDA_CHECK(cudaGetLastError());
   });
   // weight_parts [split_stride, K] = split dproj^T x, reduced over tokens on tensor cores;

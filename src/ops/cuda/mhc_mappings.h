@@ -10,7 +10,8 @@
 //   backward: grad_h     dh (sigmoid and Sinkhorn backward, the iterations recomputed in
 //                        registers), dproj = dh r a, and the per-token dr coefficient
 //             grad_x     dx += dproj W + coef x, dproj W on tensor cores (dproj and W
-//                        split into bf16 hi + mid)                           (bf16 accumulate)
+//                        split into bf16 hi + mid); with the stream mixing's and the
+//                        aggregate's terms (StreamMixGrad) dx is written once
 //             grad_w     dW += dproj^T x on tensor cores (dproj split like W, reduced over
 //                        tokens by cuBLASLt); dalpha, dbias as fixed-order column sums
 //                        (ops/cuda/column_sums.cuh; deterministic)
@@ -47,11 +48,22 @@ void mhc_mappings_forward(const MappingsArgs& a, const bf16* x, const float* x_s
 
 size_t mappings_backward_workspace_floats(const MappingsArgs& a);
 
-// grad_x accumulates (bf16); grad_weight, grad_alpha [3], grad_bias accumulate (fp32).
+// The hyper connection's other terms of dx: dx_j = sum_i H_res[i][j] dout_i + H_pre[j] dagg
+// (h_post_bda's and the aggregate's backward, whose reductions h_post_bda_backward makes
+// with a null grad_x). Given to mhc_mappings_backward, dx is written once with all terms.
+struct StreamMixGrad {
+  const bf16* grad_out;  // [tokens, n, C]
+  const float* h_res;    // [tokens, n, n]
+  const bf16* grad_agg;  // [tokens, C]
+};
+
+// grad_x accumulates (bf16), or with `mix` is overwritten by all of dx (one rounding);
+// grad_weight, grad_alpha [3], grad_bias accumulate (fp32).
 void mhc_mappings_backward(const MappingsArgs& a, const bf16* x, const float* weight, const float* alpha,
                            const float* bias, const float* proj, const float* r, const float* h_pre,
                            const float* h_post, const float* grad_h_pre, const float* grad_h_post,
                            const float* grad_h_res, bf16* grad_x, float* grad_weight, float* grad_alpha,
-                           float* grad_bias, float* workspace, cudaStream_t stream = nullptr);
+                           float* grad_bias, float* workspace, const StreamMixGrad* mix = nullptr,
+                           cudaStream_t stream = nullptr);
 
 }  // namespace mhc::cuda

@@ -157,7 +157,7 @@ __global__ void h_post_bda_forward_kernel(const bf16* x, const float* h_res, con
 }
 
 // AGG: also the aggregate's backward on the same x (dx += H_pre dagg, dH_pre), so that
-// dx is written once. Two blocks a multiprocessor where n <= 4 fits 128 registers without
+// dx is written once; a null grad_x leaves dx to the mappings' backward (StreamMixGrad). Two blocks a multiprocessor where n <= 4 fits 128 registers without
 // spilling.
 template <int N, int VEC, bool AGG, bool DROPOUT>
 __global__ void __launch_bounds__(detail::kBlockThreads, N <= 4 ? 2 : 1)
@@ -212,7 +212,7 @@ __global__ void __launch_bounds__(detail::kBlockThreads, N <= 4 ? 2 : 1)
           dx[v] += mix[i][j] * g[i][v];
           partial[i * N + j] += g[i][v] * xs[j][v];
         }
-      detail::store_bf16<VEC>(grad_x + (t * N + j) * C + c, dx);
+      if (grad_x) detail::store_bf16<VEC>(grad_x + (t * N + j) * C + c, dx);
     }
     if (grad_y) detail::store_bf16<VEC>(grad_y + t * C + c, dy);
   }
