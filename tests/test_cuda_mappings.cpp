@@ -120,7 +120,9 @@ INSTANTIATE_TEST_SUITE_P(Shapes, CudaMappings,
                                            // K % 8 == 0 (16-byte aligned rows for cuBLASLt), every n
                                            Case{37, 1, 32, 2}, Case{70, 2, 48, 20}, Case{30, 6, 40, 7},
                                            Case{50, 8, 64, 20}, Case{130, 8, 96, 0},
-                                           Case{64, 4, 768, 20, true}, Case{33, 2, 13, 3, true}),
+                                           Case{64, 4, 768, 20, true}, Case{33, 2, 13, 3, true},
+                                           // the most Sinkhorn iterations (n = 1: over 48 KB of divisors)
+                                           Case{300, 1, 8, 64}, Case{20, 8, 24, 64}),
                          [](const auto& param_info) {
                            const Case& c = param_info.param;
                            return "tokens" + std::to_string(c.tokens) + "_n" + std::to_string(c.n) + "_C" +

@@ -73,14 +73,18 @@ __global__ void column_partials_kernel(Value value, int64_t rows, int64_t cols, 
   }
 }
 
+// Where the sums go: outputs(v, c, total) adds value v's total of column c.
 template <int V> struct ColumnOutputs {
   float* out[V];  // null: that sum is not wanted
+  __device__ void operator()(int v, int64_t c, float total) const {
+    if (out[v]) out[v][c] += total;
+  }
 };
 
 // Block (32, 32): 32 outputs, each summed over the chunks by 32 rows of threads (chunks
 // y, y + 32, ...), then the 32 partials in order.
-template <int V>
-__global__ void add_chunk_sums_kernel(const float* partial, int64_t chunks, int64_t cols, ColumnOutputs<V> outputs) {
+template <int V, typename Outputs>
+__global__ void add_chunk_sums_kernel(const float* partial, int64_t chunks, int64_t cols, Outputs outputs) {
   __shared__ float sums[32][33];
   const int64_t e = static_cast<int64_t>(blockIdx.x) * 32 + threadIdx.x;
   const bool valid = e < V * cols;
@@ -92,10 +96,17 @@ __global__ void add_chunk_sums_kernel(const float* partial, int64_t chunks, int6
     for (int64_t chunk = threadIdx.y; chunk < chunks; chunk += 32) s += partial[(chunk * V + i) * cols + c];
   sums[threadIdx.y][threadIdx.x] = s;
   __syncthreads();
-  if (threadIdx.y != 0 || !valid || !outputs.out[i]) return;
+  if (threadIdx.y != 0 || !valid) return;
   float total = 0;
   for (int k = 0; k < 32; ++k) total += sums[k][threadIdx.x];
-  outputs.out[i][c] += total;
+  outputs(i, c, total);
+}
+
+// The second pass alone, over partial[chunk][v][c]: outputs(v, c, sum over the chunks).
+template <int V, typename Outputs>
+void add_chunk_sums(const float* partial, int64_t chunks, int64_t cols, Outputs outputs, cudaStream_t stream) {
+  add_chunk_sums_kernel<V><<<blocks_for(V * cols, 32), dim3(32, 32), 0, stream>>>(partial, chunks, cols, outputs);
+  MHC_CUDA_CHECK(cudaGetLastError());
 }
 
 template <int V, typename Value>
@@ -111,8 +122,7 @@ void column_sums(Value value, int64_t rows, int64_t cols, std::array<float*, V> 
   MHC_CUDA_CHECK(cudaGetLastError());
   ColumnOutputs<V> outputs;
   for (int i = 0; i < V; ++i) outputs.out[i] = out[i];
-  add_chunk_sums_kernel<V><<<blocks_for(V * cols, 32), dim3(32, 32), 0, stream>>>(workspace, chunks, cols, outputs);
-  MHC_CUDA_CHECK(cudaGetLastError());
+  add_chunk_sums<V>(workspace, chunks, cols, outputs, stream);
 }
 
 }  // namespace mhc::cuda::detail

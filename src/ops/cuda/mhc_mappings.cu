@@ -104,18 +104,34 @@ __device__ void sinkhorn_forward(const TokenLane<N>& lane, const float (&l)[CPL]
 }
 
 // g holds the lane's entries of dM on entry and of dL on exit. Forward is re-run once,
-// keeping only each half step's divisors of the lane's entries (kMaxIterations x 2 x CPL
-// floats in local memory); walking back, the state before a half step is its output times
-// those divisors (exact up to rounding, also where a sum was clamped to eps). Same
-// zero-entry rule as the CPU reference.
+// keeping each half step's divisors (a row's or a column's sum) in `divisors`, the token's
+// [2 iterations][N] floats of shared memory (as per-lane arrays they were local memory:
+// 16 copies a token at n = 4, spilling from L1, a load on the chain at every step back);
+// walking back, the state before a half step is its output times those divisors (exact up
+// to rounding, also where a sum was clamped to eps). Same zero-entry rule as the CPU
+// reference.
 constexpr int kMaxIterations = 64;
 template <int N, int CPL>
-__device__ void sinkhorn_backward(const TokenLane<N>& lane, const float (&l)[CPL], int iterations, float (&g)[CPL]) {
-  float m0[CPL], y[CPL], divisors[2 * kMaxIterations][CPL];
+__device__ void sinkhorn_backward(const TokenLane<N>& lane, const float (&l)[CPL], int iterations, float (&g)[CPL],
+                                  float* divisors) {
+  float m0[CPL], y[CPL];
   exp_shifted(lane, l, m0);
 #pragma unroll
   for (int c = 0; c < CPL; ++c) y[c] = m0[c];
-  for (int h = 0; h < 2 * iterations; ++h) normalise<N>(y, h % 2 == 0, divisors[h]);
+  for (int h = 0; h < 2 * iterations; ++h) {
+    float d[CPL];
+    normalise<N>(y, h % 2 == 0, d);
+    if (h % 2 == 0) {
+      if (lane.row < N && lane.split == 0) divisors[h * N + lane.row] = d[0];
+    } else {
+#pragma unroll
+      for (int c = 0; c < CPL; ++c)
+        if (lane.row == 0 && lane.holds(c)) divisors[h * N + lane.column(c)] = d[c];
+    }
+  }
+  __syncwarp();
+  // Padding entries (zeros) read a real divisor, so that they stay zeros.
+  const int row = min(lane.row, N - 1);
   for (int half = 2 * iterations - 1; half >= 0; --half) {
     // y is the output of this half step: back-propagate through it, then undo it.
     const bool rows = half % 2 == 0;
@@ -132,13 +148,20 @@ __device__ void sinkhorn_backward(const TokenLane<N>& lane, const float (&l)[CPL
     }
 #pragma unroll
     for (int c = 0; c < CPL; ++c) {
-      const float s = divisors[half][rows ? 0 : c], d = s > kSinkhornEps ? dot[rows ? 0 : c] : 0.0f;
+      const float s = divisors[half * N + (rows ? row : min(lane.column(c), N - 1))];
+      const float d = s > kSinkhornEps ? dot[rows ? 0 : c] : 0.0f;
       g[c] = y[c] != 0.0f ? (g[c] - d) * __frcp_rn(s) : 0.0f;
       y[c] *= s;
     }
   }
 #pragma unroll
   for (int c = 0; c < CPL; ++c) g[c] *= m0[c];
+}
+
+// Shared memory of grad_h_kernel: each of a block's tokens its Sinkhorn divisors.
+constexpr int kGradHThreads = 128;
+template <int N> size_t grad_h_shared_bytes(int iterations) {
+  return static_cast<size_t>(kGradHThreads / TokenLanes<N>::L) * 2 * iterations * N * sizeof(float);
 }
 
 // ---- the split of fp32 values into three bf16 parts -------------------------------------
@@ -432,16 +455,17 @@ __global__ void __launch_bounds__(N * 32) grad_x_kernel(const bf16* x, const bf1
 // ---- backward --------------------------------------------------------------------------
 
 // Per token, on its lanes (TokenLanes): the row [dh, alpha terms (dh r proj summed by
-// gate)] of width M + 3 (summed over tokens into dbias and dalpha), dproj = dh r a (also
-// split into bf16 parts for dW and in fragment order for dx), and the coefficient of x in
-// dx from r: -dr r^2 / (sqrt(K) ||x||). The lane (i, k) owns dh's entries 2N + iN + j of
-// its columns j; split 0 of row i also entries i and N + i (the gates).
+// gate)] of width M + 3, dproj = dh r a (also split into bf16 parts for dW and in fragment
+// order for dx), and the coefficient of x in dx from r: -dr r^2 / (sqrt(K) ||x||). The lane
+// (i, k) owns dh's entries 2N + iN + j of its columns j; split 0 of row i also entries i
+// and N + i (the gates). The rows stay in shared memory: each block writes their sum over
+// its tokens, in order, to partials[block] (then summed over blocks into dbias, dalpha).
 template <int N>
-__global__ void grad_h_kernel(const float* proj, const float* r, const float* alpha, const float* bias,
-                              const float* h_pre, const float* h_post, const float* grad_h_pre,
-                              const float* grad_h_post, const float* grad_h_res, int64_t tokens, int64_t K,
-                              int iterations, float* grad_h, bf16* grad_proj_split,
-                              bf16* grad_proj_fragments, float* coef) {
+__global__ void __launch_bounds__(kGradHThreads)
+    grad_h_kernel(const float* proj, const float* r, const float* alpha, const float* bias, const float* h_pre,
+                  const float* h_post, const float* grad_h_pre, const float* grad_h_post, const float* grad_h_res,
+                  int64_t tokens, int64_t K, int iterations, float* partials, bf16* grad_proj_split,
+                  bf16* grad_proj_fragments, float* coef) {
   constexpr int M = width<N>(), CPL = TokenLanes<N>::CPL, KS = dx_ksteps<N>();
   const int64_t split_stride = split_width(M);
   const TokenLane<N> lane = token_lane<N>(tokens);
@@ -456,14 +480,20 @@ __global__ void grad_h_kernel(const float* proj, const float* r, const float* al
     g[c] = lane.holds(c) ? grad_h_res[t * N * N + i * N + j] : 0.0f;
     l[c] = lane.holds(c) ? rt * p[2 * N + i * N + j] * alpha[2] + bias[2 * N + i * N + j] : 0.0f;
   }
-  if (iterations > 0) sinkhorn_backward(lane, l, iterations, g);
+  extern __shared__ float sinkhorn_divisors[];
+  if (iterations > 0)
+    sinkhorn_backward(lane, l, iterations, g,
+                      sinkhorn_divisors + (threadIdx.x / TokenLanes<N>::L) * 2 * iterations * N);
+  constexpr int L = TokenLanes<N>::L, kTokens = kGradHThreads / L;
+  __shared__ float rows[kTokens][M + 3];  // the block's tokens' [dh, alpha terms]
+  float* row = rows[threadIdx.x / L];
   float dr = 0, terms[3] = {0, 0, 0};
   bf16* split = grad_proj_split + t * split_stride;
   auto entry = [&](int k, int gate, float dh) {
     dr += dh * p[k] * alpha[gate];
     terms[gate] += dh * rt * p[k];
     if (!lane.store) return;
-    grad_h[t * (M + 3) + k] = dh;
+    row[k] = dh;
     split3(dh * rt * alpha[gate], &split[k], &split[M + k], &split[2 * M + k]);
     // dx's A operand: [hi | hi | mid] (see grad_x_kernel)
     grad_proj_fragments[dx_fragment_index(t, k, KS)] = split[k];
@@ -478,19 +508,34 @@ __global__ void grad_h_kernel(const float* proj, const float* r, const float* al
 #pragma unroll
   for (int c = 0; c < CPL; ++c)
     if (lane.holds(c)) entry(2 * N + i * N + lane.column(c), 2, g[c]);
-  constexpr int L = TokenLanes<N>::L;
   dr = lanes_sum<1, L>(dr);
 #pragma unroll
   for (int k = 0; k < 3; ++k) terms[k] = lanes_sum<1, L>(terms[k]);
-  if (!lane.store || lane.row != 0 || lane.split != 0) return;
-  for (int kk = 3 * M; kk < KS * 16; ++kk) grad_proj_fragments[dx_fragment_index(t, kk, KS)] = __float2bfloat16(0.0f);
-  for (int64_t k = 3 * M; k < split_stride; ++k) split[k] = __float2bfloat16(0.0f);
+  if (lane.store && lane.row == 0 && lane.split == 0) {
+    for (int kk = 3 * M; kk < KS * 16; ++kk) grad_proj_fragments[dx_fragment_index(t, kk, KS)] = __float2bfloat16(0.0f);
+    for (int64_t k = 3 * M; k < split_stride; ++k) split[k] = __float2bfloat16(0.0f);
 #pragma unroll
-  for (int k = 0; k < 3; ++k) grad_h[t * (M + 3) + M + k] = terms[k];
-  const float sqrt_k = sqrtf(static_cast<float>(K));
-  const float norm = sqrt_k * (1.0f / rt - kNormEps);
-  coef[t] = norm > 0.0f ? -dr * rt * rt / (sqrt_k * norm) : 0.0f;
+    for (int k = 0; k < 3; ++k) row[M + k] = terms[k];
+    const float sqrt_k = sqrtf(static_cast<float>(K));
+    const float norm = sqrt_k * (1.0f / rt - kNormEps);
+    coef[t] = norm > 0.0f ? -dr * rt * rt / (sqrt_k * norm) : 0.0f;
+  }
+  __syncthreads();
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * kTokens;
+  const int count = static_cast<int>(min(static_cast<int64_t>(kTokens), tokens - first));
+  for (int k = threadIdx.x; k < M + 3; k += kGradHThreads) {
+    float sum = 0;
+    for (int u = 0; u < count; ++u) sum += rows[u][k];
+    partials[blockIdx.x * (M + 3) + k] = sum;
+  }
 }
+
+// dbias (columns below M) and dalpha (the last 3) of the summed [dh, alpha terms] rows.
+struct BiasAndAlphaOutputs {
+  float *bias, *alpha;
+  int64_t M;
+  __device__ void operator()(int, int64_t c, float total) const { (c < M ? bias[c] : alpha[c - M]) += total; }
+};
 
 // out[c] += sum over rows of in[row * stride + c], rows in order.
 __global__ void sum_rows_kernel(const float* in, int64_t rows, int64_t cols, int64_t stride, float* out) {
@@ -500,16 +545,6 @@ __global__ void sum_rows_kernel(const float* in, int64_t rows, int64_t cols, int
   for (int64_t row = 0; row < rows; ++row) s += in[row * stride + c];
   out[c] += s;
 }
-
-// Columns [offset, offset + cols) of grad_h's rows [dh, alpha terms], for column_sums.
-struct GradHColumns {
-  const float* grad_h;
-  int64_t row_width, offset;
-  template <int COLS> __device__ void operator()(int64_t r, int64_t c, float (&out)[1][COLS]) const {
-#pragma unroll
-    for (int k = 0; k < COLS; ++k) out[0][k] = grad_h[r * row_width + offset + c + k];
-  }
-};
 
 // Workspace offsets in floats, each a multiple of 4 (16-byte aligned for cuBLASLt).
 inline size_t aligned(size_t floats) { return (floats + 3) / 4 * 4; }
@@ -533,7 +568,7 @@ ForwardLayout forward_layout_of(const MappingsArgs& a) {
 
 struct Layout {
   int64_t M, K, split_stride;
-  size_t grad_h, coef, chunk_sums, grad_proj_split, grad_proj_fragments, weight_split, weight_parts, total;
+  size_t grad_h_partials, coef, grad_proj_split, grad_proj_fragments, weight_split, weight_parts, total;
 };
 
 Layout layout_of(const MappingsArgs& a) {
@@ -541,13 +576,9 @@ Layout layout_of(const MappingsArgs& a) {
   l.M = static_cast<int64_t>(a.n) * a.n + 2 * a.n;
   l.K = a.n * a.C;
   l.split_stride = split_width(l.M);
-  l.grad_h = 0;
-  l.coef = l.grad_h + a.tokens * (l.M + 3);
-  l.chunk_sums = l.coef + a.tokens;
-  // column sums of grad_h's first M columns, then of its last 3
-  const size_t chunk_floats = std::max(detail::column_sums_workspace_floats(1, a.tokens, l.M),
-                                       detail::column_sums_workspace_floats(1, a.tokens, 3));
-  l.grad_proj_split = aligned(l.chunk_sums + chunk_floats);
+  l.grad_h_partials = 0;  // a row a grad_h block, at most one a token
+  l.coef = l.grad_h_partials + a.tokens * (l.M + 3);
+  l.grad_proj_split = aligned(l.coef + a.tokens);
   l.grad_proj_fragments = aligned(l.grad_proj_split + (a.tokens * l.split_stride + 1) / 2);
   const int64_t fragment_values = ((a.tokens + 15) / 16 * 16) * ((3 * l.M + 15) / 16 * 16);
   l.weight_split = aligned(l.grad_proj_fragments + (fragment_values + 1) / 2);
@@ -616,18 +647,23 @@ void mhc_mappings_backward(const MappingsArgs& a, const bf16* x, const float* we
                            float* grad_bias, float* workspace, const StreamMixGrad* mix, cudaStream_t stream) {
   check_args(a);
   const Layout l = layout_of(a);
-  float* grad_h = workspace + l.grad_h;
+  float* grad_h_partials = workspace + l.grad_h_partials;
   float* coef = workspace + l.coef;
-  float* chunk_sums = workspace + l.chunk_sums;
+  int64_t grad_h_blocks = 0;
   bf16* grad_proj_split = reinterpret_cast<bf16*>(workspace + l.grad_proj_split);
   bf16* grad_proj_fragments = reinterpret_cast<bf16*>(workspace + l.grad_proj_fragments);
   bf16* weight_split = reinterpret_cast<bf16*>(workspace + l.weight_split);
   float* weight_parts = workspace + l.weight_parts;
   detail::dispatch_streams(a.n, [&](auto Ns) {
     constexpr int N = decltype(Ns)::value;
-    grad_h_kernel<N><<<detail::blocks_for(a.tokens * TokenLanes<N>::L, 128), 128, 0, stream>>>(
+    const size_t divisor_bytes = grad_h_shared_bytes<N>(a.sinkhorn_iterations);
+    if (divisor_bytes > 48 * 1024)  // n = 1 past 48 iterations
+      MHC_CUDA_CHECK(cudaFuncSetAttribute(grad_h_kernel<N>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                          static_cast<int>(divisor_bytes)));
+    grad_h_blocks = detail::blocks_for(a.tokens * TokenLanes<N>::L, kGradHThreads);
+    grad_h_kernel<N><<<static_cast<unsigned>(grad_h_blocks), kGradHThreads, divisor_bytes, stream>>>(
         proj, r, alpha, bias, h_pre, h_post, grad_h_pre, grad_h_post, grad_h_res, a.tokens, l.K,
-        a.sinkhorn_iterations, grad_h, grad_proj_split, grad_proj_fragments, coef);
+        a.sinkhorn_iterations, grad_h_partials, grad_proj_split, grad_proj_fragments, coef);
     MHC_CUDA_CHECK(cudaGetLastError());
     split_weight(weight, l.M, l.K, weight_split, stream);
     // Blocks of N warps over dx_channels<N>() channels; token runs (multiples of 16) for
@@ -665,11 +701,9 @@ void mhc_mappings_backward(const MappingsArgs& a, const bf16* x, const float* we
   gemm(g, stream);
   sum_rows_kernel<<<detail::blocks_for(l.M * l.K, kBlockThreads), kBlockThreads, 0, stream>>>(
       weight_parts, 3, l.M * l.K, l.M * l.K, grad_weight);
-  const int64_t row = l.M + 3;  // [dh, alpha terms]
-  // dbias and dalpha: grad_h's columns summed over tokens in a fixed order
-  detail::column_sums<1>(GradHColumns{grad_h, row, 0}, a.tokens, l.M, {grad_bias}, chunk_sums, stream);
-  detail::column_sums<1>(GradHColumns{grad_h, row, l.M}, a.tokens, 3, {grad_alpha}, chunk_sums, stream);
-  MHC_CUDA_CHECK(cudaGetLastError());
+  // dbias and dalpha: the grad_h blocks' sums of [dh, alpha terms], summed in a fixed order
+  detail::add_chunk_sums<1>(grad_h_partials, grad_h_blocks, l.M + 3, BiasAndAlphaOutputs{grad_bias, grad_alpha, l.M},
+                            stream);
 }
 
 }  // namespace mhc::cuda
