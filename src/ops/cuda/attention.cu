@@ -11,7 +11,7 @@ namespace mhc::cuda {
 namespace {
 
 using detail::exp2_fast;
-using detail::ldmatrix_x4;
+using detail::ldmatrix;
 using detail::mma_bf16;
 using detail::pack_bf16;
 
@@ -49,18 +49,18 @@ __device__ void load_tile(const bf16* base, int64_t ld, int64_t row0, int64_t ro
 // A fragment: rows [r0, r0 + 16), columns [16 ks, 16 ks + 16) of a row-major tile.
 template <int D> __device__ void load_a(const bf16* tile, int r0, int ks, uint32_t (&a)[4]) {
   const int lane = threadIdx.x % 32;
-  ldmatrix_x4<false>(a, tile + (r0 + lane % 8 + (lane / 8) % 2 * 8) * kStride<D> + ks * 16 + lane / 16 * 8);
+  ldmatrix<4, false>(a, tile + (r0 + lane % 8 + (lane / 8) % 2 * 8) * kStride<D> + ks * 16 + lane / 16 * 8);
 }
 // B fragments of two n8 tiles (b[0..1]: columns n0.., b[2..3]: n0 + 8..), k rows
 // [16 ks, 16 ks + 16), from a tile stored [n][k] (B^T row-major, e.g. K for q k^T).
 template <int D> __device__ void load_b_nk(const bf16* tile, int n0, int ks, uint32_t (&b)[4]) {
   const int lane = threadIdx.x % 32;
-  ldmatrix_x4<false>(b, tile + (n0 + lane % 8 + lane / 16 * 8) * kStride<D> + ks * 16 + (lane / 8) % 2 * 8);
+  ldmatrix<4, false>(b, tile + (n0 + lane % 8 + lane / 16 * 8) * kStride<D> + ks * 16 + (lane / 8) % 2 * 8);
 }
 // The same from a tile stored [k][n] (B row-major, e.g. V for P v).
 template <int D> __device__ void load_b_kn(const bf16* tile, int ks, int n0, uint32_t (&b)[4]) {
   const int lane = threadIdx.x % 32;
-  ldmatrix_x4<true>(b, tile + (ks * 16 + lane % 8 + (lane / 8) % 2 * 8) * kStride<D> + n0 + lane / 16 * 8);
+  ldmatrix<4, true>(b, tile + (ks * 16 + lane % 8 + (lane / 8) % 2 * 8) * kStride<D> + n0 + lane / 16 * 8);
 }
 // Column of accumulator element e of n8 tile j (C layout) within its block of columns.
 __device__ inline int accumulator_column(int j, int e) { return j * 8 + 2 * static_cast<int>(threadIdx.x % 4) + e % 2; }

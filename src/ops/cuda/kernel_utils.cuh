@@ -126,11 +126,17 @@ __device__ inline void mma_bf16(float (&c)[4], const uint32_t (&a)[4], uint32_t 
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-// Four 8x8 bf16 matrices from shared memory; lane i gives the address of row i % 8 of
-// matrix i / 8. TRANS delivers each matrix transposed.
-template <bool TRANS> __device__ inline void ldmatrix_x4(uint32_t (&r)[4], const void* shared_row) {
+// COUNT (2 or 4) 8x8 bf16 matrices from shared memory; lane i gives the address of row
+// i % 8 of matrix i / 8 (lanes past 8 COUNT: any valid address). TRANS delivers each
+// matrix transposed.
+template <int COUNT, bool TRANS> __device__ inline void ldmatrix(uint32_t (&r)[COUNT], const void* shared_row) {
+  static_assert(COUNT == 2 || COUNT == 4, "ldmatrix: 2 or 4 matrices");
   const unsigned address = static_cast<unsigned>(__cvta_generic_to_shared(shared_row));
-  if constexpr (TRANS)
+  if constexpr (COUNT == 2 && TRANS)
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];\n" : "=r"(r[0]), "=r"(r[1]) : "r"(address));
+  else if constexpr (COUNT == 2)
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\n" : "=r"(r[0]), "=r"(r[1]) : "r"(address));
+  else if constexpr (TRANS)
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                  : "r"(address));

@@ -258,7 +258,7 @@ __global__ void finish_kernel(const float* parts, int64_t parts_stride, const fl
   h_post[t * N + i] = 2.0f / (1.0f + expf(-(rt * projection(N + i) * alpha[1] + bias[N + i])));
 }
 
-// ---- dx on tensor cores -------------------------------------------------------------------
+// ---- dx and dW on tensor cores, one pass over x ---------------------------------------------
 //
 // dx[t][k] += sum_o dproj[t][o] W[o][k] + coef[t] x[t][k] as bf16 mma.sync (m16n8k16, fp32
 // sums) with tokens as the rows: A = [dp_hi | dp_hi | dp_mid] (16 tokens x 3m), B = [W_hi;
@@ -272,6 +272,12 @@ __global__ void finish_kernel(const float* parts, int64_t parts_stride, const fl
 // memory filled by cp.async (the next groups' loads in flight while one is computed); A's
 // fragments are copied once per block, not once per warp (they were most of the L2 traffic).
 //
+// dW from the same x in shared memory (x is read once for both): the warp's channels as
+// rows, the 16 tokens as k, dproj's bf16 parts [hi; mid; lo] as three k steps, so that
+// x (hi + mid + lo) keeps fp32 accuracy: dW[o][k] = sum_t dproj[t][o] x[t][k]. Each block
+// sums its tokens in registers and writes them to partials[run] (its token run), which
+// are then summed over the runs in order (deterministic).
+//
 // MIX (the model's path): dx is written, not read and accumulated, with the stream mixing's
 // and the aggregate's terms added: dx_s += sum_i H_res[i][s] dout_i + H_pre[s] dagg. Warp s
 // copies dout_s of its channels into the stage, so every warp finds the dout of all N
@@ -281,19 +287,26 @@ template <int N> constexpr int dx_ksteps() { return (3 * width<N>() + 15) / 16; 
 // n8 column tiles per warp: fewer for wide m, so that B (J x ksteps x 2 registers) fits.
 template <int N> constexpr int dx_tiles() { return dx_ksteps<N>() <= 5 ? 8 : dx_ksteps<N>() <= 9 ? 4 : 2; }
 template <int N> constexpr int dx_channels() { return 8 * dx_tiles<N>(); }  // a block's channel range
+// dproj's parts as grad_h writes them for dW: [hi | mid | lo] each padded to a multiple of 8.
+template <int N> constexpr int dproj_part() { return (width<N>() + 7) / 8 * 8; }
 constexpr int kDxStages = 3;
+constexpr int kDxBlocks = 512;  // about this many blocks (token runs x channel ranges)
 
-// One stage of a block's ring, in bytes: A's fragments [KS][32] (16 bytes a lane), then a
-// part per warp (this lane's x and source, dx or dout, [2][32][COLS] for its tokens g and
-// g + 8, and their coef [2][32]); with MIX also dagg [2][32][COLS] and each of the 16
-// tokens' H_res and H_pre.
+// One stage of a block's ring, in bytes: A's fragments [KS][32] (16 bytes a lane), dproj's
+// parts of the 16 tokens [16][3 P], then a part per warp (x [16 tokens][8 J channels],
+// rows padded by 16 bytes so that ldmatrix reads hit distinct banks; the lane's source,
+// dx or dout, [2][32][COLS] for its tokens g and g + 8; their coef [2][32]); with MIX also
+// dagg [2][32][COLS] and each of the 16 tokens' H_res and H_pre.
 template <int N, bool MIX> struct DxStage {
   static constexpr int kCols = 2 * dx_tiles<N>(), kRowBytes = 2 * 32 * kCols * 2;
-  static constexpr int kFragments = 0, kWarps = dx_ksteps<N>() * 32 * 16;
-  static constexpr int kX = 0, kSource = kRowBytes, kCoef = 2 * kRowBytes, kWarpBytes = kCoef + 2 * 32 * 4;
+  static constexpr int kXRow = 16 * dx_tiles<N>() + 16;
+  static constexpr int kFragments = 0, kProj = dx_ksteps<N>() * 32 * 16, kProjRow = 3 * dproj_part<N>() * 2;
+  static constexpr int kWarps = kProj + 16 * kProjRow;
+  static constexpr int kX = 0, kSource = 16 * kXRow, kCoef = kSource + kRowBytes, kWarpBytes = kCoef + 2 * 32 * 4;
   static constexpr int kGradAgg = kWarps + N * kWarpBytes, kMixing = kGradAgg + kRowBytes;
   static constexpr int kMixingFloats = N * N + N;  // a token's H_res, then H_pre
   static constexpr int kBytes = MIX ? kMixing + 16 * kMixingFloats * 4 : kGradAgg;
+  static_assert(kProj % 16 == 0 && kWarps % 16 == 0 && kXRow % 16 == 0 && kWarpBytes % 16 == 0, "16-byte copies");
 };
 
 // Position in the fragment-ordered A array of token t's value kk (of 16 ksteps).
@@ -306,11 +319,13 @@ __host__ __device__ inline int64_t dx_fragment_index(int64_t t, int kk, int kste
 
 template <int N, int VEC, bool MIX>
 __global__ void __launch_bounds__(N * 32) grad_x_kernel(const bf16* x, const bf16* weight_split,
-                                                        const bf16* grad_proj_fragments, const float* coef,
-                                                        StreamMixGrad mix, const float* h_pre, int64_t tokens,
-                                                        int64_t C, int64_t tokens_per_block, bf16* grad_x) {
+                                                        const bf16* grad_proj_fragments, const bf16* grad_proj_parts,
+                                                        const float* coef, StreamMixGrad mix, const float* h_pre,
+                                                        int64_t tokens, int64_t C, int64_t tokens_per_block,
+                                                        bf16* grad_x, float* weight_partials) {
   using Stage = DxStage<N, MIX>;
   constexpr int M = width<N>(), KS = dx_ksteps<N>(), J = dx_tiles<N>(), COLS = Stage::kCols;
+  constexpr int P = dproj_part<N>(), WM = J / 2, WN = P / 8;  // dW: m16 tiles of channels, n8 tiles of outputs
   static_assert(VEC == COLS || VEC == 1, "a lane's columns are one vector or scalars");
   const int lane = threadIdx.x % 32, s = threadIdx.x / 32, g = lane / 4, tig = lane % 4;
   const int64_t K = N * C, base = static_cast<int64_t>(blockIdx.x) * dx_channels<N>();
@@ -337,6 +352,7 @@ __global__ void __launch_bounds__(N * 32) grad_x_kernel(const bf16* x, const bf1
         }
     }
   }
+  float dw[WM][WN][4] = {};
   const int64_t begin = static_cast<int64_t>(blockIdx.y) * tokens_per_block;
   const int64_t end = min(tokens, begin + tokens_per_block);
   const int64_t channel0 = base + COLS * tig;  // this lane's first channel
@@ -345,9 +361,9 @@ __global__ void __launch_bounds__(N * 32) grad_x_kernel(const bf16* x, const bf1
   const bf16* source = MIX ? mix.grad_out : grad_x;  // what this warp copies besides x
   extern __shared__ __align__(16) unsigned char dx_ring[];
   const int groups = static_cast<int>((end - begin + 15) / 16);
-  // This lane's COLS values of row `row` (token t) at `column`, into a [2][32][COLS] stage array.
-  auto copy_row = [&](unsigned char* to, const bf16* row, int64_t column, int h, bool valid) {
-    bf16* dst = reinterpret_cast<bf16*>(to) + (h * 32 + lane) * COLS;
+  // This lane's COLS values of `row` at `column`, to `to` (zeros where not valid).
+  auto copy_lane = [&](unsigned char* to, const bf16* row, int64_t column, bool valid) {
+    bf16* dst = reinterpret_cast<bf16*>(to);
     if constexpr (VEC == COLS) {
       const bool in = valid && lane_in;
       detail::copy_async<2 * COLS>(dst, in ? row + column : row, in);
@@ -362,17 +378,25 @@ __global__ void __launch_bounds__(N * 32) grad_x_kernel(const bf16* x, const bf1
   auto issue_next = [&]() {
     unsigned char* st = dx_ring + next_stage * Stage::kBytes;
     const uint4* fragments = reinterpret_cast<const uint4*>(grad_proj_fragments) + (next_begin / 16) * KS * 32;
-    for (int e = threadIdx.x; e < KS * 32; e += N * 32) detail::copy_async<16>(st + Stage::kFragments + e * 16, fragments + e, true);
+    for (int e = threadIdx.x; e < KS * 32; e += N * 32)
+      detail::copy_async<16>(st + Stage::kFragments + e * 16, fragments + e, true);
+    constexpr int kRowChunks = Stage::kProjRow / 16;
+    const uint4* parts = reinterpret_cast<const uint4*>(grad_proj_parts + next_begin * 3 * P);
+    for (int e = threadIdx.x; e < 16 * kRowChunks; e += N * 32) {
+      const bool valid = next_begin + e / kRowChunks < end;
+      detail::copy_async<16>(st + Stage::kProj + e * 16, valid ? parts + e : parts, valid);
+    }
     unsigned char* mine = st + Stage::kWarps + s * Stage::kWarpBytes;
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int64_t t = next_begin + g + 8 * h;
       const bool valid = t < end;
+      const int at = (h * 32 + lane) * COLS * 2;  // this lane's bytes in a [2][32][COLS] array
       detail::copy_async<4>(mine + Stage::kCoef + (h * 32 + lane) * 4, valid ? coef + t : coef, valid);
-      copy_row(mine + Stage::kX, x, t * K + column0, h, valid);
-      copy_row(mine + Stage::kSource, source, t * K + column0, h, valid);
+      copy_lane(mine + Stage::kX + (8 * h + g) * Stage::kXRow + tig * COLS * 2, x, t * K + column0, valid);
+      copy_lane(mine + Stage::kSource + at, source, t * K + column0, valid);
       if constexpr (MIX)
-        if (s == 0) copy_row(st + Stage::kGradAgg, mix.grad_agg, t * C + channel0, h, valid);
+        if (s == 0) copy_lane(st + Stage::kGradAgg + at, mix.grad_agg, t * C + channel0, valid);
     }
     if constexpr (MIX) {
       constexpr int F = Stage::kMixingFloats;
@@ -400,6 +424,25 @@ __global__ void __launch_bounds__(N * 32) grad_x_kernel(const bf16* x, const bf1
     detail::commit_async();
     const unsigned char* st = dx_ring + stage * Stage::kBytes;
     const unsigned char* warps = st + Stage::kWarps;
+    const unsigned char* xs = warps + s * Stage::kWarpBytes + Stage::kX;
+    // dW: A = x^T of the warp's channels (ldmatrix.trans of x [token][channel]), B = the
+    // tokens' dproj parts (ldmatrix.trans of [token][output]), one k step a part.
+    {
+      uint32_t a[WM][4];
+#pragma unroll
+      for (int mt = 0; mt < WM; ++mt)
+        detail::ldmatrix<4, true>(a[mt], xs + (lane / 16 * 8 + lane % 8) * Stage::kXRow + (mt * 16 + (lane / 8) % 2 * 8) * 2);
+#pragma unroll
+      for (int part = 0; part < 3; ++part)
+#pragma unroll
+        for (int nt = 0; nt < WN; ++nt) {
+          uint32_t bw[2];
+          detail::ldmatrix<2, true>(bw, st + Stage::kProj + ((lane / 8) % 2 * 8 + lane % 8) * Stage::kProjRow +
+                                            (part * P + nt * 8) * 2);
+#pragma unroll
+          for (int mt = 0; mt < WM; ++mt) detail::mma_bf16(dw[mt][nt], a[mt], bw[0], bw[1]);
+        }
+    }
     float c[J][4] = {};
 #pragma unroll
     for (int k = 0; k < KS; ++k) {
@@ -417,7 +460,7 @@ __global__ void __launch_bounds__(N * 32) grad_x_kernel(const bf16* x, const bf1
         detail::load_bf16<COLS>(reinterpret_cast<const bf16*>(array) + row, out);
       };
       float xv[COLS], gx[COLS];
-      values(warps + s * Stage::kWarpBytes + Stage::kX, xv);
+      detail::load_bf16<COLS>(reinterpret_cast<const bf16*>(xs + (8 * h + g) * Stage::kXRow) + tig * COLS, xv);
       if constexpr (MIX) {
         const float* mixing = reinterpret_cast<const float*>(st + Stage::kMixing) + (g + 8 * h) * Stage::kMixingFloats;
         float v[COLS];
@@ -450,6 +493,19 @@ __global__ void __launch_bounds__(N * 32) grad_x_kernel(const bf16* x, const bf1
     stage = stage + 1 == kDxStages ? 0 : stage + 1;
     token += 16;
   }
+  // The run's dW: accumulator (mt, nt, r) is channel mt 16 + g (+ 8 for r >= 2), output
+  // nt 8 + 2 tig (+ 1 for odd r).
+  float* partial = weight_partials + static_cast<int64_t>(blockIdx.y) * M * K;
+#pragma unroll
+  for (int mt = 0; mt < WM; ++mt)
+#pragma unroll
+    for (int nt = 0; nt < WN; ++nt)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) {
+        const int64_t channel = base + mt * 16 + g + (r / 2) * 8;
+        const int o = nt * 8 + 2 * tig + r % 2;
+        if (channel < C && o < M) partial[o * K + s * C + channel] = dw[mt][nt][r];
+      }
 }
 
 // ---- backward --------------------------------------------------------------------------
@@ -464,10 +520,10 @@ template <int N>
 __global__ void __launch_bounds__(kGradHThreads)
     grad_h_kernel(const float* proj, const float* r, const float* alpha, const float* bias, const float* h_pre,
                   const float* h_post, const float* grad_h_pre, const float* grad_h_post, const float* grad_h_res,
-                  int64_t tokens, int64_t K, int iterations, float* partials, bf16* grad_proj_split,
+                  int64_t tokens, int64_t K, int iterations, float* partials, bf16* grad_proj_parts,
                   bf16* grad_proj_fragments, float* coef) {
   constexpr int M = width<N>(), CPL = TokenLanes<N>::CPL, KS = dx_ksteps<N>();
-  const int64_t split_stride = split_width(M);
+  constexpr int P = dproj_part<N>();
   const TokenLane<N> lane = token_lane<N>(tokens);
   const int64_t t = lane.token;
   const int i = lane.row < N ? lane.row : 0;
@@ -488,17 +544,17 @@ __global__ void __launch_bounds__(kGradHThreads)
   __shared__ float rows[kTokens][M + 3];  // the block's tokens' [dh, alpha terms]
   float* row = rows[threadIdx.x / L];
   float dr = 0, terms[3] = {0, 0, 0};
-  bf16* split = grad_proj_split + t * split_stride;
+  bf16* split = grad_proj_parts + t * 3 * P;  // [hi | mid | lo], each P wide
   auto entry = [&](int k, int gate, float dh) {
     dr += dh * p[k] * alpha[gate];
     terms[gate] += dh * rt * p[k];
     if (!lane.store) return;
     row[k] = dh;
-    split3(dh * rt * alpha[gate], &split[k], &split[M + k], &split[2 * M + k]);
+    split3(dh * rt * alpha[gate], &split[k], &split[P + k], &split[2 * P + k]);
     // dx's A operand: [hi | hi | mid] (see grad_x_kernel)
     grad_proj_fragments[dx_fragment_index(t, k, KS)] = split[k];
     grad_proj_fragments[dx_fragment_index(t, M + k, KS)] = split[k];
-    grad_proj_fragments[dx_fragment_index(t, 2 * M + k, KS)] = split[M + k];
+    grad_proj_fragments[dx_fragment_index(t, 2 * M + k, KS)] = split[P + k];
   };
   if (lane.row < N && lane.split == 0) {
     const float pre = h_pre[t * N + i], post = h_post[t * N + i];
@@ -513,7 +569,8 @@ __global__ void __launch_bounds__(kGradHThreads)
   for (int k = 0; k < 3; ++k) terms[k] = lanes_sum<1, L>(terms[k]);
   if (lane.store && lane.row == 0 && lane.split == 0) {
     for (int kk = 3 * M; kk < KS * 16; ++kk) grad_proj_fragments[dx_fragment_index(t, kk, KS)] = __float2bfloat16(0.0f);
-    for (int64_t k = 3 * M; k < split_stride; ++k) split[k] = __float2bfloat16(0.0f);
+    for (int part = 0; part < 3; ++part)
+      for (int k = M; k < P; ++k) split[part * P + k] = __float2bfloat16(0.0f);
 #pragma unroll
     for (int k = 0; k < 3; ++k) row[M + k] = terms[k];
     const float sqrt_k = sqrtf(static_cast<float>(K));
@@ -537,15 +594,6 @@ struct BiasAndAlphaOutputs {
   __device__ void operator()(int, int64_t c, float total) const { (c < M ? bias[c] : alpha[c - M]) += total; }
 };
 
-// out[c] += sum over rows of in[row * stride + c], rows in order.
-__global__ void sum_rows_kernel(const float* in, int64_t rows, int64_t cols, int64_t stride, float* out) {
-  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (c >= cols) return;
-  float s = 0;
-  for (int64_t row = 0; row < rows; ++row) s += in[row * stride + c];
-  out[c] += s;
-}
-
 // Workspace offsets in floats, each a multiple of 4 (16-byte aligned for cuBLASLt).
 inline size_t aligned(size_t floats) { return (floats + 3) / 4 * 4; }
 
@@ -566,24 +614,40 @@ ForwardLayout forward_layout_of(const MappingsArgs& a) {
   return l;
 }
 
+// The dx/dW kernel's grid: channel ranges x token runs (multiples of 16 tokens), about
+// kDxBlocks blocks; each run writes its own dW partial.
+struct DxGrid {
+  int64_t channel_blocks, runs, tokens_per_run;
+};
+template <int N> DxGrid dx_grid(int64_t tokens, int64_t C) {
+  DxGrid d{};
+  d.channel_blocks = (C + dx_channels<N>() - 1) / dx_channels<N>();
+  const int64_t runs = std::clamp<int64_t>(kDxBlocks / d.channel_blocks, 1, (tokens + 15) / 16);
+  d.tokens_per_run = ((tokens + runs - 1) / runs + 15) / 16 * 16;
+  d.runs = (tokens + d.tokens_per_run - 1) / d.tokens_per_run;
+  return d;
+}
+
 struct Layout {
-  int64_t M, K, split_stride;
-  size_t grad_h_partials, coef, grad_proj_split, grad_proj_fragments, weight_split, weight_parts, total;
+  int64_t M, K, P;
+  DxGrid grid;
+  size_t grad_h_partials, coef, grad_proj_parts, grad_proj_fragments, weight_split, weight_partials, total;
 };
 
 Layout layout_of(const MappingsArgs& a) {
   Layout l{};
   l.M = static_cast<int64_t>(a.n) * a.n + 2 * a.n;
   l.K = a.n * a.C;
-  l.split_stride = split_width(l.M);
+  l.P = (l.M + 7) / 8 * 8;
+  detail::dispatch_streams(a.n, [&](auto N) { l.grid = dx_grid<N.value>(a.tokens, a.C); });
   l.grad_h_partials = 0;  // a row a grad_h block, at most one a token
   l.coef = l.grad_h_partials + a.tokens * (l.M + 3);
-  l.grad_proj_split = aligned(l.coef + a.tokens);
-  l.grad_proj_fragments = aligned(l.grad_proj_split + (a.tokens * l.split_stride + 1) / 2);
+  l.grad_proj_parts = aligned(l.coef + a.tokens);
+  l.grad_proj_fragments = aligned(l.grad_proj_parts + (a.tokens * 3 * l.P + 1) / 2);
   const int64_t fragment_values = ((a.tokens + 15) / 16 * 16) * ((3 * l.M + 15) / 16 * 16);
   l.weight_split = aligned(l.grad_proj_fragments + (fragment_values + 1) / 2);
-  l.weight_parts = aligned(l.weight_split + (l.split_stride * l.K + 1) / 2);
-  l.total = l.weight_parts + l.split_stride * l.K;
+  l.weight_partials = aligned(l.weight_split + (split_width(l.M) * l.K + 1) / 2);
+  l.total = l.weight_partials + l.grid.runs * l.M * l.K;
   return l;
 }
 
@@ -650,10 +714,10 @@ void mhc_mappings_backward(const MappingsArgs& a, const bf16* x, const float* we
   float* grad_h_partials = workspace + l.grad_h_partials;
   float* coef = workspace + l.coef;
   int64_t grad_h_blocks = 0;
-  bf16* grad_proj_split = reinterpret_cast<bf16*>(workspace + l.grad_proj_split);
+  bf16* grad_proj_parts = reinterpret_cast<bf16*>(workspace + l.grad_proj_parts);
   bf16* grad_proj_fragments = reinterpret_cast<bf16*>(workspace + l.grad_proj_fragments);
   bf16* weight_split = reinterpret_cast<bf16*>(workspace + l.weight_split);
-  float* weight_parts = workspace + l.weight_parts;
+  float* weight_partials = workspace + l.weight_partials;
   detail::dispatch_streams(a.n, [&](auto Ns) {
     constexpr int N = decltype(Ns)::value;
     const size_t divisor_bytes = grad_h_shared_bytes<N>(a.sinkhorn_iterations);
@@ -663,20 +727,17 @@ void mhc_mappings_backward(const MappingsArgs& a, const bf16* x, const float* we
     grad_h_blocks = detail::blocks_for(a.tokens * TokenLanes<N>::L, kGradHThreads);
     grad_h_kernel<N><<<static_cast<unsigned>(grad_h_blocks), kGradHThreads, divisor_bytes, stream>>>(
         proj, r, alpha, bias, h_pre, h_post, grad_h_pre, grad_h_post, grad_h_res, a.tokens, l.K,
-        a.sinkhorn_iterations, grad_h_partials, grad_proj_split, grad_proj_fragments, coef);
+        a.sinkhorn_iterations, grad_h_partials, grad_proj_parts, grad_proj_fragments, coef);
     MHC_CUDA_CHECK(cudaGetLastError());
     split_weight(weight, l.M, l.K, weight_split, stream);
-    // Blocks of N warps over dx_channels<N>() channels; token runs (multiples of 16) for
-    // about 2000 blocks.
-    const int64_t channel_blocks = detail::blocks_for(a.C, dx_channels<N>());
-    const int64_t runs = std::clamp<int64_t>(2048 / channel_blocks, 1, (a.tokens + 15) / 16);
-    const int64_t tokens_per_block = ((a.tokens + runs - 1) / runs + 15) / 16 * 16;
-    const dim3 grid(static_cast<unsigned>(channel_blocks), detail::blocks_for(a.tokens, tokens_per_block));
+    // Blocks of N warps over dx_channels<N>() channels, a token run each (DxGrid).
+    const dim3 grid(detail::blocks_for(l.grid.channel_blocks, 1), detail::blocks_for(l.grid.runs, 1));
     auto launch = [&](auto kernel, auto with_mix) {
       constexpr int bytes = kDxStages * DxStage<N, decltype(with_mix)::value>::kBytes;
       MHC_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
-      kernel<<<grid, N * 32, bytes, stream>>>(x, weight_split, grad_proj_fragments, coef, mix ? *mix : StreamMixGrad{},
-                                              h_pre, a.tokens, a.C, tokens_per_block, grad_x);
+      kernel<<<grid, N * 32, bytes, stream>>>(x, weight_split, grad_proj_fragments, grad_proj_parts, coef,
+                                              mix ? *mix : StreamMixGrad{}, h_pre, a.tokens, a.C,
+                                              l.grid.tokens_per_run, grad_x, weight_partials);
     };
     constexpr int COLS = 2 * dx_tiles<N>();
     const bool vectors = a.C % COLS == 0;
@@ -689,18 +750,8 @@ void mhc_mappings_backward(const MappingsArgs& a, const bf16* x, const float* we
     }
     MHC_CUDA_CHECK(cudaGetLastError());
   });
-  // weight_parts [split_stride, K] = split dproj^T x, reduced over tokens on tensor cores;
-  // column-major: the [K, split_stride] product of x (K x tokens) and the split dproj
-  // (split_stride x tokens, transposed). Then dW += hi + mid + lo parts.
-  Gemm g;
-  g.trans_b = true;
-  g.m = l.K, g.n = l.split_stride, g.k = a.tokens;
-  g.a = x, g.lda = l.K;
-  g.b = grad_proj_split, g.ldb = l.split_stride;
-  g.d = weight_parts, g.ldd = l.K;
-  gemm(g, stream);
-  sum_rows_kernel<<<detail::blocks_for(l.M * l.K, kBlockThreads), kBlockThreads, 0, stream>>>(
-      weight_parts, 3, l.M * l.K, l.M * l.K, grad_weight);
+  // dW: the token runs' partials summed in order
+  detail::add_chunk_sums<1>(weight_partials, l.grid.runs, l.M * l.K, detail::ColumnOutputs<1>{{grad_weight}}, stream);
   // dbias and dalpha: the grad_h blocks' sums of [dh, alpha terms], summed in a fixed order
   detail::add_chunk_sums<1>(grad_h_partials, grad_h_blocks, l.M + 3, BiasAndAlphaOutputs{grad_bias, grad_alpha, l.M},
                             stream);
