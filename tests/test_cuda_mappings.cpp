@@ -111,6 +111,23 @@ TEST_P(CudaMappings, ForwardAndBackwardMatchTheCpuReference) {
         gx_mix[k] = v;
       }
   EXPECT_LT(relative_error(widen(d_gx_mix.download()), gx_mix), kBf16Tolerance);
+
+  // And the dy of the hyper connection below (whose dout this dx is): sum_s H_post[s] dx_s.
+  if (!cuda::next_grad_y_supported(args)) return;
+  const std::vector<float> post_below = random_float(T * c.n, 14, 0.0, 2.0);
+  DeviceBuffer<float> d_post_below(post_below);
+  auto d_gy_below = poisoned<bf16>(T * c.C);
+  const cuda::NextGradY next{d_post_below.data(), d_gy_below.data()};
+  cuda::mhc_mappings_backward(args, d_x.data(), d_w.data(), d_alpha.data(), d_bias.data(), d_proj.data(), d_r.data(),
+                              d_pre.data(), d_post.data(), d_gpre.data(), d_gpost.data(), d_gres.data(),
+                              d_gx_mix.data(), d_gw.data(), d_galpha.data(), d_gbias.data(), d_work.data(), &mix,
+                              &next);
+  std::vector<double> gy_below(T * c.C, 0.0);
+  for (int64_t t = 0; t < T; ++t)
+    for (int s = 0; s < c.n; ++s)
+      for (int64_t ch = 0; ch < c.C; ++ch) gy_below[t * c.C + ch] += post_below[t * c.n + s] * gx_mix[t * K + s * c.C + ch];
+  EXPECT_LT(relative_error(widen(d_gx_mix.download()), gx_mix), kBf16Tolerance);
+  EXPECT_LT(relative_error(widen(d_gy_below.download()), gy_below), kBf16Tolerance);
 }
 
 INSTANTIATE_TEST_SUITE_P(Shapes, CudaMappings,

@@ -15,7 +15,9 @@
 namespace mhc {
 namespace {
 
-TrainConfig tiny(const std::string& connection) {
+// hidden_size 64: the CUDA kernels' vector paths (and, without dropout, the fused ones:
+// dy written by the mappings' backward, the residual added in the output product).
+TrainConfig tiny(const std::string& connection, double dropout = 0.1) {
   TrainConfig c = default_train_config();
   c.model.num_layers = 2;
   c.model.hidden_size = 64;
@@ -23,8 +25,8 @@ TrainConfig tiny(const std::string& connection) {
   c.model.vocab_size = 61;
   c.model.seq_length = 32;
   c.model.connection = connection;
-  c.model.hidden_dropout = 0.1;
-  c.model.attention_dropout = 0.1;
+  c.model.hidden_dropout = dropout;
+  c.model.attention_dropout = dropout;
   c.batch_size = 4;
   c.grad_accumulation = 2;
   c.learning_rate = 3e-3;
@@ -45,7 +47,12 @@ std::vector<int32_t> batch_tokens(int64_t count, int64_t vocab, uint64_t seed) {
   return tokens;
 }
 
-class CudaModel : public ::testing::TestWithParam<std::string> {
+struct ModelCase {
+  std::string connection;
+  double dropout;
+};
+
+class CudaModel : public ::testing::TestWithParam<ModelCase> {
  protected:
   void SetUp() override {
     if (!cuda::device_available()) GTEST_SKIP() << "no CUDA device";
@@ -53,7 +60,7 @@ class CudaModel : public ::testing::TestWithParam<std::string> {
 };
 
 TEST_P(CudaModel, TwentyStepsMatchTheCpuModel) {
-  const TrainConfig config = tiny(GetParam());
+  const TrainConfig config = tiny(GetParam().connection, GetParam().dropout);
   const int64_t B = config.batch_size, T = config.model.seq_length, V = config.model.vocab_size;
   Gpt<float> cpu_model(config.model, B, T);
   cpu_model.init(5);
@@ -132,14 +139,21 @@ TEST_P(CudaModel, TwentyStepsMatchTheCpuModel) {
   EXPECT_EQ(again.exp_avg_sq, gpu_optimizer.exp_avg_sq);
 }
 
-INSTANTIATE_TEST_SUITE_P(Connections, CudaModel, ::testing::Values("mhc", "residual", "hc"));
+INSTANTIATE_TEST_SUITE_P(Connections, CudaModel,
+                         ::testing::Values(ModelCase{"mhc", 0.1}, ModelCase{"mhc", 0}, ModelCase{"residual", 0.1},
+                                           ModelCase{"residual", 0}, ModelCase{"hc", 0.1}),
+                         [](const auto& param_info) {
+                           const ModelCase& m = param_info.param;
+                           return m.connection + (m.dropout > 0 ? "" : "_no_dropout");
+                         });
 
 // Selective recompute re-runs deterministic kernels on the same inputs: losses and the
 // trained weights are bitwise those without it.
 TEST(CudaModelRecompute, BitwiseEqualToNoRecompute) {
   if (!cuda::device_available()) GTEST_SKIP() << "no CUDA device";
+  for (const double dropout : {0.1, 0.0})
   for (std::optional<int64_t> block : {std::optional<int64_t>{}, std::optional<int64_t>{1}, std::optional<int64_t>{2}}) {
-    TrainConfig plain = tiny("mhc");
+    TrainConfig plain = tiny("mhc", dropout);
     plain.model.num_layers = 3;
     TrainConfig recomputed = plain;
     recomputed.model.recompute = "mhc";

@@ -115,14 +115,15 @@ int run_bench_kernels(const std::vector<std::string>& shapes, int repeats) {
                                  h_pre.data(), h_post.data(), h_res.data(), forward_workspace.data());
     };
     auto mappings_fwd = [&] { mappings_fwd_given(nullptr); };
-    // mix: dx written once with the stream mixing's and the aggregate's terms (the model's path)
-    auto mappings_bwd_with = [&](const cuda::StreamMixGrad* mix) {
+    // mix: dx written once with the stream mixing's and the aggregate's terms; next: the dy
+    // of the sublayer below written from dx (the model's path)
+    auto mappings_bwd_with = [&](const cuda::StreamMixGrad* mix, const cuda::NextGradY* next) {
       cuda::mhc_mappings_backward(args, x.data(), weight.data(), alpha.data(), map_bias.data(), proj.data(), r.data(),
                                   h_pre.data(), h_post.data(), grad_pre.data(), grad_post.data(), grad_res.data(),
                                   grad_x.data(), grad_weight.data(), grad_alpha.data(), grad_map_bias.data(),
-                                  workspace.data(), mix);
+                                  workspace.data(), mix, next);
     };
-    auto mappings_bwd = [&] { mappings_bwd_with(nullptr); };
+    auto mappings_bwd = [&] { mappings_bwd_with(nullptr, nullptr); };
     auto aggregate_fwd = [&] { cuda::aggregate_forward(x.data(), h_pre.data(), tokens, ni, C, agg.data()); };
     auto aggregate_bwd = [&] {
       cuda::aggregate_backward(grad_agg.data(), x.data(), h_pre.data(), tokens, ni, C, grad_x.data(), grad_pre.data());
@@ -169,7 +170,9 @@ int run_bench_kernels(const std::vector<std::string>& shapes, int repeats) {
          4 * S + 4 * R, 0, 0},
         // the three forward, then h_post_bda's backward fused with the aggregate's (reads
         // dout, x, dagg, y; writes dy and the per-token reductions), dy_bias, then the
-        // mappings' backward writing all of dx once (reads x, dout, dagg)
+        // mappings' backward writing all of dx once (reads x, dout, dagg). (In a model dy
+        // is needed before the sublayer's backward, so it comes from the mappings' backward
+        // of the sublayer above instead: NextGradY.)
         {"sublayer (all 3)",
          [&] {
            mappings_fwd_given(x_sumsq.data());
@@ -183,7 +186,7 @@ int run_bench_kernels(const std::vector<std::string>& shapes, int repeats) {
                                      &aggregate);
            cuda::accumulate_column_sums(grad_y.data(), tokens, C, grad_bias.data(), columns_workspace.data());
            const cuda::StreamMixGrad mix{grad_out.data(), h_res.data(), grad_agg.data()};
-           mappings_bwd_with(&mix);
+           mappings_bwd_with(&mix, nullptr);
          },
          10 * S + 5 * R, 0, megatron ? megatron->sublayer_fwd_bwd : 0},
     };

@@ -38,6 +38,7 @@ struct HcState {
   Slot weight, alpha, bias;  // alpha: the three gates, consecutive
   DeviceBuffer<float> proj, r, h_pre, h_post, h_res;
   DeviceBuffer<float> input_sumsq;  // ||x||^2 of each token's input row, from its producer
+  bool grad_y_written = false;      // dy is in the dy buffer, written by the backward above
 };
 
 struct CudaLayer : RestorableTensors<bf16> {
@@ -133,25 +134,36 @@ struct GptCuda::State {
       if (float* db = grad_of(bias)) cuda::accumulate_column_sums(grad_out, N, C, db, columns_ws.data());
       return grad_out;
     }
+    if (m.grad_y_written) {  // by the mappings' backward of the hyper connection above
+      m.grad_y_written = false;
+      if (float* db = grad_of(bias)) cuda::accumulate_column_sums(dy.data(), N, C, db, columns_ws.data());
+      return dy.data();
+    }
     cuda::h_post_bda_grad_y(grad_out, hc ? m.h_post.data() : ones.data(), N, static_cast<int>(n), C, d, dy.data(),
                             grad_of(bias), columns_ws.data());
     return dy.data();
   }
   // After the sublayer's backward: dH_res, dH_post and dH_pre in one kernel, then the
   // mappings' backward, which writes all of grad_x (H_res^T dout + H_pre dagg + its own
-  // terms) once; the mapping parameters' gradients accumulate.
+  // terms) once; the mapping parameters' gradients accumulate. `below` (with its dropout):
+  // the hyper connection whose dout grad_x is, or null; without dropout its dy is written
+  // from grad_x while on chip.
   void hc_backward(HcState& m, const bf16* grad_out, const bf16* x, const bf16* y, const Slot& bias,
-                   cpu::DropoutSpec d, const bf16* grad_agg, bf16* grad_x, const ModelConfig& c) {
+                   cpu::DropoutSpec d, const bf16* grad_agg, bf16* grad_x, HcState* below,
+                   cpu::DropoutSpec below_dropout, const ModelConfig& c) {
     const cuda::AggregateGrad aggregate{grad_agg, m.h_pre.data(), grad_h_pre.data()};
     cuda::h_post_bda_backward(grad_out, x, m.h_res.data(), m.h_post.data(), y, half_of(bias), N,
                               static_cast<int>(n), C, d, /*grad_x, written by the mappings:*/ nullptr,
                               grad_h_res.data(), grad_h_post.data(),
                               /*grad_y, written before the sublayer's backward:*/ nullptr, &aggregate);
     const cuda::StreamMixGrad mix{grad_out, m.h_res.data(), grad_agg};
+    const bool write_dy = below && below_dropout.p <= 0.0f && cuda::next_grad_y_supported(mappings_args(c));
+    const cuda::NextGradY next{below ? below->h_post.data() : nullptr, dy.data()};
     cuda::mhc_mappings_backward(mappings_args(c), x, value_of(m.weight), value_of(m.alpha), value_of(m.bias),
                                 m.proj.data(), m.r.data(), m.h_pre.data(), m.h_post.data(), grad_h_pre.data(),
                                 grad_h_post.data(), grad_h_res.data(), grad_x, grad_of(m.weight), grad_of(m.alpha),
-                                grad_of(m.bias), mappings_backward_ws.data(), &mix);
+                                grad_of(m.bias), mappings_backward_ws.data(), &mix, write_dy ? &next : nullptr);
+    if (write_dy) below->grad_y_written = true;
   }
   // x_sumsq: the input's ||x||^2 when its producer computed it, else null.
   void mappings_forward(HcState& m, const bf16* x, const float* x_sumsq, bf16* agg, const ModelConfig& c) {
@@ -201,8 +213,9 @@ struct GptCuda::State {
   // grad_out: d loss / d x_out; grad_in: d loss / d x_in (overwritten); grad_mid: scratch.
   // Returns where d loss / d x_in is: grad_in with hyper connections, else grad_out's
   // buffer (a plain residual adds the sublayers' input gradients to dout in place).
+  // below: the layer under this one, or null.
   bf16* layer_backward(CudaLayer& L, const bf16* x_in, bf16* grad_out, bf16* grad_in, bf16* grad_mid,
-                       const ModelConfig& c) {
+                       CudaLayer* below, const ModelConfig& c) {
     if (!hc) grad_mid = grad_in = grad_out;
     const cpu::AttentionShape shape{B, S, H, C};
     float* columns = columns_ws.data();
@@ -215,7 +228,8 @@ struct GptCuda::State {
                           nullptr, columns);
     if (hc) {
       norm_backward(dln.data(), L.agg2, L.ln2_w, L.ln2_b, L.ln2_mean.data(), L.ln2_rstd.data(), dagg.data(), false);
-      hc_backward(L.hc_mlp, grad_out, L.x_mid, L.mlp_y.data(), L.fc2_b, L.drop_mlp, dagg.data(), grad_mid, c);
+      hc_backward(L.hc_mlp, grad_out, L.x_mid, L.mlp_y.data(), L.fc2_b, L.drop_mlp, dagg.data(), grad_mid,
+                  &L.hc_attn, L.drop_attn, c);
     } else {
       norm_backward(dln.data(), L.x_mid, L.ln2_w, L.ln2_b, L.ln2_mean.data(), L.ln2_rstd.data(), grad_mid, true);
     }
@@ -228,7 +242,8 @@ struct GptCuda::State {
                           grad_of(L.qkv_b), columns);
     if (hc) {
       norm_backward(dln.data(), L.agg1, L.ln1_w, L.ln1_b, L.ln1_mean.data(), L.ln1_rstd.data(), dagg.data(), false);
-      hc_backward(L.hc_attn, grad_mid, x_in, L.attn_y.data(), L.proj_b, L.drop_attn, dagg.data(), grad_in, c);
+      hc_backward(L.hc_attn, grad_mid, x_in, L.attn_y.data(), L.proj_b, L.drop_attn, dagg.data(), grad_in,
+                  below ? &below->hc_mlp : nullptr, below ? below->drop_mlp : cpu::DropoutSpec{}, c);
     } else {
       norm_backward(dln.data(), x_in, L.ln1_w, L.ln1_b, L.ln1_mean.data(), L.ln1_rstd.data(), grad_in, true);
     }
@@ -294,6 +309,7 @@ struct GptCuda::State {
   }
 
   void backward(const ModelConfig& c) {
+    for (CudaLayer& L : layers) L.hc_attn.grad_y_written = L.hc_mlp.grad_y_written = false;
     norm_backward(dhf.data(), h.data(), lnf_w, lnf_b, lnf_mean.data(), lnf_rstd.data(), dh.data(), false);
     cuda::stream_contract_backward(dh.data(), N, static_cast<int>(n), C, dx_a.data());
     bf16* grad_out = dx_a.data();
@@ -304,7 +320,8 @@ struct GptCuda::State {
         for (int k = block.first; k <= block.last; ++k)
           restore(layers[static_cast<size_t>(k)], layer_input(static_cast<size_t>(k)), k != block.last);
       }
-      if (layer_backward(layers[l], layer_input(l), grad_out, grad_in, dx_mid.data(), c) == grad_in)
+      CudaLayer* below = l > 0 ? &layers[l - 1] : nullptr;
+      if (layer_backward(layers[l], layer_input(l), grad_out, grad_in, dx_mid.data(), below, c) == grad_in)
         std::swap(grad_out, grad_in);
     }
     cuda::stream_expand_backward(grad_out, N, static_cast<int>(n), C, de.data());
@@ -439,11 +456,13 @@ GptCuda::GptCuda(const ModelConfig& config, int64_t batch, int64_t seq) : config
   s.logits = DeviceBuffer<bf16>(s.head_rows * s.V);
   s.losses = DeviceBuffer<float>(N);
   s.ones = DeviceBuffer<float>(std::vector<float>(N, 1.0f));
-  for (auto* b : {&s.dx_a, &s.dx_b, &s.dx_mid}) *b = DeviceBuffer<bf16>(N * n * C);
-  for (auto* b : {&s.dagg, &s.dln, &s.dctx, &s.dh, &s.dhf, &s.de}) *b = DeviceBuffer<bf16>(N * C);
+  s.dx_a = DeviceBuffer<bf16>(N * n * C);
+  for (auto* b : {&s.dln, &s.dctx, &s.dh, &s.dhf, &s.de}) *b = DeviceBuffer<bf16>(N * C);
   if (!epilogue_add) s.dy = DeviceBuffer<bf16>(N * C);
   s.dqkv = DeviceBuffer<bf16>(N * 3 * C), s.dfc = DeviceBuffer<bf16>(N * s.width), s.dact = DeviceBuffer<bf16>(N * s.F);
-  if (s.hc) {  // the hyper connections' backward only
+  if (s.hc) {  // the hyper connections' backward only (a plain residual accumulates into dx_a in place)
+    for (auto* b : {&s.dx_b, &s.dx_mid}) *b = DeviceBuffer<bf16>(N * n * C);
+    s.dagg = DeviceBuffer<bf16>(N * C);
     s.grad_h_pre = DeviceBuffer<float>(N * n), s.grad_h_post = DeviceBuffer<float>(N * n);
     s.grad_h_res = DeviceBuffer<float>(N * n * n);
   }

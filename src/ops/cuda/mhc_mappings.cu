@@ -282,6 +282,11 @@ __global__ void finish_kernel(const float* parts, int64_t parts_stride, const fl
 // and the aggregate's terms added: dx_s += sum_i H_res[i][s] dout_i + H_pre[s] dagg. Warp s
 // copies dout_s of its channels into the stage, so every warp finds the dout of all N
 // streams of its channels there; that is why a block's warps are the N streams.
+//
+// NEXT (with MIX, vectors): also dy' = sum_s H_post'[s] dx_s (as stored) of the hyper
+// connection below, whose dout this dx is: each warp puts its stream's products in shared
+// memory ([N][16 tokens][8 J channels], rows padded), and after a barrier the block sums
+// them over the streams in order and writes dy' (saves h_post_bda_grad_y a pass over dx).
 
 template <int N> constexpr int dx_ksteps() { return (3 * width<N>() + 15) / 16; }
 // n8 column tiles per warp: fewer for wide m, so that B (J x ksteps x 2 registers) fits.
@@ -290,21 +295,21 @@ template <int N> constexpr int dx_channels() { return 8 * dx_tiles<N>(); }  // a
 // dproj's parts as grad_h writes them for dW: [hi | mid | lo] each padded to a multiple of 8.
 template <int N> constexpr int dproj_part() { return (width<N>() + 7) / 8 * 8; }
 constexpr int kDxStages = 3;
-constexpr int kDxBlocks = 512;  // about this many blocks (token runs x channel ranges)
 
 // One stage of a block's ring, in bytes: A's fragments [KS][32] (16 bytes a lane), dproj's
 // parts of the 16 tokens [16][3 P], then a part per warp (x [16 tokens][8 J channels],
 // rows padded by 16 bytes so that ldmatrix reads hit distinct banks; the lane's source,
 // dx or dout, [2][32][COLS] for its tokens g and g + 8; their coef [2][32]); with MIX also
-// dagg [2][32][COLS] and each of the 16 tokens' H_res and H_pre.
-template <int N, bool MIX> struct DxStage {
+// dagg [2][32][COLS] and each of the 16 tokens' H_res and H_pre (and with NEXT the H_post
+// of the hyper connection below).
+template <int N, bool MIX, bool NEXT> struct DxStage {
   static constexpr int kCols = 2 * dx_tiles<N>(), kRowBytes = 2 * 32 * kCols * 2;
   static constexpr int kXRow = 16 * dx_tiles<N>() + 16;
   static constexpr int kFragments = 0, kProj = dx_ksteps<N>() * 32 * 16, kProjRow = 3 * dproj_part<N>() * 2;
   static constexpr int kWarps = kProj + 16 * kProjRow;
   static constexpr int kX = 0, kSource = 16 * kXRow, kCoef = kSource + kRowBytes, kWarpBytes = kCoef + 2 * 32 * 4;
   static constexpr int kGradAgg = kWarps + N * kWarpBytes, kMixing = kGradAgg + kRowBytes;
-  static constexpr int kMixingFloats = N * N + N;  // a token's H_res, then H_pre
+  static constexpr int kMixingFloats = N * N + N + (NEXT ? N : 0);  // a token's H_res, H_pre, H_post below
   static constexpr int kBytes = MIX ? kMixing + 16 * kMixingFloats * 4 : kGradAgg;
   static_assert(kProj % 16 == 0 && kWarps % 16 == 0 && kXRow % 16 == 0 && kWarpBytes % 16 == 0, "16-byte copies");
 };
@@ -317,16 +322,24 @@ __host__ __device__ inline int64_t dx_fragment_index(int64_t t, int kk, int kste
   return ((group * ksteps + s) * 32 + lane) * 8 + reg * 2 + k % 2;
 }
 
-template <int N, int VEC, bool MIX>
+// Row of NEXT's products, floats: the warp's 8 J channels and 4 of padding (distinct banks).
+template <int N> constexpr int next_row() { return dx_channels<N>() + 4; }
+template <int N, bool NEXT> constexpr int dx_shared_bytes(bool mix) {
+  return kDxStages * (mix ? DxStage<N, true, NEXT>::kBytes : DxStage<N, false, false>::kBytes) +
+         (NEXT ? N * 16 * next_row<N>() * 4 : 0);
+}
+
+template <int N, int VEC, bool MIX, bool NEXT>
 __global__ void __launch_bounds__(N * 32) grad_x_kernel(const bf16* x, const bf16* weight_split,
                                                         const bf16* grad_proj_fragments, const bf16* grad_proj_parts,
-                                                        const float* coef, StreamMixGrad mix, const float* h_pre,
-                                                        int64_t tokens, int64_t C, int64_t tokens_per_block,
-                                                        bf16* grad_x, float* weight_partials) {
-  using Stage = DxStage<N, MIX>;
+                                                        const float* coef, StreamMixGrad mix, NextGradY next,
+                                                        const float* h_pre, int64_t tokens, int64_t C,
+                                                        int64_t tokens_per_block, bf16* grad_x, float* weight_partials) {
+  using Stage = DxStage<N, MIX, NEXT>;
   constexpr int M = width<N>(), KS = dx_ksteps<N>(), J = dx_tiles<N>(), COLS = Stage::kCols;
   constexpr int P = dproj_part<N>(), WM = J / 2, WN = P / 8;  // dW: m16 tiles of channels, n8 tiles of outputs
   static_assert(VEC == COLS || VEC == 1, "a lane's columns are one vector or scalars");
+  static_assert(!NEXT || (MIX && VEC == COLS && COLS % 4 == 0), "NEXT: the model's path, vectors");
   const int lane = threadIdx.x % 32, s = threadIdx.x / 32, g = lane / 4, tig = lane % 4;
   const int64_t K = N * C, base = static_cast<int64_t>(blockIdx.x) * dx_channels<N>();
   // Logical column (tile j, 2 q + e) of the warp's range is channel base + 2 J q + 2 j + e.
@@ -404,7 +417,9 @@ __global__ void __launch_bounds__(N * 32) grad_x_kernel(const bf16* x, const bf1
         const int64_t t = next_begin + e / F;
         const int k = e % F;
         const bool valid = t < end;
-        const float* from = k < N * N ? mix.h_res + t * N * N + k : h_pre + t * N + k - N * N;
+        const float* from = k < N * N       ? mix.h_res + t * N * N + k
+                            : k < N * N + N ? h_pre + t * N + k - N * N
+                                            : next.h_post + t * N + k - N * N - N;
         detail::copy_async<4>(st + Stage::kMixing + e * 4, valid ? from : h_pre, valid);
       }
     }
@@ -482,12 +497,43 @@ __global__ void __launch_bounds__(N * 32) grad_x_kernel(const bf16* x, const bf1
 #pragma unroll
         for (int e = 0; e < 2; ++e) gx[2 * j + e] += c[j][2 * h + e] + ct * xv[2 * j + e];
       const int64_t at = t * K + column0;
+      if constexpr (NEXT) {
+        const float post = reinterpret_cast<const float*>(st + Stage::kMixing)[(g + 8 * h) * Stage::kMixingFloats +
+                                                                                N * N + N + s];
+        float* products = reinterpret_cast<float*>(dx_ring + kDxStages * Stage::kBytes) +
+                          (s * 16 + 8 * h + g) * next_row<N>() + tig * COLS;
+#pragma unroll
+        for (int e = 0; e < COLS; e += 4) {
+          float4 v;
+          v.x = post * __bfloat162float(__float2bfloat16(gx[e])), v.y = post * __bfloat162float(__float2bfloat16(gx[e + 1]));
+          v.z = post * __bfloat162float(__float2bfloat16(gx[e + 2]));
+          v.w = post * __bfloat162float(__float2bfloat16(gx[e + 3]));
+          *reinterpret_cast<float4*>(products + e) = v;
+        }
+      }
       if constexpr (VEC == COLS) {
         detail::store_bf16<COLS>(grad_x + at, gx);
       } else {
 #pragma unroll
         for (int e = 0; e < COLS; ++e)
           if (channel0 + e < C) grad_x[at + e] = __float2bfloat16(gx[e]);
+      }
+    }
+    if constexpr (NEXT) {
+      __syncthreads();  // every stream's products are in; the next group's come after the loop's barrier
+      const float* products = reinterpret_cast<const float*>(dx_ring + kDxStages * Stage::kBytes);
+      for (int e = threadIdx.x; e < 16 * J; e += N * 32) {
+        const int u = e / J, v = e % J;  // token of the group, its 8 channels v 8..
+        const int64_t t = token - g + u, channel = base + 8 * v;
+        if (t >= end || channel >= C) continue;
+        float dy[8] = {};
+#pragma unroll
+        for (int i = 0; i < N; ++i) {
+          const float* row = products + (i * 16 + u) * next_row<N>() + 8 * v;
+#pragma unroll
+          for (int k = 0; k < 8; ++k) dy[k] += row[k];
+        }
+        detail::store_bf16<8>(next.grad_y + t * C + channel, dy);
       }
     }
     stage = stage + 1 == kDxStages ? 0 : stage + 1;
@@ -614,17 +660,35 @@ ForwardLayout forward_layout_of(const MappingsArgs& a) {
   return l;
 }
 
-// The dx/dW kernel's grid: channel ranges x token runs (multiples of 16 tokens), about
-// kDxBlocks blocks; each run writes its own dW partial.
+// The dx/dW kernel's grid: channel ranges x token runs (multiples of 16 tokens); each run
+// writes its own dW partial. The run count r minimises the modelled time: the kernel's
+// streams (about 8 bytes a token and column: x, the source, dx, in whole waves of resident
+// blocks) plus the partials written and read again (8 M bytes a column a run). More runs
+// fill the last wave better and cost partial traffic (GPT-2 width: 22 runs, one wave;
+// 8192,4,4,7168: 7 runs, three waves).
 struct DxGrid {
   int64_t channel_blocks, runs, tokens_per_run;
 };
 template <int N> DxGrid dx_grid(int64_t tokens, int64_t C) {
+  constexpr int COLS = 2 * dx_tiles<N>();
+  const auto kernel = grad_x_kernel<N, COLS, true, true>;  // the model's variant sets the resident count
+  constexpr int bytes = dx_shared_bytes<N, true>(true);
+  MHC_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+  int per_sm = 0, device = 0, sms = 0;
+  MHC_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, N * 32, bytes));
+  MHC_CUDA_CHECK(cudaGetDevice(&device));
+  MHC_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  const int64_t resident = std::max<int64_t>(1, static_cast<int64_t>(per_sm) * sms);
   DxGrid d{};
   d.channel_blocks = (C + dx_channels<N>() - 1) / dx_channels<N>();
-  const int64_t runs = std::clamp<int64_t>(kDxBlocks / d.channel_blocks, 1, (tokens + 15) / 16);
-  d.tokens_per_run = ((tokens + runs - 1) / runs + 15) / 16 * 16;
-  d.runs = (tokens + d.tokens_per_run - 1) / d.tokens_per_run;
+  double best = 0;
+  for (int64_t r = 1; r <= std::min<int64_t>((tokens + 15) / 16, 4096); ++r) {
+    const int64_t per_run = ((tokens + r - 1) / r + 15) / 16 * 16, runs = (tokens + per_run - 1) / per_run;
+    const int64_t waves = (d.channel_blocks * runs + resident - 1) / resident;
+    const double cost = 8.0 * static_cast<double>(waves * resident * per_run) / static_cast<double>(d.channel_blocks) +
+                        8.0 * width<N>() * static_cast<double>(runs);
+    if (r == 1 || cost < best) best = cost, d.runs = runs, d.tokens_per_run = per_run;
+  }
   return d;
 }
 
@@ -704,12 +768,20 @@ void mhc_mappings_forward(const MappingsArgs& a, const bf16* x, const float* x_s
 
 size_t mappings_backward_workspace_floats(const MappingsArgs& a) { return layout_of(a).total; }
 
+bool next_grad_y_supported(const MappingsArgs& a) {
+  bool supported = false;
+  detail::dispatch_streams(a.n, [&](auto N) { supported = a.C % std::max(2 * dx_tiles<N.value>(), 8) == 0; });
+  return supported;
+}
+
 void mhc_mappings_backward(const MappingsArgs& a, const bf16* x, const float* weight, const float* alpha,
                            const float* bias, const float* proj, const float* r, const float* h_pre,
                            const float* h_post, const float* grad_h_pre, const float* grad_h_post,
                            const float* grad_h_res, bf16* grad_x, float* grad_weight, float* grad_alpha,
-                           float* grad_bias, float* workspace, const StreamMixGrad* mix, cudaStream_t stream) {
+                           float* grad_bias, float* workspace, const StreamMixGrad* mix, const NextGradY* next,
+                           cudaStream_t stream) {
   check_args(a);
+  check(!next || (mix && next_grad_y_supported(a)), "mhc_mappings_backward: NextGradY needs StreamMixGrad and next_grad_y_supported");
   const Layout l = layout_of(a);
   float* grad_h_partials = workspace + l.grad_h_partials;
   float* coef = workspace + l.coef;
@@ -732,22 +804,22 @@ void mhc_mappings_backward(const MappingsArgs& a, const bf16* x, const float* we
     split_weight(weight, l.M, l.K, weight_split, stream);
     // Blocks of N warps over dx_channels<N>() channels, a token run each (DxGrid).
     const dim3 grid(detail::blocks_for(l.grid.channel_blocks, 1), detail::blocks_for(l.grid.runs, 1));
-    auto launch = [&](auto kernel, auto with_mix) {
-      constexpr int bytes = kDxStages * DxStage<N, decltype(with_mix)::value>::kBytes;
+    auto launch = [&](auto kernel, auto with_mix, auto with_next) {
+      constexpr int bytes = dx_shared_bytes<N, decltype(with_next)::value>(decltype(with_mix)::value);
       MHC_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
       kernel<<<grid, N * 32, bytes, stream>>>(x, weight_split, grad_proj_fragments, grad_proj_parts, coef,
-                                              mix ? *mix : StreamMixGrad{}, h_pre, a.tokens, a.C,
-                                              l.grid.tokens_per_run, grad_x, weight_partials);
+                                              mix ? *mix : StreamMixGrad{}, next ? *next : NextGradY{}, h_pre,
+                                              a.tokens, a.C, l.grid.tokens_per_run, grad_x, weight_partials);
     };
     constexpr int COLS = 2 * dx_tiles<N>();
     const bool vectors = a.C % COLS == 0;
-    if (mix) {
-      if (vectors) launch(grad_x_kernel<N, COLS, true>, std::true_type{});
-      else launch(grad_x_kernel<N, 1, true>, std::true_type{});
-    } else {
-      if (vectors) launch(grad_x_kernel<N, COLS, false>, std::false_type{});
-      else launch(grad_x_kernel<N, 1, false>, std::false_type{});
-    }
+    const std::true_type yes;
+    const std::false_type no;
+    if (next) launch(grad_x_kernel<N, COLS, true, true>, yes, yes);
+    else if (mix && vectors) launch(grad_x_kernel<N, COLS, true, false>, yes, no);
+    else if (mix) launch(grad_x_kernel<N, 1, true, false>, yes, no);
+    else if (vectors) launch(grad_x_kernel<N, COLS, false, false>, no, no);
+    else launch(grad_x_kernel<N, 1, false, false>, no, no);
     MHC_CUDA_CHECK(cudaGetLastError());
   });
   // dW: the token runs' partials summed in order

@@ -57,6 +57,16 @@ struct StreamMixGrad {
   const bf16* grad_agg;  // [tokens, C]
 };
 
+// The hyper connection below this one in the backward order, whose dout is this dx, when
+// its sublayer has no dropout: its dy = sum_i H_post[i] dx_i (of dx as stored, fp32 sums)
+// is written while dx is on chip, instead of by h_post_bda_grad_y reading dx again.
+struct NextGradY {
+  const float* h_post;  // [tokens, n], of the hyper connection below
+  bf16* grad_y;         // [tokens, C], overwritten
+};
+// Whether NextGradY can be given (with StreamMixGrad): C a multiple of 16 (8 for n = 8).
+bool next_grad_y_supported(const MappingsArgs& a);
+
 // grad_x accumulates (bf16), or with `mix` is overwritten by all of dx (one rounding);
 // grad_weight, grad_alpha [3], grad_bias accumulate (fp32).
 void mhc_mappings_backward(const MappingsArgs& a, const bf16* x, const float* weight, const float* alpha,
@@ -64,6 +74,6 @@ void mhc_mappings_backward(const MappingsArgs& a, const bf16* x, const float* we
                            const float* h_post, const float* grad_h_pre, const float* grad_h_post,
                            const float* grad_h_res, bf16* grad_x, float* grad_weight, float* grad_alpha,
                            float* grad_bias, float* workspace, const StreamMixGrad* mix = nullptr,
-                           cudaStream_t stream = nullptr);
+                           const NextGradY* next = nullptr, cudaStream_t stream = nullptr);
 
 }  // namespace mhc::cuda
