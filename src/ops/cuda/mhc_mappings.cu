@@ -268,7 +268,7 @@ __global__ void finish_kernel(const float* parts, int64_t parts_stride, const fl
 // a time; A comes from an array grad_h writes in fragment order (one 16-byte load per lane
 // and k step). The columns are permuted inside the warp's range so that each lane's
 // accumulators are 2 J adjacent channels of two tokens: the x and dx accesses are 16-byte
-// vectors. The block's tokens are streamed through a ring of kDxStages stages in shared
+// vectors. The block's tokens are streamed through a ring of dx_stages() stages in shared
 // memory filled by cp.async (the next groups' loads in flight while one is computed); A's
 // fragments are copied once per block, not once per warp (they were most of the L2 traffic).
 //
@@ -283,10 +283,11 @@ __global__ void finish_kernel(const float* parts, int64_t parts_stride, const fl
 // copies dout_s of its channels into the stage, so every warp finds the dout of all N
 // streams of its channels there; that is why a block's warps are the N streams.
 //
-// NEXT (with MIX, vectors): also dy' = sum_s H_post'[s] dx_s (as stored) of the hyper
-// connection below, whose dout this dx is: each warp puts its stream's products in shared
-// memory ([N][16 tokens][8 J channels], rows padded), and after a barrier the block sums
-// them over the streams in order and writes dy' (saves h_post_bda_grad_y a pass over dx).
+// NEXT (with MIX, vectors): also dy' = sum_s H_post'[s] dx_s (dx as stored) of the hyper
+// connection below, whose dout this dx is (saves h_post_bda_grad_y a pass over dx): each
+// warp leaves its stream's dx of a group in its own x rows of the stage (only it reads
+// them), and after the next group's barrier, before the stage is refilled, the block sums
+// them over the streams in order and writes dy'. No barrier of its own but one at the end.
 
 template <int N> constexpr int dx_ksteps() { return (3 * width<N>() + 15) / 16; }
 // n8 column tiles per warp: fewer for wide m, so that B (J x ksteps x 2 registers) fits.
@@ -294,7 +295,10 @@ template <int N> constexpr int dx_tiles() { return dx_ksteps<N>() <= 5 ? 8 : dx_
 template <int N> constexpr int dx_channels() { return 8 * dx_tiles<N>(); }  // a block's channel range
 // dproj's parts as grad_h writes them for dW: [hi | mid | lo] each padded to a multiple of 8.
 template <int N> constexpr int dproj_part() { return (width<N>() + 7) / 8 * 8; }
-constexpr int kDxStages = 3;
+// Groups in flight ahead of the one computed; NEXT keeps one more stage (a group's dx is
+// summed into dy' one iteration later, so its stage is refilled one later).
+constexpr int kDxAhead = 2;
+template <bool NEXT> constexpr int dx_stages() { return kDxAhead + (NEXT ? 2 : 1); }
 
 // One stage of a block's ring, in bytes: A's fragments [KS][32] (16 bytes a lane), dproj's
 // parts of the 16 tokens [16][3 P], then a part per warp (x [16 tokens][8 J channels],
@@ -322,11 +326,8 @@ __host__ __device__ inline int64_t dx_fragment_index(int64_t t, int kk, int kste
   return ((group * ksteps + s) * 32 + lane) * 8 + reg * 2 + k % 2;
 }
 
-// Row of NEXT's products, floats: the warp's 8 J channels and 4 of padding (distinct banks).
-template <int N> constexpr int next_row() { return dx_channels<N>() + 4; }
 template <int N, bool NEXT> constexpr int dx_shared_bytes(bool mix) {
-  return kDxStages * (mix ? DxStage<N, true, NEXT>::kBytes : DxStage<N, false, false>::kBytes) +
-         (NEXT ? N * 16 * next_row<N>() * 4 : 0);
+  return dx_stages<NEXT>() * (mix ? DxStage<N, true, NEXT>::kBytes : DxStage<N, false, false>::kBytes);
 }
 
 template <int N, int VEC, bool MIX, bool NEXT>
@@ -386,6 +387,7 @@ __global__ void __launch_bounds__(N * 32) grad_x_kernel(const bf16* x, const bf1
     }
   };
   // The next group to copy: its stage and its first token.
+  constexpr int kStages = dx_stages<NEXT>();
   int next_stage = 0;
   int64_t next_begin = begin;
   auto issue_next = [&]() {
@@ -423,23 +425,44 @@ __global__ void __launch_bounds__(N * 32) grad_x_kernel(const bf16* x, const bf1
         detail::copy_async<4>(st + Stage::kMixing + e * 4, valid ? from : h_pre, valid);
       }
     }
-    next_stage = next_stage + 1 == kDxStages ? 0 : next_stage + 1;
+    next_stage = next_stage + 1 == kStages ? 0 : next_stage + 1;
     next_begin += 16;
   };
-  for (int group = 0; group < kDxStages - 1; ++group) {
+  for (int group = 0; group < kDxAhead; ++group) {
     if (group < groups) issue_next();
     detail::commit_async();
   }
+  // NEXT: dy' of the group whose stage `st` holds its dx (in the warps' x rows), tokens from `first`.
+  auto write_next_grad_y = [&](const unsigned char* st, int64_t first) {
+    for (int e = threadIdx.x; e < 16 * J; e += N * 32) {
+      const int u = e / J, v = e % J;  // token of the group, its channels 8 v..
+      const int64_t t = first + u, channel = base + 8 * v;
+      if (t >= end || channel >= C) continue;
+      const float* post = reinterpret_cast<const float*>(st + Stage::kMixing) + u * Stage::kMixingFloats + N * N + N;
+      float dy[8] = {}, dx[8];
+#pragma unroll
+      for (int i = 0; i < N; ++i) {
+        detail::load_bf16<8>(reinterpret_cast<const bf16*>(st + Stage::kWarps + i * Stage::kWarpBytes + Stage::kX +
+                                                           u * Stage::kXRow) + 8 * v, dx);
+#pragma unroll
+        for (int k = 0; k < 8; ++k) dy[k] += post[i] * dx[k];
+      }
+      detail::store_bf16<8>(next.grad_y + t * C + channel, dy);
+    }
+  };
   int stage = 0;
   int64_t token = begin + g;
   for (int group = 0; group < groups; ++group) {
-    detail::wait_async<kDxStages - 2>();  // this thread's copies of the group have landed
-    __syncthreads();                      // everyone's have, and everyone is done with the previous group
-    if (group + kDxStages - 1 < groups) issue_next();  // refills the previous group's stage
+    detail::wait_async<kDxAhead - 1>();  // this thread's copies of the group have landed
+    __syncthreads();                     // everyone's have, and everyone is done with the previous group
+    if constexpr (NEXT)
+      if (group > 0) write_next_grad_y(dx_ring + (stage == 0 ? kStages - 1 : stage - 1) * Stage::kBytes, token - g - 16);
+    // Refills the stage of the group kStages - kDxAhead back, which nobody reads any more.
+    if (group + kDxAhead < groups) issue_next();
     detail::commit_async();
-    const unsigned char* st = dx_ring + stage * Stage::kBytes;
+    unsigned char* st = dx_ring + stage * Stage::kBytes;
     const unsigned char* warps = st + Stage::kWarps;
-    const unsigned char* xs = warps + s * Stage::kWarpBytes + Stage::kX;
+    unsigned char* xs = st + Stage::kWarps + s * Stage::kWarpBytes + Stage::kX;
     // dW: A = x^T of the warp's channels (ldmatrix.trans of x [token][channel]), B = the
     // tokens' dproj parts (ldmatrix.trans of [token][output]), one k step a part.
     {
@@ -497,20 +520,8 @@ __global__ void __launch_bounds__(N * 32) grad_x_kernel(const bf16* x, const bf1
 #pragma unroll
         for (int e = 0; e < 2; ++e) gx[2 * j + e] += c[j][2 * h + e] + ct * xv[2 * j + e];
       const int64_t at = t * K + column0;
-      if constexpr (NEXT) {
-        const float post = reinterpret_cast<const float*>(st + Stage::kMixing)[(g + 8 * h) * Stage::kMixingFloats +
-                                                                                N * N + N + s];
-        float* products = reinterpret_cast<float*>(dx_ring + kDxStages * Stage::kBytes) +
-                          (s * 16 + 8 * h + g) * next_row<N>() + tig * COLS;
-#pragma unroll
-        for (int e = 0; e < COLS; e += 4) {
-          float4 v;
-          v.x = post * __bfloat162float(__float2bfloat16(gx[e])), v.y = post * __bfloat162float(__float2bfloat16(gx[e + 1]));
-          v.z = post * __bfloat162float(__float2bfloat16(gx[e + 2]));
-          v.w = post * __bfloat162float(__float2bfloat16(gx[e + 3]));
-          *reinterpret_cast<float4*>(products + e) = v;
-        }
-      }
+      // NEXT: this lane's dx over its own x (read above; row 8 h + g, its columns only)
+      if constexpr (NEXT) detail::store_bf16<COLS>(reinterpret_cast<bf16*>(xs + (8 * h + g) * Stage::kXRow) + tig * COLS, gx);
       if constexpr (VEC == COLS) {
         detail::store_bf16<COLS>(grad_x + at, gx);
       } else {
@@ -519,25 +530,12 @@ __global__ void __launch_bounds__(N * 32) grad_x_kernel(const bf16* x, const bf1
           if (channel0 + e < C) grad_x[at + e] = __float2bfloat16(gx[e]);
       }
     }
-    if constexpr (NEXT) {
-      __syncthreads();  // every stream's products are in; the next group's come after the loop's barrier
-      const float* products = reinterpret_cast<const float*>(dx_ring + kDxStages * Stage::kBytes);
-      for (int e = threadIdx.x; e < 16 * J; e += N * 32) {
-        const int u = e / J, v = e % J;  // token of the group, its 8 channels v 8..
-        const int64_t t = token - g + u, channel = base + 8 * v;
-        if (t >= end || channel >= C) continue;
-        float dy[8] = {};
-#pragma unroll
-        for (int i = 0; i < N; ++i) {
-          const float* row = products + (i * 16 + u) * next_row<N>() + 8 * v;
-#pragma unroll
-          for (int k = 0; k < 8; ++k) dy[k] += row[k];
-        }
-        detail::store_bf16<8>(next.grad_y + t * C + channel, dy);
-      }
-    }
-    stage = stage + 1 == kDxStages ? 0 : stage + 1;
+    stage = stage + 1 == kStages ? 0 : stage + 1;
     token += 16;
+  }
+  if constexpr (NEXT) {
+    __syncthreads();  // the last group's dx is in every warp's rows
+    if (groups > 0) write_next_grad_y(dx_ring + (stage == 0 ? kStages - 1 : stage - 1) * Stage::kBytes, token - g - 16);
   }
   // The run's dW: accumulator (mt, nt, r) is channel mt 16 + g (+ 8 for r >= 2), output
   // nt 8 + 2 tig (+ 1 for odd r).
