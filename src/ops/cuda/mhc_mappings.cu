@@ -1,4 +1,6 @@
 #include <algorithm>
+#include <map>
+#include <mutex>
 
 #include "core/cuda/device.h"
 #include "ops/cuda/gemm.h"
@@ -667,16 +669,27 @@ ForwardLayout forward_layout_of(const MappingsArgs& a) {
 struct DxGrid {
   int64_t channel_blocks, runs, tokens_per_run;
 };
-template <int N> DxGrid dx_grid(int64_t tokens, int64_t C) {
-  constexpr int COLS = 2 * dx_tiles<N>();
-  const auto kernel = grad_x_kernel<N, COLS, true, true>;  // the model's variant sets the resident count
+// Blocks of the model's variant of grad_x_kernel<N> resident at once on the current
+// device (queried once a device).
+template <int N> int64_t dx_resident_blocks() {
+  static std::mutex mutex;
+  static std::map<int, int64_t> by_device;
+  int device = 0;
+  MHC_CUDA_CHECK(cudaGetDevice(&device));
+  const std::lock_guard<std::mutex> lock(mutex);
+  auto it = by_device.find(device);
+  if (it != by_device.end()) return it->second;
+  const auto kernel = grad_x_kernel<N, 2 * dx_tiles<N>(), true, true>;
   constexpr int bytes = dx_shared_bytes<N, true>(true);
   MHC_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
-  int per_sm = 0, device = 0, sms = 0;
+  int per_sm = 0, sms = 0;
   MHC_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, N * 32, bytes));
-  MHC_CUDA_CHECK(cudaGetDevice(&device));
   MHC_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  const int64_t resident = std::max<int64_t>(1, static_cast<int64_t>(per_sm) * sms);
+  return by_device[device] = std::max<int64_t>(1, static_cast<int64_t>(per_sm) * sms);
+}
+
+template <int N> DxGrid dx_grid(int64_t tokens, int64_t C) {
+  const int64_t resident = dx_resident_blocks<N>();
   DxGrid d{};
   d.channel_blocks = (C + dx_channels<N>() - 1) / dx_channels<N>();
   double best = 0;

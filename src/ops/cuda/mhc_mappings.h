@@ -8,13 +8,15 @@
 //                        more pass over x
 //             finish     proj, r; gates, Sinkhorn in registers -> H_pre, H_post, H_res
 //   backward: grad_h     dh (sigmoid and Sinkhorn backward, the iterations recomputed in
-//                        registers), dproj = dh r a, and the per-token dr coefficient
-//             grad_x     dx += dproj W + coef x, dproj W on tensor cores (dproj and W
-//                        split into bf16 hi + mid); with the stream mixing's and the
-//                        aggregate's terms (StreamMixGrad) dx is written once
-//             grad_w     dW += dproj^T x on tensor cores (dproj split like W, reduced over
-//                        tokens by cuBLASLt); dalpha, dbias as fixed-order column sums
-//                        (ops/cuda/column_sums.cuh; deterministic)
+//                        registers), dproj = dh r a, the per-token dr coefficient, and
+//                        per-block sums of the [dh, alpha terms] rows (dbias, dalpha)
+//             grad_x     one pass over x for both: dx += dproj W + coef x (dproj and W
+//                        split into bf16 hi + mid) and dW += dproj^T x (dproj split into
+//                        hi + mid + lo: fp32-accurate), on tensor cores; dW summed per
+//                        token run, then the runs in order (deterministic); with the
+//                        stream mixing's and the aggregate's terms (StreamMixGrad) dx is
+//                        written once, and the next hyper connection's dy can come too
+//                        (NextGradY)                                         (one pass over x)
 //
 // Saved for backward: proj [tokens, m] and r [tokens], fp32. n is a template parameter
 // (1, 2, 4, 6, 8); the workspaces are mappings_{forward,backward}_workspace_floats() floats.
