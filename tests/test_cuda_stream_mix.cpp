@@ -140,6 +140,15 @@ TEST_P(CudaStreamMix, BackwardFusedWithTheAggregate) {
   EXPECT_LT(relative_error(widen(d_dres.download()), dres), kFp32Tolerance);
   EXPECT_LT(relative_error(widen(d_dpost.download()), dpost), kFp32Tolerance);
   EXPECT_LT(relative_error(widen(d_dpre.download()), dpre), kFp32Tolerance);
+
+  // The reductions alone (no dx: the model's path, where the mappings' backward writes dx).
+  for (auto* b : {&d_dres, &d_dpost, &d_dpre}) *b = poisoned<float>(b->size());
+  const cuda::AggregateGrad reductions{d_gagg.data(), d_pre.data(), d_dpre.data()};
+  cuda::h_post_bda_backward(d_gout.data(), d_x.data(), d_res.data(), d_post.data(), d_y.data(), nullptr, tokens, n, C,
+                            {}, nullptr, d_dres.data(), d_dpost.data(), nullptr, &reductions);
+  EXPECT_LT(relative_error(widen(d_dres.download()), dres), kFp32Tolerance);
+  EXPECT_LT(relative_error(widen(d_dpost.download()), dpost), kFp32Tolerance);
+  EXPECT_LT(relative_error(widen(d_dpre.download()), dpre), kFp32Tolerance);
 }
 
 TEST_P(CudaStreamMix, ExpandAndContract) {

@@ -157,9 +157,10 @@ __global__ void h_post_bda_forward_kernel(const bf16* x, const float* h_res, con
 }
 
 // AGG: also the aggregate's backward on the same x (dx += H_pre dagg, dH_pre), so that
-// dx is written once; a null grad_x leaves dx to the mappings' backward (StreamMixGrad). Two blocks a multiprocessor where n <= 4 fits 128 registers without
+// dx is written once. DX false: the reductions only, dx left to the mappings' backward
+// (StreamMixGrad). Two blocks a multiprocessor where n <= 4 fits 128 registers without
 // spilling.
-template <int N, int VEC, bool AGG, bool DROPOUT>
+template <int N, int VEC, bool AGG, bool DX, bool DROPOUT>
 __global__ void __launch_bounds__(detail::kBlockThreads, N <= 4 ? 2 : 1)
     h_post_bda_backward_kernel(const bf16* grad_out, const bf16* x, const float* h_res, const float* h_post,
                                const bf16* y, const bf16* y_bias, int64_t tokens, int64_t C, int lanes, float p,
@@ -209,10 +210,10 @@ __global__ void __launch_bounds__(detail::kBlockThreads, N <= 4 ? 2 : 1)
       for (int i = 0; i < N; ++i)
 #pragma unroll
         for (int v = 0; v < VEC; ++v) {
-          dx[v] += mix[i][j] * g[i][v];
+          if constexpr (DX) dx[v] += mix[i][j] * g[i][v];
           partial[i * N + j] += g[i][v] * xs[j][v];
         }
-      if (grad_x) detail::store_bf16<VEC>(grad_x + (t * N + j) * C + c, dx);
+      if constexpr (DX) detail::store_bf16<VEC>(grad_x + (t * N + j) * C + c, dx);
     }
     if (grad_y) detail::store_bf16<VEC>(grad_y + t * C + c, dy);
   }
@@ -383,6 +384,7 @@ void h_post_bda_backward(const bf16* grad_out, const bf16* x, const float* h_res
                          const bf16* y_bias, int64_t tokens, int n, int64_t C, cpu::DropoutSpec dropout, bf16* grad_x,
                          float* grad_h_res, float* grad_h_post, bf16* grad_y, const AggregateGrad* aggregate,
                          cudaStream_t stream) {
+  check(grad_x || aggregate, "h_post_bda_backward: a null grad_x needs the aggregate's gradient (AggregateGrad)");
   const bf16* grad_agg = aggregate ? aggregate->grad_agg : nullptr;
   const float* h_pre = aggregate ? aggregate->h_pre : nullptr;
   float* grad_h_pre = aggregate ? aggregate->grad_h_pre : nullptr;
@@ -393,15 +395,20 @@ void h_post_bda_backward(const bf16* grad_out, const bf16* x, const float* h_res
                                                dropout.key, grad_x, grad_h_res, grad_h_post, grad_y, grad_agg, h_pre,
                                                grad_h_pre);
     };
-    // 4 channels a step: 8 make the fused kernel need 225 registers (one block per multiprocessor).
+    // With dx, 4 channels a step: 8 make the fused kernel need 225 registers (one block per
+    // multiprocessor); the reductions alone take 8 without dropout.
     dispatch_dropout(dropout.p, [&](auto drop) {
       constexpr bool DROPOUT = decltype(drop)::value;
-      if (C % 4 == 0) {
-        if (aggregate) launch(h_post_bda_backward_kernel<N.value, 4, true, DROPOUT>, 4);
-        else launch(h_post_bda_backward_kernel<N.value, 4, false, DROPOUT>, 4);
+      if (!grad_x) {
+        constexpr int kVec = DROPOUT ? 4 : 8;  // 8 with the dropout hash spills
+        if (C % kVec == 0) launch(h_post_bda_backward_kernel<N.value, kVec, true, false, DROPOUT>, kVec);
+        else launch(h_post_bda_backward_kernel<N.value, 1, true, false, DROPOUT>, 1);
+      } else if (C % 4 == 0) {
+        if (aggregate) launch(h_post_bda_backward_kernel<N.value, 4, true, true, DROPOUT>, 4);
+        else launch(h_post_bda_backward_kernel<N.value, 4, false, true, DROPOUT>, 4);
       } else {
-        if (aggregate) launch(h_post_bda_backward_kernel<N.value, 1, true, DROPOUT>, 1);
-        else launch(h_post_bda_backward_kernel<N.value, 1, false, DROPOUT>, 1);
+        if (aggregate) launch(h_post_bda_backward_kernel<N.value, 1, true, true, DROPOUT>, 1);
+        else launch(h_post_bda_backward_kernel<N.value, 1, false, true, DROPOUT>, 1);
       }
     });
   });
