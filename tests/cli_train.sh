@@ -31,6 +31,11 @@ if ! command -v nvidia-smi > /dev/null 2>&1; then  # no GPU: a named error (no C
   expect_2 "--device cuda without a GPU" "cuda\|CUDA" "$mhc" train --out "$tmp/dev" --device cuda --steps 1 "${tiny[@]}"
 fi
 expect_2 "invalid value" "mhc_sinkhorn_iterations" "$mhc" train --out "$tmp/x" --set mhc_sinkhorn_iterations=0
+expect_2 "unknown bench row" "bogus" "$mhc" bench train --variants residual,bogus
+# A comma-separated row list parses (then runs a tiny bench, or names the missing GPU).
+"$mhc" bench train --variants residual,mhc --layers 1 --hidden 64 --heads 4 --seq 32 --batch 2 --vocab 61 \
+  --steps 1 --warmup 0 > /dev/null 2> "$tmp/err"
+grep -q "not in" "$tmp/err" && fail "--variants residual,mhc: $(cat "$tmp/err")"
 expect_2 "missing data" "nope.txt" "$mhc" train --out "$tmp/x" --data "$tmp/nope.txt"
 : > "$tmp/empty.txt"
 expect_2 "empty data" "empty" "$mhc" train --out "$tmp/x" --data "$tmp/empty.txt"

@@ -147,7 +147,8 @@ Command add_bench_train_command(CLI::App& bench) {
       ->capture_default_str();
   cmd->add_option("--steps", o->steps, "timed steps (median reported)")->check(CLI::PositiveNumber)->capture_default_str();
   cmd->add_option("--warmup", o->warmup, "untimed steps first")->check(CLI::NonNegativeNumber)->capture_default_str();
-  cmd->add_option("--variants", o->variants, "which rows to run")
+  cmd->add_option("--variants", o->variants, "which rows to run (separated by spaces or commas)")
+      ->delimiter(',')
       ->check(CLI::IsMember({"residual", "mhc", "mhc-recompute"}))
       ->capture_default_str();
   return [cmd, o]() -> int {
