@@ -434,8 +434,12 @@ __global__ void __launch_bounds__(N * 32) grad_x_kernel(const bf16* x, const bf1
     if (group < groups) issue_next();
     detail::commit_async();
   }
-  // NEXT: dy' of the group whose stage `st` holds its dx (in the warps' x rows), tokens from `first`.
-  auto write_next_grad_y = [&](const unsigned char* st, int64_t first) {
+  int stage = 0;
+  int64_t token = begin + g;
+  // NEXT: dy' of the previous group, whose stage holds its dx (in the warps' x rows).
+  auto write_next_grad_y = [&]() {
+    const unsigned char* st = dx_ring + (stage == 0 ? kStages - 1 : stage - 1) * Stage::kBytes;
+    const int64_t first = token - g - 16;
     for (int e = threadIdx.x; e < 16 * J; e += N * 32) {
       const int u = e / J, v = e % J;  // token of the group, its channels 8 v..
       const int64_t t = first + u, channel = base + 8 * v;
@@ -452,13 +456,11 @@ __global__ void __launch_bounds__(N * 32) grad_x_kernel(const bf16* x, const bf1
       detail::store_bf16<8>(next.grad_y + t * C + channel, dy);
     }
   };
-  int stage = 0;
-  int64_t token = begin + g;
   for (int group = 0; group < groups; ++group) {
     detail::wait_async<kDxAhead - 1>();  // this thread's copies of the group have landed
     __syncthreads();                     // everyone's have, and everyone is done with the previous group
     if constexpr (NEXT)
-      if (group > 0) write_next_grad_y(dx_ring + (stage == 0 ? kStages - 1 : stage - 1) * Stage::kBytes, token - g - 16);
+      if (group > 0) write_next_grad_y();
     // Refills the stage of the group kStages - kDxAhead back, which nobody reads any more.
     if (group + kDxAhead < groups) issue_next();
     detail::commit_async();
@@ -537,7 +539,7 @@ __global__ void __launch_bounds__(N * 32) grad_x_kernel(const bf16* x, const bf1
   }
   if constexpr (NEXT) {
     __syncthreads();  // the last group's dx is in every warp's rows
-    if (groups > 0) write_next_grad_y(dx_ring + (stage == 0 ? kStages - 1 : stage - 1) * Stage::kBytes, token - g - 16);
+    if (groups > 0) write_next_grad_y();
   }
   // The run's dW: accumulator (mt, nt, r) is channel mt 16 + g (+ 8 for r >= 2), output
   // nt 8 + 2 tig (+ 1 for odd r).
@@ -713,8 +715,10 @@ Layout layout_of(const MappingsArgs& a) {
   Layout l{};
   l.M = static_cast<int64_t>(a.n) * a.n + 2 * a.n;
   l.K = a.n * a.C;
-  l.P = (l.M + 7) / 8 * 8;
-  detail::dispatch_streams(a.n, [&](auto N) { l.grid = dx_grid<N.value>(a.tokens, a.C); });
+  detail::dispatch_streams(a.n, [&](auto N) {
+    l.P = dproj_part<N.value>();
+    l.grid = dx_grid<N.value>(a.tokens, a.C);
+  });
   l.grad_h_partials = 0;  // a row a grad_h block, at most one a token
   l.coef = l.grad_h_partials + a.tokens * (l.M + 3);
   l.grad_proj_parts = aligned(l.coef + a.tokens);
