@@ -117,7 +117,9 @@ TEST_P(CudaMappings, ForwardAndBackwardMatchTheCpuReference) {
   const std::vector<float> post_below = random_float(T * c.n, 14, 0.0, 2.0);
   DeviceBuffer<float> d_post_below(post_below);
   auto d_gy_below = poisoned<bf16>(T * c.C);
-  const cuda::NextGradY next{d_post_below.data(), d_gy_below.data()};
+  const std::vector<float> gyb0 = random_float(c.C, 15);
+  DeviceBuffer<float> d_gyb_below(gyb0);
+  const cuda::NextGradY next{d_post_below.data(), d_gy_below.data(), d_gyb_below.data()};
   cuda::mhc_mappings_backward(args, d_x.data(), d_w.data(), d_alpha.data(), d_bias.data(), d_proj.data(), d_r.data(),
                               d_pre.data(), d_post.data(), d_gpre.data(), d_gpost.data(), d_gres.data(),
                               d_gx_mix.data(), d_gw.data(), d_galpha.data(), d_gbias.data(), d_work.data(), &mix,
@@ -128,6 +130,12 @@ TEST_P(CudaMappings, ForwardAndBackwardMatchTheCpuReference) {
       for (int64_t ch = 0; ch < c.C; ++ch) gy_below[t * c.C + ch] += post_below[t * c.n + s] * gx_mix[t * K + s * c.C + ch];
   EXPECT_LT(relative_error(widen(d_gx_mix.download()), gx_mix), kBf16Tolerance);
   EXPECT_LT(relative_error(widen(d_gy_below.download()), gy_below), kBf16Tolerance);
+  // Its bias gradient: the column sums of dy as stored, added to what was there.
+  const std::vector<double> gy_stored = widen(d_gy_below.download());
+  std::vector<double> gyb = widen(gyb0);
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t ch = 0; ch < c.C; ++ch) gyb[ch] += gy_stored[t * c.C + ch];
+  EXPECT_LT(relative_error(widen(d_gyb_below.download()), gyb), kFp32Tolerance);
 }
 
 INSTANTIATE_TEST_SUITE_P(Shapes, CudaMappings,

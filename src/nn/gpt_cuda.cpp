@@ -38,7 +38,8 @@ struct HcState {
   Slot weight, alpha, bias;  // alpha: the three gates, consecutive
   DeviceBuffer<float> proj, r, h_pre, h_post, h_res;
   DeviceBuffer<float> input_sumsq;  // ||x||^2 of each token's input row, from its producer
-  bool grad_y_written = false;      // dy is in the dy buffer, written by the backward above
+  Slot sublayer_bias;               // the sublayer's output bias: its gradient is dy's column sums
+  bool grad_y_written = false;      // dy (and its bias gradient) written by the backward above
 };
 
 struct CudaLayer : RestorableTensors<bf16> {
@@ -134,9 +135,8 @@ struct GptCuda::State {
       if (float* db = grad_of(bias)) cuda::accumulate_column_sums(grad_out, N, C, db, columns_ws.data());
       return grad_out;
     }
-    if (m.grad_y_written) {  // by the mappings' backward of the hyper connection above
+    if (m.grad_y_written) {  // by the mappings' backward of the hyper connection above, with dy_bias
       m.grad_y_written = false;
-      if (float* db = grad_of(bias)) cuda::accumulate_column_sums(dy.data(), N, C, db, columns_ws.data());
       return dy.data();
     }
     cuda::h_post_bda_grad_y(grad_out, hc ? m.h_post.data() : ones.data(), N, static_cast<int>(n), C, d, dy.data(),
@@ -158,7 +158,8 @@ struct GptCuda::State {
                               /*grad_y, written before the sublayer's backward:*/ nullptr, &aggregate);
     const cuda::StreamMixGrad mix{grad_out, m.h_res.data(), grad_agg};
     const bool write_dy = below && below_dropout.p <= 0.0f && cuda::next_grad_y_supported(mappings_args(c));
-    const cuda::NextGradY next{below ? below->h_post.data() : nullptr, dy.data()};
+    const cuda::NextGradY next{below ? below->h_post.data() : nullptr, dy.data(),
+                               below ? grad_of(below->sublayer_bias) : nullptr};
     cuda::mhc_mappings_backward(mappings_args(c), x, value_of(m.weight), value_of(m.alpha), value_of(m.bias),
                                 m.proj.data(), m.r.data(), m.h_pre.data(), m.h_post.data(), grad_h_pre.data(),
                                 grad_h_post.data(), grad_h_res.data(), grad_x, grad_of(m.weight), grad_of(m.alpha),
@@ -414,6 +415,7 @@ GptCuda::GptCuda(const ModelConfig& config, int64_t batch, int64_t seq) : config
       for (auto [m, prefix] : {std::pair{&L.hc_attn, p + "self_attention_hyper_connection."},
                                std::pair{&L.hc_mlp, p + "mlp_hyper_connection."}}) {
         m->weight = find(prefix + "mapping_proj.weight");
+        m->sublayer_bias = m == &L.hc_attn ? L.proj_b : L.fc2_b;
         m->alpha = find(prefix + "alpha_pre");
         m->bias = find(prefix + "bias");
         check(find(prefix + "alpha_post").offset == m->alpha.offset + 1 &&

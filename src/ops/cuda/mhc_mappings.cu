@@ -337,7 +337,8 @@ __global__ void __launch_bounds__(N * 32) grad_x_kernel(const bf16* x, const bf1
                                                         const bf16* grad_proj_fragments, const bf16* grad_proj_parts,
                                                         const float* coef, StreamMixGrad mix, NextGradY next,
                                                         const float* h_pre, int64_t tokens, int64_t C,
-                                                        int64_t tokens_per_block, bf16* grad_x, float* weight_partials) {
+                                                        int64_t tokens_per_block, bf16* grad_x, float* weight_partials,
+                                                        float* bias_partials) {
   using Stage = DxStage<N, MIX, NEXT>;
   constexpr int M = width<N>(), KS = dx_ksteps<N>(), J = dx_tiles<N>(), COLS = Stage::kCols;
   constexpr int P = dproj_part<N>(), WM = J / 2, WN = P / 8;  // dW: m16 tiles of channels, n8 tiles of outputs
@@ -436,7 +437,10 @@ __global__ void __launch_bounds__(N * 32) grad_x_kernel(const bf16* x, const bf1
   }
   int stage = 0;
   int64_t token = begin + g;
-  // NEXT: dy' of the previous group, whose stage holds its dx (in the warps' x rows).
+  // NEXT: dy' of the previous group, whose stage holds its dx (in the warps' x rows). A
+  // thread always has the same 8 channels (16 J items over N 32 threads, a multiple of J),
+  // so it sums dy' as stored over its tokens of the run for the bias gradient.
+  float bias_sum[8] = {};
   auto write_next_grad_y = [&]() {
     const unsigned char* st = dx_ring + (stage == 0 ? kStages - 1 : stage - 1) * Stage::kBytes;
     const int64_t first = token - g - 16;
@@ -454,6 +458,8 @@ __global__ void __launch_bounds__(N * 32) grad_x_kernel(const bf16* x, const bf1
         for (int k = 0; k < 8; ++k) dy[k] += post[i] * dx[k];
       }
       detail::store_bf16<8>(next.grad_y + t * C + channel, dy);
+#pragma unroll
+      for (int k = 0; k < 8; ++k) bias_sum[k] += __bfloat162float(__float2bfloat16(dy[k]));
     }
   };
   for (int group = 0; group < groups; ++group) {
@@ -540,6 +546,20 @@ __global__ void __launch_bounds__(N * 32) grad_x_kernel(const bf16* x, const bf1
   if constexpr (NEXT) {
     __syncthreads();  // the last group's dx is in every warp's rows
     if (groups > 0) write_next_grad_y();
+    if (next.grad_y_bias) {  // the run's column sums of dy': the threads of a channel in order
+      static_assert(N * 32 % J == 0, "a thread's items share their channels");
+      static_assert(kStages * Stage::kBytes >= N * 32 * 8 * 4, "the sums fit in the ring");
+      __syncthreads();  // the ring is free
+      float* sums = reinterpret_cast<float*>(dx_ring);
+#pragma unroll
+      for (int k = 0; k < 8; ++k) sums[threadIdx.x * 8 + k] = bias_sum[k];
+      __syncthreads();
+      for (int e = threadIdx.x; e < 8 * J; e += N * 32) {
+        float total = 0;
+        for (int from = e / 8; from < N * 32; from += J) total += sums[from * 8 + e % 8];
+        if (base + e < C) bias_partials[static_cast<int64_t>(blockIdx.y) * C + base + e] = total;
+      }
+    }
   }
   // The run's dW: accumulator (mt, nt, r) is channel mt 16 + g (+ 8 for r >= 2), output
   // nt 8 + 2 tig (+ 1 for odd r).
@@ -708,7 +728,8 @@ template <int N> DxGrid dx_grid(int64_t tokens, int64_t C) {
 struct Layout {
   int64_t M, K, P;
   DxGrid grid;
-  size_t grad_h_partials, coef, grad_proj_parts, grad_proj_fragments, weight_split, weight_partials, total;
+  size_t grad_h_partials, coef, grad_proj_parts, grad_proj_fragments, weight_split, weight_partials, bias_partials,
+      total;
 };
 
 Layout layout_of(const MappingsArgs& a) {
@@ -726,7 +747,8 @@ Layout layout_of(const MappingsArgs& a) {
   const int64_t fragment_values = ((a.tokens + 15) / 16 * 16) * ((3 * l.M + 15) / 16 * 16);
   l.weight_split = aligned(l.grad_proj_fragments + (fragment_values + 1) / 2);
   l.weight_partials = aligned(l.weight_split + (split_width(l.M) * l.K + 1) / 2);
-  l.total = l.weight_partials + l.grid.runs * l.M * l.K;
+  l.bias_partials = aligned(l.weight_partials + l.grid.runs * l.M * l.K);
+  l.total = l.bias_partials + l.grid.runs * a.C;
   return l;
 }
 
@@ -805,6 +827,7 @@ void mhc_mappings_backward(const MappingsArgs& a, const bf16* x, const float* we
   bf16* grad_proj_fragments = reinterpret_cast<bf16*>(workspace + l.grad_proj_fragments);
   bf16* weight_split = reinterpret_cast<bf16*>(workspace + l.weight_split);
   float* weight_partials = workspace + l.weight_partials;
+  float* bias_partials = workspace + l.bias_partials;
   detail::dispatch_streams(a.n, [&](auto Ns) {
     constexpr int N = decltype(Ns)::value;
     const size_t divisor_bytes = grad_h_shared_bytes<N>(a.sinkhorn_iterations);
@@ -824,7 +847,8 @@ void mhc_mappings_backward(const MappingsArgs& a, const bf16* x, const float* we
       MHC_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
       kernel<<<grid, N * 32, bytes, stream>>>(x, weight_split, grad_proj_fragments, grad_proj_parts, coef,
                                               mix ? *mix : StreamMixGrad{}, next ? *next : NextGradY{}, h_pre,
-                                              a.tokens, a.C, l.grid.tokens_per_run, grad_x, weight_partials);
+                                              a.tokens, a.C, l.grid.tokens_per_run, grad_x, weight_partials,
+                                              bias_partials);
     };
     constexpr int COLS = 2 * dx_tiles<N>();
     const bool vectors = a.C % COLS == 0;
@@ -839,6 +863,9 @@ void mhc_mappings_backward(const MappingsArgs& a, const bf16* x, const float* we
   });
   // dW: the token runs' partials summed in order
   detail::add_chunk_sums<1>(weight_partials, l.grid.runs, l.M * l.K, detail::ColumnOutputs<1>{{grad_weight}}, stream);
+  // the dy of the hyper connection below: its bias gradient, the runs' column sums in order
+  if (next && next->grad_y_bias)
+    detail::add_chunk_sums<1>(bias_partials, l.grid.runs, a.C, detail::ColumnOutputs<1>{{next->grad_y_bias}}, stream);
   // dbias and dalpha: the grad_h blocks' sums of [dh, alpha terms], summed in a fixed order
   detail::add_chunk_sums<1>(grad_h_partials, grad_h_blocks, l.M + 3, BiasAndAlphaOutputs{grad_bias, grad_alpha, l.M},
                             stream);

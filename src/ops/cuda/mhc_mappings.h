@@ -61,10 +61,13 @@ struct StreamMixGrad {
 
 // The hyper connection below this one in the backward order, whose dout is this dx, when
 // its sublayer has no dropout: its dy = sum_i H_post[i] dx_i (of dx as stored, fp32 sums)
-// is written while dx is on chip, instead of by h_post_bda_grad_y reading dx again.
+// is written while dx is on chip, instead of by h_post_bda_grad_y reading dx again, and
+// with grad_y_bias so are dy's column sums (the sublayer's output bias gradient; of dy as
+// stored, a fixed order).
 struct NextGradY {
   const float* h_post;  // [tokens, n], of the hyper connection below
   bf16* grad_y;         // [tokens, C], overwritten
+  float* grad_y_bias = nullptr;  // [C], accumulated, when not null
 };
 // Whether NextGradY can be given (with StreamMixGrad): C a multiple of 16 (8 for n = 8).
 bool next_grad_y_supported(const MappingsArgs& a);
