@@ -290,6 +290,7 @@ __global__ void finish_kernel(const float* parts, int64_t parts_stride, const fl
 // warp leaves its stream's dx of a group in its own x rows of the stage (only it reads
 // them), and after the next group's barrier, before the stage is refilled, the block sums
 // them over the streams in order and writes dy'. No barrier of its own but one at the end.
+// With a bias gradient, dy''s column sums too: per thread over its run, then in order.
 
 template <int N> constexpr int dx_ksteps() { return (3 * width<N>() + 15) / 16; }
 // n8 column tiles per warp: fewer for wide m, so that B (J x ksteps x 2 registers) fits.
