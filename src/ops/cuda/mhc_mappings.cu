@@ -161,7 +161,7 @@ __device__ void sinkhorn_backward(const TokenLane<N>& lane, const float (&l)[CPL
 }
 
 // Shared memory of grad_h_kernel: each of a block's tokens its Sinkhorn divisors.
-constexpr int kGradHThreads = 128;
+constexpr int kGradHThreads = 256;
 template <int N> size_t grad_h_shared_bytes(int iterations) {
   return static_cast<size_t>(kGradHThreads / TokenLanes<N>::L) * 2 * iterations * N * sizeof(float);
 }
