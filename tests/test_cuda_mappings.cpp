@@ -142,7 +142,7 @@ INSTANTIATE_TEST_SUITE_P(Shapes, CudaMappings,
                          ::testing::Values(Case{7, 1, 5, 1}, Case{33, 2, 13, 3}, Case{64, 4, 768, 20},
                                            Case{5, 6, 100, 20}, Case{3, 8, 257, 5}, Case{300, 4, 1023, 20},
                                            Case{40, 4, 64, 0}, Case{256, 4, 7168, 20},
-                                           // K % 8 == 0 (16-byte aligned rows for cuBLASLt), every n
+                                           // K % 8 == 0 (16-byte aligned rows: cp.async copies), every n
                                            Case{37, 1, 32, 2}, Case{70, 2, 48, 20}, Case{30, 6, 40, 7},
                                            Case{50, 8, 64, 20}, Case{130, 8, 96, 0},
                                            Case{64, 4, 768, 20, true}, Case{33, 2, 13, 3, true},

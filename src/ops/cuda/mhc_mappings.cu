@@ -3,7 +3,6 @@
 #include <mutex>
 
 #include "core/cuda/device.h"
-#include "ops/cuda/gemm.h"
 #include "ops/cuda/column_sums.cuh"
 #include "ops/cuda/kernel_utils.cuh"
 #include "ops/cuda/mhc_mappings.h"
@@ -172,8 +171,9 @@ template <int N> size_t grad_h_shared_bytes(int iterations) {
 // as v = hi + mid + lo (three bf16, exact to about 2^-24 relative), so a product with a
 // bf16 operand (x) keeps fp32 accuracy: it is three bf16 products summed.
 
-// The 3m parts padded to a multiple of 8 (16-byte rows of bf16 for the tensor cores).
-__host__ __device__ constexpr int64_t split_width(int64_t m) { return (3 * m + 7) / 8 * 8; }
+// Each part's m rows padded to a multiple of 8 (whole n8 tiles, 16-byte rows of bf16).
+__host__ __device__ constexpr int64_t split_part(int64_t m) { return (m + 7) / 8 * 8; }
+__host__ __device__ constexpr int64_t split_rows(int64_t m) { return 3 * split_part(m); }
 
 __device__ inline void split3(float v, bf16* hi, bf16* mid, bf16* lo) {
   const bf16 h = __float2bfloat16(v);
@@ -184,22 +184,22 @@ __device__ inline void split3(float v, bf16* hi, bf16* mid, bf16* lo) {
   *lo = __float2bfloat16(rest - __bfloat162float(m));
 }
 
-// W [m, K] (fp32) -> [hi; mid; lo] rows [split_width(m), K] of bf16, the padding rows zero.
+// W [m, K] (fp32) -> [hi; mid; lo] parts of split_part(m) rows each, [split_rows(m), K] of
+// bf16, the padding rows zero. A thread writes one entry's three parts.
 __global__ void split_weight_kernel(const float* weight, int64_t m, int64_t K, bf16* split) {
   const int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  const int64_t rows = split_width(m);
-  if (e >= rows * K) return;
-  if (e >= 3 * m * K) {
-    split[e] = __float2bfloat16(0.0f);
-    return;
+  const int64_t part = split_part(m) * K;
+  if (e >= part) return;
+  if (e < m * K) {
+    split3(weight[e], &split[e], &split[part + e], &split[2 * part + e]);
+  } else {
+    split[e] = split[part + e] = split[2 * part + e] = __float2bfloat16(0.0f);
   }
-  if (e >= m * K) return;  // the mid and lo rows are written by the hi row's thread
-  split3(weight[e], &split[e], &split[m * K + e], &split[2 * m * K + e]);
 }
 
 void split_weight(const float* weight, int64_t m, int64_t K, bf16* split, cudaStream_t stream) {
-  split_weight_kernel<<<detail::blocks_for(split_width(m) * K, kBlockThreads), kBlockThreads, 0, stream>>>(weight, m,
-                                                                                                          K, split);
+  split_weight_kernel<<<detail::blocks_for(split_part(m) * K, kBlockThreads), kBlockThreads, 0, stream>>>(weight, m,
+                                                                                                         K, split);
   MHC_CUDA_CHECK(cudaGetLastError());
 }
 
@@ -219,25 +219,160 @@ template <int VEC> __global__ void row_sumsq_kernel(const bf16* x, int64_t K, fl
   if (threadIdx.x == 0) sumsq[blockIdx.x] = s[0];
 }
 
-// Per token, on its lanes (TokenLanes): proj = hi + mid + lo parts of the product, r from
-// ||x||^2, then the gates, Sinkhorn in registers, H_pre, H_post, H_res. The lane (i, k)
+// The projection, one pass over x: parts[s][t][o] = the sum over K range s of x[t][k]
+// W[o][k] (W as its bf16 parts hi, mid, lo, each times x on tensor cores, the three summed
+// in fp32 at the end; finish_kernel sums the ranges in order) and, unless given, range s's
+// share of ||x_t||^2. mma.sync m16n8k16 with tokens as the rows: a block is kProjWarps
+// warps of MT m16 tiles, over its K range in chunks of kProjChunk through a cp.async ring
+// (the x rows of the block's tokens and all of W_split's rows). W comes from L2 once a
+// block and each B fragment serves a warp's MT tiles, so a block takes as many tokens as
+// fit (W's traffic is 3 split_part(m) / (16 MT kProjWarps) of x's: 28% at n = 4) and the K
+// ranges fill the grid. Long chunks: a block barrier each (64 with 3 stages measured
+// slower). ||x||^2 from the A fragments in registers: each lane squares its 4 of every 16
+// k of rows g and g + 8, a chunk at a time (short chains), then the 4 lanes of a row.
+constexpr int kProjWarps = 8, kProjChunk = 128, kProjStages = 2;
+constexpr int kProjRow = kProjChunk + 8;  // bf16; the padding puts ldmatrix's 8 rows on distinct banks
+template <int N> constexpr int proj_tiles() { return width<N>() <= 24 ? 2 : 1; }  // accumulators in registers
+template <int N> constexpr int proj_tokens() { return 16 * proj_tiles<N>() * kProjWarps; }
+template <int N> constexpr int proj_stage_rows() { return proj_tokens<N>() + static_cast<int>(split_rows(width<N>())); }
+template <int N> constexpr int proj_shared_bytes() { return kProjStages * proj_stage_rows<N>() * kProjRow * 2; }
+
+template <int N, bool VEC>
+__global__ void __launch_bounds__(kProjWarps * 32)
+    projection_kernel(const bf16* x, const bf16* weight_split, int64_t tokens, int64_t K, float* parts,
+                      float* sumsq) {
+  constexpr int M = width<N>(), PT = split_part(M) / 8, NT = 3 * PT;  // n8 tiles: a part's, all
+  constexpr int MT = proj_tiles<N>(), BT = proj_tokens<N>();
+  constexpr int KS = kProjChunk / 16, kAhead = kProjStages - 1, kRows = proj_stage_rows<N>();
+  constexpr int kSegments = kProjChunk / 8;  // 16-byte pieces of a row's chunk
+  extern __shared__ __align__(16) unsigned char proj_ring[];
+  const bf16* ring = reinterpret_cast<const bf16*>(proj_ring);
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * BT;
+  const int64_t all_chunks = (K + kProjChunk - 1) / kProjChunk;
+  const int64_t chunk0 = all_chunks * blockIdx.y / gridDim.y;
+  const int chunks = static_cast<int>(all_chunks * (blockIdx.y + 1) / gridDim.y - chunk0);
+  // A thread copies the same 16-byte piece of the same rows of every chunk: rows r0 +
+  // kRowStep i, the block's x rows (a token's, while there are tokens) and then W_split's.
+  constexpr int kThreads = kProjWarps * 32, kRowStep = kThreads / kSegments;
+  constexpr int kCopies = (kRows + kRowStep - 1) / kRowStep, kXCopies = BT / kRowStep;
+  static_assert(kThreads % kSegments == 0 && BT % kRowStep == 0 && kCopies <= 32, "whole rows a pass");
+  const int r0 = threadIdx.x / kSegments, piece = threadIdx.x % kSegments * 8;
+  uint32_t row_valid = 0;  // bit i: row r0 + kRowStep i is real
+#pragma unroll
+  for (int i = 0; i < kCopies; ++i) {
+    const int row = r0 + kRowStep * i;
+    if (row < kRows && (row >= BT || first + row < tokens)) row_valid |= 1u << i;
+  }
+  auto issue = [&](int chunk) {
+    bf16* st = reinterpret_cast<bf16*>(proj_ring) + (chunk % kProjStages) * kRows * kProjRow + piece;
+    const int64_t k = (chunk0 + chunk) * kProjChunk + piece;
+#pragma unroll
+    for (int i = 0; i < kCopies; ++i) {
+      const int row = r0 + kRowStep * i;
+      if (kRows % kRowStep != 0 && row >= kRows) break;
+      const bool real = row_valid >> i & 1u;
+      const bf16* from = !real       ? x
+                         : i < kXCopies ? x + (first + row) * K
+                                        : weight_split + static_cast<int64_t>(row - BT) * K;
+      bf16* dst = st + row * kProjRow;
+      if constexpr (VEC) {
+        const bool valid = real && k < K;
+        detail::copy_async<16>(dst, valid ? from + k : x, valid);
+      } else {
+#pragma unroll
+        for (int v = 0; v < 8; ++v) dst[v] = real && k + v < K ? from[k + v] : __float2bfloat16(0.0f);
+      }
+    }
+  };
+  for (int c = 0; c < kAhead; ++c) {
+    if (c < chunks) issue(c);
+    detail::commit_async();
+  }
+  float acc[MT][NT][4] = {}, squares[MT][2] = {};
+  for (int c = 0; c < chunks; ++c) {
+    detail::wait_async<kAhead - 1>();
+    __syncthreads();  // chunk c is in; every warp is done with chunk c - 1, whose stage is refilled next
+    if (c + kAhead < chunks) issue(c + kAhead);
+    detail::commit_async();
+    const bf16* st = ring + (c % kProjStages) * kRows * kProjRow;
+    float chunk_squares[MT][2] = {};
+#pragma unroll
+    for (int half = 0; half < KS / 2; ++half) {  // two k steps: A of the warp's tiles, then W's tiles
+      uint32_t a[MT][2][4];
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int kk = 0; kk < 2; ++kk) {
+          const int row = (warp * MT + mt) * 16 + lane % 8 + 8 * (lane / 8 % 2);
+          detail::ldmatrix<4, false>(a[mt][kk], st + row * kProjRow + 16 * (2 * half + kk) + 8 * (lane / 16));
+          if (!sumsq) continue;
+#pragma unroll
+          for (int r = 0; r < 4; ++r) {  // a0, a2: row g; a1, a3: row g + 8
+            const float2 f = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&a[mt][kk][r]));
+            chunk_squares[mt][r % 2] += f.x * f.x + f.y * f.y;
+          }
+        }
+#pragma unroll
+      for (int j = 0; j < NT; ++j) {
+        uint32_t b[4];  // W rows 8 j.. at k 32 half + 0, 8, 16, 24: b0, b1 of the two k steps
+        detail::ldmatrix<4, false>(b, st + (BT + 8 * j + lane % 8) * kProjRow + 32 * half + 8 * (lane / 8));
+#pragma unroll
+        for (int kk = 0; kk < 2; ++kk)
+#pragma unroll
+          for (int mt = 0; mt < MT; ++mt) detail::mma_bf16(acc[mt][j], a[mt][kk], b[2 * kk], b[2 * kk + 1]);
+      }
+    }
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) squares[mt][h] += chunk_squares[mt][h];
+  }
+  const int g = lane / 4, tig = lane % 4;
+  float* out = parts + blockIdx.y * tokens * M;
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int64_t t = first + (warp * MT + mt) * 16 + g + 8 * h;
+      if (sumsq) {
+        const float s = lanes_sum<1, 4>(squares[mt][h]);
+        if (tig == 0 && t < tokens) sumsq[blockIdx.y * tokens + t] = s;
+      }
+      if (t >= tokens) continue;
+#pragma unroll
+      for (int j = 0; j < PT; ++j)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int o = 8 * j + 2 * tig + e;
+          const int r = 2 * h + e;  // the entry of hi, mid and lo
+          if (o < M) out[t * M + o] = acc[mt][j][r] + acc[mt][PT + j][r] + acc[mt][2 * PT + j][r];
+        }
+    }
+}
+
+// Per token, on its lanes (TokenLanes): proj = the K ranges' parts of the product summed
+// in order, r from ||x||^2 (given, or the ranges' shares summed
+// in order), then the gates, Sinkhorn in registers, H_pre, H_post, H_res. The lane (i, k)
 // owns the outputs of its entries (proj 2N + iN + j, H_res[i][j]); split 0 of row i also
 // those of the row's gates (proj i and N + i, H_pre[i], H_post[i]).
 template <int N>
-__global__ void finish_kernel(const float* parts, int64_t parts_stride, const float* sumsq, int64_t K,
+__global__ void finish_kernel(const float* parts, int ranges, const float* sumsq, int sumsq_ranges, int64_t K,
                               const float* alpha, const float* bias, int64_t tokens, int iterations, float* proj,
                               float* r, float* h_pre, float* h_post, float* h_res) {
   constexpr int M = width<N>(), CPL = TokenLanes<N>::CPL;
   const TokenLane<N> lane = token_lane<N>(tokens);
   const int64_t t = lane.token;
   const int i = lane.row < N ? lane.row : 0;
-  const float* part = parts + t * parts_stride;
   auto projection = [&](int o) {
-    const float p = part[o] + part[M + o] + part[2 * M + o];
+    float p = 0;
+    for (int s = 0; s < ranges; ++s) p += parts[(s * tokens + t) * M + o];
     if (lane.store) proj[t * M + o] = p;
     return p;
   };
-  const float rt = 1.0f / (sqrtf(sumsq[t]) / sqrtf(static_cast<float>(K)) + kNormEps);
+  float x_sumsq = 0;
+  for (int s = 0; s < sumsq_ranges; ++s) x_sumsq += sumsq[s * tokens + t];
+  const float rt = 1.0f / (sqrtf(x_sumsq) / sqrtf(static_cast<float>(K)) + kNormEps);
   float l[CPL], h[CPL];
 #pragma unroll
   for (int c = 0; c < CPL; ++c) {
@@ -363,7 +498,7 @@ __global__ void __launch_bounds__(N * 32) grad_x_kernel(const bf16* x, const bf1
             const int kk = k * 16 + h * 8 + 2 * tig + e;
             // B rows [W_hi; W_mid; W_hi]: parts 0, 1, 0 of the [hi; mid; lo] split.
             const int part = kk / M == 1 ? 1 : 0, o = kk % M;
-            pair[e] = kk < 3 * M && channel < C ? weight_split[(part * M + o) * K + s * C + channel]
+            pair[e] = kk < 3 * M && channel < C ? weight_split[(part * P + o) * K + s * C + channel]
                                                 : __float2bfloat16(0.0f);
           }
           b[j][k][h] = *reinterpret_cast<const uint32_t*>(pair);
@@ -666,8 +801,27 @@ struct BiasAndAlphaOutputs {
 // Workspace offsets in floats, each a multiple of 4 (16-byte aligned for cuBLASLt).
 inline size_t aligned(size_t floats) { return (floats + 3) / 4 * 4; }
 
+int multiprocessors() {
+  int device = 0, sms = 0;
+  MHC_CUDA_CHECK(cudaGetDevice(&device));
+  MHC_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  return sms;
+}
+
+// The projection's grid: token blocks x K ranges, about one block a multiprocessor (one
+// is resident at a time), at most kMaxProjRanges ranges.
+constexpr int64_t kMaxProjRanges = 8;
+struct ProjGrid {
+  int64_t blocks, ranges;
+};
+template <int N> ProjGrid proj_grid(int64_t tokens, int64_t K) {
+  const int64_t blocks = (tokens + proj_tokens<N>() - 1) / proj_tokens<N>(), chunks = (K + kProjChunk - 1) / kProjChunk;
+  return {blocks, std::max<int64_t>(1, std::min({kMaxProjRanges, chunks, multiprocessors() / blocks}))};
+}
+
 struct ForwardLayout {
-  int64_t M, K, split_stride;
+  int64_t M, K;
+  ProjGrid grid;
   size_t parts, split_weight, sumsq, total;
 };
 
@@ -675,11 +829,11 @@ ForwardLayout forward_layout_of(const MappingsArgs& a) {
   ForwardLayout l{};
   l.M = static_cast<int64_t>(a.n) * a.n + 2 * a.n;
   l.K = a.n * a.C;
-  l.split_stride = split_width(l.M);
-  l.parts = 0;
-  l.split_weight = aligned(l.parts + a.tokens * l.split_stride);
-  l.sumsq = aligned(l.split_weight + (l.split_stride * l.K + 1) / 2);
-  l.total = l.sumsq + a.tokens;
+  detail::dispatch_streams(a.n, [&](auto N) { l.grid = proj_grid<N.value>(a.tokens, l.K); });
+  l.parts = 0;  // [ranges][tokens][M]
+  l.split_weight = aligned(l.parts + l.grid.ranges * a.tokens * l.M);
+  l.sumsq = aligned(l.split_weight + (split_rows(l.M) * l.K + 1) / 2);  // [ranges][tokens]
+  l.total = l.sumsq + l.grid.ranges * a.tokens;
   return l;
 }
 
@@ -747,7 +901,7 @@ Layout layout_of(const MappingsArgs& a) {
   l.grad_proj_fragments = aligned(l.grad_proj_parts + (a.tokens * 3 * l.P + 1) / 2);
   const int64_t fragment_values = ((a.tokens + 15) / 16 * 16) * ((3 * l.M + 15) / 16 * 16);
   l.weight_split = aligned(l.grad_proj_fragments + (fragment_values + 1) / 2);
-  l.weight_partials = aligned(l.weight_split + (split_width(l.M) * l.K + 1) / 2);
+  l.weight_partials = aligned(l.weight_split + (split_rows(l.M) * l.K + 1) / 2);
   l.bias_partials = aligned(l.weight_partials + l.grid.runs * l.M * l.K);
   l.total = l.bias_partials + l.grid.runs * a.C;
   return l;
@@ -782,24 +936,19 @@ void mhc_mappings_forward(const MappingsArgs& a, const bf16* x, const float* x_s
   float* parts = workspace + l.parts;
   bf16* split = reinterpret_cast<bf16*>(workspace + l.split_weight);
   split_weight(weight, l.M, l.K, split, stream);
-  // parts [tokens, split_stride] = x [tokens, K] times the split W^T; column-major: the
-  // [split_stride, tokens] product of split (K x split_stride, transposed) and x (K x tokens).
-  Gemm g;
-  g.trans_a = true;
-  g.m = l.split_stride, g.n = a.tokens, g.k = l.K;
-  g.a = split, g.lda = l.K;
-  g.b = x, g.ldb = l.K;
-  g.d = parts, g.ldd = l.split_stride;
-  gemm(g, stream);
-  if (!x_sumsq) {
-    row_sumsq(x, a.tokens, l.K, workspace + l.sumsq, stream);
-    x_sumsq = workspace + l.sumsq;
-  }
+  float* sumsq = x_sumsq ? nullptr : workspace + l.sumsq;
   detail::dispatch_streams(a.n, [&](auto Ns) {
     constexpr int N = decltype(Ns)::value;
+    // scalar copies where rows are not 16-byte aligned
+    const auto kernel = l.K % 8 == 0 ? projection_kernel<N, true> : projection_kernel<N, false>;
+    constexpr int bytes = proj_shared_bytes<N>();
+    MHC_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+    const dim3 grid(detail::blocks_for(l.grid.blocks, 1), detail::blocks_for(l.grid.ranges, 1));
+    kernel<<<grid, kProjWarps * 32, bytes, stream>>>(x, split, a.tokens, l.K, parts, sumsq);
+    MHC_CUDA_CHECK(cudaGetLastError());
     finish_kernel<N><<<detail::blocks_for(a.tokens * TokenLanes<N>::L, 128), 128, 0, stream>>>(
-        parts, l.split_stride, x_sumsq, l.K, alpha, bias, a.tokens, a.sinkhorn_iterations, proj, r, h_pre, h_post,
-        h_res);
+        parts, static_cast<int>(l.grid.ranges), x_sumsq ? x_sumsq : sumsq, x_sumsq ? 1 : static_cast<int>(l.grid.ranges),
+        l.K, alpha, bias, a.tokens, a.sinkhorn_iterations, proj, r, h_pre, h_post, h_res);
   });
   MHC_CUDA_CHECK(cudaGetLastError());
 }

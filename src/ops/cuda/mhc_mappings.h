@@ -1,11 +1,12 @@
 // CUDA kernels of the mHC mappings (ops/cpu/mhc_mappings.h has the math), x bf16, the
 // parameters and every mapping value fp32, all sums fp32:
 //
-//   forward:  project    W x on tensor cores (cuBLASLt, ops/cuda/gemm.h): W split into
-//                        bf16 hi + mid + lo, the three products summed in fp32, so the
-//                        result is fp32-accurate                              (one pass over x)
-//             ||x||^2    given by the producer of x (h_post_bda_forward, expand), else one
-//                        more pass over x
+//   forward:  project    W x on tensor cores (projection_kernel): W split into bf16
+//                        hi + mid + lo, the three products summed in fp32, so the result
+//                        is fp32-accurate; blocks of tokens x ranges of K, the ranges
+//                        summed in order                                      (one pass over x)
+//             ||x||^2    given by the producer of x (h_post_bda_forward, expand), else
+//                        from the same pass
 //             finish     proj, r; gates, Sinkhorn in registers -> H_pre, H_post, H_res
 //   backward: grad_h     dh (sigmoid and Sinkhorn backward, the iterations recomputed in
 //                        registers), dproj = dh r a, the per-token dr coefficient, and
@@ -43,7 +44,7 @@ size_t mappings_forward_workspace_floats(const MappingsArgs& a);
 void row_sumsq(const bf16* x, int64_t tokens, int64_t K, float* sumsq, cudaStream_t stream = nullptr);
 
 // x_sumsq: ||x_t||^2 of each token's n-stream row when its producer computed it, else null
-// (computed here, one more pass over x).
+// (computed here, in the projection's pass over x).
 void mhc_mappings_forward(const MappingsArgs& a, const bf16* x, const float* x_sumsq, const float* weight,
                           const float* alpha, const float* bias, float* proj, float* r, float* h_pre, float* h_post,
                           float* h_res, float* workspace, cudaStream_t stream = nullptr);
