@@ -145,7 +145,10 @@ INSTANTIATE_TEST_SUITE_P(Shapes, CudaMappings,
                                            // K % 8 == 0 (16-byte aligned rows: cp.async copies), every n
                                            Case{37, 1, 32, 2}, Case{70, 2, 48, 20}, Case{30, 6, 40, 7},
                                            Case{50, 8, 64, 20}, Case{130, 8, 96, 0},
+                                           // ||x||^2 given: the projection by cuBLASLt
                                            Case{64, 4, 768, 20, true}, Case{33, 2, 13, 3, true},
+                                           Case{7, 1, 5, 1, true}, Case{50, 8, 64, 20, true},
+                                           Case{256, 4, 7168, 20, true},
                                            // the most Sinkhorn iterations (n = 1: over 48 KB of divisors)
                                            Case{300, 1, 8, 64}, Case{20, 8, 24, 64}),
                          [](const auto& param_info) {

@@ -3,6 +3,7 @@
 #include <mutex>
 
 #include "core/cuda/device.h"
+#include "ops/cuda/gemm.h"
 #include "ops/cuda/column_sums.cuh"
 #include "ops/cuda/kernel_utils.cuh"
 #include "ops/cuda/mhc_mappings.h"
@@ -351,22 +352,35 @@ __global__ void __launch_bounds__(kProjWarps * 32)
     }
 }
 
-// Per token, on its lanes (TokenLanes): proj = the K ranges' parts of the product summed
-// in order, r from ||x||^2 (given, or the ranges' shares summed
-// in order), then the gates, Sinkhorn in registers, H_pre, H_post, H_res. The lane (i, k)
-// owns the outputs of its entries (proj 2N + iN + j, H_res[i][j]); split 0 of row i also
-// those of the row's gates (proj i and N + i, H_pre[i], H_post[i]).
+// Where finish_kernel finds proj: an entry's values over `ranges` arrays [tokens][stride]
+// and `pieces` columns `piece` apart in each, summed in that order (projection_kernel's K
+// ranges; cuBLASLt's product by W's hi, mid and lo parts).
+struct ProjParts {
+  const float* values;
+  int ranges, pieces;
+  int64_t stride, piece;
+  __device__ float sum(int64_t tokens, int64_t t, int o) const {
+    float p = 0;
+    for (int s = 0; s < ranges; ++s)
+      for (int q = 0; q < pieces; ++q) p += values[(s * tokens + t) * stride + q * piece + o];
+    return p;
+  }
+};
+
+// Per token, on its lanes (TokenLanes): proj from its parts, r from ||x||^2 (given, or the
+// ranges' shares summed in order), then the gates, Sinkhorn in registers, H_pre, H_post,
+// H_res. The lane (i, k) owns the outputs of its entries (proj 2N + iN + j, H_res[i][j]);
+// split 0 of row i also those of the row's gates (proj i and N + i, H_pre[i], H_post[i]).
 template <int N>
-__global__ void finish_kernel(const float* parts, int ranges, const float* sumsq, int sumsq_ranges, int64_t K,
-                              const float* alpha, const float* bias, int64_t tokens, int iterations, float* proj,
-                              float* r, float* h_pre, float* h_post, float* h_res) {
+__global__ void finish_kernel(ProjParts parts, const float* sumsq, int sumsq_ranges, int64_t K, const float* alpha,
+                              const float* bias, int64_t tokens, int iterations, float* proj, float* r, float* h_pre,
+                              float* h_post, float* h_res) {
   constexpr int M = width<N>(), CPL = TokenLanes<N>::CPL;
   const TokenLane<N> lane = token_lane<N>(tokens);
   const int64_t t = lane.token;
   const int i = lane.row < N ? lane.row : 0;
   auto projection = [&](int o) {
-    float p = 0;
-    for (int s = 0; s < ranges; ++s) p += parts[(s * tokens + t) * M + o];
+    const float p = parts.sum(tokens, t, o);
     if (lane.store) proj[t * M + o] = p;
     return p;
   };
@@ -830,8 +844,8 @@ ForwardLayout forward_layout_of(const MappingsArgs& a) {
   l.M = static_cast<int64_t>(a.n) * a.n + 2 * a.n;
   l.K = a.n * a.C;
   detail::dispatch_streams(a.n, [&](auto N) { l.grid = proj_grid<N.value>(a.tokens, l.K); });
-  l.parts = 0;  // [ranges][tokens][M]
-  l.split_weight = aligned(l.parts + l.grid.ranges * a.tokens * l.M);
+  l.parts = 0;  // [ranges][tokens][M], or cuBLASLt's [tokens][split_rows(M)]
+  l.split_weight = aligned(l.parts + a.tokens * std::max(l.grid.ranges * l.M, split_rows(l.M)));
   l.sumsq = aligned(l.split_weight + (split_rows(l.M) * l.K + 1) / 2);  // [ranges][tokens]
   l.total = l.sumsq + l.grid.ranges * a.tokens;
   return l;
@@ -933,22 +947,38 @@ void mhc_mappings_forward(const MappingsArgs& a, const bf16* x, const float* x_s
                           float* h_res, float* workspace, cudaStream_t stream) {
   check_args(a);
   const ForwardLayout l = forward_layout_of(a);
-  float* parts = workspace + l.parts;
   bf16* split = reinterpret_cast<bf16*>(workspace + l.split_weight);
   split_weight(weight, l.M, l.K, split, stream);
-  float* sumsq = x_sumsq ? nullptr : workspace + l.sumsq;
+  float* const values = workspace + l.parts;
+  ProjParts parts{values, 1, 3, split_rows(l.M), split_part(l.M)};
+  float* sumsq = workspace + l.sumsq;
   detail::dispatch_streams(a.n, [&](auto Ns) {
     constexpr int N = decltype(Ns)::value;
-    // scalar copies where rows are not 16-byte aligned
-    const auto kernel = l.K % 8 == 0 ? projection_kernel<N, true> : projection_kernel<N, false>;
-    constexpr int bytes = proj_shared_bytes<N>();
-    MHC_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
-    const dim3 grid(detail::blocks_for(l.grid.blocks, 1), detail::blocks_for(l.grid.ranges, 1));
-    kernel<<<grid, kProjWarps * 32, bytes, stream>>>(x, split, a.tokens, l.K, parts, sumsq);
-    MHC_CUDA_CHECK(cudaGetLastError());
+    if (x_sumsq) {
+      // ||x||^2 given (the model's path): cuBLASLt's product streams x faster at GPT-2
+      // widths (40 against 48 us a call). values [tokens, split_rows] = x [tokens, K] times
+      // the split W^T; column-major: the [split_rows, tokens] product of split (K x
+      // split_rows, transposed) and x (K x tokens).
+      Gemm g;
+      g.trans_a = true;
+      g.m = split_rows(l.M), g.n = a.tokens, g.k = l.K;
+      g.a = split, g.lda = l.K;
+      g.b = x, g.ldb = l.K;
+      g.d = values, g.ldd = split_rows(l.M);
+      gemm(g, stream);
+    } else {
+      // ||x||^2 from the projection's pass; scalar copies where rows are not 16-byte aligned
+      const auto kernel = l.K % 8 == 0 ? projection_kernel<N, true> : projection_kernel<N, false>;
+      constexpr int bytes = proj_shared_bytes<N>();
+      MHC_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+      const dim3 grid(detail::blocks_for(l.grid.blocks, 1), detail::blocks_for(l.grid.ranges, 1));
+      kernel<<<grid, kProjWarps * 32, bytes, stream>>>(x, split, a.tokens, l.K, values, sumsq);
+      MHC_CUDA_CHECK(cudaGetLastError());
+      parts = {values, static_cast<int>(l.grid.ranges), 1, l.M, 0};
+    }
     finish_kernel<N><<<detail::blocks_for(a.tokens * TokenLanes<N>::L, 128), 128, 0, stream>>>(
-        parts, static_cast<int>(l.grid.ranges), x_sumsq ? x_sumsq : sumsq, x_sumsq ? 1 : static_cast<int>(l.grid.ranges),
-        l.K, alpha, bias, a.tokens, a.sinkhorn_iterations, proj, r, h_pre, h_post, h_res);
+        parts, x_sumsq ? x_sumsq : sumsq, x_sumsq ? 1 : parts.ranges, l.K, alpha, bias, a.tokens,
+        a.sinkhorn_iterations, proj, r, h_pre, h_post, h_res);
   });
   MHC_CUDA_CHECK(cudaGetLastError());
 }
