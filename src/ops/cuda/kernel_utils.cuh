@@ -166,6 +166,11 @@ template <int BYTES> __device__ inline void copy_async(void* shared, const void*
                  "r"(valid ? BYTES : 0));
   }
 }
+// The first `bytes` (0 to 16) of a 16-byte chunk, zeros after (nothing is read past them).
+__device__ inline void copy_async_prefix(void* shared, const void* global, int bytes) {
+  const unsigned address = static_cast<unsigned>(__cvta_generic_to_shared(shared));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(address), "l"(global), "r"(bytes));
+}
 __device__ inline void commit_async() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int PENDING> __device__ inline void wait_async() { asm volatile("cp.async.wait_group %0;\n" ::"n"(PENDING)); }
 

@@ -456,8 +456,8 @@ template <bool NEXT> constexpr int dx_stages() { return kDxAhead + (NEXT ? 2 : 1
 // parts of the 16 tokens [16][3 P], then a part per warp (x [16 tokens][8 J channels],
 // rows padded by 16 bytes so that ldmatrix reads hit distinct banks; the lane's source,
 // dx or dout, [2][32][COLS] for its tokens g and g + 8; their coef [2][32]); with MIX also
-// dagg [2][32][COLS] and each of the 16 tokens' H_res and H_pre (and with NEXT the H_post
-// of the hyper connection below).
+// dagg [2][32][COLS] and the 16 tokens' H_res [16][N N], H_pre [16][N] (and with NEXT the
+// H_post [16][N] of the hyper connection below), each as it lies in memory.
 template <int N, bool MIX, bool NEXT> struct DxStage {
   static constexpr int kCols = 2 * dx_tiles<N>(), kRowBytes = 2 * 32 * kCols * 2;
   static constexpr int kXRow = 16 * dx_tiles<N>() + 16;
@@ -465,9 +465,10 @@ template <int N, bool MIX, bool NEXT> struct DxStage {
   static constexpr int kWarps = kProj + 16 * kProjRow;
   static constexpr int kX = 0, kSource = 16 * kXRow, kCoef = kSource + kRowBytes, kWarpBytes = kCoef + 2 * 32 * 4;
   static constexpr int kGradAgg = kWarps + N * kWarpBytes, kMixing = kGradAgg + kRowBytes;
-  static constexpr int kMixingFloats = N * N + N + (NEXT ? N : 0);  // a token's H_res, H_pre, H_post below
-  static constexpr int kBytes = MIX ? kMixing + 16 * kMixingFloats * 4 : kGradAgg;
-  static_assert(kProj % 16 == 0 && kWarps % 16 == 0 && kXRow % 16 == 0 && kWarpBytes % 16 == 0, "16-byte copies");
+  static constexpr int kPre = kMixing + 16 * N * N * 4, kPost = kPre + 16 * N * 4;
+  static constexpr int kBytes = MIX ? kPost + (NEXT ? 16 * N * 4 : 0) : kGradAgg;
+  static_assert(kProj % 16 == 0 && kWarps % 16 == 0 && kXRow % 16 == 0 && kWarpBytes % 16 == 0 && kMixing % 16 == 0,
+                "16-byte copies");
 };
 
 // Position in the fragment-ordered A array of token t's value kk (of 16 ksteps).
@@ -528,58 +529,72 @@ __global__ void __launch_bounds__(N * 32) grad_x_kernel(const bf16* x, const bf1
   const bf16* source = MIX ? mix.grad_out : grad_x;  // what this warp copies besides x
   extern __shared__ __align__(16) unsigned char dx_ring[];
   const int groups = static_cast<int>((end - begin + 15) / 16);
-  // This lane's COLS values of `row` at `column`, to `to` (zeros where not valid).
-  auto copy_lane = [&](unsigned char* to, const bf16* row, int64_t column, bool valid) {
+  // This lane's COLS values from `from` (its first channel) to `to` (zeros where not valid).
+  auto copy_lane = [&](unsigned char* to, const bf16* from, bool valid) {
     bf16* dst = reinterpret_cast<bf16*>(to);
     if constexpr (VEC == COLS) {
       const bool in = valid && lane_in;
-      detail::copy_async<2 * COLS>(dst, in ? row + column : row, in);
+      detail::copy_async<2 * COLS>(dst, in ? from : x, in);
     } else {
 #pragma unroll
-      for (int v = 0; v < COLS; ++v) dst[v] = valid && channel0 + v < C ? row[column + v] : __float2bfloat16(0.0f);
+      for (int v = 0; v < COLS; ++v) dst[v] = valid && channel0 + v < C ? from[v] : __float2bfloat16(0.0f);
     }
   };
-  // The next group to copy: its stage and its first token.
+  // The next group to copy: its stage and first token, and where this thread's copies come
+  // from, each advanced 16 tokens a group (no index arithmetic a copy: it was a quarter of
+  // the kernel's instructions). A lane copies its tokens g and g + 8.
   constexpr int kStages = dx_stages<NEXT>();
+  constexpr int kFragmentChunks = KS * 32, kPartChunks = Stage::kProjRow / 16;  // 16-byte chunks
   int next_stage = 0;
   int64_t next_begin = begin;
+  const uint4* fragments_from = reinterpret_cast<const uint4*>(grad_proj_fragments) + begin / 16 * kFragmentChunks;
+  const uint4* parts_from = reinterpret_cast<const uint4*>(grad_proj_parts + begin * 3 * P);
+  const bf16* x_from = x + (begin + g) * K + column0;
+  const bf16* source_from = source + (begin + g) * K + column0;
+  const bf16* agg_from = MIX ? mix.grad_agg + (begin + g) * C + channel0 : nullptr;
+  const float* coef_from = coef + begin + g;
   auto issue_next = [&]() {
     unsigned char* st = dx_ring + next_stage * Stage::kBytes;
-    const uint4* fragments = reinterpret_cast<const uint4*>(grad_proj_fragments) + (next_begin / 16) * KS * 32;
-    for (int e = threadIdx.x; e < KS * 32; e += N * 32)
-      detail::copy_async<16>(st + Stage::kFragments + e * 16, fragments + e, true);
-    constexpr int kRowChunks = Stage::kProjRow / 16;
-    const uint4* parts = reinterpret_cast<const uint4*>(grad_proj_parts + next_begin * 3 * P);
-    for (int e = threadIdx.x; e < 16 * kRowChunks; e += N * 32) {
-      const bool valid = next_begin + e / kRowChunks < end;
-      detail::copy_async<16>(st + Stage::kProj + e * 16, valid ? parts + e : parts, valid);
+    for (int e = threadIdx.x; e < kFragmentChunks; e += N * 32)
+      detail::copy_async<16>(st + Stage::kFragments + e * 16, fragments_from + e, true);
+    const int rows = static_cast<int>(min(static_cast<int64_t>(16), end - next_begin));  // the group's tokens
+    for (int e = threadIdx.x; e < 16 * kPartChunks; e += N * 32) {
+      const bool valid = e < rows * kPartChunks;
+      detail::copy_async<16>(st + Stage::kProj + e * 16, valid ? parts_from + e : parts_from, valid);
     }
     unsigned char* mine = st + Stage::kWarps + s * Stage::kWarpBytes;
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      const int64_t t = next_begin + g + 8 * h;
-      const bool valid = t < end;
+      const bool valid = g + 8 * h < rows;
       const int at = (h * 32 + lane) * COLS * 2;  // this lane's bytes in a [2][32][COLS] array
-      detail::copy_async<4>(mine + Stage::kCoef + (h * 32 + lane) * 4, valid ? coef + t : coef, valid);
-      copy_lane(mine + Stage::kX + (8 * h + g) * Stage::kXRow + tig * COLS * 2, x, t * K + column0, valid);
-      copy_lane(mine + Stage::kSource + at, source, t * K + column0, valid);
+      detail::copy_async<4>(mine + Stage::kCoef + (h * 32 + lane) * 4, valid ? coef_from + 8 * h : coef, valid);
+      copy_lane(mine + Stage::kX + (8 * h + g) * Stage::kXRow + tig * COLS * 2, x_from + 8 * h * K, valid);
+      copy_lane(mine + Stage::kSource + at, source_from + 8 * h * K, valid);
       if constexpr (MIX)
-        if (s == 0) copy_lane(st + Stage::kGradAgg + at, mix.grad_agg, t * C + channel0, valid);
+        if (s == 0) copy_lane(st + Stage::kGradAgg + at, agg_from + 8 * h * C, valid);
     }
     if constexpr (MIX) {
-      constexpr int F = Stage::kMixingFloats;
-      for (int e = threadIdx.x; e < 16 * F; e += N * 32) {
-        const int64_t t = next_begin + e / F;
-        const int k = e % F;
-        const bool valid = t < end;
-        const float* from = k < N * N       ? mix.h_res + t * N * N + k
-                            : k < N * N + N ? h_pre + t * N + k - N * N
-                                            : next.h_post + t * N + k - N * N - N;
-        detail::copy_async<4>(st + Stage::kMixing + e * 4, valid ? from : h_pre, valid);
+      // H_res, H_pre (and H_post below) of the 16 tokens: three runs of 16-byte chunks, the
+      // last token's chunk cut at the array's end.
+      constexpr int kRes = 4 * N * N, kPre = kRes + 4 * N, kChunks = kPre + (NEXT ? 4 * N : 0);
+      for (int e = threadIdx.x; e < kChunks; e += N * 32) {
+        const bool res = e < kRes, pre = !res && e < kPre;
+        const int width = res ? N * N : N;
+        const float* array = res ? mix.h_res : pre ? h_pre : next.h_post;
+        const int offset = 4 * (e - (res ? 0 : pre ? kRes : kPre));  // floats into the group's run
+        const int bytes = max(0, min(16, 4 * (rows * width - offset)));
+        detail::copy_async_prefix(st + Stage::kMixing + e * 16, bytes > 0 ? array + next_begin * width + offset : h_pre,
+                                  bytes);
       }
     }
     next_stage = next_stage + 1 == kStages ? 0 : next_stage + 1;
     next_begin += 16;
+    fragments_from += kFragmentChunks;
+    parts_from += 16 * kPartChunks;
+    x_from += 16 * K;
+    source_from += 16 * K;
+    if constexpr (MIX) agg_from += 16 * C;
+    coef_from += 16;
   };
   for (int group = 0; group < kDxAhead; ++group) {
     if (group < groups) issue_next();
@@ -598,7 +613,7 @@ __global__ void __launch_bounds__(N * 32) grad_x_kernel(const bf16* x, const bf1
       const int u = e / J, v = e % J;  // token of the group, its channels 8 v..
       const int64_t t = first + u, channel = base + 8 * v;
       if (t >= end || channel >= C) continue;
-      const float* post = reinterpret_cast<const float*>(st + Stage::kMixing) + u * Stage::kMixingFloats + N * N + N;
+      const float* post = reinterpret_cast<const float*>(st + Stage::kPost) + u * N;
       float dy[8] = {}, dx[8];
 #pragma unroll
       for (int i = 0; i < N; ++i) {
@@ -660,16 +675,17 @@ __global__ void __launch_bounds__(N * 32) grad_x_kernel(const bf16* x, const bf1
       float xv[COLS], gx[COLS];
       detail::load_bf16<COLS>(reinterpret_cast<const bf16*>(xs + (8 * h + g) * Stage::kXRow) + tig * COLS, xv);
       if constexpr (MIX) {
-        const float* mixing = reinterpret_cast<const float*>(st + Stage::kMixing) + (g + 8 * h) * Stage::kMixingFloats;
+        const float* res = reinterpret_cast<const float*>(st + Stage::kMixing) + (g + 8 * h) * N * N;
+        const float* pre = reinterpret_cast<const float*>(st + Stage::kPre) + (g + 8 * h) * N;
         float v[COLS];
         values(st + Stage::kGradAgg, v);
 #pragma unroll
-        for (int e = 0; e < COLS; ++e) gx[e] = mixing[N * N + s] * v[e];
+        for (int e = 0; e < COLS; ++e) gx[e] = pre[s] * v[e];
 #pragma unroll
         for (int i = 0; i < N; ++i) {
           values(warps + i * Stage::kWarpBytes + Stage::kSource, v);
 #pragma unroll
-          for (int e = 0; e < COLS; ++e) gx[e] += mixing[i * N + s] * v[e];
+          for (int e = 0; e < COLS; ++e) gx[e] += res[i * N + s] * v[e];
         }
       } else {
         values(warps + s * Stage::kWarpBytes + Stage::kSource, gx);
@@ -999,6 +1015,10 @@ void mhc_mappings_backward(const MappingsArgs& a, const bf16* x, const float* we
                            cudaStream_t stream) {
   check_args(a);
   check(!next || (mix && next_grad_y_supported(a)), "mhc_mappings_backward: NextGradY needs StreamMixGrad and next_grad_y_supported");
+  // the mixing values are copied in 16-byte chunks
+  auto aligned16 = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
+  check(!mix || (aligned16(mix->h_res) && aligned16(h_pre) && (!next || aligned16(next->h_post))),
+        "mhc_mappings_backward: with StreamMixGrad, h_res, h_pre and NextGradY's h_post must be 16-byte aligned");
   const Layout l = layout_of(a);
   float* grad_h_partials = workspace + l.grad_h_partials;
   float* coef = workspace + l.coef;

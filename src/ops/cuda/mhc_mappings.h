@@ -73,7 +73,8 @@ struct NextGradY {
 // Whether NextGradY can be given (with StreamMixGrad): C a multiple of 16 (8 for n = 8).
 bool next_grad_y_supported(const MappingsArgs& a);
 
-// grad_x accumulates (bf16), or with `mix` is overwritten by all of dx (one rounding);
+// grad_x accumulates (bf16), or with `mix` is overwritten by all of dx (one rounding; then
+// mix->h_res, h_pre and next->h_post must be 16-byte aligned, as cudaMalloc's are);
 // grad_weight, grad_alpha [3], grad_bias accumulate (fp32).
 void mhc_mappings_backward(const MappingsArgs& a, const bf16* x, const float* weight, const float* alpha,
                            const float* bias, const float* proj, const float* r, const float* h_pre,
