@@ -231,7 +231,7 @@ template <int VEC> __global__ void row_sumsq_kernel(const bf16* x, int64_t K, fl
 // ranges fill the grid. Long chunks: a block barrier each (64 with 3 stages measured
 // slower). ||x||^2 from the A fragments in registers: each lane squares its 4 of every 16
 // k of rows g and g + 8, a chunk at a time (short chains), then the 4 lanes of a row.
-constexpr int kProjWarps = 8, kProjChunk = 128, kProjStages = 2;
+constexpr int kProjWarps = 8, kProjChunk = 128, kProjStages = 2, kMaxProjRanges = 8;
 constexpr int kProjRow = kProjChunk + 8;  // bf16; the padding puts ldmatrix's 8 rows on distinct banks
 template <int N> constexpr int proj_tiles() { return width<N>() <= 24 ? 2 : 1; }  // accumulators in registers
 template <int N> constexpr int proj_tokens() { return 16 * proj_tiles<N>() * kProjWarps; }
@@ -352,40 +352,45 @@ __global__ void __launch_bounds__(kProjWarps * 32)
     }
 }
 
-// Where finish_kernel finds proj: an entry's values over `ranges` arrays [tokens][stride]
-// and `pieces` columns `piece` apart in each, summed in that order (projection_kernel's K
-// ranges; cuBLASLt's product by W's hi, mid and lo parts).
-struct ProjParts {
-  const float* values;
-  int ranges, pieces;
-  int64_t stride, piece;
-  __device__ float sum(int64_t tokens, int64_t t, int o) const {
-    float p = 0;
-    for (int s = 0; s < ranges; ++s)
-      for (int q = 0; q < pieces; ++q) p += values[(s * tokens + t) * stride + q * piece + o];
-    return p;
-  }
-};
+// The sum, in order, of the count (1 to kMaxProjRanges) floats `step` apart from p, all
+// loaded at once (a loop's loads waited for one another).
+__device__ inline float sum_spaced(const float* p, int count, int64_t step) {
+  float v[kMaxProjRanges];
+#pragma unroll
+  for (int i = 0; i < kMaxProjRanges; ++i) v[i] = i < count ? p[i * step] : 0.0f;
+  float total = v[0];
+#pragma unroll
+  for (int i = 1; i < kMaxProjRanges; ++i)
+    if (i < count) total += v[i];
+  return total;
+}
 
-// Per token, on its lanes (TokenLanes): proj from its parts, r from ||x||^2 (given, or the
-// ranges' shares summed in order), then the gates, Sinkhorn in registers, H_pre, H_post,
-// H_res. The lane (i, k) owns the outputs of its entries (proj 2N + iN + j, H_res[i][j]);
-// split 0 of row i also those of the row's gates (proj i and N + i, H_pre[i], H_post[i]).
-template <int N>
-__global__ void finish_kernel(ProjParts parts, const float* sumsq, int sumsq_ranges, int64_t K, const float* alpha,
+// Per token, on its lanes (TokenLanes): proj from cuBLASLt's products by W's hi, mid and
+// lo parts ([tokens][3 split_part(m)], ||x||^2 given) or, with RANGES, from
+// projection_kernel's K ranges ([ranges][tokens][m], ||x||^2 the ranges' shares), summed
+// in order; r from ||x||^2; then the gates, Sinkhorn in registers, H_pre, H_post, H_res.
+// The lane (i, k) owns the outputs of its entries (proj 2N + iN + j, H_res[i][j]); split 0
+// of row i also those of the row's gates (proj i and N + i, H_pre[i], H_post[i]).
+template <int N, bool RANGES>
+__global__ void finish_kernel(const float* parts, int ranges, const float* sumsq, int64_t K, const float* alpha,
                               const float* bias, int64_t tokens, int iterations, float* proj, float* r, float* h_pre,
                               float* h_post, float* h_res) {
-  constexpr int M = width<N>(), CPL = TokenLanes<N>::CPL;
+  constexpr int M = width<N>(), CPL = TokenLanes<N>::CPL, P = split_part(M);
   const TokenLane<N> lane = token_lane<N>(tokens);
   const int64_t t = lane.token;
   const int i = lane.row < N ? lane.row : 0;
   auto projection = [&](int o) {
-    const float p = parts.sum(tokens, t, o);
+    float p;
+    if constexpr (RANGES) {
+      p = sum_spaced(parts + t * M + o, ranges, tokens * M);
+    } else {
+      const float* part = parts + t * 3 * P + o;
+      p = part[0] + part[P] + part[2 * P];
+    }
     if (lane.store) proj[t * M + o] = p;
     return p;
   };
-  float x_sumsq = 0;
-  for (int s = 0; s < sumsq_ranges; ++s) x_sumsq += sumsq[s * tokens + t];
+  const float x_sumsq = RANGES ? sum_spaced(sumsq + t, ranges, tokens) : sumsq[t];
   const float rt = 1.0f / (sqrtf(x_sumsq) / sqrtf(static_cast<float>(K)) + kNormEps);
   float l[CPL], h[CPL];
 #pragma unroll
@@ -840,13 +845,12 @@ int multiprocessors() {
 
 // The projection's grid: token blocks x K ranges, about one block a multiprocessor (one
 // is resident at a time), at most kMaxProjRanges ranges.
-constexpr int64_t kMaxProjRanges = 8;
 struct ProjGrid {
   int64_t blocks, ranges;
 };
 template <int N> ProjGrid proj_grid(int64_t tokens, int64_t K) {
   const int64_t blocks = (tokens + proj_tokens<N>() - 1) / proj_tokens<N>(), chunks = (K + kProjChunk - 1) / kProjChunk;
-  return {blocks, std::max<int64_t>(1, std::min({kMaxProjRanges, chunks, multiprocessors() / blocks}))};
+  return {blocks, std::max<int64_t>(1, std::min({int64_t{kMaxProjRanges}, chunks, multiprocessors() / blocks}))};
 }
 
 struct ForwardLayout {
@@ -965,14 +969,13 @@ void mhc_mappings_forward(const MappingsArgs& a, const bf16* x, const float* x_s
   const ForwardLayout l = forward_layout_of(a);
   bf16* split = reinterpret_cast<bf16*>(workspace + l.split_weight);
   split_weight(weight, l.M, l.K, split, stream);
-  float* const values = workspace + l.parts;
-  ProjParts parts{values, 1, 3, split_rows(l.M), split_part(l.M)};
-  float* sumsq = workspace + l.sumsq;
+  float* const parts = workspace + l.parts;
   detail::dispatch_streams(a.n, [&](auto Ns) {
     constexpr int N = decltype(Ns)::value;
+    const unsigned finish_blocks = detail::blocks_for(a.tokens * TokenLanes<N>::L, 128);
     if (x_sumsq) {
       // ||x||^2 given (the model's path): cuBLASLt's product streams x faster at GPT-2
-      // widths (40 against 48 us a call). values [tokens, split_rows] = x [tokens, K] times
+      // widths (40 against 48 us a call). parts [tokens, split_rows] = x [tokens, K] times
       // the split W^T; column-major: the [split_rows, tokens] product of split (K x
       // split_rows, transposed) and x (K x tokens).
       Gemm g;
@@ -980,21 +983,23 @@ void mhc_mappings_forward(const MappingsArgs& a, const bf16* x, const float* x_s
       g.m = split_rows(l.M), g.n = a.tokens, g.k = l.K;
       g.a = split, g.lda = l.K;
       g.b = x, g.ldb = l.K;
-      g.d = values, g.ldd = split_rows(l.M);
+      g.d = parts, g.ldd = split_rows(l.M);
       gemm(g, stream);
+      finish_kernel<N, false><<<finish_blocks, 128, 0, stream>>>(parts, 1, x_sumsq, l.K, alpha, bias, a.tokens,
+                                                                 a.sinkhorn_iterations, proj, r, h_pre, h_post, h_res);
     } else {
       // ||x||^2 from the projection's pass; scalar copies where rows are not 16-byte aligned
+      float* sumsq = workspace + l.sumsq;
       const auto kernel = l.K % 8 == 0 ? projection_kernel<N, true> : projection_kernel<N, false>;
       constexpr int bytes = proj_shared_bytes<N>();
       MHC_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
       const dim3 grid(detail::blocks_for(l.grid.blocks, 1), detail::blocks_for(l.grid.ranges, 1));
-      kernel<<<grid, kProjWarps * 32, bytes, stream>>>(x, split, a.tokens, l.K, values, sumsq);
+      kernel<<<grid, kProjWarps * 32, bytes, stream>>>(x, split, a.tokens, l.K, parts, sumsq);
       MHC_CUDA_CHECK(cudaGetLastError());
-      parts = {values, static_cast<int>(l.grid.ranges), 1, l.M, 0};
+      finish_kernel<N, true><<<finish_blocks, 128, 0, stream>>>(parts, static_cast<int>(l.grid.ranges), sumsq, l.K,
+                                                                alpha, bias, a.tokens, a.sinkhorn_iterations, proj, r,
+                                                                h_pre, h_post, h_res);
     }
-    finish_kernel<N><<<detail::blocks_for(a.tokens * TokenLanes<N>::L, 128), 128, 0, stream>>>(
-        parts, x_sumsq ? x_sumsq : sumsq, x_sumsq ? 1 : parts.ranges, l.K, alpha, bias, a.tokens,
-        a.sinkhorn_iterations, proj, r, h_pre, h_post, h_res);
   });
   MHC_CUDA_CHECK(cudaGetLastError());
 }
