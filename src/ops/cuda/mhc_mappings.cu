@@ -73,10 +73,12 @@ __device__ void exp_shifted(const TokenLane<N>& lane, const float (&l)[CPL], flo
   for (int c = 0; c < CPL; ++c) m[c] = lane.holds(c) ? expf(l[c] - mx) : 0.0f;
 }
 
-// One half step: rows (step even) or columns (odd) divided by max(sum, eps); the divisors
-// of the lane's entries go to `divisors` (a row step's is the same for all: [0]).
-template <int N, int CPL> __device__ void normalise(float (&m)[CPL], bool rows, float (&divisors)[CPL]) {
-  if (rows) {
+// One half step: rows (ROWS) or columns divided by max(sum, eps); the divisors of the
+// lane's entries go to `divisors` (a row step's is the same for all: [0]). The kind of
+// step is a template parameter: a runtime one cost a branch and its reconvergence around
+// every step (a fifth of grad_h's instructions).
+template <int N, bool ROWS, int CPL> __device__ void normalise(float (&m)[CPL], float (&divisors)[CPL]) {
+  if constexpr (ROWS) {
     float s = 0;
 #pragma unroll
     for (int c = 0; c < CPL; ++c) s += m[c];
@@ -88,13 +90,13 @@ template <int N, int CPL> __device__ void normalise(float (&m)[CPL], bool rows, 
 #pragma unroll
     for (int c = 0; c < CPL; ++c) m[c] *= inverse;
     divisors[0] = s;
-    return;
-  }
+  } else {
 #pragma unroll
-  for (int c = 0; c < CPL; ++c) {
-    const float s = fmaxf(column_sum<N>(m[c]), kSinkhornEps);
-    m[c] *= __frcp_rn(s);
-    divisors[c] = s;
+    for (int c = 0; c < CPL; ++c) {
+      const float s = fmaxf(column_sum<N>(m[c]), kSinkhornEps);
+      m[c] *= __frcp_rn(s);
+      divisors[c] = s;
+    }
   }
 }
 
@@ -102,7 +104,35 @@ template <int N, int CPL>
 __device__ void sinkhorn_forward(const TokenLane<N>& lane, const float (&l)[CPL], int iterations, float (&m)[CPL]) {
   exp_shifted(lane, l, m);
   float unused[CPL];
-  for (int h = 0; h < 2 * iterations; ++h) normalise<N>(m, h % 2 == 0, unused);
+  for (int it = 0; it < iterations; ++it) {
+    normalise<N, true>(m, unused);
+    normalise<N, false>(m, unused);
+  }
+}
+
+// Back through one half step (ROWS or columns) whose output is y and whose divisors are
+// the token's `divisors` of that step: g (dL of its output) becomes dL of its input, and y
+// its input. Padding entries (zeros) read a real divisor, so that they stay zeros.
+template <int N, bool ROWS, int CPL>
+__device__ void normalise_backward(const TokenLane<N>& lane, const float* divisors, float (&y)[CPL], float (&g)[CPL]) {
+  float dot[CPL];
+  if constexpr (ROWS) {
+    float partial = 0;
+#pragma unroll
+    for (int c = 0; c < CPL; ++c)
+      if (y[c] != 0.0f) partial += g[c] * y[c];
+    dot[0] = row_sum<N>(partial);
+  } else {
+#pragma unroll
+    for (int c = 0; c < CPL; ++c) dot[c] = column_sum<N>(y[c] != 0.0f ? g[c] * y[c] : 0.0f);
+  }
+#pragma unroll
+  for (int c = 0; c < CPL; ++c) {
+    const float s = divisors[ROWS ? min(lane.row, N - 1) : min(lane.column(c), N - 1)];
+    const float d = s > kSinkhornEps ? dot[ROWS ? 0 : c] : 0.0f;
+    g[c] = y[c] != 0.0f ? (g[c] - d) * __frcp_rn(s) : 0.0f;
+    y[c] *= s;
+  }
 }
 
 // g holds the lane's entries of dM on entry and of dL on exit. Forward is re-run once,
@@ -120,41 +150,19 @@ __device__ void sinkhorn_backward(const TokenLane<N>& lane, const float (&l)[CPL
   exp_shifted(lane, l, m0);
 #pragma unroll
   for (int c = 0; c < CPL; ++c) y[c] = m0[c];
-  for (int h = 0; h < 2 * iterations; ++h) {
+  for (int it = 0; it < iterations; ++it) {
     float d[CPL];
-    normalise<N>(y, h % 2 == 0, d);
-    if (h % 2 == 0) {
-      if (lane.row < N && lane.split == 0) divisors[h * N + lane.row] = d[0];
-    } else {
+    normalise<N, true>(y, d);
+    if (lane.row < N && lane.split == 0) divisors[2 * it * N + lane.row] = d[0];
+    normalise<N, false>(y, d);
 #pragma unroll
-      for (int c = 0; c < CPL; ++c)
-        if (lane.row == 0 && lane.holds(c)) divisors[h * N + lane.column(c)] = d[c];
-    }
+    for (int c = 0; c < CPL; ++c)
+      if (lane.row == 0 && lane.holds(c)) divisors[(2 * it + 1) * N + lane.column(c)] = d[c];
   }
   __syncwarp();
-  // Padding entries (zeros) read a real divisor, so that they stay zeros.
-  const int row = min(lane.row, N - 1);
-  for (int half = 2 * iterations - 1; half >= 0; --half) {
-    // y is the output of this half step: back-propagate through it, then undo it.
-    const bool rows = half % 2 == 0;
-    float dot[CPL];
-    if (rows) {
-      float partial = 0;
-#pragma unroll
-      for (int c = 0; c < CPL; ++c)
-        if (y[c] != 0.0f) partial += g[c] * y[c];
-      dot[0] = row_sum<N>(partial);
-    } else {
-#pragma unroll
-      for (int c = 0; c < CPL; ++c) dot[c] = column_sum<N>(y[c] != 0.0f ? g[c] * y[c] : 0.0f);
-    }
-#pragma unroll
-    for (int c = 0; c < CPL; ++c) {
-      const float s = divisors[half * N + (rows ? row : min(lane.column(c), N - 1))];
-      const float d = s > kSinkhornEps ? dot[rows ? 0 : c] : 0.0f;
-      g[c] = y[c] != 0.0f ? (g[c] - d) * __frcp_rn(s) : 0.0f;
-      y[c] *= s;
-    }
+  for (int it = iterations - 1; it >= 0; --it) {
+    normalise_backward<N, false>(lane, divisors + (2 * it + 1) * N, y, g);
+    normalise_backward<N, true>(lane, divisors + 2 * it * N, y, g);
   }
 #pragma unroll
   for (int c = 0; c < CPL; ++c) g[c] *= m0[c];
