@@ -1,7 +1,7 @@
 // Deterministic sums over rows, per column, of V values a (row, column) given by a functor:
 // out_v[c] += sum_r value(r, c)[v]. Rows go in chunks (one fp32 partial per chunk, 8 rows
-// of threads summed in order), then the chunks in order, so the result does not depend on
-// scheduling. The chunk height depends only on the shape (rows, cols): narrow shapes take
+// of threads summed in order), then the chunks in a fixed order, so the result does not
+// depend on scheduling. The chunk height depends only on the shape (rows, cols): narrow shapes take
 // shorter chunks so that the first pass still has about kColumnBlocks blocks. Used for
 // bias and norm-weight gradients.
 #pragma once
@@ -81,31 +81,54 @@ template <int V> struct ColumnOutputs {
   }
 };
 
-// Block (32, 32): 32 outputs, each summed over the chunks by 32 rows of threads (chunks
-// y, y + 32, ...), then the 32 partials in order.
+// Second pass: blocks of 256 threads, `rows` rows of threads (a power of two, at most 32)
+// across 256 / rows outputs. A thread sums its output's chunks y, y + rows, ... in order,
+// kChunkLoads loads in flight at a time (few chunks: one row of threads and one batch; the
+// dbias/dalpha rows of grad_h's blocks: 1024 chunks, 32 rows of threads), then row 0 adds
+// the rows' partials in order. (32 x 32 threads a block, one chunk a thread, was 9 us a
+// dW sum of 22 chunks: nine waves of blocks whose threads mostly waited.)
+constexpr int kChunkLoads = 16;
+inline int chunk_sum_rows(int64_t chunks) {
+  int rows = 1;
+  while (rows < 32 && rows * kChunkLoads < chunks) rows *= 2;
+  return rows;
+}
+
 template <int V, typename Outputs>
 __global__ void add_chunk_sums_kernel(const float* partial, int64_t chunks, int64_t cols, Outputs outputs) {
-  __shared__ float sums[32][33];
-  const int64_t e = static_cast<int64_t>(blockIdx.x) * 32 + threadIdx.x;
+  __shared__ float sums[256];
+  const int x = threadIdx.x, y = threadIdx.y, width = blockDim.x, rows = blockDim.y;
+  const int64_t e = static_cast<int64_t>(blockIdx.x) * width + x;
   const bool valid = e < V * cols;
   const int i = valid ? static_cast<int>(e / cols) : 0;
   const int64_t c = valid ? e % cols : 0;
   float s = 0;
   if (valid)
-#pragma unroll 4
-    for (int64_t chunk = threadIdx.y; chunk < chunks; chunk += 32) s += partial[(chunk * V + i) * cols + c];
-  sums[threadIdx.y][threadIdx.x] = s;
+    for (int64_t first = y; first < chunks; first += static_cast<int64_t>(kChunkLoads) * rows) {
+      float v[kChunkLoads];
+#pragma unroll
+      for (int u = 0; u < kChunkLoads; ++u) {
+        const int64_t chunk = first + static_cast<int64_t>(u) * rows;
+        v[u] = chunk < chunks ? partial[(chunk * V + i) * cols + c] : 0.0f;
+      }
+#pragma unroll
+      for (int u = 0; u < kChunkLoads; ++u)
+        if (first + static_cast<int64_t>(u) * rows < chunks) s += v[u];
+    }
+  sums[y * width + x] = s;
   __syncthreads();
-  if (threadIdx.y != 0 || !valid) return;
-  float total = 0;
-  for (int k = 0; k < 32; ++k) total += sums[k][threadIdx.x];
+  if (y != 0 || !valid) return;
+  float total = sums[x];
+  for (int k = 1; k < rows; ++k) total += sums[k * width + x];
   outputs(i, c, total);
 }
 
 // The second pass alone, over partial[chunk][v][c]: outputs(v, c, sum over the chunks).
 template <int V, typename Outputs>
 void add_chunk_sums(const float* partial, int64_t chunks, int64_t cols, Outputs outputs, cudaStream_t stream) {
-  add_chunk_sums_kernel<V><<<blocks_for(V * cols, 32), dim3(32, 32), 0, stream>>>(partial, chunks, cols, outputs);
+  const int rows = chunk_sum_rows(chunks), width = 256 / rows;
+  add_chunk_sums_kernel<V><<<blocks_for(V * cols, width), dim3(width, rows), 0, stream>>>(partial, chunks, cols,
+                                                                                         outputs);
   MHC_CUDA_CHECK(cudaGetLastError());
 }
 
