@@ -167,6 +167,30 @@ TEST(CudaAttention, ForwardAndBackwardMatchTheCpuReference) {
   }
 }
 
+// Column sums (bias gradients) of many rows: thousands of chunks, so that the second pass
+// takes several batches of loads a thread; added to what was there, the same bits twice.
+TEST(CudaColumnSums, ManyRowsMatchTheirDoubleSums) {
+  if (!cuda::device_available()) GTEST_SKIP() << "no CUDA device";
+  for (const RowsShape s : {RowsShape{40000, 5}, RowsShape{2000, 24}, RowsShape{16384, 768}}) {
+    const Bf16Data g = random_bf16(s.rows * s.C, 31);
+    const std::vector<float> bias0 = random_float(s.C, 32);
+    DeviceBuffer<bf16> d_g(g.bits);
+    DeviceBuffer<float> d_bias(bias0);
+    auto d_work = poisoned<float>(cuda::column_sums_workspace_floats(s.rows, s.C));
+    cuda::accumulate_column_sums(d_g.data(), s.rows, s.C, d_bias.data(), d_work.data());
+    std::vector<double> sums = widen(bias0);
+    for (int64_t r = 0; r < s.rows; ++r)
+      for (int64_t c = 0; c < s.C; ++c) sums[c] += g.values[r * s.C + c];
+    const auto first = d_bias.download();
+    const std::string label = "rows=" + std::to_string(s.rows) + " C=" + std::to_string(s.C);
+    EXPECT_LT(relative_error(widen(first), sums), kFp32Tolerance) << label;
+    d_bias.upload(bias0);
+    cuda::accumulate_column_sums(d_g.data(), s.rows, s.C, d_bias.data(), d_work.data());
+    const auto second = d_bias.download();
+    EXPECT_EQ(std::memcmp(first.data(), second.data(), first.size() * sizeof(float)), 0) << label;
+  }
+}
+
 INSTANTIATE_TEST_SUITE_P(Shapes, CudaLayers,
                          ::testing::Values(RowsShape{1, 1}, RowsShape{7, 13}, RowsShape{33, 768}, RowsShape{300, 100},
                                            RowsShape{5, 1032}, RowsShape{1000, 257}),
