@@ -1,9 +1,9 @@
 // Deterministic sums over rows, per column, of V values a (row, column) given by a functor:
 // out_v[c] += sum_r value(r, c)[v]. Rows go in chunks (one fp32 partial per chunk, 8 rows
 // of threads summed in order), then the chunks in a fixed order, so the result does not
-// depend on scheduling. The chunk height depends only on the shape (rows, cols): narrow shapes take
-// shorter chunks so that the first pass still has about kColumnBlocks blocks. Used for
-// bias and norm-weight gradients.
+// depend on scheduling. The chunk height depends only on the shape (rows, cols): narrow
+// shapes take shorter chunks so that the first pass still has about kColumnBlocks blocks.
+// Used for bias and norm-weight gradients.
 #pragma once
 #include <cuda_runtime.h>
 
