@@ -901,10 +901,9 @@ template <int N> int64_t dx_resident_blocks() {
   const auto kernel = grad_x_kernel<N, 2 * dx_tiles<N>(), true, true>;
   constexpr int bytes = dx_shared_bytes<N, true>(true);
   MHC_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
-  int per_sm = 0, sms = 0;
+  int per_sm = 0;
   MHC_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, N * 32, bytes));
-  MHC_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  return by_device[device] = std::max<int64_t>(1, static_cast<int64_t>(per_sm) * sms);
+  return by_device[device] = std::max<int64_t>(1, static_cast<int64_t>(per_sm) * multiprocessors());
 }
 
 template <int N> DxGrid dx_grid(int64_t tokens, int64_t C) {
