@@ -22,37 +22,45 @@ template <int N> constexpr int width() { return N * N + 2 * N; }
 
 // ---- Sinkhorn in registers, lanes of a token ------------------------------------------
 //
-// Per-token work runs on L = G x S adjacent lanes of a warp (TokenLanes): G = the power of
-// two at or above N rows, each split over S lanes; the lane (row i, split k) holds the
-// entries (i, k + S c) of the token's N x N matrices for c < CPL (its "columns"); entries
-// past N are padding and hold zeros. Row sums are the lane's own plus a butterfly over the
-// S lanes of the row, column sums a butterfly over the G rows (every lane gets the same
-// bits), so a token's chain is about N^2 / CPL times shorter than one thread's; at n = 4 a
-// lane holds one entry and a warp serves two tokens.
-template <int N> struct TokenLanes {
+// Per-token work runs on L = G x S adjacent lanes of a warp (TokenLanes<N, S>): G = the
+// power of two at or above N rows, each split over S lanes; the lane (row i, split k) holds
+// the entries (i, k + S c) of the token's N x N matrices for c < CPL (its "columns");
+// entries past N are padding and hold zeros. Row sums are the lane's own plus a butterfly
+// over the S lanes of the row, column sums a butterfly over the G rows (every lane gets the
+// same bits). More lanes a token shorten its chain; fewer make fewer instructions a token
+// (a row's sum and reciprocal made once, not once per lane of the row). Each kernel picks
+// its S (measured at n = 4, GPT-2 width): finish_kernel one lane a row at n <= 4
+// (FinishLanes; 19.7 -> 16.3 us a call after projection_kernel, the same 16.1 after
+// cuBLASLt), grad_h_kernel two at n = 4 (GradHLanes; 36.3 -> 32.7 us against four, and
+// its dbias/dalpha partials fewer; one lane a row was slower: 4x the divisors in shared
+// memory a block, longer chains).
+template <int N_, int S_> struct TokenLanes {
+  static constexpr int N = N_, S = S_;
   static constexpr int G = N <= 1 ? 1 : N <= 2 ? 2 : N <= 4 ? 4 : 8;
-  static constexpr int S = N <= 1 ? 1 : N <= 2 ? 2 : 4;
   static constexpr int L = G * S, CPL = (N + S - 1) / S;
   static_assert(32 % L == 0, "a token's lanes within a warp");
 };
+template <int N> using FinishLanes = TokenLanes<N, N <= 4 ? 1 : 4>;
+template <int N> using GradHLanes = TokenLanes<N, N <= 1 ? 1 : N <= 4 ? 2 : 4>;
 
-template <int N> __device__ inline float row_sum(float v) { return lanes_sum<1, TokenLanes<N>::S>(v); }
-template <int N> __device__ inline float column_sum(float v) {
-  return lanes_sum<TokenLanes<N>::S, TokenLanes<N>::G>(v);
+template <class Lanes> __device__ inline float row_sum(float v) { return lanes_sum<1, Lanes::S>(v); }
+template <class Lanes> __device__ inline float column_sum(float v) {
+  return lanes_sum<Lanes::S, Lanes::G>(v);
 }
 
 // A lane's token and entries. Lanes past the last token work on the last token (every
 // lane must take part in the shuffles) and store nothing.
-template <int N> struct TokenLane {
+template <class Lanes> struct TokenLane {
+  static constexpr int N = Lanes::N;
   int64_t token;  // clamped to the last token
   int row, split;
   bool store;  // a real token and row
   // column of the lane's entry c, and whether it is a real entry
-  __device__ int column(int c) const { return split + TokenLanes<N>::S * c; }
+  __device__ int column(int c) const { return split + Lanes::S * c; }
   __device__ bool holds(int c) const { return row < N && column(c) < N; }
 };
-template <int N> __device__ inline TokenLane<N> token_lane(int64_t tokens) {
-  constexpr int S = TokenLanes<N>::S, L = TokenLanes<N>::L;
+template <class Lanes> __device__ inline TokenLane<Lanes> token_lane(int64_t tokens) {
+  constexpr int N = Lanes::N, S = Lanes::S, L = Lanes::L;
   const int64_t id = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t t = id / L;
   const int lane = static_cast<int>(id % L);
@@ -60,14 +68,14 @@ template <int N> __device__ inline TokenLane<N> token_lane(int64_t tokens) {
 }
 
 // The lane's entries of exp(L - row max), zeros for padding.
-template <int N, int CPL>
-__device__ void exp_shifted(const TokenLane<N>& lane, const float (&l)[CPL], float (&m)[CPL]) {
+template <class Lanes, int CPL>
+__device__ void exp_shifted(const TokenLane<Lanes>& lane, const float (&l)[CPL], float (&m)[CPL]) {
   float mx = -INFINITY;
 #pragma unroll
   for (int c = 0; c < CPL; ++c)
     if (lane.holds(c)) mx = fmaxf(mx, l[c]);
 #pragma unroll
-  for (int offset = TokenLanes<N>::S / 2; offset >= 1; offset /= 2)
+  for (int offset = Lanes::S / 2; offset >= 1; offset /= 2)
     mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, offset));
 #pragma unroll
   for (int c = 0; c < CPL; ++c) m[c] = lane.holds(c) ? expf(l[c] - mx) : 0.0f;
@@ -77,12 +85,12 @@ __device__ void exp_shifted(const TokenLane<N>& lane, const float (&l)[CPL], flo
 // lane's entries go to `divisors` (a row step's is the same for all: [0]). The kind of
 // step is a template parameter: a runtime one cost a branch and its reconvergence around
 // every step (a fifth of grad_h's instructions).
-template <int N, bool ROWS, int CPL> __device__ void normalise(float (&m)[CPL], float (&divisors)[CPL]) {
+template <class Lanes, bool ROWS, int CPL> __device__ void normalise(float (&m)[CPL], float (&divisors)[CPL]) {
   if constexpr (ROWS) {
     float s = 0;
 #pragma unroll
     for (int c = 0; c < CPL; ++c) s += m[c];
-    s = fmaxf(row_sum<N>(s), kSinkhornEps);
+    s = fmaxf(row_sum<Lanes>(s), kSinkhornEps);
     // One reciprocal a row, then products: within an ulp of dividing each entry (the CPU
     // reference divides). __frcp_rn is correctly rounded: the bits of 1.0f / s, without
     // the division routine's extra steps.
@@ -93,38 +101,39 @@ template <int N, bool ROWS, int CPL> __device__ void normalise(float (&m)[CPL], 
   } else {
 #pragma unroll
     for (int c = 0; c < CPL; ++c) {
-      const float s = fmaxf(column_sum<N>(m[c]), kSinkhornEps);
+      const float s = fmaxf(column_sum<Lanes>(m[c]), kSinkhornEps);
       m[c] *= __frcp_rn(s);
       divisors[c] = s;
     }
   }
 }
 
-template <int N, int CPL>
-__device__ void sinkhorn_forward(const TokenLane<N>& lane, const float (&l)[CPL], int iterations, float (&m)[CPL]) {
+template <class Lanes, int CPL>
+__device__ void sinkhorn_forward(const TokenLane<Lanes>& lane, const float (&l)[CPL], int iterations, float (&m)[CPL]) {
   exp_shifted(lane, l, m);
   float unused[CPL];
   for (int it = 0; it < iterations; ++it) {
-    normalise<N, true>(m, unused);
-    normalise<N, false>(m, unused);
+    normalise<Lanes, true>(m, unused);
+    normalise<Lanes, false>(m, unused);
   }
 }
 
 // Back through one half step (ROWS or columns) whose output is y and whose divisors are
 // the token's `divisors` of that step: g (dL of its output) becomes dL of its input, and y
 // its input. Padding entries (zeros) read a real divisor, so that they stay zeros.
-template <int N, bool ROWS, int CPL>
-__device__ void normalise_backward(const TokenLane<N>& lane, const float* divisors, float (&y)[CPL], float (&g)[CPL]) {
+template <class Lanes, bool ROWS, int CPL>
+__device__ void normalise_backward(const TokenLane<Lanes>& lane, const float* divisors, float (&y)[CPL], float (&g)[CPL]) {
+  constexpr int N = Lanes::N;
   float dot[CPL];
   if constexpr (ROWS) {
     float partial = 0;
 #pragma unroll
     for (int c = 0; c < CPL; ++c)
       if (y[c] != 0.0f) partial += g[c] * y[c];
-    dot[0] = row_sum<N>(partial);
+    dot[0] = row_sum<Lanes>(partial);
   } else {
 #pragma unroll
-    for (int c = 0; c < CPL; ++c) dot[c] = column_sum<N>(y[c] != 0.0f ? g[c] * y[c] : 0.0f);
+    for (int c = 0; c < CPL; ++c) dot[c] = column_sum<Lanes>(y[c] != 0.0f ? g[c] * y[c] : 0.0f);
   }
 #pragma unroll
   for (int c = 0; c < CPL; ++c) {
@@ -143,26 +152,27 @@ __device__ void normalise_backward(const TokenLane<N>& lane, const float* diviso
 // to rounding, also where a sum was clamped to eps). Same zero-entry rule as the CPU
 // reference.
 constexpr int kMaxIterations = 64;
-template <int N, int CPL>
-__device__ void sinkhorn_backward(const TokenLane<N>& lane, const float (&l)[CPL], int iterations, float (&g)[CPL],
+template <class Lanes, int CPL>
+__device__ void sinkhorn_backward(const TokenLane<Lanes>& lane, const float (&l)[CPL], int iterations, float (&g)[CPL],
                                   float* divisors) {
+  constexpr int N = Lanes::N;
   float m0[CPL], y[CPL];
   exp_shifted(lane, l, m0);
 #pragma unroll
   for (int c = 0; c < CPL; ++c) y[c] = m0[c];
   for (int it = 0; it < iterations; ++it) {
     float d[CPL];
-    normalise<N, true>(y, d);
+    normalise<Lanes, true>(y, d);
     if (lane.row < N && lane.split == 0) divisors[2 * it * N + lane.row] = d[0];
-    normalise<N, false>(y, d);
+    normalise<Lanes, false>(y, d);
 #pragma unroll
     for (int c = 0; c < CPL; ++c)
       if (lane.row == 0 && lane.holds(c)) divisors[(2 * it + 1) * N + lane.column(c)] = d[c];
   }
   __syncwarp();
   for (int it = iterations - 1; it >= 0; --it) {
-    normalise_backward<N, false>(lane, divisors + (2 * it + 1) * N, y, g);
-    normalise_backward<N, true>(lane, divisors + 2 * it * N, y, g);
+    normalise_backward<Lanes, false>(lane, divisors + (2 * it + 1) * N, y, g);
+    normalise_backward<Lanes, true>(lane, divisors + 2 * it * N, y, g);
   }
 #pragma unroll
   for (int c = 0; c < CPL; ++c) g[c] *= m0[c];
@@ -171,7 +181,7 @@ __device__ void sinkhorn_backward(const TokenLane<N>& lane, const float (&l)[CPL
 // Shared memory of grad_h_kernel: each of a block's tokens its Sinkhorn divisors.
 constexpr int kGradHThreads = 256;
 template <int N> size_t grad_h_shared_bytes(int iterations) {
-  return static_cast<size_t>(kGradHThreads / TokenLanes<N>::L) * 2 * iterations * N * sizeof(float);
+  return static_cast<size_t>(kGradHThreads / GradHLanes<N>::L) * 2 * iterations * N * sizeof(float);
 }
 
 // ---- the split of fp32 values into three bf16 parts -------------------------------------
@@ -373,7 +383,7 @@ __device__ inline float sum_spaced(const float* p, int count, int64_t step) {
   return total;
 }
 
-// Per token, on its lanes (TokenLanes): proj from cuBLASLt's products by W's hi, mid and
+// Per token, on its lanes (FinishLanes): proj from cuBLASLt's products by W's hi, mid and
 // lo parts ([tokens][3 split_part(m)], ||x||^2 given) or, with RANGES, from
 // projection_kernel's K ranges ([ranges][tokens][m], ||x||^2 the ranges' shares), summed
 // in order; r from ||x||^2; then the gates, Sinkhorn in registers, H_pre, H_post, H_res.
@@ -383,8 +393,8 @@ template <int N, bool RANGES>
 __global__ void finish_kernel(const float* parts, int ranges, const float* sumsq, int64_t K, const float* alpha,
                               const float* bias, int64_t tokens, int iterations, float* proj, float* r, float* h_pre,
                               float* h_post, float* h_res) {
-  constexpr int M = width<N>(), CPL = TokenLanes<N>::CPL, P = split_part(M);
-  const TokenLane<N> lane = token_lane<N>(tokens);
+  constexpr int M = width<N>(), CPL = FinishLanes<N>::CPL, P = split_part(M);
+  const TokenLane<FinishLanes<N>> lane = token_lane<FinishLanes<N>>(tokens);
   const int64_t t = lane.token;
   const int i = lane.row < N ? lane.row : 0;
   auto projection = [&](int o) {
@@ -757,7 +767,7 @@ __global__ void __launch_bounds__(N * 32) grad_x_kernel(const bf16* x, const bf1
 
 // ---- backward --------------------------------------------------------------------------
 
-// Per token, on its lanes (TokenLanes): the row [dh, alpha terms (dh r proj summed by
+// Per token, on its lanes (GradHLanes): the row [dh, alpha terms (dh r proj summed by
 // gate)] of width M + 3, dproj = dh r a (also split into bf16 parts for dW and in fragment
 // order for dx), and the coefficient of x in dx from r: -dr r^2 / (sqrt(K) ||x||). The lane
 // (i, k) owns dh's entries 2N + iN + j of its columns j; split 0 of row i also entries i
@@ -769,9 +779,9 @@ __global__ void __launch_bounds__(kGradHThreads)
                   const float* h_post, const float* grad_h_pre, const float* grad_h_post, const float* grad_h_res,
                   int64_t tokens, int64_t K, int iterations, float* partials, bf16* grad_proj_parts,
                   bf16* grad_proj_fragments, float* coef) {
-  constexpr int M = width<N>(), CPL = TokenLanes<N>::CPL, KS = dx_ksteps<N>();
+  constexpr int M = width<N>(), CPL = GradHLanes<N>::CPL, KS = dx_ksteps<N>();
   constexpr int P = dproj_part<N>();
-  const TokenLane<N> lane = token_lane<N>(tokens);
+  const TokenLane<GradHLanes<N>> lane = token_lane<GradHLanes<N>>(tokens);
   const int64_t t = lane.token;
   const int i = lane.row < N ? lane.row : 0;
   const float rt = r[t];
@@ -786,8 +796,8 @@ __global__ void __launch_bounds__(kGradHThreads)
   extern __shared__ float sinkhorn_divisors[];
   if (iterations > 0)
     sinkhorn_backward(lane, l, iterations, g,
-                      sinkhorn_divisors + (threadIdx.x / TokenLanes<N>::L) * 2 * iterations * N);
-  constexpr int L = TokenLanes<N>::L, kTokens = kGradHThreads / L;
+                      sinkhorn_divisors + (threadIdx.x / GradHLanes<N>::L) * 2 * iterations * N);
+  constexpr int L = GradHLanes<N>::L, kTokens = kGradHThreads / L;
   __shared__ float rows[kTokens][M + 3];  // the block's tokens' [dh, alpha terms]
   float* row = rows[threadIdx.x / L];
   float dr = 0, terms[3] = {0, 0, 0};
@@ -979,7 +989,7 @@ void mhc_mappings_forward(const MappingsArgs& a, const bf16* x, const float* x_s
   float* const parts = workspace + l.parts;
   detail::dispatch_streams(a.n, [&](auto Ns) {
     constexpr int N = decltype(Ns)::value;
-    const unsigned finish_blocks = detail::blocks_for(a.tokens * TokenLanes<N>::L, 128);
+    const unsigned finish_blocks = detail::blocks_for(a.tokens * FinishLanes<N>::L, 128);
     if (x_sumsq) {
       // ||x||^2 given (the model's path): cuBLASLt's product streams x faster at GPT-2
       // widths (40 against 48 us a call). parts [tokens, split_rows] = x [tokens, K] times
@@ -1046,7 +1056,7 @@ void mhc_mappings_backward(const MappingsArgs& a, const bf16* x, const float* we
     if (divisor_bytes > 48 * 1024)  // n = 1 past 48 iterations
       MHC_CUDA_CHECK(cudaFuncSetAttribute(grad_h_kernel<N>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                           static_cast<int>(divisor_bytes)));
-    grad_h_blocks = detail::blocks_for(a.tokens * TokenLanes<N>::L, kGradHThreads);
+    grad_h_blocks = detail::blocks_for(a.tokens * GradHLanes<N>::L, kGradHThreads);
     grad_h_kernel<N><<<static_cast<unsigned>(grad_h_blocks), kGradHThreads, divisor_bytes, stream>>>(
         proj, r, alpha, bias, h_pre, h_post, grad_h_pre, grad_h_post, grad_h_res, a.tokens, l.K,
         a.sinkhorn_iterations, grad_h_partials, grad_proj_parts, grad_proj_fragments, coef);
