@@ -83,14 +83,24 @@ TEST_P(CudaMappings, ForwardAndBackwardMatchTheCpuReference) {
   EXPECT_LT(relative_error(widen(d_galpha.download()), galpha), kFp32Tolerance);
   EXPECT_LT(relative_error(widen(d_gbias.download()), gbias), kFp32Tolerance);
 
-  // Deterministic: a second backward from the same state gives the same parameter gradients.
+  // Deterministic: a second backward from the same state gives the same bits, also when it
+  // takes W's split from the forward instead of splitting W itself.
   const auto gw_first = d_gw.download();
+  const auto gx_first = d_gx.download();
+  auto d_split = poisoned<bf16>(cuda::mappings_weight_split_elements(args));
+  cuda::mhc_mappings_forward(args, d_x.data(), c.sumsq_given ? d_sumsq.data() : nullptr, d_w.data(), d_alpha.data(),
+                             d_bias.data(), d_proj.data(), d_r.data(), d_pre.data(), d_post.data(), d_res.data(),
+                             d_forward_work.data(), nullptr, d_split.data());
   d_gw.upload(gw0);
+  d_gx.upload(gx0.bits);
   cuda::mhc_mappings_backward(args, d_x.data(), d_w.data(), d_alpha.data(), d_bias.data(), d_proj.data(), d_r.data(),
                               d_pre.data(), d_post.data(), d_gpre.data(), d_gpost.data(), d_gres.data(), d_gx.data(),
-                              d_gw.data(), d_galpha.data(), d_gbias.data(), d_work.data());
+                              d_gw.data(), d_galpha.data(), d_gbias.data(), d_work.data(), nullptr, nullptr, nullptr,
+                              d_split.data());
   const auto gw_second = d_gw.download();
+  const auto gx_second = d_gx.download();
   EXPECT_EQ(std::memcmp(gw_first.data(), gw_second.data(), gw_first.size() * sizeof(float)), 0);
+  EXPECT_EQ(std::memcmp(gx_first.data(), gx_second.data(), gx_first.size() * sizeof(bf16)), 0);
 
   // With the stream mixing's and the aggregate's terms (the model's path): dx is overwritten
   // by H_res^T dout + H_pre dagg + the mappings' terms.

@@ -38,6 +38,7 @@ struct HcState {
   Slot weight, alpha, bias;  // alpha: the three gates, consecutive
   DeviceBuffer<float> proj, r, h_pre, h_post, h_res;
   DeviceBuffer<float> input_sumsq;  // ||x||^2 of each token's input row, from its producer
+  DeviceBuffer<bf16> weight_split;  // W's bf16 parts, made by the forward for the backward
   Slot sublayer_bias;               // the sublayer's output bias: its gradient is dy's column sums
   bool grad_y_written = false;      // dy (and its bias gradient) written by the backward above
 };
@@ -163,14 +164,15 @@ struct GptCuda::State {
     cuda::mhc_mappings_backward(mappings_args(c), x, value_of(m.weight), value_of(m.alpha), value_of(m.bias),
                                 m.proj.data(), m.r.data(), m.h_pre.data(), m.h_post.data(), grad_h_pre.data(),
                                 grad_h_post.data(), grad_h_res.data(), grad_x, grad_of(m.weight), grad_of(m.alpha),
-                                grad_of(m.bias), mappings_backward_ws.data(), &mix, write_dy ? &next : nullptr);
+                                grad_of(m.bias), mappings_backward_ws.data(), &mix, write_dy ? &next : nullptr,
+                                nullptr, m.weight_split.data());
     if (write_dy) below->grad_y_written = true;
   }
   // x_sumsq: the input's ||x||^2 when its producer computed it, else null.
   void mappings_forward(HcState& m, const bf16* x, const float* x_sumsq, bf16* agg, const ModelConfig& c) {
     cuda::mhc_mappings_forward(mappings_args(c), x, x_sumsq, value_of(m.weight), value_of(m.alpha), value_of(m.bias),
                                m.proj.data(), m.r.data(), m.h_pre.data(), m.h_post.data(), m.h_res.data(),
-                               mappings_forward_ws.data());
+                               mappings_forward_ws.data(), nullptr, m.weight_split.data());
     cuda::aggregate_forward(x, m.h_pre.data(), N, static_cast<int>(n), C, agg);
   }
   // next_sumsq: where the next layer's first hyper connection wants ||x_out||^2 (or null).
@@ -428,6 +430,7 @@ GptCuda::GptCuda(const ModelConfig& config, int64_t batch, int64_t seq) : config
         m->h_post = DeviceBuffer<float>(N * n);
         m->h_res = DeviceBuffer<float>(N * n * n);
         m->input_sumsq = DeviceBuffer<float>(N);
+        m->weight_split = DeviceBuffer<bf16>(cuda::mappings_weight_split_elements(s.mappings_args(c)));
       }
     }
     const size_t stats = s.rms ? 0 : static_cast<size_t>(N);

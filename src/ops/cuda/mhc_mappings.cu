@@ -972,6 +972,12 @@ size_t mappings_forward_workspace_floats(const MappingsArgs& a) {
   return forward_layout_of(a).total;
 }
 
+size_t mappings_weight_split_elements(const MappingsArgs& a) {
+  check_args(a);
+  const int64_t m = static_cast<int64_t>(a.n) * a.n + 2 * a.n;
+  return static_cast<size_t>(split_rows(m) * a.n * a.C);
+}
+
 void row_sumsq(const bf16* x, int64_t tokens, int64_t K, float* sumsq, cudaStream_t stream) {
   const unsigned blocks = detail::blocks_for(tokens, 1);
   if (K % 8 == 0) row_sumsq_kernel<8><<<blocks, kBlockThreads, 0, stream>>>(x, K, sumsq);
@@ -981,10 +987,10 @@ void row_sumsq(const bf16* x, int64_t tokens, int64_t K, float* sumsq, cudaStrea
 
 void mhc_mappings_forward(const MappingsArgs& a, const bf16* x, const float* x_sumsq, const float* weight,
                           const float* alpha, const float* bias, float* proj, float* r, float* h_pre, float* h_post,
-                          float* h_res, float* workspace, cudaStream_t stream) {
+                          float* h_res, float* workspace, cudaStream_t stream, bf16* weight_split) {
   check_args(a);
   const ForwardLayout l = forward_layout_of(a);
-  bf16* split = reinterpret_cast<bf16*>(workspace + l.split_weight);
+  bf16* split = weight_split ? weight_split : reinterpret_cast<bf16*>(workspace + l.split_weight);
   split_weight(weight, l.M, l.K, split, stream);
   float* const parts = workspace + l.parts;
   detail::dispatch_streams(a.n, [&](auto Ns) {
@@ -1034,7 +1040,7 @@ void mhc_mappings_backward(const MappingsArgs& a, const bf16* x, const float* we
                            const float* h_post, const float* grad_h_pre, const float* grad_h_post,
                            const float* grad_h_res, bf16* grad_x, float* grad_weight, float* grad_alpha,
                            float* grad_bias, float* workspace, const StreamMixGrad* mix, const NextGradY* next,
-                           cudaStream_t stream) {
+                           cudaStream_t stream, const bf16* weight_split) {
   check_args(a);
   check(!next || (mix && next_grad_y_supported(a)), "mhc_mappings_backward: NextGradY needs StreamMixGrad and next_grad_y_supported");
   // the mixing values are copied in 16-byte chunks
@@ -1047,7 +1053,7 @@ void mhc_mappings_backward(const MappingsArgs& a, const bf16* x, const float* we
   int64_t grad_h_blocks = 0;
   bf16* grad_proj_parts = reinterpret_cast<bf16*>(workspace + l.grad_proj_parts);
   bf16* grad_proj_fragments = reinterpret_cast<bf16*>(workspace + l.grad_proj_fragments);
-  bf16* weight_split = reinterpret_cast<bf16*>(workspace + l.weight_split);
+  bf16* own_split = reinterpret_cast<bf16*>(workspace + l.weight_split);
   float* weight_partials = workspace + l.weight_partials;
   float* bias_partials = workspace + l.bias_partials;
   detail::dispatch_streams(a.n, [&](auto Ns) {
@@ -1061,13 +1067,14 @@ void mhc_mappings_backward(const MappingsArgs& a, const bf16* x, const float* we
         proj, r, alpha, bias, h_pre, h_post, grad_h_pre, grad_h_post, grad_h_res, a.tokens, l.K,
         a.sinkhorn_iterations, grad_h_partials, grad_proj_parts, grad_proj_fragments, coef);
     MHC_CUDA_CHECK(cudaGetLastError());
-    split_weight(weight, l.M, l.K, weight_split, stream);
+    if (!weight_split) split_weight(weight, l.M, l.K, own_split, stream);
+    const bf16* split = weight_split ? weight_split : own_split;
     // Blocks of N warps over dx_channels<N>() channels, a token run each (DxGrid).
     const dim3 grid(detail::blocks_for(l.grid.channel_blocks, 1), detail::blocks_for(l.grid.runs, 1));
     auto launch = [&](auto kernel, auto with_mix, auto with_next) {
       constexpr int bytes = dx_shared_bytes<N, decltype(with_next)::value>(decltype(with_mix)::value);
       MHC_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
-      kernel<<<grid, N * 32, bytes, stream>>>(x, weight_split, grad_proj_fragments, grad_proj_parts, coef,
+      kernel<<<grid, N * 32, bytes, stream>>>(x, split, grad_proj_fragments, grad_proj_parts, coef,
                                               mix ? *mix : StreamMixGrad{}, next ? *next : NextGradY{}, h_pre,
                                               a.tokens, a.C, l.grid.tokens_per_run, grad_x, weight_partials,
                                               bias_partials);

@@ -40,14 +40,20 @@ struct MappingsArgs {
 
 size_t mappings_forward_workspace_floats(const MappingsArgs& a);
 
+// W's split into bf16 parts hi, mid, lo ([3][m rounded up to 8][K] bf16) that the products
+// use: the forward makes it, into `weight_split` when that is given (else its workspace),
+// and a backward of the same W may take it back instead of splitting W again.
+size_t mappings_weight_split_elements(const MappingsArgs& a);
+
 // ||x_t||^2 of each row of K bf16 values (fp32, fixed-order sums).
 void row_sumsq(const bf16* x, int64_t tokens, int64_t K, float* sumsq, cudaStream_t stream = nullptr);
 
 // x_sumsq: ||x_t||^2 of each token's n-stream row when its producer computed it, else null
-// (computed here, in the projection's pass over x).
+// (computed here, in the projection's pass over x). weight_split: where W's split is
+// written for the backward, or null.
 void mhc_mappings_forward(const MappingsArgs& a, const bf16* x, const float* x_sumsq, const float* weight,
                           const float* alpha, const float* bias, float* proj, float* r, float* h_pre, float* h_post,
-                          float* h_res, float* workspace, cudaStream_t stream = nullptr);
+                          float* h_res, float* workspace, cudaStream_t stream = nullptr, bf16* weight_split = nullptr);
 
 size_t mappings_backward_workspace_floats(const MappingsArgs& a);
 
@@ -75,12 +81,14 @@ bool next_grad_y_supported(const MappingsArgs& a);
 
 // grad_x accumulates (bf16), or with `mix` is overwritten by all of dx (one rounding; then
 // mix->h_res, h_pre and next->h_post must be 16-byte aligned, as cudaMalloc's are);
-// grad_weight, grad_alpha [3], grad_bias accumulate (fp32).
+// grad_weight, grad_alpha [3], grad_bias accumulate (fp32). weight_split: the forward's
+// split of this W, or null (W is split here).
 void mhc_mappings_backward(const MappingsArgs& a, const bf16* x, const float* weight, const float* alpha,
                            const float* bias, const float* proj, const float* r, const float* h_pre,
                            const float* h_post, const float* grad_h_pre, const float* grad_h_post,
                            const float* grad_h_res, bf16* grad_x, float* grad_weight, float* grad_alpha,
                            float* grad_bias, float* workspace, const StreamMixGrad* mix = nullptr,
-                           const NextGradY* next = nullptr, cudaStream_t stream = nullptr);
+                           const NextGradY* next = nullptr, cudaStream_t stream = nullptr,
+                           const bf16* weight_split = nullptr);
 
 }  // namespace mhc::cuda
