@@ -1059,7 +1059,7 @@ void mhc_mappings_backward(const MappingsArgs& a, const bf16* x, const float* we
   detail::dispatch_streams(a.n, [&](auto Ns) {
     constexpr int N = decltype(Ns)::value;
     const size_t divisor_bytes = grad_h_shared_bytes<N>(a.sinkhorn_iterations);
-    if (divisor_bytes > 48 * 1024)  // n = 1 past 48 iterations
+    if (divisor_bytes > 48 * 1024)  // n = 1 past 24 iterations, n = 2 and 4 past 48
       MHC_CUDA_CHECK(cudaFuncSetAttribute(grad_h_kernel<N>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                           static_cast<int>(divisor_bytes)));
     grad_h_blocks = detail::blocks_for(a.tokens * GradHLanes<N>::L, kGradHThreads);
