@@ -27,6 +27,7 @@ namespace {
 struct BenchTrainOptions : GptShape {
   int64_t recompute_layers = 1;  // mhc_recompute_layer_num of the recompute row
   int steps = 10, warmup = 3;
+  bool graphs = true;  // each micro-batch as one CUDA graph (nn/gpt_cuda.h)
   std::vector<std::string> variants{"residual", "mhc", "mhc-recompute"};
 };
 
@@ -42,10 +43,11 @@ int run_bench_train(const BenchTrainOptions& o) {
   cudaDeviceProp prop{};
   MHC_CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
   std::printf("device: %s; GPT %lld layers, C=%lld, %lld heads, T=%lld, micro-batch %lld, vocab %lld; "
-              "median of %d steps after %d warm-up steps\n",
+              "median of %d steps after %d warm-up steps; %s\n",
               prop.name, static_cast<long long>(o.layers), static_cast<long long>(o.hidden),
               static_cast<long long>(o.heads), static_cast<long long>(o.seq), static_cast<long long>(o.batch),
-              static_cast<long long>(o.vocab), o.steps, o.warmup);
+              static_cast<long long>(o.vocab), o.steps, o.warmup,
+              o.graphs ? "each micro-batch one CUDA graph" : "kernels launched one by one (--no-graphs)");
   std::printf("%-26s %10s %12s %10s %10s %10s\n", "variant", "step ms", "tokens/s", "peak GiB", "step x res",
               "mem x res");
   struct Variant {
@@ -83,6 +85,7 @@ int run_bench_train(const BenchTrainOptions& o) {
       continue;
     }
     model->init(1);
+    model->set_graphs(o.graphs);
     const int64_t N = o.batch * o.seq;
     std::vector<int32_t> tokens(N), targets(N);
     for (int64_t i = 0; i < N; ++i) {
@@ -95,8 +98,7 @@ int run_bench_train(const BenchTrainOptions& o) {
       MHC_CUDA_CHECK(cudaDeviceSynchronize());
       const auto start = std::chrono::steady_clock::now();
       model->zero_grad();
-      model->forward(tokens.data(), targets.data(), static_cast<uint64_t>(step));
-      model->backward();
+      model->forward_backward(tokens.data(), targets.data(), static_cast<uint64_t>(step));
       model->step(config, 1e-4);
       MHC_CUDA_CHECK(cudaDeviceSynchronize());
       const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
@@ -124,6 +126,7 @@ int run_bench_train(const BenchTrainOptions& o) {
                     {"batch", o.batch},
                     {"streams", o.streams},
                     {"recompute_layers", v.recompute == "mhc" ? o.recompute_layers : 0},
+                    {"graphs", o.graphs},
                     {"device", prop.name}});
   }
   for (const auto& r : rows) std::printf("%s\n", r.dump().c_str());
@@ -147,6 +150,8 @@ Command add_bench_train_command(CLI::App& bench) {
       ->capture_default_str();
   cmd->add_option("--steps", o->steps, "timed steps (median reported)")->check(CLI::PositiveNumber)->capture_default_str();
   cmd->add_option("--warmup", o->warmup, "untimed steps first")->check(CLI::NonNegativeNumber)->capture_default_str();
+  cmd->add_flag("!--no-graphs", o->graphs,
+               "launch the kernels one by one instead of replaying each micro-batch as a CUDA graph");
   cmd->add_option("--variants", o->variants, "which rows to run (separated by spaces or commas)")
       ->delimiter(',')
       ->check(CLI::IsMember({"residual", "mhc", "mhc-recompute"}))

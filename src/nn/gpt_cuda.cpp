@@ -57,6 +57,14 @@ struct CudaLayer : RestorableTensors<bf16> {
 }  // namespace
 
 struct GptCuda::State {
+  cuda::Stream stream_owner;  // every launch of the model goes on it
+  cudaStream_t stream = stream_owner.get();
+  // A training micro-batch (forward, head and backward) as one CUDA graph, replayed while
+  // nothing in it changes from one micro-batch to the next: without dropout, whose keys are
+  // kernel arguments that change every step. Captured at the second micro-batch (the first
+  // makes cuBLASLt's plans and sets the kernels' attributes).
+  cuda::Graph train_graph;
+  bool graphs = true, warmed_up = false;
   int64_t B, S, N, C, n, F, width, V, H, head_rows;
   bool hc, rms, recompute;
   RecomputePlan plan;
@@ -97,14 +105,14 @@ struct GptCuda::State {
   }
 
   void norm(const bf16* x, const Slot& w, const Slot& b, bf16* out, float* mean, float* rstd) {
-    cuda::norm_forward(x, value_of(w), value_of(b), N, C, eps, rms, out, mean, rstd);
+    cuda::norm_forward(x, value_of(w), value_of(b), N, C, eps, rms, out, mean, rstd, stream);
   }
   // dx += the norm's input gradient (accumulate), else dx = it; the weight and bias
   // gradients accumulate.
   void norm_backward(const bf16* g, const bf16* x, const Slot& w, const Slot& b, const float* mean, const float* rstd,
                      bf16* dx, bool accumulate) {
     cuda::norm_backward(g, x, value_of(w), mean, rstd, N, C, rms, dx, grad_of(w), grad_of(b), columns_ws.data(),
-                        accumulate);
+                        accumulate, stream);
   }
   // H_res/H_post mixing and the bias-dropout-add; residual models are the n = 1 case with
   // H_res = H_post = 1.
@@ -112,7 +120,7 @@ struct GptCuda::State {
   void residual_forward(const HcState& m, const bf16* x, const bf16* y, const Slot& bias, cpu::DropoutSpec d,
                         bf16* out, float* out_sumsq = nullptr) {
     cuda::h_post_bda_forward(x, hc ? m.h_res.data() : ones.data(), hc ? m.h_post.data() : ones.data(), y,
-                             half_of(bias), N, static_cast<int>(n), C, d, out, out_sumsq);
+                             half_of(bias), N, static_cast<int>(n), C, d, out, out_sumsq, stream);
   }
   // A plain residual without dropout: out = x + y + bias, in the output product's epilogue.
   bool residual_add_in_epilogue(cpu::DropoutSpec d) const { return !hc && d.p <= 0.0f; }
@@ -121,10 +129,10 @@ struct GptCuda::State {
   void sublayer_output(HcState& m, const bf16* in, int64_t in_features, const Slot& weight, const Slot& bias,
                        const bf16* x, cpu::DropoutSpec d, bf16* y, bf16* out, float* out_sumsq) {
     if (residual_add_in_epilogue(d)) {
-      cuda::linear_forward(in, half_of(weight), half_of(bias), N, in_features, C, out, nullptr, x);
+      cuda::linear_forward(in, half_of(weight), half_of(bias), N, in_features, C, out, stream, x);
       return;
     }
-    cuda::linear_forward(in, half_of(weight), nullptr, N, in_features, C, y);
+    cuda::linear_forward(in, half_of(weight), nullptr, N, in_features, C, y, stream);
     residual_forward(m, x, y, bias, d, out, out_sumsq);
   }
   // The sublayer's gradient dy (and its bias's), before the sublayer's backward; returns
@@ -133,7 +141,7 @@ struct GptCuda::State {
   // backward in hc_backward, once the aggregate's gradient exists.
   const bf16* residual_backward(HcState& m, const bf16* grad_out, const Slot& bias, cpu::DropoutSpec d) {
     if (residual_add_in_epilogue(d)) {
-      if (float* db = grad_of(bias)) cuda::accumulate_column_sums(grad_out, N, C, db, columns_ws.data());
+      if (float* db = grad_of(bias)) cuda::accumulate_column_sums(grad_out, N, C, db, columns_ws.data(), stream);
       return grad_out;
     }
     if (m.grad_y_written) {  // by the mappings' backward of the hyper connection above, with dy_bias
@@ -141,7 +149,7 @@ struct GptCuda::State {
       return dy.data();
     }
     cuda::h_post_bda_grad_y(grad_out, hc ? m.h_post.data() : ones.data(), N, static_cast<int>(n), C, d, dy.data(),
-                            grad_of(bias), columns_ws.data());
+                            grad_of(bias), columns_ws.data(), stream);
     return dy.data();
   }
   // After the sublayer's backward: dH_res, dH_post and dH_pre in one kernel, then the
@@ -156,7 +164,7 @@ struct GptCuda::State {
     cuda::h_post_bda_backward(grad_out, x, m.h_res.data(), m.h_post.data(), y, half_of(bias), N,
                               static_cast<int>(n), C, d, /*grad_x, written by the mappings:*/ nullptr,
                               grad_h_res.data(), grad_h_post.data(),
-                              /*grad_y, written before the sublayer's backward:*/ nullptr, &aggregate);
+                              /*grad_y, written before the sublayer's backward:*/ nullptr, &aggregate, stream);
     const cuda::StreamMixGrad mix{grad_out, m.h_res.data(), grad_agg};
     const bool write_dy = below && below_dropout.p <= 0.0f && cuda::next_grad_y_supported(mappings_args(c));
     const cuda::NextGradY next{below ? below->h_post.data() : nullptr, dy.data(),
@@ -165,15 +173,15 @@ struct GptCuda::State {
                                 m.proj.data(), m.r.data(), m.h_pre.data(), m.h_post.data(), grad_h_pre.data(),
                                 grad_h_post.data(), grad_h_res.data(), grad_x, grad_of(m.weight), grad_of(m.alpha),
                                 grad_of(m.bias), mappings_backward_ws.data(), &mix, write_dy ? &next : nullptr,
-                                nullptr, m.weight_split.data());
+                                stream, m.weight_split.data());
     if (write_dy) below->grad_y_written = true;
   }
   // x_sumsq: the input's ||x||^2 when its producer computed it, else null.
   void mappings_forward(HcState& m, const bf16* x, const float* x_sumsq, bf16* agg, const ModelConfig& c) {
     cuda::mhc_mappings_forward(mappings_args(c), x, x_sumsq, value_of(m.weight), value_of(m.alpha), value_of(m.bias),
                                m.proj.data(), m.r.data(), m.h_pre.data(), m.h_post.data(), m.h_res.data(),
-                               mappings_forward_ws.data(), nullptr, m.weight_split.data());
-    cuda::aggregate_forward(x, m.h_pre.data(), N, static_cast<int>(n), C, agg);
+                               mappings_forward_ws.data(), stream, m.weight_split.data());
+    cuda::aggregate_forward(x, m.h_pre.data(), N, static_cast<int>(n), C, agg, stream);
   }
   // next_sumsq: where the next layer's first hyper connection wants ||x_out||^2 (or null).
   void layer_forward(CudaLayer& L, const bf16* x_in, const float* x_in_sumsq, float* next_sumsq,
@@ -185,8 +193,8 @@ struct GptCuda::State {
       norm1_in = L.agg1;
     }
     norm(norm1_in, L.ln1_w, L.ln1_b, L.ln1_out, L.ln1_mean.data(), L.ln1_rstd.data());
-    cuda::linear_forward(L.ln1_out, half_of(L.qkv_w), half_of(L.qkv_b), N, C, 3 * C, L.qkv.data());
-    cuda::attention_forward(shape, L.qkv.data(), L.drop_probs, L.lse.data(), L.ctx.data());
+    cuda::linear_forward(L.ln1_out, half_of(L.qkv_w), half_of(L.qkv_b), N, C, 3 * C, L.qkv.data(), stream);
+    cuda::attention_forward(shape, L.qkv.data(), L.drop_probs, L.lse.data(), L.ctx.data(), stream);
     sublayer_output(L.hc_attn, L.ctx.data(), C, L.proj_w, L.proj_b, x_in, L.drop_attn, L.attn_y.data(), L.x_mid,
                     hc ? L.hc_mlp.input_sumsq.data() : nullptr);
     const bf16* norm2_in = L.x_mid;
@@ -195,8 +203,8 @@ struct GptCuda::State {
       norm2_in = L.agg2;
     }
     norm(norm2_in, L.ln2_w, L.ln2_b, L.ln2_out, L.ln2_mean.data(), L.ln2_rstd.data());
-    cuda::linear_forward(L.ln2_out, half_of(L.fc1_w), half_of(L.fc1_b), N, C, width, L.fc.data());
-    cuda::activation_forward(activation, L.fc.data(), N, F, L.act.data());
+    cuda::linear_forward(L.ln2_out, half_of(L.fc1_w), half_of(L.fc1_b), N, C, width, L.fc.data(), stream);
+    cuda::activation_forward(activation, L.fc.data(), N, F, L.act.data(), stream);
     sublayer_output(L.hc_mlp, L.act.data(), F, L.fc2_w, L.fc2_b, L.x_mid, L.drop_mlp, L.mlp_y.data(), L.x_out,
                     next_sumsq);
   }
@@ -205,10 +213,10 @@ struct GptCuda::State {
   // (the same kernels on the same inputs: the same bits): aggregates, norms, fused-add
   // outputs (the MLP one only when `with_output`).
   void restore(CudaLayer& L, const bf16* x_in, bool with_output) {
-    cuda::aggregate_forward(x_in, L.hc_attn.h_pre.data(), N, static_cast<int>(n), C, L.agg1);
+    cuda::aggregate_forward(x_in, L.hc_attn.h_pre.data(), N, static_cast<int>(n), C, L.agg1, stream);
     norm(L.agg1, L.ln1_w, L.ln1_b, L.ln1_out, L.ln1_mean.data(), L.ln1_rstd.data());
     residual_forward(L.hc_attn, x_in, L.attn_y.data(), L.proj_b, L.drop_attn, L.x_mid);
-    cuda::aggregate_forward(L.x_mid, L.hc_mlp.h_pre.data(), N, static_cast<int>(n), C, L.agg2);
+    cuda::aggregate_forward(L.x_mid, L.hc_mlp.h_pre.data(), N, static_cast<int>(n), C, L.agg2, stream);
     norm(L.agg2, L.ln2_w, L.ln2_b, L.ln2_out, L.ln2_mean.data(), L.ln2_rstd.data());
     if (with_output) residual_forward(L.hc_mlp, L.x_mid, L.mlp_y.data(), L.fc2_b, L.drop_mlp, L.x_out);
   }
@@ -224,11 +232,12 @@ struct GptCuda::State {
     float* columns = columns_ws.data();
     const bf16* dy_mlp = residual_backward(L.hc_mlp, grad_out, L.fc2_b, L.drop_mlp);
     cuda::linear_backward(dy_mlp, L.act.data(), half_of(L.fc2_w), N, F, C, dact.data(), grad_of(L.fc2_w), nullptr,
-                          columns);
+                          columns, stream);
     // fc1's bias gradient comes out of the activation's backward (one pass over dfc)
-    cuda::activation_backward(activation, dact.data(), L.fc.data(), N, F, dfc.data(), grad_of(L.fc1_b), columns);
+    cuda::activation_backward(activation, dact.data(), L.fc.data(), N, F, dfc.data(), grad_of(L.fc1_b), columns,
+                              stream);
     cuda::linear_backward(dfc.data(), L.ln2_out, half_of(L.fc1_w), N, C, width, dln.data(), grad_of(L.fc1_w),
-                          nullptr, columns);
+                          nullptr, columns, stream);
     if (hc) {
       norm_backward(dln.data(), L.agg2, L.ln2_w, L.ln2_b, L.ln2_mean.data(), L.ln2_rstd.data(), dagg.data(), false);
       hc_backward(L.hc_mlp, grad_out, L.x_mid, L.mlp_y.data(), L.fc2_b, L.drop_mlp, dagg.data(), grad_mid,
@@ -238,11 +247,11 @@ struct GptCuda::State {
     }
     const bf16* dy_attn = residual_backward(L.hc_attn, grad_mid, L.proj_b, L.drop_attn);
     cuda::linear_backward(dy_attn, L.ctx.data(), half_of(L.proj_w), N, C, C, dctx.data(), grad_of(L.proj_w), nullptr,
-                          columns);
+                          columns, stream);
     cuda::attention_backward(shape, dctx.data(), L.qkv.data(), L.ctx.data(), L.lse.data(), L.drop_probs, dqkv.data(),
-                             attention_ws.data());
+                             attention_ws.data(), stream);
     cuda::linear_backward(dqkv.data(), L.ln1_out, half_of(L.qkv_w), N, C, 3 * C, dln.data(), grad_of(L.qkv_w),
-                          grad_of(L.qkv_b), columns);
+                          grad_of(L.qkv_b), columns, stream);
     if (hc) {
       norm_backward(dln.data(), L.agg1, L.ln1_w, L.ln1_b, L.ln1_mean.data(), L.ln1_rstd.data(), dagg.data(), false);
       hc_backward(L.hc_attn, grad_mid, x_in, L.attn_y.data(), L.proj_b, L.drop_attn, dagg.data(), grad_in,
@@ -256,8 +265,8 @@ struct GptCuda::State {
   const bf16* layer_input(size_t l) const { return l == 0 ? x0.data() : layers[l - 1].x_out; }
 
   // Final norm, logits and loss per chunk of rows; with `train`, the head's backward too
-  // (dhf, and dwte accumulated). Returns the mean loss (the per-row losses summed in order).
-  double head(bool train) {
+  // (dhf, and dwte accumulated). The per-row losses stay on the device (mean_loss()).
+  void head(bool train) {
     const bf16* wte_half = half_of(wte);
     for (int64_t r0 = 0; r0 < N; r0 += head_rows) {
       const int64_t rows = std::min(head_rows, N - r0);
@@ -267,33 +276,41 @@ struct GptCuda::State {
       g.a = wte_half, g.lda = C;
       g.b = hf.data() + r0 * C, g.ldb = C;
       g.d = logits.data(), g.ldd = V, g.output = cuda::GemmOutput::Bf16;
-      cuda::gemm(g);
+      cuda::gemm(g, stream);
       // The logits become their gradient in place.
       cuda::cross_entropy(logits.data(), targets.data() + r0, rows, V, 1.0f / static_cast<float>(N),
-                          losses.data() + r0);
+                          losses.data() + r0, stream);
       if (!train) continue;
       // dhf^T [C, rows] = wte^T [C, V] dlogits^T [V, rows];  dwte^T [C, V] += hf^T [C, rows] dlogits [rows, V]
       cuda::linear_backward(logits.data(), hf.data() + r0 * C, wte_half, rows, C, V, dhf.data() + r0 * C,
-                            grad_of(wte), nullptr, nullptr);
+                            grad_of(wte), nullptr, nullptr, stream);
     }
+  }
+  // The mean of the last forward's per-row losses, summed in order (waits for the stream).
+  double mean_loss() const {
     const std::vector<float> per_row = losses.download();
     double total = 0;
     for (float l : per_row) total += l;
     return total / static_cast<double>(N);
   }
 
-  double forward(const int32_t* tokens_host, const int32_t* targets_host, uint64_t step, const ModelConfig& c,
-                 bool train) {
+  void upload_batch(const int32_t* tokens_host, const int32_t* targets_host) {
     for (int64_t i = 0; i < N; ++i) {
       check(tokens_host[i] >= 0 && tokens_host[i] < V,
             "token id " + std::to_string(tokens_host[i]) + " outside the vocabulary");
       check(targets_host[i] >= 0 && targets_host[i] < V,
             "target id " + std::to_string(targets_host[i]) + " outside the vocabulary");
     }
-    MHC_CUDA_CHECK(cudaMemcpy(tokens.data(), tokens_host, N * sizeof(int32_t), cudaMemcpyHostToDevice));
-    MHC_CUDA_CHECK(cudaMemcpy(targets.data(), targets_host, N * sizeof(int32_t), cudaMemcpyHostToDevice));
-    cuda::embedding_forward(tokens.data(), value_of(wte), value_of(wpe), B, S, C, e.data());
-    cuda::stream_expand_forward(e.data(), N, static_cast<int>(n), C, x0.data());
+    MHC_CUDA_CHECK(
+        cudaMemcpyAsync(tokens.data(), tokens_host, N * sizeof(int32_t), cudaMemcpyHostToDevice, stream));
+    MHC_CUDA_CHECK(
+        cudaMemcpyAsync(targets.data(), targets_host, N * sizeof(int32_t), cudaMemcpyHostToDevice, stream));
+  }
+
+  // The forward of the uploaded batch and the head (its backward too with `train`).
+  void forward(uint64_t step, const ModelConfig& c, bool train) {
+    cuda::embedding_forward(tokens.data(), value_of(wte), value_of(wpe), B, S, C, e.data(), stream);
+    cuda::stream_expand_forward(e.data(), N, static_cast<int>(n), C, x0.data(), stream);
     for (size_t l = 0; l < layers.size(); ++l) {
       CudaLayer& L = layers[l];
       const auto hidden_p = train ? static_cast<float>(c.hidden_dropout) : 0.0f;
@@ -306,15 +323,15 @@ struct GptCuda::State {
       float* next_sumsq = hc && l + 1 < layers.size() ? layers[l + 1].hc_attn.input_sumsq.data() : nullptr;
       layer_forward(L, layer_input(l), in_sumsq, next_sumsq, c);
     }
-    cuda::stream_contract_forward(layers.back().x_out, N, static_cast<int>(n), C, h.data());
+    cuda::stream_contract_forward(layers.back().x_out, N, static_cast<int>(n), C, h.data(), stream);
     norm(h.data(), lnf_w, lnf_b, hf.data(), lnf_mean.data(), lnf_rstd.data());
-    return head(train);
+    head(train);
   }
 
   void backward(const ModelConfig& c) {
     for (CudaLayer& L : layers) L.hc_attn.grad_y_written = L.hc_mlp.grad_y_written = false;
     norm_backward(dhf.data(), h.data(), lnf_w, lnf_b, lnf_mean.data(), lnf_rstd.data(), dh.data(), false);
-    cuda::stream_contract_backward(dh.data(), N, static_cast<int>(n), C, dx_a.data());
+    cuda::stream_contract_backward(dh.data(), N, static_cast<int>(n), C, dx_a.data(), stream);
     bf16* grad_out = dx_a.data();
     bf16* grad_in = dx_b.data();
     for (size_t l = layers.size(); l-- > 0;) {
@@ -327,8 +344,30 @@ struct GptCuda::State {
       if (layer_backward(layers[l], layer_input(l), grad_out, grad_in, dx_mid.data(), below, c) == grad_in)
         std::swap(grad_out, grad_in);
     }
-    cuda::stream_expand_backward(grad_out, N, static_cast<int>(n), C, de.data());
-    cuda::embedding_backward(de.data(), tokens.data(), B, S, C, V, grad_of(wte), grad_of(wpe), embedding_ws.data());
+    cuda::stream_expand_backward(grad_out, N, static_cast<int>(n), C, de.data(), stream);
+    cuda::embedding_backward(de.data(), tokens.data(), B, S, C, V, grad_of(wte), grad_of(wpe), embedding_ws.data(),
+                             stream);
+  }
+
+  double forward_backward(const int32_t* tokens_host, const int32_t* targets_host, uint64_t step,
+                          const ModelConfig& c) {
+    upload_batch(tokens_host, targets_host);
+    const auto launches = [&] {
+      forward(step, c, true);
+      backward(c);
+    };
+    if (!graphs || c.hidden_dropout > 0 || c.attention_dropout > 0) {
+      launches();
+    } else if (train_graph.ready()) {
+      train_graph.launch(stream);
+    } else if (warmed_up) {
+      train_graph.capture(stream, launches);
+      train_graph.launch(stream);
+    } else {
+      launches();
+      warmed_up = true;
+    }
+    return mean_loss();
   }
 };
 
@@ -521,16 +560,31 @@ void GptCuda::download() {
     std::copy(all.begin() + slot.offset, all.begin() + slot.offset + slot.size(), slot.host->value.begin());
 }
 
-void GptCuda::zero_grad() { s_->grad.fill_bytes(0); }
+void GptCuda::zero_grad() {
+  MHC_CUDA_CHECK(cudaMemsetAsync(s_->grad.data(), 0, s_->grad.size() * sizeof(float), s_->stream));
+}
 
 double GptCuda::forward(const int32_t* tokens, const int32_t* targets, uint64_t step) {
-  return s_->forward(tokens, targets, step, config_, true);
+  s_->upload_batch(tokens, targets);
+  s_->forward(step, config_, true);
+  return s_->mean_loss();
 }
 
 void GptCuda::backward() { s_->backward(config_); }
 
+double GptCuda::forward_backward(const int32_t* tokens, const int32_t* targets, uint64_t step) {
+  return s_->forward_backward(tokens, targets, step, config_);
+}
+
+void GptCuda::set_graphs(bool on) {
+  s_->graphs = on;
+  if (!on) s_->train_graph.reset();
+}
+
 double GptCuda::evaluate(const int32_t* tokens, const int32_t* targets) {
-  return s_->forward(tokens, targets, 0, config_, false);
+  s_->upload_batch(tokens, targets);
+  s_->forward(0, config_, false);
+  return s_->mean_loss();
 }
 
 double GptCuda::step(const TrainConfig& config, double lr) {
@@ -538,14 +592,14 @@ double GptCuda::step(const TrainConfig& config, double lr) {
   ++s.steps_taken;
   const float scale = 1.0f / static_cast<float>(config.grad_accumulation);
   cuda::grad_norm({{s.grad.data(), s.parameter_count}}, scale, static_cast<float>(config.grad_clip), s.norm_ws.data(),
-                  s.norm_result.data());
+                  s.norm_result.data(), s.stream);
   const AdamWScalars a = adamw_scalars(config, lr, s.steps_taken);
   // One update for the parameters with weight decay, one for the rest.
   for (const bool decay : {true, false}) {
     const int64_t offset = decay ? 0 : s.decay_end, size = (decay ? s.decay_end : s.parameter_count) - offset;
     const cuda::AdamWStep st{a.beta1, a.beta2, a.eps, a.step_size, a.sqrt_correction2, decay ? a.decay : 1.0f, scale};
     cuda::adamw_update(st, s.grad.data() + offset, s.norm_result.data() + 1, size, s.value.data() + offset,
-                       s.exp_avg.data() + offset, s.exp_avg_sq.data() + offset, s.half.data() + offset);
+                       s.exp_avg.data() + offset, s.exp_avg_sq.data() + offset, s.half.data() + offset, s.stream);
   }
   return s.norm_result.download()[0];
 }
@@ -558,7 +612,7 @@ std::vector<GainStats> GptCuda::gains() {
   State& s = *s_;
   if (!s.hc) return {};
   const auto modules = static_cast<int64_t>(s.module_h_res.size());
-  cuda::hc_gains(s.module_h_res.data(), modules, s.N, static_cast<int>(s.n), s.gains_ws.data(), s.gains_stats.data());
+  cuda::hc_gains(s.module_h_res.data(), modules, s.N, static_cast<int>(s.n), s.gains_ws.data(), s.gains_stats.data(), s.stream);
   const std::vector<float> v = s.gains_stats.download();
   std::vector<GainStats> out(static_cast<size_t>(modules));
   for (size_t m = 0; m < out.size(); ++m) {

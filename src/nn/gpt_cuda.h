@@ -3,7 +3,8 @@
 // cuBLASLt). The parameters are those of a host Gpt<float> (same names, same
 // initialisation): upload() copies them to the device, download() back (checkpoints).
 //
-// One step: zero_grad(); forward() + backward() per micro-batch; step(). The LM head's
+// One step: zero_grad(); forward_backward() (or forward() + backward()) per micro-batch;
+// step(). Every launch goes on the model's own stream. The LM head's
 // backward runs inside forward (per chunk of rows, so that the fp32 logits of only one
 // chunk exist at a time): forward() is for training; evaluate() computes the loss only.
 //
@@ -41,6 +42,11 @@ class GptCuda {
   // the dropout masks as on the CPU. Gradients accumulate over micro-batches.
   double forward(const int32_t* tokens, const int32_t* targets, uint64_t step);
   void backward();
+  // forward() then backward() of one micro-batch. Without dropout, from the second call
+  // on, as one CUDA graph captured at that call and replayed (the same kernels on the same
+  // buffers: the same bits as the two calls; set_graphs(false) launches them one by one).
+  double forward_backward(const int32_t* tokens, const int32_t* targets, uint64_t step);
+  void set_graphs(bool on);
   double evaluate(const int32_t* tokens, const int32_t* targets);
   // Gradients scaled by 1 / grad_accumulation, global-norm clipping and AdamW
   // (train/optimizer.h's rules); returns the norm.

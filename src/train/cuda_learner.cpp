@@ -10,6 +10,9 @@ class CudaLearner final : public ModelLearner<GptCuda> {
   explicit CudaLearner(const TrainConfig& c) : ModelLearner(c), optimizer_(model_.parameters()) {
     model_.init(static_cast<uint64_t>(c.seed));
   }
+  double forward_backward(const int32_t* tokens, const int32_t* targets, uint64_t key) override {
+    return model_.forward_backward(tokens, targets, key);
+  }
   double step(const TrainConfig& c, double lr) override { return model_.step(c, lr); }
   double evaluate(const int32_t* tokens, const int32_t* targets) override { return model_.evaluate(tokens, targets); }
   std::vector<GainStats> gains() override { return model_.gains(); }

@@ -12,4 +12,41 @@ bool device_available() {
   return cudaGetDeviceCount(&count) == cudaSuccess && count > 0;
 }
 
+Stream::Stream() { MHC_CUDA_CHECK(cudaStreamCreate(&stream_)); }
+Stream::~Stream() {
+  if (stream_) cudaStreamDestroy(stream_);
+}
+
+Graph::~Graph() { reset(); }
+
+void Graph::reset() {
+  if (exec_) cudaGraphExecDestroy(exec_);
+  exec_ = nullptr;
+}
+
+void Graph::capture(cudaStream_t stream, const std::function<void()>& launches) {
+  reset();
+  MHC_CUDA_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
+  cudaGraph_t graph = nullptr;
+  try {
+    launches();
+  } catch (...) {
+    cudaStreamEndCapture(stream, &graph);  // ends the capture; the error thrown is the first one
+    if (graph) cudaGraphDestroy(graph);
+    throw;
+  }
+  MHC_CUDA_CHECK(cudaStreamEndCapture(stream, &graph));
+  const cudaError_t status = cudaGraphInstantiate(&exec_, graph, 0);
+  cudaGraphDestroy(graph);
+  if (status != cudaSuccess) {
+    exec_ = nullptr;
+    throw_cuda_error(status, "cudaGraphInstantiate", __FILE__, __LINE__);
+  }
+}
+
+void Graph::launch(cudaStream_t stream) const {
+  check(exec_ != nullptr, "Graph::launch: nothing captured");
+  MHC_CUDA_CHECK(cudaGraphLaunch(exec_, stream));
+}
+
 }  // namespace mhc::cuda

@@ -1,10 +1,12 @@
-// The one place for CUDA error checking and device memory. Every runtime call goes
-// through MHC_CUDA_CHECK, which turns a failure into an mhc::Error naming the call and
-// the place; DeviceBuffer owns one cudaMalloc allocation (never managed memory).
+// The one place for CUDA error checking, device memory, streams and graphs. Every runtime
+// call goes through MHC_CUDA_CHECK, which turns a failure into an mhc::Error naming the call
+// and the place; DeviceBuffer owns one cudaMalloc allocation (never managed memory); Stream
+// and Graph own a stream and an instantiated CUDA graph.
 #pragma once
 #include <cuda_runtime.h>
 
 #include <cstddef>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -66,6 +68,39 @@ template <typename T> class DeviceBuffer {
  private:
   T* data_ = nullptr;
   size_t count_ = 0;
+};
+
+// A blocking stream (cudaStreamCreate): the legacy default stream, on which
+// DeviceBuffer's copies and fills run, stays ordered with its work.
+class Stream {
+ public:
+  Stream();
+  ~Stream();
+  Stream(const Stream&) = delete;
+  Stream& operator=(const Stream&) = delete;
+  cudaStream_t get() const { return stream_; }
+
+ private:
+  cudaStream_t stream_ = nullptr;
+};
+
+// A sequence of launches on one stream, captured once and replayed: capture() runs
+// `launches` with the stream capturing (nothing executes then; a launch on another stream,
+// an allocation or a synchronising call fails the capture) and instantiates the graph;
+// launch() replays it with the arguments and pointers it was captured with.
+class Graph {
+ public:
+  Graph() = default;
+  ~Graph();
+  Graph(const Graph&) = delete;
+  Graph& operator=(const Graph&) = delete;
+  bool ready() const { return exec_ != nullptr; }
+  void capture(cudaStream_t stream, const std::function<void()>& launches);
+  void launch(cudaStream_t stream) const;
+  void reset();
+
+ private:
+  cudaGraphExec_t exec_ = nullptr;
 };
 
 }  // namespace mhc::cuda
