@@ -83,6 +83,30 @@ TEST_P(CudaMappings, ForwardAndBackwardMatchTheCpuReference) {
   EXPECT_LT(relative_error(widen(d_galpha.download()), galpha), kFp32Tolerance);
   EXPECT_LT(relative_error(widen(d_gbias.download()), gbias), kFp32Tolerance);
 
+  // With the aggregate made in the finish's pass: the same bits as aggregate_forward from
+  // the stored H_pre, and the mappings' outputs the same bits as without it.
+  {
+    const auto proj_alone = d_proj.download(), r_alone = d_r.download(), pre_alone = d_pre.download(),
+               post_alone = d_post.download(), res_alone = d_res.download();
+    auto d_agg = poisoned<bf16>(T * c.C), d_agg_alone = poisoned<bf16>(T * c.C);
+    for (auto* d : {&d_proj, &d_r, &d_pre, &d_post, &d_res}) d->fill_bytes(0xFF);
+    cuda::mhc_mappings_forward(args, d_x.data(), c.sumsq_given ? d_sumsq.data() : nullptr, d_w.data(), d_alpha.data(),
+                               d_bias.data(), d_proj.data(), d_r.data(), d_pre.data(), d_post.data(), d_res.data(),
+                               d_forward_work.data(), nullptr, nullptr, d_agg.data());
+    cuda::aggregate_forward(d_x.data(), d_pre.data(), T, c.n, c.C, d_agg_alone.data());
+    EXPECT_EQ(d_agg.download(), d_agg_alone.download());
+    EXPECT_EQ(d_proj.download(), proj_alone);
+    EXPECT_EQ(d_r.download(), r_alone);
+    EXPECT_EQ(d_pre.download(), pre_alone);
+    EXPECT_EQ(d_post.download(), post_alone);
+    EXPECT_EQ(d_res.download(), res_alone);
+    std::vector<double> agg(T * c.C, 0.0);
+    for (int64_t t = 0; t < T; ++t)
+      for (int j = 0; j < c.n; ++j)
+        for (int64_t ch = 0; ch < c.C; ++ch) agg[t * c.C + ch] += pre[t * c.n + j] * x.values[t * K + j * c.C + ch];
+    EXPECT_LT(relative_error(widen(d_agg.download()), agg), kBf16Tolerance);
+  }
+
   // Deterministic: a second backward from the same state gives the same bits, also when it
   // takes W's split from the forward instead of splitting W itself.
   const auto gw_first = d_gw.download();

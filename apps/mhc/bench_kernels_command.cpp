@@ -110,9 +110,11 @@ int run_bench_kernels(const std::vector<std::string>& shapes, int repeats) {
     // ||out||^2 is computed (and timed) in bda_fwd_chained: the work of each sublayer of a stack.
     DeviceBuffer<float> x_sumsq(tokens), out_sumsq(tokens), columns_workspace(cuda::column_sums_workspace_floats(tokens, C));
     cuda::row_sumsq(x.data(), tokens, n * C, x_sumsq.data());
-    auto mappings_fwd_given = [&](const float* given_sumsq) {
+    // with_agg: the aggregate made in the finish's pass (the model's path)
+    auto mappings_fwd_given = [&](const float* given_sumsq, bf16* with_agg = nullptr) {
       cuda::mhc_mappings_forward(args, x.data(), given_sumsq, weight.data(), alpha.data(), map_bias.data(), proj.data(), r.data(),
-                                 h_pre.data(), h_post.data(), h_res.data(), forward_workspace.data());
+                                 h_pre.data(), h_post.data(), h_res.data(), forward_workspace.data(), nullptr, nullptr,
+                                 with_agg);
     };
     auto mappings_fwd = [&] { mappings_fwd_given(nullptr); };
     // mix: dx written once with the stream mixing's and the aggregate's terms; next: the dy
@@ -168,15 +170,15 @@ int run_bench_kernels(const std::vector<std::string>& shapes, int repeats) {
            cuda::stream_expand_backward(grad_out.data(), tokens, ni, C, grad_y.data());
          },
          4 * S + 4 * R, 0, 0},
-        // the three forward, then h_post_bda's backward fused with the aggregate's (reads
+        // the three forward (the aggregate in the mappings' finish), then h_post_bda's
+        // backward fused with the aggregate's (reads
         // dout, x, dagg, y; writes dy and the per-token reductions), dy_bias, then the
         // mappings' backward writing all of dx once (reads x, dout, dagg). (In a model dy
         // is needed before the sublayer's backward, so it comes from the mappings' backward
         // of the sublayer above instead: NextGradY.)
         {"sublayer (all 3)",
          [&] {
-           mappings_fwd_given(x_sumsq.data());
-           aggregate_fwd();
+           mappings_fwd_given(x_sumsq.data(), agg.data());
            bda_fwd_chained();
          },
          [&] {

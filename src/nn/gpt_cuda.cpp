@@ -180,8 +180,7 @@ struct GptCuda::State {
   void mappings_forward(HcState& m, const bf16* x, const float* x_sumsq, bf16* agg, const ModelConfig& c) {
     cuda::mhc_mappings_forward(mappings_args(c), x, x_sumsq, value_of(m.weight), value_of(m.alpha), value_of(m.bias),
                                m.proj.data(), m.r.data(), m.h_pre.data(), m.h_post.data(), m.h_res.data(),
-                               mappings_forward_ws.data(), stream, m.weight_split.data());
-    cuda::aggregate_forward(x, m.h_pre.data(), N, static_cast<int>(n), C, agg, stream);
+                               mappings_forward_ws.data(), stream, m.weight_split.data(), agg);
   }
   // next_sumsq: where the next layer's first hyper connection wants ||x_out||^2 (or null).
   void layer_forward(CudaLayer& L, const bf16* x_in, const float* x_in_sumsq, float* next_sumsq,

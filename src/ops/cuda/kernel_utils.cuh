@@ -197,4 +197,46 @@ inline unsigned blocks_for(int64_t count, int64_t per_block) {
   return static_cast<unsigned>(blocks);
 }
 
+// A launch of a per-token kernel (TokenGroup): a warp a token where a row of C channels
+// (in steps of `vec`) is at most 8 steps of a warp (GPT-2 widths: no block-wide
+// synchronisation, several tokens a block); else a block a token, with enough whole warps
+// for the row (at most 256).
+struct TokenLaunch {
+  unsigned grid, threads;
+  int lanes;
+};
+inline TokenLaunch token_launch(int64_t tokens, int64_t C, int vec) {
+  check(tokens >= 1 && tokens <= 0x7fffffff, "token count out of range for the CUDA kernels");
+  const int64_t groups = (C + vec - 1) / vec;
+  if (groups <= 8 * 32) return {blocks_for(tokens, kBlockThreads / 32), kBlockThreads, 32};
+  const int64_t threads = (groups + 31) / 32 * 32;
+  return {static_cast<unsigned>(tokens), static_cast<unsigned>(threads < kBlockThreads ? threads : kBlockThreads),
+          static_cast<int>(threads < kBlockThreads ? threads : kBlockThreads)};
+}
+
+// Launches kernel<VEC = 8> when C % 8 == 0 (16-byte accesses), else kernel<1>:
+// launch(kernel, TokenLaunch) with the kernel a function pointer.
+template <typename Vec8, typename Vec1, typename Launch>
+void launch_by_width(int64_t tokens, int64_t C, Vec8 vec8, Vec1 vec1, Launch&& launch) {
+  if (C % 8 == 0) launch(vec8, token_launch(tokens, C, 8));
+  else launch(vec1, token_launch(tokens, C, 1));
+}
+
+// The aggregate of one token on its group's threads: agg[c] = sum_j gate[j] x_j[c], in
+// the order j = 0, 1, ... (every kernel that makes it gives the same bits).
+template <int N, int VEC>
+__device__ inline void aggregate_row(const __nv_bfloat16* xt, const float (&gate)[N], int64_t C, const TokenGroup& tg,
+                                     __nv_bfloat16* agg) {
+  for (int64_t c = tg.lane * VEC; c < C; c += tg.lanes * VEC) {
+    float acc[VEC] = {}, xs[VEC];
+#pragma unroll
+    for (int j = 0; j < N; ++j) {
+      load_bf16<VEC>(xt + j * C + c, xs);
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) acc[v] += gate[j] * xs[v];
+    }
+    store_bf16<VEC>(agg + c, acc);
+  }
+}
+
 }  // namespace mhc::cuda::detail

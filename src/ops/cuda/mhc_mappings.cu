@@ -383,33 +383,53 @@ __device__ inline float sum_spaced(const float* p, int count, int64_t step) {
   return total;
 }
 
-// Per token, on its lanes (FinishLanes): proj from cuBLASLt's products by W's hi, mid and
-// lo parts ([tokens][3 split_part(m)], ||x||^2 given) or, with RANGES, from
-// projection_kernel's K ranges ([ranges][tokens][m], ||x||^2 the ranges' shares), summed
-// in order; r from ||x||^2; then the gates, Sinkhorn in registers, H_pre, H_post, H_res.
-// The lane (i, k) owns the outputs of its entries (proj 2N + iN + j, H_res[i][j]); split 0
-// of row i also those of the row's gates (proj i and N + i, H_pre[i], H_post[i]).
+// A token's projection from its pieces: cuBLASLt's products by W's hi, mid and lo parts
+// ([tokens][3 split_part(m)], ||x||^2 given) or, with RANGES, projection_kernel's K ranges
+// ([ranges][tokens][m], ||x||^2 the ranges' shares), summed in order; r from ||x||^2.
+template <int N, bool RANGES> struct ProjectionPieces {
+  static constexpr bool kRanges = RANGES;
+  const float* parts;
+  int ranges;
+  const float* sumsq;
+  int64_t K, tokens;
+  __device__ float entry(int64_t t, int o) const {
+    constexpr int M = width<N>(), P = split_part(M);
+    if constexpr (RANGES) return sum_spaced(parts + t * M + o, ranges, tokens * M);
+    const float* part = parts + t * 3 * P + o;
+    return part[0] + part[P] + part[2 * P];
+  }
+  __device__ float r(int64_t t) const {
+    const float x_sumsq = RANGES ? sum_spaced(sumsq + t, ranges, tokens) : sumsq[t];
+    return 1.0f / (sqrtf(x_sumsq) / sqrtf(static_cast<float>(K)) + kNormEps);
+  }
+};
+// H_pre[i] from r, proj entry i, alpha_pre and bias[i] (one expression for every kernel
+// that makes it: the same bits).
+__device__ inline float pre_gate(float rt, float p, float alpha, float bias) {
+  return 1.0f / (1.0f + expf(-(rt * p * alpha + bias)));
+}
+
+// What the finish writes: proj, r, H_pre, H_post, H_res ([tokens] rows of each).
+struct FinishOutputs {
+  float *proj, *r, *h_pre, *h_post, *h_res;
+};
+
+// One token on its lanes (FinishLanes): proj and r from the pieces, the gates, Sinkhorn in
+// registers, H_pre, H_post, H_res. The lane (i, k) owns the outputs of its entries (proj
+// 2N + iN + j, H_res[i][j]); split 0 of row i also those of the row's gates (proj i and
+// N + i, H_pre[i], H_post[i]).
 template <int N, bool RANGES>
-__global__ void finish_kernel(const float* parts, int ranges, const float* sumsq, int64_t K, const float* alpha,
-                              const float* bias, int64_t tokens, int iterations, float* proj, float* r, float* h_pre,
-                              float* h_post, float* h_res) {
-  constexpr int M = width<N>(), CPL = FinishLanes<N>::CPL, P = split_part(M);
-  const TokenLane<FinishLanes<N>> lane = token_lane<FinishLanes<N>>(tokens);
+__device__ void finish_token(const TokenLane<FinishLanes<N>>& lane, const ProjectionPieces<N, RANGES>& pieces,
+                             const float* alpha, const float* bias, int iterations, const FinishOutputs& out) {
+  constexpr int M = width<N>(), CPL = FinishLanes<N>::CPL;
   const int64_t t = lane.token;
   const int i = lane.row < N ? lane.row : 0;
   auto projection = [&](int o) {
-    float p;
-    if constexpr (RANGES) {
-      p = sum_spaced(parts + t * M + o, ranges, tokens * M);
-    } else {
-      const float* part = parts + t * 3 * P + o;
-      p = part[0] + part[P] + part[2 * P];
-    }
-    if (lane.store) proj[t * M + o] = p;
+    const float p = pieces.entry(t, o);
+    if (lane.store) out.proj[t * M + o] = p;
     return p;
   };
-  const float x_sumsq = RANGES ? sum_spaced(sumsq + t, ranges, tokens) : sumsq[t];
-  const float rt = 1.0f / (sqrtf(x_sumsq) / sqrtf(static_cast<float>(K)) + kNormEps);
+  const float rt = pieces.r(t);
   float l[CPL], h[CPL];
 #pragma unroll
   for (int c = 0; c < CPL; ++c) {
@@ -425,11 +445,49 @@ __global__ void finish_kernel(const float* parts, int ranges, const float* sumsq
   if (!lane.store) return;
 #pragma unroll
   for (int c = 0; c < CPL; ++c)
-    if (lane.holds(c)) h_res[t * N * N + i * N + lane.column(c)] = h[c];
+    if (lane.holds(c)) out.h_res[t * N * N + i * N + lane.column(c)] = h[c];
   if (lane.split != 0) return;
-  if (i == 0) r[t] = rt;
-  h_pre[t * N + i] = 1.0f / (1.0f + expf(-(rt * projection(i) * alpha[0] + bias[i])));
-  h_post[t * N + i] = 2.0f / (1.0f + expf(-(rt * projection(N + i) * alpha[1] + bias[N + i])));
+  if (i == 0) out.r[t] = rt;
+  out.h_pre[t * N + i] = pre_gate(rt, projection(i), alpha[0], bias[i]);
+  out.h_post[t * N + i] = 2.0f / (1.0f + expf(-(rt * projection(N + i) * alpha[1] + bias[N + i])));
+}
+
+template <int N, bool RANGES>
+__global__ void finish_kernel(ProjectionPieces<N, RANGES> pieces, const float* alpha, const float* bias,
+                              int iterations, FinishOutputs out) {
+  finish_token(token_lane<FinishLanes<N>>(pieces.tokens), pieces, alpha, bias, iterations, out);
+}
+
+// The finish and the aggregate in one pass (the aggregate's launch, TokenGroup): the
+// block's tokens' Sinkhorn on the first block_tokens x L threads (whole warps; lanes past
+// the tokens work on a real token and store nothing), while every token's group makes its
+// H_pre itself (pre_gate: the finish's bits) and the aggregate agg = sum_j H_pre[j] x_j
+// (aggregate_row: aggregate_forward's bits). The Sinkhorn chains overlap the other warps'
+// streaming of x; no barrier.
+template <int N, int VEC, bool RANGES>
+__global__ void finish_aggregate_kernel(ProjectionPieces<N, RANGES> pieces, const float* alpha, const float* bias,
+                                        int iterations, FinishOutputs out, const bf16* x, int64_t C, int lanes,
+                                        bf16* agg) {
+  using Lanes = FinishLanes<N>;
+  const int64_t tokens = pieces.tokens;
+  const int block_tokens = lanes == 32 ? static_cast<int>(blockDim.x) / 32 : 1;
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * block_tokens;
+  if (static_cast<int>(threadIdx.x) / 32 * 32 < block_tokens * Lanes::L) {
+    const int slot = static_cast<int>(threadIdx.x) / Lanes::L, within = static_cast<int>(threadIdx.x) % Lanes::L;
+    const int64_t t = first + slot;
+    const bool real = slot < block_tokens && t < tokens;
+    const TokenLane<Lanes> lane{real ? t : min(first, tokens - 1), within / Lanes::S, within % Lanes::S,
+                                real && within / Lanes::S < N};
+    finish_token(lane, pieces, alpha, bias, iterations, out);
+  }
+  const detail::TokenGroup tg = detail::token_group(lanes);
+  const int64_t t = tg.token;
+  if (t >= tokens) return;
+  const float rt = pieces.r(t);
+  float gate[N];
+#pragma unroll
+  for (int j = 0; j < N; ++j) gate[j] = pre_gate(rt, pieces.entry(t, j), alpha[0], bias[j]);
+  detail::aggregate_row<N, VEC>(x + t * N * C, gate, C, tg, agg + t * C);
 }
 
 // ---- dx and dW on tensor cores, one pass over x ---------------------------------------------
@@ -987,7 +1045,7 @@ void row_sumsq(const bf16* x, int64_t tokens, int64_t K, float* sumsq, cudaStrea
 
 void mhc_mappings_forward(const MappingsArgs& a, const bf16* x, const float* x_sumsq, const float* weight,
                           const float* alpha, const float* bias, float* proj, float* r, float* h_pre, float* h_post,
-                          float* h_res, float* workspace, cudaStream_t stream, bf16* weight_split) {
+                          float* h_res, float* workspace, cudaStream_t stream, bf16* weight_split, bf16* agg) {
   check_args(a);
   const ForwardLayout l = forward_layout_of(a);
   bf16* split = weight_split ? weight_split : reinterpret_cast<bf16*>(workspace + l.split_weight);
@@ -995,7 +1053,21 @@ void mhc_mappings_forward(const MappingsArgs& a, const bf16* x, const float* x_s
   float* const parts = workspace + l.parts;
   detail::dispatch_streams(a.n, [&](auto Ns) {
     constexpr int N = decltype(Ns)::value;
-    const unsigned finish_blocks = detail::blocks_for(a.tokens * FinishLanes<N>::L, 128);
+    const FinishOutputs out{proj, r, h_pre, h_post, h_res};
+    // The finish after the products: alone, or with the aggregate in its pass over x.
+    auto finish = [&](const auto& pieces) {
+      constexpr bool kRanges = std::decay_t<decltype(pieces)>::kRanges;
+      if (!agg) {
+        finish_kernel<N, kRanges><<<detail::blocks_for(a.tokens * FinishLanes<N>::L, 128), 128, 0, stream>>>(
+            pieces, alpha, bias, a.sinkhorn_iterations, out);
+        return;
+      }
+      detail::launch_by_width(a.tokens, a.C, finish_aggregate_kernel<N, 8, kRanges>,
+                              finish_aggregate_kernel<N, 1, kRanges>, [&](auto kernel, detail::TokenLaunch launch) {
+                                kernel<<<launch.grid, launch.threads, 0, stream>>>(
+                                    pieces, alpha, bias, a.sinkhorn_iterations, out, x, a.C, launch.lanes, agg);
+                              });
+    };
     if (x_sumsq) {
       // ||x||^2 given (the model's path): cuBLASLt's product streams x faster at GPT-2
       // widths (40 against 48 us a call). parts [tokens, split_rows] = x [tokens, K] times
@@ -1008,8 +1080,7 @@ void mhc_mappings_forward(const MappingsArgs& a, const bf16* x, const float* x_s
       g.b = x, g.ldb = l.K;
       g.d = parts, g.ldd = split_rows(l.M);
       gemm(g, stream);
-      finish_kernel<N, false><<<finish_blocks, 128, 0, stream>>>(parts, 1, x_sumsq, l.K, alpha, bias, a.tokens,
-                                                                 a.sinkhorn_iterations, proj, r, h_pre, h_post, h_res);
+      finish(ProjectionPieces<N, false>{parts, 1, x_sumsq, l.K, a.tokens});
     } else {
       // ||x||^2 from the projection's pass; scalar copies where rows are not 16-byte aligned
       float* sumsq = workspace + l.sumsq;
@@ -1019,9 +1090,7 @@ void mhc_mappings_forward(const MappingsArgs& a, const bf16* x, const float* x_s
       const dim3 grid(detail::blocks_for(l.grid.blocks, 1), detail::blocks_for(l.grid.ranges, 1));
       kernel<<<grid, kProjWarps * 32, bytes, stream>>>(x, split, a.tokens, l.K, parts, sumsq);
       MHC_CUDA_CHECK(cudaGetLastError());
-      finish_kernel<N, true><<<finish_blocks, 128, 0, stream>>>(parts, static_cast<int>(l.grid.ranges), sumsq, l.K,
-                                                                alpha, bias, a.tokens, a.sinkhorn_iterations, proj, r,
-                                                                h_pre, h_post, h_res);
+      finish(ProjectionPieces<N, true>{parts, static_cast<int>(l.grid.ranges), sumsq, l.K, a.tokens});
     }
   });
   MHC_CUDA_CHECK(cudaGetLastError());

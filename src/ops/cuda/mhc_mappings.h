@@ -50,10 +50,12 @@ void row_sumsq(const bf16* x, int64_t tokens, int64_t K, float* sumsq, cudaStrea
 
 // x_sumsq: ||x_t||^2 of each token's n-stream row when its producer computed it, else null
 // (computed here, in the projection's pass over x). weight_split: where W's split is
-// written for the backward, or null.
+// written for the backward, or null. agg: when given, also the aggregate sum_j H_pre[j] x_j
+// ([tokens, C], the bits of aggregate_forward), made in the gates' and Sinkhorn's pass.
 void mhc_mappings_forward(const MappingsArgs& a, const bf16* x, const float* x_sumsq, const float* weight,
                           const float* alpha, const float* bias, float* proj, float* r, float* h_pre, float* h_post,
-                          float* h_res, float* workspace, cudaStream_t stream = nullptr, bf16* weight_split = nullptr);
+                          float* h_res, float* workspace, cudaStream_t stream = nullptr, bf16* weight_split = nullptr,
+                          bf16* agg = nullptr);
 
 size_t mappings_backward_workspace_floats(const MappingsArgs& a);
 

@@ -13,26 +13,10 @@ namespace {
 using detail::dispatch_dropout;
 using detail::dispatch_streams;
 using detail::group_sum;
+using detail::launch_by_width;
+using detail::token_launch;
 using detail::TokenGroup;
-
-// A launch of a per-token kernel: a warp a token where a row of C channels (in steps of
-// `vec`) is at most 8 steps of a warp (GPT-2 widths: no block-wide synchronisation, several
-// tokens a block); else a block a token, with enough whole warps for the row (at most 256).
-struct TokenLaunch {
-  unsigned grid, threads;
-  int lanes;
-};
-TokenLaunch token_launch(int64_t tokens, int64_t C, int vec) {
-  check(tokens >= 1 && tokens <= 0x7fffffff, "token count out of range for the CUDA kernels");
-  const int64_t groups = (C + vec - 1) / vec;
-  if (groups <= 8 * 32) {
-    const unsigned per_block = detail::kBlockThreads / 32;
-    return {detail::blocks_for(tokens, per_block), detail::kBlockThreads, 32};
-  }
-  const auto threads =
-      static_cast<unsigned>(std::clamp<int64_t>((groups + 31) / 32 * 32, 32, detail::kBlockThreads));
-  return {static_cast<unsigned>(tokens), threads, static_cast<int>(threads)};
-}
+using detail::TokenLaunch;
 
 // The dropout keep-scale of one element; DROPOUT false (p = 0) compiles the hash out,
 // which would otherwise hold registers in every kernel that has it.
@@ -52,17 +36,7 @@ __global__ void aggregate_forward_kernel(const bf16* x, const float* h_pre, int6
   float gate[N];
 #pragma unroll
   for (int j = 0; j < N; ++j) gate[j] = h_pre[t * N + j];
-  const bf16* xt = x + t * N * C;
-  for (int64_t c = tg.lane * VEC; c < C; c += tg.lanes * VEC) {
-    float acc[VEC] = {}, xs[VEC];
-#pragma unroll
-    for (int j = 0; j < N; ++j) {
-      detail::load_bf16<VEC>(xt + j * C + c, xs);
-#pragma unroll
-      for (int v = 0; v < VEC; ++v) acc[v] += gate[j] * xs[v];
-    }
-    detail::store_bf16<VEC>(agg + t * C + c, acc);
-  }
+  detail::aggregate_row<N, VEC>(x + t * N * C, gate, C, tg, agg + t * C);
 }
 
 template <int N, int VEC>
@@ -287,14 +261,6 @@ __global__ void stream_copy_kernel(const bf16* in, int64_t tokens, int64_t C, in
   }
 }
 
-
-// Launches kernel<VEC = 8> when C % 8 == 0 (16-byte accesses), else kernel<1>:
-// launch(kernel, TokenLaunch) with the kernel a function pointer.
-template <typename Vec8, typename Vec1, typename Launch>
-void launch_by_width(int64_t tokens, int64_t C, Vec8 vec8, Vec1 vec1, Launch&& launch) {
-  if (C % 8 == 0) launch(vec8, token_launch(tokens, C, 8));
-  else launch(vec1, token_launch(tokens, C, 1));
-}
 
 template <bool TO_STREAMS>
 void stream_copy(const bf16* in, int64_t tokens, int n, int64_t C, float scale, bf16* out, cudaStream_t stream) {
