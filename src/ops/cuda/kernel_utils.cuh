@@ -20,12 +20,14 @@ struct TokenGroup {
   int64_t token;
   int lane, lanes;
 };
-__device__ inline TokenGroup token_group(int lanes) {
+// `block`: the block's index among the token blocks (blockIdx.x unless a launch puts
+// other blocks first).
+__device__ inline TokenGroup token_group(int lanes, unsigned block) {
   if (lanes == 32)
-    return {static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32, static_cast<int>(threadIdx.x % 32),
-            32};
-  return {static_cast<int64_t>(blockIdx.x), static_cast<int>(threadIdx.x), static_cast<int>(blockDim.x)};
+    return {static_cast<int64_t>(block) * (blockDim.x / 32) + threadIdx.x / 32, static_cast<int>(threadIdx.x % 32), 32};
+  return {static_cast<int64_t>(block), static_cast<int>(threadIdx.x), static_cast<int>(blockDim.x)};
 }
+__device__ inline TokenGroup token_group(int lanes) { return token_group(lanes, blockIdx.x); }
 
 // Sum over COUNT lanes STRIDE apart (an xor butterfly: the lanes of a pair add the same two
 // values, so every lane gets the same bits).

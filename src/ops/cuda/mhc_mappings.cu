@@ -458,31 +458,25 @@ __global__ void finish_kernel(ProjectionPieces<N, RANGES> pieces, const float* a
   finish_token(token_lane<FinishLanes<N>>(pieces.tokens), pieces, alpha, bias, iterations, out);
 }
 
-// The finish and the aggregate in one pass (the aggregate's launch, TokenGroup): the
-// block's tokens' Sinkhorn on the first block_tokens x L threads (whole warps; lanes past
-// the tokens work on a real token and store nothing), while every token's group makes its
-// H_pre itself (pre_gate: the finish's bits) and the aggregate agg = sum_j H_pre[j] x_j
-// (aggregate_row: aggregate_forward's bits). The Sinkhorn chains overlap the other warps'
-// streaming of x; no barrier.
+// The finish and the aggregate in one launch: the first `finish_blocks` blocks are the
+// finish's (Sinkhorn chains, latency-bound: launched first, they run beside the rest), the
+// others the aggregate's (TokenGroup of block blockIdx.x - finish_blocks), each token's
+// group making H_pre itself (pre_gate: the finish's bits) and agg = sum_j H_pre[j] x_j
+// (aggregate_row: aggregate_forward's bits). 49.5 us a call at GPT-2 width in the training
+// step (Nsight Compute) against 16 + 42 for the two kernels; with the chains on the
+// aggregate's own warps instead (a warp of each block), each block lived as long as its
+// chain: 55 us.
 template <int N, int VEC, bool RANGES>
 __global__ void finish_aggregate_kernel(ProjectionPieces<N, RANGES> pieces, const float* alpha, const float* bias,
-                                        int iterations, FinishOutputs out, const bf16* x, int64_t C, int lanes,
-                                        bf16* agg) {
-  using Lanes = FinishLanes<N>;
-  const int64_t tokens = pieces.tokens;
-  const int block_tokens = lanes == 32 ? static_cast<int>(blockDim.x) / 32 : 1;
-  const int64_t first = static_cast<int64_t>(blockIdx.x) * block_tokens;
-  if (static_cast<int>(threadIdx.x) / 32 * 32 < block_tokens * Lanes::L) {
-    const int slot = static_cast<int>(threadIdx.x) / Lanes::L, within = static_cast<int>(threadIdx.x) % Lanes::L;
-    const int64_t t = first + slot;
-    const bool real = slot < block_tokens && t < tokens;
-    const TokenLane<Lanes> lane{real ? t : min(first, tokens - 1), within / Lanes::S, within % Lanes::S,
-                                real && within / Lanes::S < N};
-    finish_token(lane, pieces, alpha, bias, iterations, out);
+                                        int iterations, FinishOutputs out, unsigned finish_blocks, const bf16* x,
+                                        int64_t C, int lanes, bf16* agg) {
+  if (blockIdx.x < finish_blocks) {
+    finish_token(token_lane<FinishLanes<N>>(pieces.tokens), pieces, alpha, bias, iterations, out);
+    return;
   }
-  const detail::TokenGroup tg = detail::token_group(lanes);
+  const detail::TokenGroup tg = detail::token_group(lanes, blockIdx.x - finish_blocks);
   const int64_t t = tg.token;
-  if (t >= tokens) return;
+  if (t >= pieces.tokens) return;
   const float rt = pieces.r(t);
   float gate[N];
 #pragma unroll
@@ -1062,11 +1056,14 @@ void mhc_mappings_forward(const MappingsArgs& a, const bf16* x, const float* x_s
             pieces, alpha, bias, a.sinkhorn_iterations, out);
         return;
       }
-      detail::launch_by_width(a.tokens, a.C, finish_aggregate_kernel<N, 8, kRanges>,
-                              finish_aggregate_kernel<N, 1, kRanges>, [&](auto kernel, detail::TokenLaunch launch) {
-                                kernel<<<launch.grid, launch.threads, 0, stream>>>(
-                                    pieces, alpha, bias, a.sinkhorn_iterations, out, x, a.C, launch.lanes, agg);
-                              });
+      detail::launch_by_width(
+          a.tokens, a.C, finish_aggregate_kernel<N, 8, kRanges>, finish_aggregate_kernel<N, 1, kRanges>,
+          [&](auto kernel, detail::TokenLaunch launch) {
+            const unsigned finish_blocks = detail::blocks_for(a.tokens * FinishLanes<N>::L, launch.threads);
+            check(launch.grid <= 0x7fffffffu - finish_blocks, "mhc mappings: too many tokens for one launch");
+            kernel<<<finish_blocks + launch.grid, launch.threads, 0, stream>>>(
+                pieces, alpha, bias, a.sinkhorn_iterations, out, finish_blocks, x, a.C, launch.lanes, agg);
+          });
     };
     if (x_sumsq) {
       // ||x||^2 given (the model's path): cuBLASLt's product streams x faster at GPT-2
