@@ -9,6 +9,7 @@ class CudaLearner final : public ModelLearner<GptCuda> {
  public:
   explicit CudaLearner(const TrainConfig& c) : ModelLearner(c), optimizer_(model_.parameters()) {
     model_.init(static_cast<uint64_t>(c.seed));
+    model_.set_graphs(c.cuda_graphs);
   }
   double forward_backward(const int32_t* tokens, const int32_t* targets, uint64_t key) override {
     return model_.forward_backward(tokens, targets, key);

@@ -29,6 +29,7 @@ template <typename Config, typename Visit> void visit_train_fields(Config& c, Vi
   visit("seed", c.seed);
   visit("data", c.data);
   visit("device", c.device);
+  visit("cuda_graphs", c.cuda_graphs);
 }
 
 void require(bool ok, const char* field, const std::string& rule) { check(ok, std::string(field) + ": " + rule); }

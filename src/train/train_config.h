@@ -29,6 +29,9 @@ struct TrainConfig {
   int64_t seed = 1337;
   std::string data;  // empty: the built-in corpus
   std::string device = "cpu";  // cpu | cuda (the whole step on one GPU, nn/gpt_cuda.h)
+  // cuda: each micro-batch replayed as one CUDA graph where nothing in it changes from step
+  // to step (no dropout); false launches the kernels one by one (same results, bitwise).
+  bool cuda_graphs = true;
 
   void validate() const;  // model rules and the training ones
 };
