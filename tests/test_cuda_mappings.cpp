@@ -5,6 +5,7 @@
 #include "cuda_test_util.h"
 #include "ops/cpu/mhc_mappings.h"
 #include "ops/cuda/mhc_mappings.h"
+#include "ops/cuda/norm.h"
 
 namespace mhc {
 namespace {
@@ -105,6 +106,39 @@ TEST_P(CudaMappings, ForwardAndBackwardMatchTheCpuReference) {
       for (int j = 0; j < c.n; ++j)
         for (int64_t ch = 0; ch < c.C; ++ch) agg[t * c.C + ch] += pre[t * c.n + j] * x.values[t * K + j * c.C + ch];
     EXPECT_LT(relative_error(widen(d_agg.download()), agg), kBf16Tolerance);
+
+    // With the sublayer's pre-norm in the same pass (LayerNorm and RMSNorm): the bits of
+    // norm_forward on the aggregate as stored.
+    if (cuda::aggregate_norm_supported(c.C)) {
+      const std::vector<float> norm_w = random_float(c.C, 16, 0.5, 1.5), norm_b = random_float(c.C, 17);
+      DeviceBuffer<float> d_norm_w(norm_w), d_norm_b(norm_b);
+      for (const bool rms : {false, true}) {
+        auto d_out = poisoned<bf16>(T * c.C), d_out_alone = poisoned<bf16>(T * c.C);
+        auto d_mean = poisoned<float>(T), d_rstd = poisoned<float>(T), d_mean_alone = poisoned<float>(T),
+             d_rstd_alone = poisoned<float>(T);
+        d_agg.fill_bytes(0xFF);
+        const cuda::AggregateNorm norm{d_norm_w.data(), d_norm_b.data(), 1e-5f, rms,
+                                       d_out.data(), d_mean.data(), d_rstd.data()};
+        cuda::mhc_mappings_forward(args, d_x.data(), c.sumsq_given ? d_sumsq.data() : nullptr, d_w.data(),
+                                   d_alpha.data(), d_bias.data(), d_proj.data(), d_r.data(), d_pre.data(),
+                                   d_post.data(), d_res.data(), d_forward_work.data(), nullptr, nullptr, d_agg.data(),
+                                   &norm);
+        cuda::norm_forward(d_agg_alone.data(), d_norm_w.data(), d_norm_b.data(), T, c.C, 1e-5f, rms,
+                           d_out_alone.data(), d_mean_alone.data(), d_rstd_alone.data());
+        EXPECT_EQ(d_agg.download(), d_agg_alone.download()) << "rms " << rms;
+        EXPECT_EQ(d_out.download(), d_out_alone.download()) << "rms " << rms;
+        EXPECT_EQ(d_rstd.download(), d_rstd_alone.download()) << "rms " << rms;
+        if (!rms) {
+          EXPECT_EQ(d_mean.download(), d_mean_alone.download());
+        }
+      }
+    } else {
+      const cuda::AggregateNorm norm{};
+      EXPECT_THROW(cuda::mhc_mappings_forward(args, d_x.data(), nullptr, d_w.data(), d_alpha.data(), d_bias.data(),
+                                              d_proj.data(), d_r.data(), d_pre.data(), d_post.data(), d_res.data(),
+                                              d_forward_work.data(), nullptr, nullptr, d_agg.data(), &norm),
+                   Error);
+    }
   }
 
   // Deterministic: a second backward from the same state gives the same bits, also when it

@@ -176,32 +176,37 @@ struct GptCuda::State {
                                 stream, m.weight_split.data());
     if (write_dy) below->grad_y_written = true;
   }
-  // x_sumsq: the input's ||x||^2 when its producer computed it, else null.
-  void mappings_forward(HcState& m, const bf16* x, const float* x_sumsq, bf16* agg, const ModelConfig& c) {
+  // The mappings, the aggregate and the sublayer's pre-norm of it (in the aggregate's pass
+  // where the kernels can, else after it). x_sumsq: the input's ||x||^2 when its producer
+  // computed it, else null.
+  void mappings_forward(HcState& m, const bf16* x, const float* x_sumsq, bf16* agg, const Slot& norm_w,
+                        const Slot& norm_b, bf16* norm_out, float* mean, float* rstd, const ModelConfig& c) {
+    const cuda::AggregateNorm fused{value_of(norm_w), value_of(norm_b), eps, rms, norm_out, mean, rstd};
+    const bool fuse = cuda::aggregate_norm_supported(C);
     cuda::mhc_mappings_forward(mappings_args(c), x, x_sumsq, value_of(m.weight), value_of(m.alpha), value_of(m.bias),
                                m.proj.data(), m.r.data(), m.h_pre.data(), m.h_post.data(), m.h_res.data(),
-                               mappings_forward_ws.data(), stream, m.weight_split.data(), agg);
+                               mappings_forward_ws.data(), stream, m.weight_split.data(), agg,
+                               fuse ? &fused : nullptr);
+    if (!fuse) norm(agg, norm_w, norm_b, norm_out, mean, rstd);
   }
   // next_sumsq: where the next layer's first hyper connection wants ||x_out||^2 (or null).
   void layer_forward(CudaLayer& L, const bf16* x_in, const float* x_in_sumsq, float* next_sumsq,
                      const ModelConfig& c) {
     const cpu::AttentionShape shape{B, S, H, C};
-    const bf16* norm1_in = x_in;
-    if (hc) {
-      mappings_forward(L.hc_attn, x_in, x_in_sumsq, L.agg1, c);
-      norm1_in = L.agg1;
-    }
-    norm(norm1_in, L.ln1_w, L.ln1_b, L.ln1_out, L.ln1_mean.data(), L.ln1_rstd.data());
+    if (hc)
+      mappings_forward(L.hc_attn, x_in, x_in_sumsq, L.agg1, L.ln1_w, L.ln1_b, L.ln1_out, L.ln1_mean.data(),
+                       L.ln1_rstd.data(), c);
+    else
+      norm(x_in, L.ln1_w, L.ln1_b, L.ln1_out, L.ln1_mean.data(), L.ln1_rstd.data());
     cuda::linear_forward(L.ln1_out, half_of(L.qkv_w), half_of(L.qkv_b), N, C, 3 * C, L.qkv.data(), stream);
     cuda::attention_forward(shape, L.qkv.data(), L.drop_probs, L.lse.data(), L.ctx.data(), stream);
     sublayer_output(L.hc_attn, L.ctx.data(), C, L.proj_w, L.proj_b, x_in, L.drop_attn, L.attn_y.data(), L.x_mid,
                     hc ? L.hc_mlp.input_sumsq.data() : nullptr);
-    const bf16* norm2_in = L.x_mid;
-    if (hc) {
-      mappings_forward(L.hc_mlp, L.x_mid, L.hc_mlp.input_sumsq.data(), L.agg2, c);
-      norm2_in = L.agg2;
-    }
-    norm(norm2_in, L.ln2_w, L.ln2_b, L.ln2_out, L.ln2_mean.data(), L.ln2_rstd.data());
+    if (hc)
+      mappings_forward(L.hc_mlp, L.x_mid, L.hc_mlp.input_sumsq.data(), L.agg2, L.ln2_w, L.ln2_b, L.ln2_out,
+                       L.ln2_mean.data(), L.ln2_rstd.data(), c);
+    else
+      norm(L.x_mid, L.ln2_w, L.ln2_b, L.ln2_out, L.ln2_mean.data(), L.ln2_rstd.data());
     cuda::linear_forward(L.ln2_out, half_of(L.fc1_w), half_of(L.fc1_b), N, C, width, L.fc.data(), stream);
     cuda::activation_forward(activation, L.fc.data(), N, F, L.act.data(), stream);
     sublayer_output(L.hc_mlp, L.act.data(), F, L.fc2_w, L.fc2_b, L.x_mid, L.drop_mlp, L.mlp_y.data(), L.x_out,

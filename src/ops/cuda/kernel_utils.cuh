@@ -224,19 +224,28 @@ void launch_by_width(int64_t tokens, int64_t C, Vec8 vec8, Vec1 vec1, Launch&& l
   else launch(vec1, token_launch(tokens, C, 1));
 }
 
-// The aggregate of one token on its group's threads: agg[c] = sum_j gate[j] x_j[c], in
-// the order j = 0, 1, ... (every kernel that makes it gives the same bits).
+// The aggregate of one token at channels c..c + VEC: acc = sum_j gate[j] x_j, in the order
+// j = 0, 1, ... (every kernel that makes it gives the same bits).
+template <int N, int VEC>
+__device__ inline void aggregate_values(const __nv_bfloat16* xt, const float* gate, int64_t C, int64_t c,
+                                        float (&acc)[VEC]) {
+#pragma unroll
+  for (int v = 0; v < VEC; ++v) acc[v] = 0;
+#pragma unroll
+  for (int j = 0; j < N; ++j) {
+    float xs[VEC];
+    load_bf16<VEC>(xt + j * C + c, xs);
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) acc[v] += gate[j] * xs[v];
+  }
+}
+// The aggregate row of one token on its group's threads.
 template <int N, int VEC>
 __device__ inline void aggregate_row(const __nv_bfloat16* xt, const float (&gate)[N], int64_t C, const TokenGroup& tg,
                                      __nv_bfloat16* agg) {
   for (int64_t c = tg.lane * VEC; c < C; c += tg.lanes * VEC) {
-    float acc[VEC] = {}, xs[VEC];
-#pragma unroll
-    for (int j = 0; j < N; ++j) {
-      load_bf16<VEC>(xt + j * C + c, xs);
-#pragma unroll
-      for (int v = 0; v < VEC; ++v) acc[v] += gate[j] * xs[v];
-    }
+    float acc[VEC];
+    aggregate_values<N, VEC>(xt, gate, C, c, acc);
     store_bf16<VEC>(agg + c, acc);
   }
 }

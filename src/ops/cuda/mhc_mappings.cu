@@ -7,6 +7,7 @@
 #include "ops/cuda/column_sums.cuh"
 #include "ops/cuda/kernel_utils.cuh"
 #include "ops/cuda/mhc_mappings.h"
+#include "ops/cuda/norm_row.cuh"
 
 namespace mhc::cuda {
 
@@ -458,18 +459,41 @@ __global__ void finish_kernel(ProjectionPieces<N, RANGES> pieces, const float* a
   finish_token(token_lane<FinishLanes<N>>(pieces.tokens), pieces, alpha, bias, iterations, out);
 }
 
+// A row for norm_row_forward that makes the aggregate on first use: stores it (bf16) and
+// keeps it as stored, in registers, for the norm's passes.
+template <int N, int VEC, int STEPS> struct AggregateRow {
+  const bf16* xt;
+  const float* gate;
+  int64_t C;
+  bf16* agg;
+  float v[STEPS][VEC];
+  __device__ void get(int64_t c, int step, bool first_use, float (&out)[VEC]) {
+    if (first_use) {
+      float acc[VEC];
+      detail::aggregate_values<N, VEC>(xt, gate, C, c, acc);
+      detail::store_bf16<VEC>(agg + c, acc);
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) v[step][k] = __bfloat162float(__float2bfloat16(acc[k]));
+    }
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) out[k] = v[step][k];
+  }
+};
+
 // The finish and the aggregate in one launch: the first `finish_blocks` blocks are the
 // finish's (Sinkhorn chains, latency-bound: launched first, they run beside the rest), the
 // others the aggregate's (TokenGroup of block blockIdx.x - finish_blocks), each token's
 // group making H_pre itself (pre_gate: the finish's bits) and agg = sum_j H_pre[j] x_j
-// (aggregate_row: aggregate_forward's bits). 49.5 us a call at GPT-2 width in the training
-// step (Nsight Compute) against 16 + 42 for the two kernels; with the chains on the
-// aggregate's own warps instead (a warp of each block), each block lived as long as its
-// chain: 55 us.
-template <int N, int VEC, bool RANGES>
+// (aggregate_values: aggregate_forward's bits). 49.5 us a call at GPT-2 width in the
+// training step (Nsight Compute) against 16 + 42 for the two kernels; with the chains on
+// the aggregate's own warps instead (a warp of each block), each block lived as long as
+// its chain: 55 us. NORM (a warp a token, rows of at most kCachedSteps warp steps): also the
+// sublayer's pre-norm of agg, from the row in registers (norm_row_forward: norm_forward's
+// bits), saving the norm's pass over agg.
+template <int N, int VEC, bool RANGES, bool NORM>
 __global__ void finish_aggregate_kernel(ProjectionPieces<N, RANGES> pieces, const float* alpha, const float* bias,
                                         int iterations, FinishOutputs out, unsigned finish_blocks, const bf16* x,
-                                        int64_t C, int lanes, bf16* agg) {
+                                        int64_t C, int lanes, bf16* agg, AggregateNorm norm) {
   if (blockIdx.x < finish_blocks) {
     finish_token(token_lane<FinishLanes<N>>(pieces.tokens), pieces, alpha, bias, iterations, out);
     return;
@@ -481,7 +505,15 @@ __global__ void finish_aggregate_kernel(ProjectionPieces<N, RANGES> pieces, cons
   float gate[N];
 #pragma unroll
   for (int j = 0; j < N; ++j) gate[j] = pre_gate(rt, pieces.entry(t, j), alpha[0], bias[j]);
-  detail::aggregate_row<N, VEC>(x + t * N * C, gate, C, tg, agg + t * C);
+  if constexpr (NORM) {
+    AggregateRow<N, VEC, detail::kCachedSteps> row{x + t * N * C, gate, C, agg + t * C};
+    detail::norm_row_forward<VEC, detail::kCachedSteps>(row, norm.weight, norm.rms ? nullptr : norm.bias, C, norm.eps,
+                                                        norm.rms, tg.lane, norm.out + t * C,
+                                                        norm.rms || !norm.mean ? nullptr : norm.mean + t,
+                                                        norm.rstd + t);
+  } else {
+    detail::aggregate_row<N, VEC>(x + t * N * C, gate, C, tg, agg + t * C);
+  }
 }
 
 // ---- dx and dW on tensor cores, one pass over x ---------------------------------------------
@@ -1024,6 +1056,8 @@ size_t mappings_forward_workspace_floats(const MappingsArgs& a) {
   return forward_layout_of(a).total;
 }
 
+bool aggregate_norm_supported(int64_t C) { return C % 8 == 0 && C <= 32 * 8 * detail::kCachedSteps; }
+
 size_t mappings_weight_split_elements(const MappingsArgs& a) {
   check_args(a);
   const int64_t m = static_cast<int64_t>(a.n) * a.n + 2 * a.n;
@@ -1039,8 +1073,12 @@ void row_sumsq(const bf16* x, int64_t tokens, int64_t K, float* sumsq, cudaStrea
 
 void mhc_mappings_forward(const MappingsArgs& a, const bf16* x, const float* x_sumsq, const float* weight,
                           const float* alpha, const float* bias, float* proj, float* r, float* h_pre, float* h_post,
-                          float* h_res, float* workspace, cudaStream_t stream, bf16* weight_split, bf16* agg) {
+                          float* h_res, float* workspace, cudaStream_t stream, bf16* weight_split, bf16* agg,
+                          const AggregateNorm* norm) {
   check_args(a);
+  check(!norm || (agg && aggregate_norm_supported(a.C)),
+        "mhc mappings: the aggregate's norm needs the aggregate and C a multiple of 8, at most " +
+            std::to_string(32 * 8 * detail::kCachedSteps) + " (got " + std::to_string(a.C) + ")");
   const ForwardLayout l = forward_layout_of(a);
   bf16* split = weight_split ? weight_split : reinterpret_cast<bf16*>(workspace + l.split_weight);
   split_weight(weight, l.M, l.K, split, stream);
@@ -1056,14 +1094,18 @@ void mhc_mappings_forward(const MappingsArgs& a, const bf16* x, const float* x_s
             pieces, alpha, bias, a.sinkhorn_iterations, out);
         return;
       }
-      detail::launch_by_width(
-          a.tokens, a.C, finish_aggregate_kernel<N, 8, kRanges>, finish_aggregate_kernel<N, 1, kRanges>,
-          [&](auto kernel, detail::TokenLaunch launch) {
-            const unsigned finish_blocks = detail::blocks_for(a.tokens * FinishLanes<N>::L, launch.threads);
-            check(launch.grid <= 0x7fffffffu - finish_blocks, "mhc mappings: too many tokens for one launch");
-            kernel<<<finish_blocks + launch.grid, launch.threads, 0, stream>>>(
-                pieces, alpha, bias, a.sinkhorn_iterations, out, finish_blocks, x, a.C, launch.lanes, agg);
-          });
+      auto launch = [&](auto kernel, detail::TokenLaunch launch) {
+        const unsigned finish_blocks = detail::blocks_for(a.tokens * FinishLanes<N>::L, launch.threads);
+        check(launch.grid <= 0x7fffffffu - finish_blocks, "mhc mappings: too many tokens for one launch");
+        kernel<<<finish_blocks + launch.grid, launch.threads, 0, stream>>>(
+            pieces, alpha, bias, a.sinkhorn_iterations, out, finish_blocks, x, a.C, launch.lanes, agg,
+            norm ? *norm : AggregateNorm{});
+      };
+      if (norm)
+        launch(finish_aggregate_kernel<N, 8, kRanges, true>, detail::token_launch(a.tokens, a.C, 8));
+      else
+        detail::launch_by_width(a.tokens, a.C, finish_aggregate_kernel<N, 8, kRanges, false>,
+                                finish_aggregate_kernel<N, 1, kRanges, false>, launch);
     };
     if (x_sumsq) {
       // ||x||^2 given (the model's path): cuBLASLt's product streams x faster at GPT-2

@@ -48,14 +48,30 @@ size_t mappings_weight_split_elements(const MappingsArgs& a);
 // ||x_t||^2 of each row of K bf16 values (fp32, fixed-order sums).
 void row_sumsq(const bf16* x, int64_t tokens, int64_t K, float* sumsq, cudaStream_t stream = nullptr);
 
+// The sublayer's pre-norm (ops/cuda/norm.h) of the aggregate, made in the aggregate's pass:
+// out, mean (LayerNorm; null for RMSNorm) and rstd per token, norm_forward's bits.
+struct AggregateNorm {
+  const float* weight = nullptr;
+  const float* bias = nullptr;  // LayerNorm only
+  float eps = 0;
+  bool rms = false;
+  bf16* out = nullptr;
+  float* mean = nullptr;
+  float* rstd = nullptr;
+};
+// Where the aggregate's norm can be fused: C a multiple of 8, at most 1024 (a row held in a
+// warp's registers).
+bool aggregate_norm_supported(int64_t C);
+
 // x_sumsq: ||x_t||^2 of each token's n-stream row when its producer computed it, else null
 // (computed here, in the projection's pass over x). weight_split: where W's split is
 // written for the backward, or null. agg: when given, also the aggregate sum_j H_pre[j] x_j
-// ([tokens, C], the bits of aggregate_forward), made in the gates' and Sinkhorn's pass.
+// ([tokens, C], the bits of aggregate_forward), made in the gates' and Sinkhorn's launch;
+// norm (with agg, where aggregate_norm_supported): also its pre-norm.
 void mhc_mappings_forward(const MappingsArgs& a, const bf16* x, const float* x_sumsq, const float* weight,
                           const float* alpha, const float* bias, float* proj, float* r, float* h_pre, float* h_post,
                           float* h_res, float* workspace, cudaStream_t stream = nullptr, bf16* weight_split = nullptr,
-                          bf16* agg = nullptr);
+                          bf16* agg = nullptr, const AggregateNorm* norm = nullptr);
 
 size_t mappings_backward_workspace_floats(const MappingsArgs& a);
 

@@ -1,53 +1,17 @@
 #include "ops/cuda/norm.h"
 
 #include "ops/cuda/column_sums.cuh"
+#include "ops/cuda/norm_row.cuh"
 
 namespace mhc::cuda {
 namespace {
 
+using detail::for_row;
+using detail::kCachedSteps;
+using detail::load_f32;
+using detail::RowCache;
+
 constexpr int kRowsPerBlock = 4;  // one warp a row
-
-// Each lane takes VEC adjacent columns a step (16-byte accesses when VEC = 8); f(c, step),
-// the steps unrolled when a row has at most STEPS of them (the register cache below).
-template <int VEC, int STEPS, typename F> __device__ void for_row(int64_t C, int lane, F f) {
-  if constexpr (STEPS > 0) {
-#pragma unroll
-    for (int step = 0; step < STEPS; ++step) {
-      const int64_t c = (static_cast<int64_t>(lane) + 32 * step) * VEC;
-      if (c < C) f(c, step);
-    }
-  } else {
-    for (int64_t c = static_cast<int64_t>(lane) * VEC; c < C; c += 32 * VEC) f(c, 0);
-  }
-}
-
-template <int VEC> __device__ inline void load_f32(const float* p, float (&out)[VEC]) {
-  if constexpr (VEC % 4 == 0) {
-#pragma unroll
-    for (int k = 0; k < VEC; k += 4) *reinterpret_cast<float4*>(out + k) = *reinterpret_cast<const float4*>(p + k);
-  } else {
-#pragma unroll
-    for (int k = 0; k < VEC; ++k) out[k] = p[k];
-  }
-}
-
-// A lane's part of a bf16 row: with STEPS > 0 (rows of at most 32 VEC STEPS values) read
-// from memory once and then kept in registers; with 0 read from memory at every use.
-template <int VEC, int STEPS> struct RowCache {
-  const bf16* row;
-  float v[STEPS > 0 ? STEPS : 1][VEC];
-  __device__ void get(int64_t c, int step, bool first_use, float (&out)[VEC]) {
-    if constexpr (STEPS > 0) {
-      if (first_use) detail::load_bf16<VEC>(row + c, v[step]);
-#pragma unroll
-      for (int k = 0; k < VEC; ++k) out[k] = v[step][k];
-    } else {
-      detail::load_bf16<VEC>(row + c, out);
-    }
-  }
-};
-// Register-held rows up to 4 steps of a warp (C up to 1024 with 16-byte accesses).
-constexpr int kCachedSteps = 4;
 
 template <int VEC, int STEPS>
 __global__ void norm_forward_kernel(const bf16* __restrict__ x, const float* __restrict__ weight,
@@ -57,36 +21,8 @@ __global__ void norm_forward_kernel(const bf16* __restrict__ x, const float* __r
   const int64_t r = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / 32;
   if (r >= rows) return;
   RowCache<VEC, STEPS> xr{x + r * C};
-  const float inv_c = 1.0f / static_cast<float>(C);
-  float sum = 0;
-  for_row<VEC, STEPS>(C, lane, [&](int64_t c, int step) {
-    float v[VEC];
-    xr.get(c, step, true, v);
-#pragma unroll
-    for (int k = 0; k < VEC; ++k) sum += v[k];
-  });
-  const float m = rms ? 0.0f : detail::warp_sum(sum) * inv_c;
-  float var = 0;
-  for_row<VEC, STEPS>(C, lane, [&](int64_t c, int step) {
-    float v[VEC];
-    xr.get(c, step, false, v);
-#pragma unroll
-    for (int k = 0; k < VEC; ++k) var += (v[k] - m) * (v[k] - m);
-  });
-  const float s = rsqrtf(detail::warp_sum(var) * inv_c + eps);
-  for_row<VEC, STEPS>(C, lane, [&](int64_t c, int step) {
-    float v[VEC], w[VEC], b[VEC] = {};
-    xr.get(c, step, false, v);
-    load_f32<VEC>(weight + c, w);
-    if (bias) load_f32<VEC>(bias + c, b);
-#pragma unroll
-    for (int k = 0; k < VEC; ++k) v[k] = (v[k] - m) * s * w[k] + b[k];
-    detail::store_bf16<VEC>(out + r * C + c, v);
-  });
-  if (lane == 0) {
-    if (mean) mean[r] = m;
-    rstd[r] = s;
-  }
+  detail::norm_row_forward<VEC, STEPS>(xr, weight, bias, C, eps, rms, lane, out + r * C, mean ? mean + r : nullptr,
+                                       rstd + r);
 }
 
 template <int VEC, int STEPS>

@@ -1,0 +1,93 @@
+// A pre-norm's row on one warp (ops/cuda/norm.h has the math), shared by the norm kernels
+// and the kernels that make a row and normalise it in the same pass (the same arithmetic
+// in the same order: the same bits).
+#pragma once
+#include <cuda_bf16.h>
+
+#include <cstdint>
+
+#include "ops/cuda/kernel_utils.cuh"
+
+namespace mhc::cuda::detail {
+
+// Each lane takes VEC adjacent columns a step (16-byte accesses when VEC = 8); f(c, step),
+// the steps unrolled when a row has at most STEPS of them (the register cache below).
+template <int VEC, int STEPS, typename F> __device__ void for_row(int64_t C, int lane, F f) {
+  if constexpr (STEPS > 0) {
+#pragma unroll
+    for (int step = 0; step < STEPS; ++step) {
+      const int64_t c = (static_cast<int64_t>(lane) + 32 * step) * VEC;
+      if (c < C) f(c, step);
+    }
+  } else {
+    for (int64_t c = static_cast<int64_t>(lane) * VEC; c < C; c += 32 * VEC) f(c, 0);
+  }
+}
+
+template <int VEC> __device__ inline void load_f32(const float* p, float (&out)[VEC]) {
+  if constexpr (VEC % 4 == 0) {
+#pragma unroll
+    for (int k = 0; k < VEC; k += 4) *reinterpret_cast<float4*>(out + k) = *reinterpret_cast<const float4*>(p + k);
+  } else {
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) out[k] = p[k];
+  }
+}
+
+// A lane's part of a bf16 row: with STEPS > 0 (rows of at most 32 VEC STEPS values) read
+// from memory once and then kept in registers; with 0 read from memory at every use.
+template <int VEC, int STEPS> struct RowCache {
+  const __nv_bfloat16* row;
+  float v[STEPS > 0 ? STEPS : 1][VEC];
+  __device__ void get(int64_t c, int step, bool first_use, float (&out)[VEC]) {
+    if constexpr (STEPS > 0) {
+      if (first_use) load_bf16<VEC>(row + c, v[step]);
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) out[k] = v[step][k];
+    } else {
+      load_bf16<VEC>(row + c, out);
+    }
+  }
+};
+// Register-held rows up to 4 steps of a warp (C up to 1024 with 16-byte accesses).
+constexpr int kCachedSteps = 4;
+
+// out = (x - mean) rstd w + b (LayerNorm; RMSNorm: mean 0, no b) of the row that `row`
+// gives (get(c, step, first_use, values)); *mean (when not null) and *rstd from lane 0.
+template <int VEC, int STEPS, class Row>
+__device__ void norm_row_forward(Row& row, const float* __restrict__ weight, const float* __restrict__ bias, int64_t C,
+                                 float eps, bool rms, int lane, __nv_bfloat16* __restrict__ out, float* mean,
+                                 float* rstd) {
+  const float inv_c = 1.0f / static_cast<float>(C);
+  float sum = 0;
+  for_row<VEC, STEPS>(C, lane, [&](int64_t c, int step) {
+    float v[VEC];
+    row.get(c, step, true, v);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) sum += v[k];
+  });
+  const float m = rms ? 0.0f : warp_sum(sum) * inv_c;
+  float var = 0;
+  for_row<VEC, STEPS>(C, lane, [&](int64_t c, int step) {
+    float v[VEC];
+    row.get(c, step, false, v);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) var += (v[k] - m) * (v[k] - m);
+  });
+  const float s = rsqrtf(warp_sum(var) * inv_c + eps);
+  for_row<VEC, STEPS>(C, lane, [&](int64_t c, int step) {
+    float v[VEC], w[VEC], b[VEC] = {};
+    row.get(c, step, false, v);
+    load_f32<VEC>(weight + c, w);
+    if (bias) load_f32<VEC>(bias + c, b);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) v[k] = (v[k] - m) * s * w[k] + b[k];
+    store_bf16<VEC>(out + c, v);
+  });
+  if (lane == 0) {
+    if (mean) *mean = m;
+    *rstd = s;
+  }
+}
+
+}  // namespace mhc::cuda::detail
