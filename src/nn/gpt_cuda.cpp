@@ -214,8 +214,9 @@ struct GptCuda::State {
   }
 
   // What selective recompute discarded, re-run from the layer input with the kept mappings
-  // (the same kernels on the same inputs: the same bits): aggregates, norms, fused-add
-  // outputs (the MLP one only when `with_output`).
+  // (the same arithmetic on the same inputs: the same bits, also where the forward made the
+  // aggregate and its norm in the mappings' pass): aggregates, norms, fused-add outputs (the
+  // MLP one only when `with_output`).
   void restore(CudaLayer& L, const bf16* x_in, bool with_output) {
     cuda::aggregate_forward(x_in, L.hc_attn.h_pre.data(), N, static_cast<int>(n), C, L.agg1, stream);
     norm(L.agg1, L.ln1_w, L.ln1_b, L.ln1_out, L.ln1_mean.data(), L.ln1_rstd.data());
