@@ -11,6 +11,7 @@
 #include "ops/cpu/h_post_bda.h"
 #include "ops/cpu/stream_expand.h"
 #include "ops/cuda/linear.h"
+#include "ops/cuda/norm.h"
 #include "ops/cuda/stream_mix.h"
 #include "cuda_test_util.h"
 
@@ -149,6 +150,47 @@ TEST_P(CudaStreamMix, BackwardFusedWithTheAggregate) {
   EXPECT_LT(relative_error(widen(d_dres.download()), dres), kFp32Tolerance);
   EXPECT_LT(relative_error(widen(d_dpost.download()), dpost), kFp32Tolerance);
   EXPECT_LT(relative_error(widen(d_dpre.download()), dpre), kFp32Tolerance);
+
+  // With dagg made in the same pass as the pre-norm's input gradient (the model's path where
+  // C allows; LayerNorm and RMSNorm): dagg the bits of norm_backward's, the reductions the
+  // bits of the pass given that dagg.
+  const Bf16Data gln = random_bf16(tokens * C, 38), agg = random_bf16(tokens * C, 39);
+  const std::vector<float> norm_w = random_float(C, 40, 0.5, 1.5), norm_mean = random_float(tokens, 41, -0.1, 0.1),
+                           norm_rstd = random_float(tokens, 42, 0.5, 2.0);
+  DeviceBuffer<bf16> d_gln(gln.bits), d_agg(agg.bits);
+  DeviceBuffer<float> d_norm_w(norm_w), d_norm_mean(norm_mean), d_norm_rstd(norm_rstd),
+      d_norm_gw(std::vector<float>(C, 0.0f));
+  auto d_norm_ws = poisoned<float>(cuda::norm_backward_workspace_floats(tokens, C));
+  if (!cuda::norm_input_grad_supported(C, {})) {
+    const cuda::NormInputGrad norm{d_gln.data(), d_agg.data(), d_norm_w.data(), d_norm_mean.data(),
+                                   d_norm_rstd.data(), false, d_gagg.data()};
+    const cuda::AggregateGrad fused{nullptr, d_pre.data(), d_dpre.data(), &norm};
+    EXPECT_THROW(cuda::h_post_bda_backward(d_gout.data(), d_x.data(), d_res.data(), d_post.data(), d_y.data(), nullptr,
+                                           tokens, n, C, {}, nullptr, d_dres.data(), d_dpost.data(), nullptr, &fused),
+                 Error);
+    return;
+  }
+  for (const bool rms : {false, true}) {
+    const float* mean = rms ? nullptr : d_norm_mean.data();
+    auto d_dagg_alone = poisoned<bf16>(tokens * C), d_dagg = poisoned<bf16>(tokens * C);
+    cuda::norm_backward(d_gln.data(), d_agg.data(), d_norm_w.data(), mean, d_norm_rstd.data(), tokens, C, rms,
+                        d_dagg_alone.data(), d_norm_gw.data(), nullptr, d_norm_ws.data(), false);
+    const cuda::NormInputGrad norm{d_gln.data(), d_agg.data(), d_norm_w.data(), mean, d_norm_rstd.data(), rms,
+                                   d_dagg.data()};
+    const cuda::AggregateGrad fused{nullptr, d_pre.data(), d_dpre.data(), &norm};
+    for (auto* b : {&d_dres, &d_dpost, &d_dpre}) *b = poisoned<float>(b->size());
+    cuda::h_post_bda_backward(d_gout.data(), d_x.data(), d_res.data(), d_post.data(), d_y.data(), nullptr, tokens, n,
+                              C, {}, nullptr, d_dres.data(), d_dpost.data(), nullptr, &fused);
+    const auto fused_res = d_dres.download(), fused_post = d_dpost.download(), fused_pre = d_dpre.download();
+    EXPECT_EQ(d_dagg.download(), d_dagg_alone.download()) << "rms " << rms;
+    const cuda::AggregateGrad given{d_dagg_alone.data(), d_pre.data(), d_dpre.data()};
+    for (auto* b : {&d_dres, &d_dpost, &d_dpre}) *b = poisoned<float>(b->size());
+    cuda::h_post_bda_backward(d_gout.data(), d_x.data(), d_res.data(), d_post.data(), d_y.data(), nullptr, tokens, n,
+                              C, {}, nullptr, d_dres.data(), d_dpost.data(), nullptr, &given);
+    EXPECT_EQ(d_dres.download(), fused_res) << "rms " << rms;
+    EXPECT_EQ(d_dpost.download(), fused_post) << "rms " << rms;
+    EXPECT_EQ(d_dpre.download(), fused_pre) << "rms " << rms;
+  }
 }
 
 TEST_P(CudaStreamMix, ExpandAndContract) {
@@ -206,7 +248,8 @@ TEST_P(CudaStreamMix, DeterministicBits) {
 
 INSTANTIATE_TEST_SUITE_P(Shapes, CudaStreamMix,
                          ::testing::Values(Shape{7, 1, 5}, Shape{33, 2, 13}, Shape{64, 4, 768}, Shape{5, 6, 100},
-                                           Shape{3, 8, 257}, Shape{300, 4, 1023}, Shape{256, 4, 7168}),
+                                           Shape{3, 8, 257}, Shape{300, 4, 1023}, Shape{256, 4, 7168},
+                                           Shape{37, 6, 96}, Shape{50, 1, 1024}),
                          [](const auto& param_info) {
                            return "tokens" + std::to_string(param_info.param.tokens) + "_n" +
                                   std::to_string(param_info.param.n) + "_C" + std::to_string(param_info.param.C);

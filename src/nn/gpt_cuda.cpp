@@ -157,10 +157,11 @@ struct GptCuda::State {
   // terms) once; the mapping parameters' gradients accumulate. `below` (with its dropout):
   // the hyper connection whose dout grad_x is, or null; without dropout its dy is written
   // from grad_x while on chip.
+  // norm: where dagg is the pre-norm's input gradient made in the reductions' pass, else null.
   void hc_backward(HcState& m, const bf16* grad_out, const bf16* x, const bf16* y, const Slot& bias,
                    cpu::DropoutSpec d, const bf16* grad_agg, bf16* grad_x, HcState* below,
-                   cpu::DropoutSpec below_dropout, const ModelConfig& c) {
-    const cuda::AggregateGrad aggregate{grad_agg, m.h_pre.data(), grad_h_pre.data()};
+                   cpu::DropoutSpec below_dropout, const ModelConfig& c, const cuda::NormInputGrad* norm) {
+    const cuda::AggregateGrad aggregate{grad_agg, m.h_pre.data(), grad_h_pre.data(), norm};
     cuda::h_post_bda_backward(grad_out, x, m.h_res.data(), m.h_post.data(), y, half_of(bias), N,
                               static_cast<int>(n), C, d, /*grad_x, written by the mappings:*/ nullptr,
                               grad_h_res.data(), grad_h_post.data(),
@@ -175,6 +176,18 @@ struct GptCuda::State {
                                 grad_of(m.bias), mappings_backward_ws.data(), &mix, write_dy ? &next : nullptr,
                                 stream, m.weight_split.data());
     if (write_dy) below->grad_y_written = true;
+  }
+  // The sublayer's pre-norm backward (dln -> dagg), then the hyper connection's. Where the
+  // kernels can, dagg is made in the hyper connection's reductions pass (NormInputGrad) and
+  // the norm's own pass makes only its weight and bias gradients.
+  void norm_and_hc_backward(HcState& m, const bf16* agg, const Slot& norm_w, const Slot& norm_b, const float* mean,
+                            const float* rstd, const bf16* grad_out, const bf16* x, const bf16* y, const Slot& bias,
+                            cpu::DropoutSpec d, bf16* grad_x, HcState* below, cpu::DropoutSpec below_dropout,
+                            const ModelConfig& c) {
+    const bool fuse = cuda::norm_input_grad_supported(C, d);
+    norm_backward(dln.data(), agg, norm_w, norm_b, mean, rstd, fuse ? nullptr : dagg.data(), false);
+    const cuda::NormInputGrad norm{dln.data(), agg, value_of(norm_w), mean, rstd, rms, dagg.data()};
+    hc_backward(m, grad_out, x, y, bias, d, dagg.data(), grad_x, below, below_dropout, c, fuse ? &norm : nullptr);
   }
   // The mappings, the aggregate and the sublayer's pre-norm of it (in the aggregate's pass
   // where the kernels can, else after it). x_sumsq: the input's ||x||^2 when its producer
@@ -244,9 +257,8 @@ struct GptCuda::State {
     cuda::linear_backward(dfc.data(), L.ln2_out, half_of(L.fc1_w), N, C, width, dln.data(), grad_of(L.fc1_w),
                           nullptr, columns, stream);
     if (hc) {
-      norm_backward(dln.data(), L.agg2, L.ln2_w, L.ln2_b, L.ln2_mean.data(), L.ln2_rstd.data(), dagg.data(), false);
-      hc_backward(L.hc_mlp, grad_out, L.x_mid, L.mlp_y.data(), L.fc2_b, L.drop_mlp, dagg.data(), grad_mid,
-                  &L.hc_attn, L.drop_attn, c);
+      norm_and_hc_backward(L.hc_mlp, L.agg2, L.ln2_w, L.ln2_b, L.ln2_mean.data(), L.ln2_rstd.data(), grad_out,
+                           L.x_mid, L.mlp_y.data(), L.fc2_b, L.drop_mlp, grad_mid, &L.hc_attn, L.drop_attn, c);
     } else {
       norm_backward(dln.data(), L.x_mid, L.ln2_w, L.ln2_b, L.ln2_mean.data(), L.ln2_rstd.data(), grad_mid, true);
     }
@@ -258,9 +270,9 @@ struct GptCuda::State {
     cuda::linear_backward(dqkv.data(), L.ln1_out, half_of(L.qkv_w), N, C, 3 * C, dln.data(), grad_of(L.qkv_w),
                           grad_of(L.qkv_b), columns, stream);
     if (hc) {
-      norm_backward(dln.data(), L.agg1, L.ln1_w, L.ln1_b, L.ln1_mean.data(), L.ln1_rstd.data(), dagg.data(), false);
-      hc_backward(L.hc_attn, grad_mid, x_in, L.attn_y.data(), L.proj_b, L.drop_attn, dagg.data(), grad_in,
-                  below ? &below->hc_mlp : nullptr, below ? below->drop_mlp : cpu::DropoutSpec{}, c);
+      norm_and_hc_backward(L.hc_attn, L.agg1, L.ln1_w, L.ln1_b, L.ln1_mean.data(), L.ln1_rstd.data(), grad_mid, x_in,
+                           L.attn_y.data(), L.proj_b, L.drop_attn, grad_in, below ? &below->hc_mlp : nullptr,
+                           below ? below->drop_mlp : cpu::DropoutSpec{}, c);
     } else {
       norm_backward(dln.data(), x_in, L.ln1_w, L.ln1_b, L.ln1_mean.data(), L.ln1_rstd.data(), grad_in, true);
     }

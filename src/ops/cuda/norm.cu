@@ -34,30 +34,16 @@ __global__ void norm_backward_kernel(const bf16* __restrict__ grad_out, const bf
   const int64_t r = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / 32;
   if (r >= rows) return;
   RowCache<VEC, STEPS> g{grad_out + r * C}, xr{x + r * C};
-  const float m = rms ? 0.0f : mean[r], s = rstd[r], inv_c = 1.0f / static_cast<float>(C);
-  float sum_gw = 0, sum_gw_xhat = 0;
-  for_row<VEC, STEPS>(C, lane, [&](int64_t c, int step) {
-    float gv[VEC], xv[VEC], w[VEC];
-    g.get(c, step, true, gv);
-    xr.get(c, step, true, xv);
-    load_f32<VEC>(weight + c, w);
-#pragma unroll
-    for (int k = 0; k < VEC; ++k) {
-      const float gw = gv[k] * w[k];
-      sum_gw += gw;
-      sum_gw_xhat += gw * (xv[k] - m) * s;
-    }
-  });
-  const float mean_gw = rms ? 0.0f : detail::warp_sum(sum_gw) * inv_c;
-  const float mean_gw_xhat = detail::warp_sum(sum_gw_xhat) * inv_c;
+  const float m = rms ? 0.0f : mean[r], s = rstd[r];
+  float mean_gw, mean_gw_xhat;
+  detail::norm_row_grad_means<VEC, STEPS>(g, xr, weight, C, m, s, rms, lane, mean_gw, mean_gw_xhat);
   for_row<VEC, STEPS>(C, lane, [&](int64_t c, int step) {
     float gv[VEC], xv[VEC], w[VEC], dx[VEC] = {};
     g.get(c, step, false, gv);
     xr.get(c, step, false, xv);
     load_f32<VEC>(weight + c, w);
     if (accumulate) detail::load_bf16<VEC>(grad_x + r * C + c, dx);
-#pragma unroll
-    for (int k = 0; k < VEC; ++k) dx[k] += s * (gv[k] * w[k] - mean_gw - (xv[k] - m) * s * mean_gw_xhat);
+    detail::add_norm_input_grad<VEC>(gv, xv, w, m, s, mean_gw, mean_gw_xhat, dx);
     detail::store_bf16<VEC>(grad_x + r * C + c, dx);
   });
 }
@@ -121,11 +107,13 @@ void norm_backward(const bf16* grad_out, const bf16* x, const float* weight, con
   check(rows >= 1 && C >= 1, "norm: empty input");
   if (rms) mean = nullptr, grad_bias = nullptr;
   const unsigned blocks = detail::blocks_for(rows, kRowsPerBlock);
-  dispatch_row<BackwardKernel>(C, [&](auto kernel) {
-    kernel<<<blocks, kRowsPerBlock * 32, 0, stream>>>(grad_out, x, weight, mean, rstd, rows, C, rms, accumulate,
-                                                      grad_x);
-  });
-  MHC_CUDA_CHECK(cudaGetLastError());
+  if (grad_x) {
+    dispatch_row<BackwardKernel>(C, [&](auto kernel) {
+      kernel<<<blocks, kRowsPerBlock * 32, 0, stream>>>(grad_out, x, weight, mean, rstd, rows, C, rms, accumulate,
+                                                        grad_x);
+    });
+    MHC_CUDA_CHECK(cudaGetLastError());
+  }
   detail::column_sums<2>(NormParameterGrads{grad_out, x, mean, rstd, C}, rows, C, {grad_weight, grad_bias}, workspace,
                          stream);
 }

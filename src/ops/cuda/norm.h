@@ -23,7 +23,8 @@ void norm_forward(const bf16* x, const float* weight, const float* bias, int64_t
 
 size_t norm_backward_workspace_floats(int64_t rows, int64_t C);
 
-// grad_bias may be null (RMSNorm has none).
+// grad_bias may be null (RMSNorm has none); grad_x may be null: the weight and bias
+// gradients only (the input gradient made elsewhere: stream_mix.h's NormInputGrad).
 void norm_backward(const bf16* grad_out, const bf16* x, const float* weight, const float* mean, const float* rstd,
                    int64_t rows, int64_t C, bool rms, bf16* grad_x, float* grad_weight, float* grad_bias,
                    float* workspace, bool accumulate = true, cudaStream_t stream = nullptr);

@@ -90,4 +90,35 @@ __device__ void norm_row_forward(Row& row, const float* __restrict__ weight, con
   }
 }
 
+// The backward's row means of one row (g: the output's gradient, x: the input):
+// mean(g w) (0 for RMSNorm) and mean(g w xhat).
+template <int VEC, int STEPS, class Row>
+__device__ void norm_row_grad_means(Row& g, Row& x, const float* __restrict__ weight, int64_t C, float m, float s,
+                                    bool rms, int lane, float& mean_gw, float& mean_gw_xhat) {
+  const float inv_c = 1.0f / static_cast<float>(C);
+  float sum_gw = 0, sum_gw_xhat = 0;
+  for_row<VEC, STEPS>(C, lane, [&](int64_t c, int step) {
+    float gv[VEC], xv[VEC], w[VEC];
+    g.get(c, step, true, gv);
+    x.get(c, step, true, xv);
+    load_f32<VEC>(weight + c, w);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+      const float gw = gv[k] * w[k];
+      sum_gw += gw;
+      sum_gw_xhat += gw * (xv[k] - m) * s;
+    }
+  });
+  mean_gw = rms ? 0.0f : warp_sum(sum_gw) * inv_c;
+  mean_gw_xhat = warp_sum(sum_gw_xhat) * inv_c;
+}
+
+// The input gradient of VEC columns, added to dx: rstd (g w - mean(g w) - xhat mean(g w xhat)).
+template <int VEC>
+__device__ inline void add_norm_input_grad(const float (&gv)[VEC], const float (&xv)[VEC], const float (&w)[VEC],
+                                           float m, float s, float mean_gw, float mean_gw_xhat, float (&dx)[VEC]) {
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) dx[k] += s * (gv[k] * w[k] - mean_gw - (xv[k] - m) * s * mean_gw_xhat);
+}
+
 }  // namespace mhc::cuda::detail

@@ -4,6 +4,7 @@
 #include "core/rng.h"
 #include "ops/cuda/column_sums.cuh"
 #include "ops/cuda/kernel_utils.cuh"
+#include "ops/cuda/norm_row.cuh"
 #include "ops/cuda/stream_mix.h"
 
 namespace mhc::cuda {
@@ -132,18 +133,29 @@ __global__ void h_post_bda_forward_kernel(const bf16* x, const float* h_res, con
 
 // AGG: also the aggregate's backward on the same x (dx += H_pre dagg, dH_pre), so that
 // dx is written once. DX false: the reductions only, dx left to the mappings' backward
-// (StreamMixGrad). Two blocks a multiprocessor where n <= 4 fits 128 registers without
+// (StreamMixGrad). NORM (with AGG, a warp a token): dagg made here as the pre-norm's input
+// gradient (NormInputGrad: its row means first, then dagg a step at a time, written and
+// used as stored). Two blocks a multiprocessor where n <= 4 fits 128 registers without
 // spilling.
-template <int N, int VEC, bool AGG, bool DX, bool DROPOUT>
+template <int N, int VEC, bool AGG, bool DX, bool DROPOUT, bool NORM>
 __global__ void __launch_bounds__(detail::kBlockThreads, N <= 4 ? 2 : 1)
     h_post_bda_backward_kernel(const bf16* grad_out, const bf16* x, const float* h_res, const float* h_post,
                                const bf16* y, const bf16* y_bias, int64_t tokens, int64_t C, int lanes, float p,
                                uint64_t key, bf16* grad_x, float* grad_h_res, float* grad_h_post, bf16* grad_y,
-                               const bf16* grad_agg, const float* h_pre, float* grad_h_pre) {
+                               const bf16* grad_agg, const float* h_pre, float* grad_h_pre, NormInputGrad norm) {
+  static_assert(!NORM || AGG, "the norm's input gradient is the aggregate's");
   constexpr int P = N * N + N + (AGG ? N : 0);
   const TokenGroup tg = detail::token_group(lanes);
   const int64_t t = tg.token;
   if (t >= tokens) return;
+  float norm_m = 0, norm_s = 0, mean_gw = 0, mean_gw_xhat = 0;
+  if constexpr (NORM) {
+    detail::RowCache<VEC, 0> g{norm.grad_out + t * C}, xr{norm.x + t * C};
+    norm_m = norm.rms ? 0.0f : norm.mean[t];
+    norm_s = norm.rstd[t];
+    detail::norm_row_grad_means<VEC, 0>(g, xr, norm.weight, C, norm_m, norm_s, norm.rms, tg.lane, mean_gw,
+                                        mean_gw_xhat);
+  }
   float mix[N][N], post[N], pre[N];
   float partial[P];  // dH_res row-major, then dH_post, then dH_pre
 #pragma unroll
@@ -160,7 +172,18 @@ __global__ void __launch_bounds__(detail::kBlockThreads, N <= 4 ? 2 : 1)
   for (int64_t c = tg.lane * VEC; c < C; c += tg.lanes * VEC) {
     float sublayer[VEC] = {}, g[N][VEC], xs[N][VEC], dy[VEC] = {}, dagg[VEC] = {};
     load_sublayer<VEC>(y + t * C, y_bias, c, sublayer);
-    if constexpr (AGG) detail::load_bf16<VEC>(grad_agg + t * C + c, dagg);
+    if constexpr (NORM) {
+      float gv[VEC], xv[VEC], w[VEC];
+      detail::load_bf16<VEC>(norm.grad_out + t * C + c, gv);
+      detail::load_bf16<VEC>(norm.x + t * C + c, xv);
+      detail::load_f32<VEC>(norm.weight + c, w);
+      detail::add_norm_input_grad<VEC>(gv, xv, w, norm_m, norm_s, mean_gw, mean_gw_xhat, dagg);
+      detail::store_bf16<VEC>(norm.grad_x + t * C + c, dagg);
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) dagg[v] = __bfloat162float(__float2bfloat16(dagg[v]));
+    } else if constexpr (AGG) {
+      detail::load_bf16<VEC>(grad_agg + t * C + c, dagg);
+    }
 #pragma unroll
     for (int i = 0; i < N; ++i) {
       detail::load_bf16<VEC>(grad_out + (t * N + i) * C + c, g[i]);
@@ -346,6 +369,10 @@ void h_post_bda_grad_y(const bf16* grad_out, const float* h_post, int64_t tokens
   });
 }
 
+bool norm_input_grad_supported(int64_t C, cpu::DropoutSpec dropout) {
+  return C % 8 == 0 && C <= 32 * 8 * detail::kCachedSteps && dropout.p <= 0.0f;
+}
+
 void h_post_bda_backward(const bf16* grad_out, const bf16* x, const float* h_res, const float* h_post, const bf16* y,
                          const bf16* y_bias, int64_t tokens, int n, int64_t C, cpu::DropoutSpec dropout, bf16* grad_x,
                          float* grad_h_res, float* grad_h_post, bf16* grad_y, const AggregateGrad* aggregate,
@@ -354,27 +381,36 @@ void h_post_bda_backward(const bf16* grad_out, const bf16* x, const float* h_res
   const bf16* grad_agg = aggregate ? aggregate->grad_agg : nullptr;
   const float* h_pre = aggregate ? aggregate->h_pre : nullptr;
   float* grad_h_pre = aggregate ? aggregate->grad_h_pre : nullptr;
+  const NormInputGrad* norm = aggregate ? aggregate->norm : nullptr;
+  check(!norm || (!grad_x && norm_input_grad_supported(C, dropout)),
+        "h_post_bda_backward: the norm's input gradient is fused only into the reductions alone (no dx), without "
+        "dropout, for C a multiple of 8 up to " +
+            std::to_string(32 * 8 * detail::kCachedSteps) + " (got " + std::to_string(C) + ")");
   dispatch_streams(n, [&](auto N) {
     auto launch = [&](auto kernel, int vec) {
       const TokenLaunch l = token_launch(tokens, C, vec);
       kernel<<<l.grid, l.threads, 0, stream>>>(grad_out, x, h_res, h_post, y, y_bias, tokens, C, l.lanes, dropout.p,
                                                dropout.key, grad_x, grad_h_res, grad_h_post, grad_y, grad_agg, h_pre,
-                                               grad_h_pre);
+                                               grad_h_pre, norm ? *norm : NormInputGrad{});
     };
+    if (norm) {  // (no dropout, C % 8 == 0)
+      launch(h_post_bda_backward_kernel<N.value, 8, true, false, false, true>, 8);
+      return;
+    }
     // With dx, 4 channels a step: 8 make the fused kernel need 225 registers (one block per
     // multiprocessor); the reductions alone take 8 without dropout.
     dispatch_dropout(dropout.p, [&](auto drop) {
       constexpr bool DROPOUT = decltype(drop)::value;
       if (!grad_x) {
         constexpr int kVec = DROPOUT ? 4 : 8;  // 8 with the dropout hash spills
-        if (C % kVec == 0) launch(h_post_bda_backward_kernel<N.value, kVec, true, false, DROPOUT>, kVec);
-        else launch(h_post_bda_backward_kernel<N.value, 1, true, false, DROPOUT>, 1);
+        if (C % kVec == 0) launch(h_post_bda_backward_kernel<N.value, kVec, true, false, DROPOUT, false>, kVec);
+        else launch(h_post_bda_backward_kernel<N.value, 1, true, false, DROPOUT, false>, 1);
       } else if (C % 4 == 0) {
-        if (aggregate) launch(h_post_bda_backward_kernel<N.value, 4, true, true, DROPOUT>, 4);
-        else launch(h_post_bda_backward_kernel<N.value, 4, false, true, DROPOUT>, 4);
+        if (aggregate) launch(h_post_bda_backward_kernel<N.value, 4, true, true, DROPOUT, false>, 4);
+        else launch(h_post_bda_backward_kernel<N.value, 4, false, true, DROPOUT, false>, 4);
       } else {
-        if (aggregate) launch(h_post_bda_backward_kernel<N.value, 1, true, true, DROPOUT>, 1);
-        else launch(h_post_bda_backward_kernel<N.value, 1, false, true, DROPOUT>, 1);
+        if (aggregate) launch(h_post_bda_backward_kernel<N.value, 1, true, true, DROPOUT, false>, 1);
+        else launch(h_post_bda_backward_kernel<N.value, 1, false, true, DROPOUT, false>, 1);
       }
     });
   });

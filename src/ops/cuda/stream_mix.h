@@ -60,10 +60,29 @@ void h_post_bda_grad_y(const bf16* grad_out, const float* h_post, int64_t tokens
 // The aggregate's backward of the same hyper connection (same x), for fusing into
 // h_post_bda_backward: then dx = H_res^T dout + H_pre dagg is written once and dH_pre is
 // reduced alongside dH_res and dH_post.
+// The sublayer's pre-norm backward made in the reductions' pass, where the aggregate's
+// gradient is the norm's input gradient: dagg = the norm's dx of grad_out given x (the
+// aggregate), mean and rstd (ops/cuda/norm.h, not accumulated: norm_backward's bits),
+// written to grad_x and used as the aggregate's gradient. The norm's weight and bias
+// gradients stay norm_backward's (with a null grad_x).
+struct NormInputGrad {
+  const bf16* grad_out;
+  const bf16* x;
+  const float* weight;
+  const float* mean;  // null for RMSNorm
+  const float* rstd;
+  bool rms;
+  bf16* grad_x;
+};
+// Where NormInputGrad can be fused: the reductions alone (no dx), C a multiple of 8 and at
+// most 1024 (a warp a token), no dropout.
+bool norm_input_grad_supported(int64_t C, cpu::DropoutSpec dropout);
+
 struct AggregateGrad {
-  const bf16* grad_agg;
+  const bf16* grad_agg;  // unused with `norm`: the kernel makes dagg
   const float* h_pre;
   float* grad_h_pre;
+  const NormInputGrad* norm = nullptr;
 };
 
 // `aggregate` may be null (h_post_bda alone); so may grad_y (dy not written) and, with
