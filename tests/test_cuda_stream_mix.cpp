@@ -177,14 +177,14 @@ TEST_P(CudaStreamMix, BackwardFusedWithTheAggregate) {
                         d_dagg_alone.data(), d_norm_gw.data(), nullptr, d_norm_ws.data(), false);
     const cuda::NormInputGrad norm{d_gln.data(), d_agg.data(), d_norm_w.data(), mean, d_norm_rstd.data(), rms,
                                    d_dagg.data()};
-    const cuda::AggregateGrad fused{nullptr, d_pre.data(), d_dpre.data(), &norm};
     for (auto* b : {&d_dres, &d_dpost, &d_dpre}) *b = poisoned<float>(b->size());
+    const cuda::AggregateGrad fused{nullptr, d_pre.data(), d_dpre.data(), &norm};
     cuda::h_post_bda_backward(d_gout.data(), d_x.data(), d_res.data(), d_post.data(), d_y.data(), nullptr, tokens, n,
                               C, {}, nullptr, d_dres.data(), d_dpost.data(), nullptr, &fused);
     const auto fused_res = d_dres.download(), fused_post = d_dpost.download(), fused_pre = d_dpre.download();
     EXPECT_EQ(d_dagg.download(), d_dagg_alone.download()) << "rms " << rms;
-    const cuda::AggregateGrad given{d_dagg_alone.data(), d_pre.data(), d_dpre.data()};
     for (auto* b : {&d_dres, &d_dpost, &d_dpre}) *b = poisoned<float>(b->size());
+    const cuda::AggregateGrad given{d_dagg_alone.data(), d_pre.data(), d_dpre.data()};
     cuda::h_post_bda_backward(d_gout.data(), d_x.data(), d_res.data(), d_post.data(), d_y.data(), nullptr, tokens, n,
                               C, {}, nullptr, d_dres.data(), d_dpost.data(), nullptr, &given);
     EXPECT_EQ(d_dres.download(), fused_res) << "rms " << rms;
