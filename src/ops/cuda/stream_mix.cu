@@ -1,4 +1,4 @@
-#include <algorithm>
+#include <string>
 
 #include "core/cuda/device.h"
 #include "core/rng.h"
