@@ -1056,7 +1056,7 @@ size_t mappings_forward_workspace_floats(const MappingsArgs& a) {
   return forward_layout_of(a).total;
 }
 
-bool aggregate_norm_supported(int64_t C) { return C % 8 == 0 && C <= 32 * 8 * detail::kCachedSteps; }
+bool aggregate_norm_supported(int64_t C) { return detail::warp_row_fits(C); }
 
 size_t mappings_weight_split_elements(const MappingsArgs& a) {
   check_args(a);
@@ -1078,7 +1078,7 @@ void mhc_mappings_forward(const MappingsArgs& a, const bf16* x, const float* x_s
   check_args(a);
   check(!norm || (agg && aggregate_norm_supported(a.C)),
         "mhc mappings: the aggregate's norm needs the aggregate and C a multiple of 8, at most " +
-            std::to_string(32 * 8 * detail::kCachedSteps) + " (got " + std::to_string(a.C) + ")");
+            std::to_string(detail::kWarpRowWidth) + " (got " + std::to_string(a.C) + ")");
   const ForwardLayout l = forward_layout_of(a);
   bf16* split = weight_split ? weight_split : reinterpret_cast<bf16*>(workspace + l.split_weight);
   split_weight(weight, l.M, l.K, split, stream);

@@ -70,7 +70,7 @@ struct NormParameterGrads {
 // registers when they fit kCachedSteps warp steps.
 template <template <int, int> class Kernel, typename Launch> void dispatch_row(int64_t C, Launch&& launch) {
   if (C % 8 == 0) {
-    if (C <= 32 * 8 * kCachedSteps) launch(Kernel<8, kCachedSteps>::kernel);
+    if (detail::warp_row_fits(C)) launch(Kernel<8, kCachedSteps>::kernel);
     else launch(Kernel<8, 0>::kernel);
   } else {
     if (C <= 32 * kCachedSteps) launch(Kernel<1, kCachedSteps>::kernel);

@@ -51,6 +51,10 @@ template <int VEC, int STEPS> struct RowCache {
 };
 // Register-held rows up to 4 steps of a warp (C up to 1024 with 16-byte accesses).
 constexpr int kCachedSteps = 4;
+constexpr int64_t kWarpRowWidth = 32 * 8 * kCachedSteps;
+// Rows that a warp holds in registers with 16-byte accesses: where kernels that make a row
+// can normalise it (or take its norm's gradient) in the same pass.
+inline bool warp_row_fits(int64_t C) { return C % 8 == 0 && C <= kWarpRowWidth; }
 
 // out = (x - mean) rstd w + b (LayerNorm; RMSNorm: mean 0, no b) of the row that `row`
 // gives (get(c, step, first_use, values)); *mean (when not null) and *rstd from lane 0.

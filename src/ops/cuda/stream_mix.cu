@@ -370,7 +370,7 @@ void h_post_bda_grad_y(const bf16* grad_out, const float* h_post, int64_t tokens
 }
 
 bool norm_input_grad_supported(int64_t C, cpu::DropoutSpec dropout) {
-  return C % 8 == 0 && C <= 32 * 8 * detail::kCachedSteps && dropout.p <= 0.0f;
+  return detail::warp_row_fits(C) && dropout.p <= 0.0f;
 }
 
 void h_post_bda_backward(const bf16* grad_out, const bf16* x, const float* h_res, const float* h_post, const bf16* y,
@@ -385,7 +385,7 @@ void h_post_bda_backward(const bf16* grad_out, const bf16* x, const float* h_res
   check(!norm || (!grad_x && norm_input_grad_supported(C, dropout)),
         "h_post_bda_backward: the norm's input gradient is fused only into the reductions alone (no dx), without "
         "dropout, for C a multiple of 8 up to " +
-            std::to_string(32 * 8 * detail::kCachedSteps) + " (got " + std::to_string(C) + ")");
+            std::to_string(detail::kWarpRowWidth) + " (got " + std::to_string(C) + ")");
   dispatch_streams(n, [&](auto N) {
     auto launch = [&](auto kernel, int vec) {
       const TokenLaunch l = token_launch(tokens, C, vec);
