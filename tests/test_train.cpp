@@ -117,7 +117,8 @@ TEST(Train, ResumeAfterACheckpointDropsLaterRecords) {
 
 TEST(Checkpoint, RoundTrip) {
   TempDir tmp;
-  const TrainConfig c = tiny_config();
+  TrainConfig c = tiny_config();
+  c.cuda_graphs = false;  // a key away from its default
   Gpt<float> model(c.model, c.batch_size, c.model.seq_length);
   model.init(5);
   AdamW optimizer(model.parameters());
@@ -219,6 +220,7 @@ TEST(Train, BadInputIsANamedErrorAndWritesNothing) {
   EXPECT_NE(error_of([&] { train(bad, tmp / "a"); }).find("mhc_sinkhorn_iterations"), std::string::npos);
   EXPECT_NE(error_of([&] { apply_train_override(bad, "learning_rat=1"); }).find("learning_rat"), std::string::npos);
   EXPECT_NE(error_of([&] { apply_train_override(bad, "batch_size=zero"); }).find("batch_size"), std::string::npos);
+  EXPECT_NE(error_of([&] { apply_train_override(bad, "cuda_graphs=2"); }).find("cuda_graphs"), std::string::npos);
   // A directory that holds a run is not overwritten.
   TrainConfig ok = tiny_config();
   ok.steps = 1;
