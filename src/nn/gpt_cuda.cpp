@@ -324,6 +324,14 @@ struct GptCuda::State {
         cudaMemcpyAsync(targets.data(), targets_host, N * sizeof(int32_t), cudaMemcpyHostToDevice, stream));
   }
 
+  // The mean loss of a batch: upload, forward and head (its backward too with `train`).
+  double loss(const int32_t* tokens_host, const int32_t* targets_host, uint64_t step, const ModelConfig& c,
+              bool train) {
+    upload_batch(tokens_host, targets_host);
+    forward(step, c, train);
+    return mean_loss();
+  }
+
   // The forward of the uploaded batch and the head (its backward too with `train`).
   void forward(uint64_t step, const ModelConfig& c, bool train) {
     cuda::embedding_forward(tokens.data(), value_of(wte), value_of(wpe), B, S, C, e.data(), stream);
@@ -582,9 +590,7 @@ void GptCuda::zero_grad() {
 }
 
 double GptCuda::forward(const int32_t* tokens, const int32_t* targets, uint64_t step) {
-  s_->upload_batch(tokens, targets);
-  s_->forward(step, config_, true);
-  return s_->mean_loss();
+  return s_->loss(tokens, targets, step, config_, true);
 }
 
 void GptCuda::backward() { s_->backward(config_); }
@@ -599,9 +605,7 @@ void GptCuda::set_graphs(bool on) {
 }
 
 double GptCuda::evaluate(const int32_t* tokens, const int32_t* targets) {
-  s_->upload_batch(tokens, targets);
-  s_->forward(0, config_, false);
-  return s_->mean_loss();
+  return s_->loss(tokens, targets, 0, config_, false);
 }
 
 double GptCuda::step(const TrainConfig& config, double lr) {

@@ -211,9 +211,9 @@ inline TokenLaunch token_launch(int64_t tokens, int64_t C, int vec) {
   check(tokens >= 1 && tokens <= 0x7fffffff, "token count out of range for the CUDA kernels");
   const int64_t groups = (C + vec - 1) / vec;
   if (groups <= 8 * 32) return {blocks_for(tokens, kBlockThreads / 32), kBlockThreads, 32};
-  const int64_t threads = (groups + 31) / 32 * 32;
-  return {static_cast<unsigned>(tokens), static_cast<unsigned>(threads < kBlockThreads ? threads : kBlockThreads),
-          static_cast<int>(threads < kBlockThreads ? threads : kBlockThreads)};
+  const int64_t whole_warps = (groups + 31) / 32 * 32;
+  const int threads = static_cast<int>(whole_warps < kBlockThreads ? whole_warps : kBlockThreads);
+  return {static_cast<unsigned>(tokens), static_cast<unsigned>(threads), threads};
 }
 
 // Launches kernel<VEC = 8> when C % 8 == 0 (16-byte accesses), else kernel<1>:
