@@ -181,48 +181,63 @@ TEST(CudaModelRecompute, BitwiseEqualToNoRecompute) {
   }
 }
 
-// A micro-batch replayed as a CUDA graph runs the kernels the one-by-one launches run, on
-// the same buffers: the losses, norms, stability metrics and trained weights are bitwise
-// theirs. Every micro-batch has new tokens (the replay must read them), and an evaluation
-// between steps shares the graph's buffers.
-TEST(CudaModelGraphs, BitwiseEqualToLaunchesOneByOne) {
+// A micro-batch replayed as a CUDA graph, with the weight gradients on a second stream,
+// runs the kernels that one stream's one-by-one launches run, on the same buffers: the
+// losses, norms, stability metrics and trained weights are bitwise theirs. Every
+// micro-batch has new tokens (the replay must read them), and an evaluation between steps
+// shares the graph's buffers. With dropout (no graphs) the second stream alone: dy then
+// has its own buffer, overwritten a sublayer later. The wider model gives the second
+// stream's products time to lag behind.
+TEST(CudaModelGraphsAndOverlap, BitwiseEqualToOneStreamLaunchesOneByOne) {
   if (!cuda::device_available()) GTEST_SKIP() << "no CUDA device";
-  for (const std::string connection : {"mhc", "residual"})
-    for (const std::string recompute : {"none", "mhc"}) {
-      if (connection == "residual" && recompute == "mhc") continue;
-      TrainConfig c = tiny(connection, 0.0);
-      c.model.num_layers = 3;
-      c.model.recompute = recompute;
-      if (recompute == "mhc") c.model.mhc_recompute_layer_num = 2;
-      const int64_t B = c.batch_size, T = c.model.seq_length, V = c.model.vocab_size;
-      GptCuda eager(c.model, B, T), graphed(c.model, B, T);
-      eager.set_graphs(false);
-      eager.init(5);
-      graphed.init(5);
-      for (int64_t step = 0; step < 4; ++step) {
-        eager.zero_grad();
-        graphed.zero_grad();
-        for (int64_t micro = 0; micro < c.grad_accumulation; ++micro) {
-          const auto seq = batch_tokens(B * T + 1, V, 500 + static_cast<uint64_t>(step * 10 + micro));
-          const std::vector<int32_t> tokens(seq.begin(), seq.end() - 1), targets(seq.begin() + 1, seq.end());
-          const auto key = static_cast<uint64_t>(step);
-          EXPECT_EQ(eager.forward_backward(tokens.data(), targets.data(), key),
-                    graphed.forward_backward(tokens.data(), targets.data(), key))
-              << connection << " recompute " << recompute << " step " << step << " micro-batch " << micro;
+  for (const bool wide : {false, true})
+  for (const double dropout : {0.0, 0.1})
+    for (const std::string connection : {"mhc", "residual"})
+      for (const std::string recompute : {"none", "mhc"}) {
+        if (connection == "residual" && recompute == "mhc") continue;
+        TrainConfig c = tiny(connection, dropout);
+        c.model.num_layers = 3;
+        if (wide) {
+          c.model.hidden_size = 384;
+          c.model.num_attention_heads = 6;
+          c.model.seq_length = 256;
+          c.batch_size = 16;
         }
-        const auto ge = eager.gains(), gg = graphed.gains();
-        ASSERT_EQ(ge.size(), gg.size());
-        for (size_t m = 0; m < ge.size(); ++m) EXPECT_EQ(ge[m].composite_forward_max, gg[m].composite_forward_max) << "module " << m;
-        EXPECT_EQ(eager.step(c, 1e-3), graphed.step(c, 1e-3)) << connection << " step " << step;
-        const auto eval = batch_tokens(B * T + 1, V, 900 + static_cast<uint64_t>(step));
-        const std::vector<int32_t> tokens(eval.begin(), eval.end() - 1), targets(eval.begin() + 1, eval.end());
-        EXPECT_EQ(eager.evaluate(tokens.data(), targets.data()), graphed.evaluate(tokens.data(), targets.data()));
+        c.model.recompute = recompute;
+        if (recompute == "mhc") c.model.mhc_recompute_layer_num = 2;
+        const int64_t B = c.batch_size, T = c.model.seq_length, V = c.model.vocab_size;
+        GptCuda eager(c.model, B, T), graphed(c.model, B, T);
+        eager.set_graphs(false);
+        eager.set_overlap(false);
+        eager.init(5);
+        graphed.init(5);
+        const std::string what = connection + " recompute " + recompute + " dropout " + std::to_string(dropout) +
+                                 (wide ? " wide" : "");
+        for (int64_t step = 0; step < 4; ++step) {
+          eager.zero_grad();
+          graphed.zero_grad();
+          for (int64_t micro = 0; micro < c.grad_accumulation; ++micro) {
+            const auto seq = batch_tokens(B * T + 1, V, 500 + static_cast<uint64_t>(step * 10 + micro));
+            const std::vector<int32_t> tokens(seq.begin(), seq.end() - 1), targets(seq.begin() + 1, seq.end());
+            const auto key = static_cast<uint64_t>(step);
+            EXPECT_EQ(eager.forward_backward(tokens.data(), targets.data(), key),
+                      graphed.forward_backward(tokens.data(), targets.data(), key))
+                << what << " step " << step << " micro-batch " << micro;
+          }
+          const auto ge = eager.gains(), gg = graphed.gains();
+          ASSERT_EQ(ge.size(), gg.size());
+          for (size_t m = 0; m < ge.size(); ++m)
+            EXPECT_EQ(ge[m].composite_forward_max, gg[m].composite_forward_max) << "module " << m;
+          EXPECT_EQ(eager.step(c, 1e-3), graphed.step(c, 1e-3)) << what << " step " << step;
+          const auto eval = batch_tokens(B * T + 1, V, 900 + static_cast<uint64_t>(step));
+          const std::vector<int32_t> tokens(eval.begin(), eval.end() - 1), targets(eval.begin() + 1, eval.end());
+          EXPECT_EQ(eager.evaluate(tokens.data(), targets.data()), graphed.evaluate(tokens.data(), targets.data()));
+        }
+        eager.download();
+        graphed.download();
+        const auto pe = eager.parameters(), pg = graphed.parameters();
+        for (size_t k = 0; k < pe.size(); ++k) EXPECT_EQ(pe[k]->value, pg[k]->value) << what << " " << pe[k]->name;
       }
-      eager.download();
-      graphed.download();
-      const auto pe = eager.parameters(), pg = graphed.parameters();
-      for (size_t k = 0; k < pe.size(); ++k) EXPECT_EQ(pe[k]->value, pg[k]->value) << connection << " " << pe[k]->name;
-    }
 }
 
 }  // namespace

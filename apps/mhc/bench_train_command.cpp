@@ -27,7 +27,8 @@ namespace {
 struct BenchTrainOptions : GptShape {
   int64_t recompute_layers = 1;  // mhc_recompute_layer_num of the recompute row
   int steps = 10, warmup = 3;
-  bool graphs = true;  // each micro-batch as one CUDA graph (nn/gpt_cuda.h)
+  bool graphs = true;   // each micro-batch as one CUDA graph (nn/gpt_cuda.h)
+  bool overlap = true;  // the backward's weight gradients on a second stream (nn/gpt_cuda.h)
   std::vector<std::string> variants{"residual", "mhc", "mhc-recompute"};
 };
 
@@ -43,11 +44,12 @@ int run_bench_train(const BenchTrainOptions& o) {
   cudaDeviceProp prop{};
   MHC_CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
   std::printf("device: %s; GPT %lld layers, C=%lld, %lld heads, T=%lld, micro-batch %lld, vocab %lld; "
-              "median of %d steps after %d warm-up steps; %s\n",
+              "median of %d steps after %d warm-up steps; %s; %s\n",
               prop.name, static_cast<long long>(o.layers), static_cast<long long>(o.hidden),
               static_cast<long long>(o.heads), static_cast<long long>(o.seq), static_cast<long long>(o.batch),
               static_cast<long long>(o.vocab), o.steps, o.warmup,
-              o.graphs ? "each micro-batch one CUDA graph" : "kernels launched one by one (--no-graphs)");
+              o.graphs ? "each micro-batch one CUDA graph" : "kernels launched one by one (--no-graphs)",
+              o.overlap ? "weight gradients on a second stream" : "one stream (--no-overlap)");
   std::printf("%-26s %10s %12s %10s %10s %10s\n", "variant", "step ms", "tokens/s", "peak GiB", "step x res",
               "mem x res");
   struct Variant {
@@ -86,6 +88,7 @@ int run_bench_train(const BenchTrainOptions& o) {
     }
     model->init(1);
     model->set_graphs(o.graphs);
+    model->set_overlap(o.overlap);
     const int64_t N = o.batch * o.seq;
     std::vector<int32_t> tokens(N), targets(N);
     for (int64_t i = 0; i < N; ++i) {
@@ -127,6 +130,7 @@ int run_bench_train(const BenchTrainOptions& o) {
                     {"streams", o.streams},
                     {"recompute_layers", v.recompute == "mhc" ? o.recompute_layers : 0},
                     {"graphs", o.graphs},
+                    {"overlap", o.overlap},
                     {"device", prop.name}});
   }
   for (const auto& r : rows) std::printf("%s\n", r.dump().c_str());
@@ -152,6 +156,8 @@ Command add_bench_train_command(CLI::App& bench) {
   cmd->add_option("--warmup", o->warmup, "untimed steps first")->check(CLI::NonNegativeNumber)->capture_default_str();
   cmd->add_flag("!--no-graphs", o->graphs,
                "launch the kernels one by one instead of replaying each micro-batch as a CUDA graph");
+  cmd->add_flag("!--no-overlap", o->overlap,
+               "run the backward's weight gradients on the main stream instead of a second one beside it");
   cmd->add_option("--variants", o->variants, "which rows to run (separated by spaces or commas)")
       ->delimiter(',')
       ->check(CLI::IsMember({"residual", "mhc", "mhc-recompute"}))

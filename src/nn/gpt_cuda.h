@@ -47,6 +47,9 @@ class GptCuda {
   // buffers: the same bits as the two calls; set_graphs(false) launches them one by one).
   double forward_backward(const int32_t* tokens, const int32_t* targets, uint64_t step);
   void set_graphs(bool on);
+  // The backward's weight gradients on a second stream, beside the rest of the backward
+  // (the same kernels on the same inputs: the same bits); off: everything on one stream.
+  void set_overlap(bool on);
   double evaluate(const int32_t* tokens, const int32_t* targets);
   // Gradients scaled by 1 / grad_accumulation, global-norm clipping and AdamW
   // (train/optimizer.h's rules); returns the norm.

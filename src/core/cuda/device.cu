@@ -17,6 +17,13 @@ Stream::~Stream() {
   if (stream_) cudaStreamDestroy(stream_);
 }
 
+Event::Event() { MHC_CUDA_CHECK(cudaEventCreateWithFlags(&event_, cudaEventDisableTiming)); }
+Event::~Event() {
+  if (event_) cudaEventDestroy(event_);
+}
+void Event::record(cudaStream_t stream) { MHC_CUDA_CHECK(cudaEventRecord(event_, stream)); }
+void Event::wait_on(cudaStream_t stream) const { MHC_CUDA_CHECK(cudaStreamWaitEvent(stream, event_, 0)); }
+
 Graph::~Graph() { reset(); }
 
 void Graph::reset() {

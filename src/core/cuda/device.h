@@ -84,9 +84,27 @@ class Stream {
   cudaStream_t stream_ = nullptr;
 };
 
+// An event for ordering one stream after another's work (no timing). Its waits follow its
+// latest record; inside a graph capture both become the graph's dependencies.
+class Event {
+ public:
+  Event();
+  ~Event();
+  Event(const Event&) = delete;
+  Event& operator=(const Event&) = delete;
+  void record(cudaStream_t stream);
+  // `stream` waits for the work before the latest record.
+  void wait_on(cudaStream_t stream) const;
+
+ private:
+  cudaEvent_t event_ = nullptr;
+};
+
 // A sequence of launches on one stream, captured once and replayed: capture() runs
-// `launches` with the stream capturing (nothing executes then; a launch on another stream,
-// an allocation or a synchronising call fails the capture) and instantiates the graph;
+// `launches` with the stream capturing (nothing executes then; a launch on another stream
+// that has not waited for an event recorded in the capture, an allocation or a
+// synchronising call fails the capture; other streams must be waited for before it ends)
+// and instantiates the graph;
 // launch() replays it with the arguments and pointers it was captured with.
 class Graph {
  public:

@@ -20,8 +20,6 @@ void check_blas(cublasStatus_t status, const char* call) {
 }
 #define MHC_BLAS_CHECK(call) check_blas((call), #call)
 
-constexpr size_t kWorkspaceBytes = size_t{32} << 20;
-
 // Largest power of two (at most 256) dividing the address of every column of every batch.
 uint32_t alignment_of(const void* p, int64_t ld, int64_t stride, size_t element) {
   const uint64_t bits = reinterpret_cast<uintptr_t>(p) | static_cast<uint64_t>(ld) * element |
@@ -57,7 +55,7 @@ Context& context_of_current_device() {
   if (!c) {
     c = new Context;
     MHC_BLAS_CHECK(cublasLtCreate(&c->handle));
-    MHC_CUDA_CHECK(cudaMalloc(&c->workspace, kWorkspaceBytes));
+    MHC_CUDA_CHECK(cudaMalloc(&c->workspace, kGemmWorkspaceBytes));
   }
   return *c;
 }
@@ -89,7 +87,7 @@ Plan make_plan(cublasLtHandle_t handle, const Gemm& g, uint32_t align_a, uint32_
 
   cublasLtMatmulPreference_t pref = nullptr;
   MHC_BLAS_CHECK(cublasLtMatmulPreferenceCreate(&pref));
-  const uint64_t workspace = kWorkspaceBytes;
+  const uint64_t workspace = kGemmWorkspaceBytes;
   const uint32_t schemes = CUBLASLT_REDUCTION_SCHEME_COMPUTE_TYPE | CUBLASLT_REDUCTION_SCHEME_OUTPUT_TYPE;
   MHC_BLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &workspace,
                                                       sizeof(workspace)));
@@ -140,7 +138,7 @@ void gemm(const Gemm& g, cudaStream_t stream) {
       MHC_BLAS_CHECK(cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &g.bias, sizeof(g.bias)));
   }
   MHC_BLAS_CHECK(cublasLtMatmul(c.handle, p.desc, &g.alpha, g.a, p.a, g.b, p.b, &g.beta, c_matrix, p.d, g.d, p.d,
-                                &p.algo, c.workspace, kWorkspaceBytes, stream));
+                                &p.algo, g.workspace ? g.workspace : c.workspace, kGemmWorkspaceBytes, stream));
 }
 
 }  // namespace mhc::cuda

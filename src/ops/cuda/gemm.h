@@ -16,11 +16,15 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
+#include <cstddef>
 #include <cstdint>
 
 namespace mhc::cuda {
 
 enum class GemmOutput { Fp32, Bf16 };
+
+// The bytes of a product's workspace.
+constexpr size_t kGemmWorkspaceBytes = size_t{32} << 20;
 
 struct Gemm {
   bool trans_a = false, trans_b = false;
@@ -40,6 +44,9 @@ struct Gemm {
   int64_t stride_a = 0, stride_b = 0, stride_d = 0;
   // When set: D += bias broadcast over columns (bias[i] added to row i; m values, of D's type).
   const void* bias = nullptr;
+  // A product that may run at the same time as another stream's brings its own workspace
+  // of kGemmWorkspaceBytes; null: the device's, shared by every product without one.
+  void* workspace = nullptr;
 };
 
 void gemm(const Gemm& g, cudaStream_t stream = nullptr);

@@ -43,28 +43,38 @@ void accumulate_column_sums(const bf16* grad_y, int64_t rows, int64_t cols, floa
 
 size_t linear_backward_workspace_floats(int64_t rows, int64_t out) { return column_sums_workspace_floats(rows, out); }
 
+void linear_backward_input(const bf16* grad_y, const bf16* weight, int64_t rows, int64_t in, int64_t out,
+                           bf16* grad_x, cudaStream_t stream) {
+  // dx^T [in, rows] = W^T [in, out] dy^T [out, rows]
+  Gemm g;
+  g.m = in, g.n = rows, g.k = out;
+  g.a = weight, g.lda = in;
+  g.b = grad_y, g.ldb = out;
+  g.d = grad_x, g.ldd = in;
+  g.output = GemmOutput::Bf16;
+  gemm(g, stream);
+}
+
+void linear_backward_weight(const bf16* grad_y, const bf16* x, int64_t rows, int64_t in, int64_t out,
+                            float* grad_weight, float* grad_bias, float* workspace, cudaStream_t stream,
+                            void* gemm_workspace) {
+  // dW^T [in, out] += x^T [in, rows] dy [rows, out]
+  Gemm g;
+  g.trans_b = true;
+  g.m = in, g.n = out, g.k = rows;
+  g.a = x, g.lda = in;
+  g.b = grad_y, g.ldb = out;
+  g.d = grad_weight, g.ldd = in;
+  g.beta = 1.0f;
+  g.workspace = gemm_workspace;
+  gemm(g, stream);
+  if (grad_bias) accumulate_column_sums(grad_y, rows, out, grad_bias, workspace, stream);
+}
+
 void linear_backward(const bf16* grad_y, const bf16* x, const bf16* weight, int64_t rows, int64_t in, int64_t out,
                      bf16* grad_x, float* grad_weight, float* grad_bias, float* workspace, cudaStream_t stream) {
-  if (grad_x) {  // dx^T [in, rows] = W^T [in, out] dy^T [out, rows]
-    Gemm g;
-    g.m = in, g.n = rows, g.k = out;
-    g.a = weight, g.lda = in;
-    g.b = grad_y, g.ldb = out;
-    g.d = grad_x, g.ldd = in;
-    g.output = GemmOutput::Bf16;
-    gemm(g, stream);
-  }
-  {  // dW^T [in, out] += x^T [in, rows] dy [rows, out]
-    Gemm g;
-    g.trans_b = true;
-    g.m = in, g.n = out, g.k = rows;
-    g.a = x, g.lda = in;
-    g.b = grad_y, g.ldb = out;
-    g.d = grad_weight, g.ldd = in;
-    g.beta = 1.0f;
-    gemm(g, stream);
-  }
-  if (grad_bias) accumulate_column_sums(grad_y, rows, out, grad_bias, workspace, stream);
+  if (grad_x) linear_backward_input(grad_y, weight, rows, in, out, grad_x, stream);
+  linear_backward_weight(grad_y, x, rows, in, out, grad_weight, grad_bias, workspace, stream);
 }
 
 }  // namespace mhc::cuda

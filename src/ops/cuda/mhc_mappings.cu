@@ -928,6 +928,10 @@ __global__ void __launch_bounds__(kGradHThreads)
   }
 }
 
+template <int N> int64_t grad_h_blocks_of(int64_t tokens) {
+  return detail::blocks_for(tokens * GradHLanes<N>::L, kGradHThreads);
+}
+
 // dbias (columns below M) and dalpha (the last 3) of the summed [dh, alpha terms] rows.
 struct BiasAndAlphaOutputs {
   float *bias, *alpha;
@@ -1148,7 +1152,7 @@ void mhc_mappings_backward(const MappingsArgs& a, const bf16* x, const float* we
                            const float* h_post, const float* grad_h_pre, const float* grad_h_post,
                            const float* grad_h_res, bf16* grad_x, float* grad_weight, float* grad_alpha,
                            float* grad_bias, float* workspace, const StreamMixGrad* mix, const NextGradY* next,
-                           cudaStream_t stream, const bf16* weight_split) {
+                           cudaStream_t stream, const bf16* weight_split, bool sums_later) {
   check_args(a);
   check(!next || (mix && next_grad_y_supported(a)), "mhc_mappings_backward: NextGradY needs StreamMixGrad and next_grad_y_supported");
   // the mixing values are copied in 16-byte chunks
@@ -1158,7 +1162,6 @@ void mhc_mappings_backward(const MappingsArgs& a, const bf16* x, const float* we
   const Layout l = layout_of(a);
   float* grad_h_partials = workspace + l.grad_h_partials;
   float* coef = workspace + l.coef;
-  int64_t grad_h_blocks = 0;
   bf16* grad_proj_parts = reinterpret_cast<bf16*>(workspace + l.grad_proj_parts);
   bf16* grad_proj_fragments = reinterpret_cast<bf16*>(workspace + l.grad_proj_fragments);
   bf16* own_split = reinterpret_cast<bf16*>(workspace + l.weight_split);
@@ -1170,8 +1173,7 @@ void mhc_mappings_backward(const MappingsArgs& a, const bf16* x, const float* we
     if (divisor_bytes > 48 * 1024)  // n = 1 past 24 iterations, n = 2 and 4 past 48
       MHC_CUDA_CHECK(cudaFuncSetAttribute(grad_h_kernel<N>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                           static_cast<int>(divisor_bytes)));
-    grad_h_blocks = detail::blocks_for(a.tokens * GradHLanes<N>::L, kGradHThreads);
-    grad_h_kernel<N><<<static_cast<unsigned>(grad_h_blocks), kGradHThreads, divisor_bytes, stream>>>(
+    grad_h_kernel<N><<<static_cast<unsigned>(grad_h_blocks_of<N>(a.tokens)), kGradHThreads, divisor_bytes, stream>>>(
         proj, r, alpha, bias, h_pre, h_post, grad_h_pre, grad_h_post, grad_h_res, a.tokens, l.K,
         a.sinkhorn_iterations, grad_h_partials, grad_proj_parts, grad_proj_fragments, coef);
     MHC_CUDA_CHECK(cudaGetLastError());
@@ -1198,14 +1200,27 @@ void mhc_mappings_backward(const MappingsArgs& a, const bf16* x, const float* we
     else launch(grad_x_kernel<N, 1, false, false>, no, no);
     MHC_CUDA_CHECK(cudaGetLastError());
   });
+  if (!sums_later)
+    mhc_mappings_backward_sums(a, grad_weight, grad_alpha, grad_bias, next ? next->grad_y_bias : nullptr, workspace,
+                               stream);
+}
+
+void mhc_mappings_backward_sums(const MappingsArgs& a, float* grad_weight, float* grad_alpha, float* grad_bias,
+                                float* grad_y_bias, const float* workspace, cudaStream_t stream) {
+  check_args(a);
+  const Layout l = layout_of(a);
   // dW: the token runs' partials summed in order
-  detail::add_chunk_sums<1>(weight_partials, l.grid.runs, l.M * l.K, detail::ColumnOutputs<1>{{grad_weight}}, stream);
+  detail::add_chunk_sums<1>(workspace + l.weight_partials, l.grid.runs, l.M * l.K,
+                            detail::ColumnOutputs<1>{{grad_weight}}, stream);
   // the dy of the hyper connection below: its bias gradient, the runs' column sums in order
-  if (next && next->grad_y_bias)
-    detail::add_chunk_sums<1>(bias_partials, l.grid.runs, a.C, detail::ColumnOutputs<1>{{next->grad_y_bias}}, stream);
+  if (grad_y_bias)
+    detail::add_chunk_sums<1>(workspace + l.bias_partials, l.grid.runs, a.C, detail::ColumnOutputs<1>{{grad_y_bias}},
+                              stream);
   // dbias and dalpha: the grad_h blocks' sums of [dh, alpha terms], summed in a fixed order
-  detail::add_chunk_sums<1>(grad_h_partials, grad_h_blocks, l.M + 3, BiasAndAlphaOutputs{grad_bias, grad_alpha, l.M},
-                            stream);
+  int64_t grad_h_blocks = 0;
+  detail::dispatch_streams(a.n, [&](auto N) { grad_h_blocks = grad_h_blocks_of<N.value>(a.tokens); });
+  detail::add_chunk_sums<1>(workspace + l.grad_h_partials, grad_h_blocks, l.M + 3,
+                            BiasAndAlphaOutputs{grad_bias, grad_alpha, l.M}, stream);
 }
 
 }  // namespace mhc::cuda

@@ -100,13 +100,21 @@ bool next_grad_y_supported(const MappingsArgs& a);
 // grad_x accumulates (bf16), or with `mix` is overwritten by all of dx (one rounding; then
 // mix->h_res, h_pre and next->h_post must be 16-byte aligned, as cudaMalloc's are);
 // grad_weight, grad_alpha [3], grad_bias accumulate (fp32). weight_split: the forward's
-// split of this W, or null (W is split here).
+// split of this W, or null (W is split here). sums_later: the parameter gradients (and
+// NextGradY's grad_y_bias) are left as partials in the workspace, for
+// mhc_mappings_backward_sums.
 void mhc_mappings_backward(const MappingsArgs& a, const bf16* x, const float* weight, const float* alpha,
                            const float* bias, const float* proj, const float* r, const float* h_pre,
                            const float* h_post, const float* grad_h_pre, const float* grad_h_post,
                            const float* grad_h_res, bf16* grad_x, float* grad_weight, float* grad_alpha,
                            float* grad_bias, float* workspace, const StreamMixGrad* mix = nullptr,
                            const NextGradY* next = nullptr, cudaStream_t stream = nullptr,
-                           const bf16* weight_split = nullptr);
+                           const bf16* weight_split = nullptr, bool sums_later = false);
+
+// The last step of mhc_mappings_backward with sums_later: dW, dalpha, dbias and grad_y_bias
+// (or null) accumulated from the workspace's partials in a fixed order. On any stream
+// ordered after that call, and before the workspace is used again (dx needs none of it).
+void mhc_mappings_backward_sums(const MappingsArgs& a, float* grad_weight, float* grad_alpha, float* grad_bias,
+                                float* grad_y_bias, const float* workspace, cudaStream_t stream = nullptr);
 
 }  // namespace mhc::cuda
