@@ -65,19 +65,17 @@ struct GptCuda::State {
   // makes cuBLASLt's plans and sets the kernels' attributes).
   cuda::Graph train_graph;
   bool graphs = true, warmed_up = false;
-  // Parts of the backward run on a side stream, beside the rest on `stream`: the weight
-  // gradients (the layers' dW, qkv's db, the pre-norms' weight and bias gradients where
-  // their input gradient is made elsewhere, the mappings' parameter sums), which no later
-  // launch needs before the optimizer, and a hyper connection's dH_res and dH_post, which
-  // need only dout, x and y and so run beside its sublayer's backward. Each kind's latest
-  // launch has an event, which the main stream waits for before it overwrites what that
-  // launch reads (or, for the reductions, reads what it writes).
-  enum SideLaunch { kFc2, kFc1, kLn2, kProj, kQkv, kLn1, kMappings, kReductions, kSideLaunches };
+  // The backward's weight gradients (the layers' dW, qkv's db, the pre-norms' weight and
+  // bias gradients where their input gradient is made elsewhere, the mappings' parameter
+  // sums) run on a side stream, beside the rest of the backward on `stream`: no later
+  // launch needs them before the optimizer. Each kind's latest one has an event, which the
+  // main stream waits for before it overwrites what that launch reads.
+  enum WeightGrad { kFc2, kFc1, kLn2, kProj, kQkv, kLn1, kMappings, kWeightGrads };
   bool overlap = true;
   cuda::Stream side_owner;
   cudaStream_t side = side_owner.get();
-  cuda::Event side_fork, side_done[kSideLaunches];
-  bool side_pending[kSideLaunches] = {};
+  cuda::Event side_fork, side_done[kWeightGrads];
+  bool side_pending[kWeightGrads] = {};
   DeviceBuffer<unsigned char> side_gemm_ws;
   DeviceBuffer<float> side_columns_ws;
   int64_t B, S, N, C, n, F, width, V, H, head_rows;
@@ -124,7 +122,7 @@ struct GptCuda::State {
   }
   // `launch(stream, column_sums_workspace, gemm_workspace)`: on the side stream after what
   // `stream` has queued so far, or on `stream` itself without overlap.
-  template <typename Launch> void side_launch(SideLaunch kind, const Launch& launch) {
+  template <typename Launch> void weight_grad(WeightGrad kind, const Launch& launch) {
     if (!overlap) {
       launch(stream, columns_ws.data(), nullptr);
       return;
@@ -136,22 +134,22 @@ struct GptCuda::State {
     side_pending[kind] = true;
   }
   // dW += x^T dy (and db += dy's column sums) of a [N, in] -> [N, out] layer.
-  void linear_weight_grad(SideLaunch kind, const bf16* grad_y, const bf16* x, int64_t in, int64_t out,
+  void linear_weight_grad(WeightGrad kind, const bf16* grad_y, const bf16* x, int64_t in, int64_t out,
                           const Slot& w, const Slot* b) {
-    side_launch(kind, [&](cudaStream_t on, float* columns, void* gemm_ws) {
+    weight_grad(kind, [&](cudaStream_t on, float* columns, void* gemm_ws) {
       cuda::linear_backward_weight(grad_y, x, N, in, out, grad_of(w), b ? grad_of(*b) : nullptr, columns, on,
                                    gemm_ws);
     });
   }
-  // `stream` waits for the latest side launch of that kind; await_side_all(): for all of
-  // them (also joins the side stream's work).
-  void await_side(SideLaunch kind) {
+  // `stream` waits for the latest weight gradient of that kind (before it overwrites its
+  // inputs); await_weight_grads(): for all of them (also joins the side stream's work).
+  void await_weight_grad(WeightGrad kind) {
     if (!side_pending[kind]) return;
     side_done[kind].wait_on(stream);
     side_pending[kind] = false;
   }
-  void await_side_all() {
-    for (int k = 0; k < kSideLaunches; ++k) await_side(static_cast<SideLaunch>(k));
+  void await_weight_grads() {
+    for (int k = 0; k < kWeightGrads; ++k) await_weight_grad(static_cast<WeightGrad>(k));
   }
 
   // dx += the norm's input gradient (accumulate), else dx = it; the weight and bias
@@ -199,52 +197,31 @@ struct GptCuda::State {
                             grad_of(bias), columns_ws.data(), stream);
     return dy.data();
   }
-  // Whether a hyper connection's dH_res and dH_post run on the side stream before its
-  // sublayer's backward (hc_side_reductions), apart from dH_pre (and dagg) after it: where
-  // dagg is made in the reductions' pass (the split then costs one more read of x, on the
-  // main stream, and takes the rest of the pass off it).
-  bool split_reductions(cpu::DropoutSpec d) const { return overlap && cuda::norm_input_grad_supported(C, d); }
-  void hc_side_reductions(HcState& m, const bf16* grad_out, const bf16* x, const bf16* y, const Slot& bias,
-                          cpu::DropoutSpec d) {
-    if (!split_reductions(d)) return;
-    side_launch(kReductions, [&](cudaStream_t on, float*, void*) {
-      cuda::h_post_bda_backward(grad_out, x, m.h_res.data(), m.h_post.data(), y, half_of(bias), N,
-                                static_cast<int>(n), C, d, nullptr, grad_h_res.data(), grad_h_post.data(), nullptr,
-                                nullptr, on);
-    });
-  }
-  // After the sublayer's backward: dH_res, dH_post and dH_pre in one kernel (or dH_pre
-  // alone, the rest made by hc_side_reductions), then the mappings' backward, which writes
-  // all of grad_x (H_res^T dout + H_pre dagg + its own terms) once; the mapping
-  // parameters' gradients accumulate. `below` (with its dropout): the hyper connection
-  // whose dout grad_x is, or null; without dropout its dy is written from grad_x while on
-  // chip. norm: where dagg is the pre-norm's input gradient made in the reductions' pass,
-  // else null.
+  // After the sublayer's backward: dH_res, dH_post and dH_pre in one kernel, then the
+  // mappings' backward, which writes all of grad_x (H_res^T dout + H_pre dagg + its own
+  // terms) once; the mapping parameters' gradients accumulate. `below` (with its dropout):
+  // the hyper connection whose dout grad_x is, or null; without dropout its dy is written
+  // from grad_x while on chip.
+  // norm: where dagg is the pre-norm's input gradient made in the reductions' pass, else null.
   void hc_backward(HcState& m, const bf16* grad_out, const bf16* x, const bf16* y, const Slot& bias,
                    cpu::DropoutSpec d, const bf16* grad_agg, bf16* grad_x, HcState* below,
                    cpu::DropoutSpec below_dropout, const ModelConfig& c, const cuda::NormInputGrad* norm) {
     const cuda::AggregateGrad aggregate{grad_agg, m.h_pre.data(), grad_h_pre.data(), norm};
-    if (split_reductions(d)) {
-      cuda::h_post_bda_backward(nullptr, x, nullptr, nullptr, nullptr, nullptr, N, static_cast<int>(n), C, d,
-                                nullptr, nullptr, nullptr, nullptr, &aggregate, stream);
-      await_side(kReductions);
-    } else {
-      cuda::h_post_bda_backward(grad_out, x, m.h_res.data(), m.h_post.data(), y, half_of(bias), N,
-                                static_cast<int>(n), C, d, /*grad_x, written by the mappings:*/ nullptr,
-                                grad_h_res.data(), grad_h_post.data(),
-                                /*grad_y, written before the sublayer's backward:*/ nullptr, &aggregate, stream);
-    }
+    cuda::h_post_bda_backward(grad_out, x, m.h_res.data(), m.h_post.data(), y, half_of(bias), N,
+                              static_cast<int>(n), C, d, /*grad_x, written by the mappings:*/ nullptr,
+                              grad_h_res.data(), grad_h_post.data(),
+                              /*grad_y, written before the sublayer's backward:*/ nullptr, &aggregate, stream);
     const cuda::StreamMixGrad mix{grad_out, m.h_res.data(), grad_agg};
     const bool write_dy = below && below_dropout.p <= 0.0f && cuda::next_grad_y_supported(mappings_args(c));
     const cuda::NextGradY next{below ? below->h_post.data() : nullptr, dy.data(),
                                below ? grad_of(below->sublayer_bias) : nullptr};
-    await_side(kMappings);  // the previous hyper connection's, which reads the workspace
+    await_weight_grad(kMappings);  // the previous hyper connection's, which reads the workspace
     cuda::mhc_mappings_backward(mappings_args(c), x, value_of(m.weight), value_of(m.alpha), value_of(m.bias),
                                 m.proj.data(), m.r.data(), m.h_pre.data(), m.h_post.data(), grad_h_pre.data(),
                                 grad_h_post.data(), grad_h_res.data(), grad_x, grad_of(m.weight), grad_of(m.alpha),
                                 grad_of(m.bias), mappings_backward_ws.data(), &mix, write_dy ? &next : nullptr,
                                 stream, m.weight_split.data(), /*sums_later=*/true);
-    side_launch(kMappings, [&](cudaStream_t on, float*, void*) {
+    weight_grad(kMappings, [&](cudaStream_t on, float*, void*) {
       cuda::mhc_mappings_backward_sums(mappings_args(c), grad_of(m.weight), grad_of(m.alpha), grad_of(m.bias),
                                        write_dy ? next.grad_y_bias : nullptr, mappings_backward_ws.data(), on);
     });
@@ -254,13 +231,13 @@ struct GptCuda::State {
   // kernels can, dagg is made in the hyper connection's reductions pass (NormInputGrad) and
   // the norm's own pass makes only its weight and bias gradients (a weight gradient of
   // `kind`, which reads dln).
-  void norm_and_hc_backward(SideLaunch kind, HcState& m, const bf16* agg, const Slot& norm_w, const Slot& norm_b,
+  void norm_and_hc_backward(WeightGrad kind, HcState& m, const bf16* agg, const Slot& norm_w, const Slot& norm_b,
                             const float* mean, const float* rstd, const bf16* grad_out, const bf16* x, const bf16* y,
                             const Slot& bias, cpu::DropoutSpec d, bf16* grad_x, HcState* below,
                             cpu::DropoutSpec below_dropout, const ModelConfig& c) {
     const bool fuse = cuda::norm_input_grad_supported(C, d);
     if (fuse) {
-      side_launch(kind, [&](cudaStream_t on, float* columns, void*) {
+      weight_grad(kind, [&](cudaStream_t on, float* columns, void*) {
         cuda::norm_backward(dln.data(), agg, value_of(norm_w), mean, rstd, N, C, rms, nullptr, grad_of(norm_w),
                             grad_of(norm_b), columns, false, on);
       });
@@ -330,18 +307,17 @@ struct GptCuda::State {
     const cpu::AttentionShape shape{B, S, H, C};
     float* columns = columns_ws.data();
     const bf16* dy_mlp = residual_backward(L.hc_mlp, grad_out, L.fc2_b, L.drop_mlp);
-    if (hc) hc_side_reductions(L.hc_mlp, grad_out, L.x_mid, L.mlp_y.data(), L.fc2_b, L.drop_mlp);
     cuda::linear_backward_input(dy_mlp, half_of(L.fc2_w), N, F, C, dact.data(), stream);
     linear_weight_grad(kFc2, dy_mlp, L.act.data(), F, C, L.fc2_w, nullptr);
     // fc1's bias gradient comes out of the activation's backward (one pass over dfc)
-    await_side(kFc1);  // the layer above's, which reads dfc
+    await_weight_grad(kFc1);  // the layer above's, which reads dfc
     cuda::activation_backward(activation, dact.data(), L.fc.data(), N, F, dfc.data(), grad_of(L.fc1_b), columns,
                               stream);
-    await_side(kLn1);  // the layer above's, which reads dln
+    await_weight_grad(kLn1);  // the layer above's, which reads dln
     cuda::linear_backward_input(dfc.data(), half_of(L.fc1_w), N, C, width, dln.data(), stream);
     linear_weight_grad(kFc1, dfc.data(), L.ln2_out, C, width, L.fc1_w, nullptr);
     // dy_mlp is overwritten from here on (the next dy, or dout accumulated in place)
-    await_side(kFc2);
+    await_weight_grad(kFc2);
     if (hc) {
       norm_and_hc_backward(kLn2, L.hc_mlp, L.agg2, L.ln2_w, L.ln2_b, L.ln2_mean.data(), L.ln2_rstd.data(), grad_out,
                            L.x_mid, L.mlp_y.data(), L.fc2_b, L.drop_mlp, grad_mid, &L.hc_attn, L.drop_attn, c);
@@ -349,16 +325,15 @@ struct GptCuda::State {
       norm_backward(dln.data(), L.x_mid, L.ln2_w, L.ln2_b, L.ln2_mean.data(), L.ln2_rstd.data(), grad_mid, true);
     }
     const bf16* dy_attn = residual_backward(L.hc_attn, grad_mid, L.proj_b, L.drop_attn);
-    if (hc) hc_side_reductions(L.hc_attn, grad_mid, x_in, L.attn_y.data(), L.proj_b, L.drop_attn);
     cuda::linear_backward_input(dy_attn, half_of(L.proj_w), N, C, C, dctx.data(), stream);
     linear_weight_grad(kProj, dy_attn, L.ctx.data(), C, C, L.proj_w, nullptr);
-    await_side(kQkv);  // the layer above's, which reads dqkv
+    await_weight_grad(kQkv);  // the layer above's, which reads dqkv
     cuda::attention_backward(shape, dctx.data(), L.qkv.data(), L.ctx.data(), L.lse.data(), L.drop_probs, dqkv.data(),
                              attention_ws.data(), stream);
-    await_side(kLn2);  // reads dln
+    await_weight_grad(kLn2);  // reads dln
     cuda::linear_backward_input(dqkv.data(), half_of(L.qkv_w), N, C, 3 * C, dln.data(), stream);
     linear_weight_grad(kQkv, dqkv.data(), L.ln1_out, C, 3 * C, L.qkv_w, &L.qkv_b);
-    await_side(kProj);  // dy_attn is overwritten from here on
+    await_weight_grad(kProj);  // dy_attn is overwritten from here on
     if (hc) {
       norm_and_hc_backward(kLn1, L.hc_attn, L.agg1, L.ln1_w, L.ln1_b, L.ln1_mean.data(), L.ln1_rstd.data(),
                            grad_mid, x_in, L.attn_y.data(), L.proj_b, L.drop_attn, grad_in,
@@ -451,7 +426,7 @@ struct GptCuda::State {
     bf16* grad_in = dx_b.data();
     for (size_t l = layers.size(); l-- > 0;) {
       if (recompute && plan.ends_block(static_cast<int>(l))) {
-        await_side_all();  // they read the restorable tensors the restore overwrites
+        await_weight_grads();  // they read the restorable tensors the restore overwrites
         const RecomputeBlock& block = plan.block_of(static_cast<int>(l));
         for (int k = block.first; k <= block.last; ++k)
           restore(layers[static_cast<size_t>(k)], layer_input(static_cast<size_t>(k)), k != block.last);
@@ -460,7 +435,7 @@ struct GptCuda::State {
       if (layer_backward(layers[l], layer_input(l), grad_out, grad_in, dx_mid.data(), below, c) == grad_in)
         std::swap(grad_out, grad_in);
     }
-    await_side_all();
+    await_weight_grads();
     cuda::stream_expand_backward(grad_out, N, static_cast<int>(n), C, de.data(), stream);
     cuda::embedding_backward(de.data(), tokens.data(), B, S, C, V, grad_of(wte), grad_of(wpe), embedding_ws.data(),
                              stream);

@@ -1,5 +1,4 @@
 #include <string>
-#include <type_traits>
 
 #include "core/cuda/device.h"
 #include "core/rng.h"
@@ -132,22 +131,20 @@ __global__ void h_post_bda_forward_kernel(const bf16* x, const float* h_res, con
   }
 }
 
-// RES: the dout reductions (dH_res, dH_post; dy). AGG: the aggregate's backward on the
-// same x (dx += H_pre dagg, dH_pre), so that dx is written once; without RES, its
-// reductions alone (where another launch makes dH_res and dH_post). DX false: the
-// reductions only, dx left to the mappings' backward (StreamMixGrad). NORM (with AGG, a
-// warp a token): dagg made here as the pre-norm's input gradient (NormInputGrad: its row
-// means first, then dagg a step at a time, written and used as stored). Two blocks a
-// multiprocessor where n <= 4 fits 128 registers without spilling.
-template <int N, int VEC, bool RES, bool AGG, bool DX, bool DROPOUT, bool NORM>
+// AGG: also the aggregate's backward on the same x (dx += H_pre dagg, dH_pre), so that
+// dx is written once. DX false: the reductions only, dx left to the mappings' backward
+// (StreamMixGrad). NORM (with AGG, a warp a token): dagg made here as the pre-norm's input
+// gradient (NormInputGrad: its row means first, then dagg a step at a time, written and
+// used as stored). Two blocks a multiprocessor where n <= 4 fits 128 registers without
+// spilling.
+template <int N, int VEC, bool AGG, bool DX, bool DROPOUT, bool NORM>
 __global__ void __launch_bounds__(detail::kBlockThreads, N <= 4 ? 2 : 1)
     h_post_bda_backward_kernel(const bf16* grad_out, const bf16* x, const float* h_res, const float* h_post,
                                const bf16* y, const bf16* y_bias, int64_t tokens, int64_t C, int lanes, float p,
                                uint64_t key, bf16* grad_x, float* grad_h_res, float* grad_h_post, bf16* grad_y,
                                const bf16* grad_agg, const float* h_pre, float* grad_h_pre, NormInputGrad norm) {
   static_assert(!NORM || AGG, "the norm's input gradient is the aggregate's");
-  static_assert(RES || (AGG && !DX), "dx needs dout's terms; a pass needs some reduction");
-  constexpr int kPost = N * N, kPre = RES ? N * N + N : 0, P = kPre + (AGG ? N : 0);
+  constexpr int P = N * N + N + (AGG ? N : 0);
   const TokenGroup tg = detail::token_group(lanes);
   const int64_t t = tg.token;
   if (t >= tokens) return;
@@ -160,12 +157,12 @@ __global__ void __launch_bounds__(detail::kBlockThreads, N <= 4 ? 2 : 1)
                                         mean_gw_xhat);
   }
   float mix[N][N], post[N], pre[N];
-  float partial[P];  // dH_res row-major, then dH_post (with RES), then dH_pre (with AGG)
+  float partial[P];  // dH_res row-major, then dH_post, then dH_pre
 #pragma unroll
   for (int i = 0; i < N; ++i) {
-    post[i] = RES ? h_post[t * N + i] : 0.0f;
+    post[i] = h_post[t * N + i];
 #pragma unroll
-    for (int j = 0; j < N; ++j) mix[i][j] = DX ? h_res[(t * N + i) * N + j] : 0.0f;
+    for (int j = 0; j < N; ++j) mix[i][j] = h_res[(t * N + i) * N + j];
   }
 #pragma unroll
   for (int j = 0; j < N; ++j) pre[j] = AGG ? h_pre[t * N + j] : 0.0f;
@@ -174,7 +171,7 @@ __global__ void __launch_bounds__(detail::kBlockThreads, N <= 4 ? 2 : 1)
   const bf16* xt = x + t * N * C;
   for (int64_t c = tg.lane * VEC; c < C; c += tg.lanes * VEC) {
     float sublayer[VEC] = {}, g[N][VEC], xs[N][VEC], dy[VEC] = {}, dagg[VEC] = {};
-    if constexpr (RES) load_sublayer<VEC>(y + t * C, y_bias, c, sublayer);
+    load_sublayer<VEC>(y + t * C, y_bias, c, sublayer);
     if constexpr (NORM) {
       float gv[VEC], xv[VEC], w[VEC];
       detail::load_bf16<VEC>(norm.grad_out + t * C + c, gv);
@@ -189,15 +186,13 @@ __global__ void __launch_bounds__(detail::kBlockThreads, N <= 4 ? 2 : 1)
     }
 #pragma unroll
     for (int i = 0; i < N; ++i) {
+      detail::load_bf16<VEC>(grad_out + (t * N + i) * C + c, g[i]);
       detail::load_bf16<VEC>(xt + i * C + c, xs[i]);
-      if constexpr (RES) {
-        detail::load_bf16<VEC>(grad_out + (t * N + i) * C + c, g[i]);
 #pragma unroll
-        for (int v = 0; v < VEC; ++v) {
-          const float masked = g[i][v] * keep_scale<DROPOUT>(key, static_cast<uint64_t>(t * N + i) * C + c + v, p);
-          dy[v] += masked * post[i];
-          partial[kPost + i] += masked * sublayer[v];
-        }
+      for (int v = 0; v < VEC; ++v) {
+        const float masked = g[i][v] * keep_scale<DROPOUT>(key, static_cast<uint64_t>(t * N + i) * C + c + v, p);
+        dy[v] += masked * post[i];
+        partial[N * N + i] += masked * sublayer[v];
       }
     }
 #pragma unroll
@@ -206,27 +201,26 @@ __global__ void __launch_bounds__(detail::kBlockThreads, N <= 4 ? 2 : 1)
 #pragma unroll
       for (int v = 0; v < VEC; ++v) {
         dx[v] = pre[j] * dagg[v];
-        if constexpr (AGG) partial[kPre + j] += dagg[v] * xs[j][v];
+        if constexpr (AGG) partial[N * N + N + j] += dagg[v] * xs[j][v];
       }
-      if constexpr (RES)
 #pragma unroll
-        for (int i = 0; i < N; ++i)
+      for (int i = 0; i < N; ++i)
 #pragma unroll
-          for (int v = 0; v < VEC; ++v) {
-            if constexpr (DX) dx[v] += mix[i][j] * g[i][v];
-            partial[i * N + j] += g[i][v] * xs[j][v];
-          }
+        for (int v = 0; v < VEC; ++v) {
+          if constexpr (DX) dx[v] += mix[i][j] * g[i][v];
+          partial[i * N + j] += g[i][v] * xs[j][v];
+        }
       if constexpr (DX) detail::store_bf16<VEC>(grad_x + (t * N + j) * C + c, dx);
     }
-    if (RES && grad_y) detail::store_bf16<VEC>(grad_y + t * C + c, dy);
+    if (grad_y) detail::store_bf16<VEC>(grad_y + t * C + c, dy);
   }
   group_sum<P>(partial, lanes);
 #pragma unroll
   for (int k = 0; k < P; ++k) {
     if (tg.lane != k % tg.lanes) continue;
-    if (k >= kPre) grad_h_pre[t * N + k - kPre] = partial[k];
-    else if (k < kPost) grad_h_res[t * N * N + k] = partial[k];
-    else grad_h_post[t * N + k - kPost] = partial[k];
+    if (k < N * N) grad_h_res[t * N * N + k] = partial[k];
+    else if (k < N * N + N) grad_h_post[t * N + k - N * N] = partial[k];
+    else grad_h_pre[t * N + k - N * N - N] = partial[k];
   }
 }
 
@@ -383,10 +377,7 @@ void h_post_bda_backward(const bf16* grad_out, const bf16* x, const float* h_res
                          const bf16* y_bias, int64_t tokens, int n, int64_t C, cpu::DropoutSpec dropout, bf16* grad_x,
                          float* grad_h_res, float* grad_h_post, bf16* grad_y, const AggregateGrad* aggregate,
                          cudaStream_t stream) {
-  const bool res = grad_h_res != nullptr;
-  check(res == (grad_h_post != nullptr), "h_post_bda_backward: grad_h_res and grad_h_post go together");
-  check(res || (aggregate && !grad_x && !grad_y),
-        "h_post_bda_backward: without grad_h_res, the aggregate's reductions alone (AggregateGrad, no dx or dy)");
+  check(grad_x || aggregate, "h_post_bda_backward: a null grad_x needs the aggregate's gradient (AggregateGrad)");
   const bf16* grad_agg = aggregate ? aggregate->grad_agg : nullptr;
   const float* h_pre = aggregate ? aggregate->h_pre : nullptr;
   float* grad_h_pre = aggregate ? aggregate->grad_h_pre : nullptr;
@@ -403,30 +394,23 @@ void h_post_bda_backward(const bf16* grad_out, const bf16* x, const float* h_res
                                                grad_h_pre, norm ? *norm : NormInputGrad{});
     };
     if (norm) {  // (no dropout, C % 8 == 0)
-      if (res) launch(h_post_bda_backward_kernel<N.value, 8, true, true, false, false, true>, 8);
-      else launch(h_post_bda_backward_kernel<N.value, 8, false, true, false, false, true>, 8);
+      launch(h_post_bda_backward_kernel<N.value, 8, true, false, false, true>, 8);
       return;
     }
     // With dx, 4 channels a step: 8 make the fused kernel need 225 registers (one block per
     // multiprocessor); the reductions alone take 8 without dropout.
     dispatch_dropout(dropout.p, [&](auto drop) {
       constexpr bool DROPOUT = decltype(drop)::value;
-      constexpr int kVec = DROPOUT ? 4 : 8;  // the reductions alone: 8 with the dropout hash spills
       if (!grad_x) {
-        auto reductions = [&](auto vec) {
-          constexpr int VEC = decltype(vec)::value;
-          if (!res) launch(h_post_bda_backward_kernel<N.value, VEC, false, true, false, DROPOUT, false>, VEC);
-          else if (aggregate) launch(h_post_bda_backward_kernel<N.value, VEC, true, true, false, DROPOUT, false>, VEC);
-          else launch(h_post_bda_backward_kernel<N.value, VEC, true, false, false, DROPOUT, false>, VEC);
-        };
-        if (C % kVec == 0) reductions(std::integral_constant<int, kVec>{});
-        else reductions(std::integral_constant<int, 1>{});
+        constexpr int kVec = DROPOUT ? 4 : 8;  // 8 with the dropout hash spills
+        if (C % kVec == 0) launch(h_post_bda_backward_kernel<N.value, kVec, true, false, DROPOUT, false>, kVec);
+        else launch(h_post_bda_backward_kernel<N.value, 1, true, false, DROPOUT, false>, 1);
       } else if (C % 4 == 0) {
-        if (aggregate) launch(h_post_bda_backward_kernel<N.value, 4, true, true, true, DROPOUT, false>, 4);
-        else launch(h_post_bda_backward_kernel<N.value, 4, true, false, true, DROPOUT, false>, 4);
+        if (aggregate) launch(h_post_bda_backward_kernel<N.value, 4, true, true, DROPOUT, false>, 4);
+        else launch(h_post_bda_backward_kernel<N.value, 4, false, true, DROPOUT, false>, 4);
       } else {
-        if (aggregate) launch(h_post_bda_backward_kernel<N.value, 1, true, true, true, DROPOUT, false>, 1);
-        else launch(h_post_bda_backward_kernel<N.value, 1, true, false, true, DROPOUT, false>, 1);
+        if (aggregate) launch(h_post_bda_backward_kernel<N.value, 1, true, true, DROPOUT, false>, 1);
+        else launch(h_post_bda_backward_kernel<N.value, 1, false, true, DROPOUT, false>, 1);
       }
     });
   });

@@ -85,13 +85,10 @@ struct AggregateGrad {
   const NormInputGrad* norm = nullptr;
 };
 
-// `aggregate` may be null (h_post_bda alone); so may grad_y (dy not written) and grad_x
-// (dx not written: mhc_mappings_backward given a StreamMixGrad adds these terms and writes
-// dx once, which saves writing and reading it again; the model's path). The reductions
-// can be split over two launches: one with null grad_h_res and grad_h_post (grad_out, y
-// then unused) makes only the aggregate's (dH_pre, and dagg with NormInputGrad), one with
-// a null `aggregate` dH_res and dH_post: the model makes the latter on a second stream
-// before the aggregate's gradient exists.
+// `aggregate` may be null (h_post_bda alone); so may grad_y (dy not written) and, with
+// `aggregate`, grad_x (dx not written: mhc_mappings_backward given a StreamMixGrad adds
+// these terms and writes dx once, which saves writing and reading it again; the model's
+// path).
 void h_post_bda_backward(const bf16* grad_out, const bf16* x, const float* h_res, const float* h_post, const bf16* y,
                          const bf16* y_bias, int64_t tokens, int n, int64_t C, cpu::DropoutSpec dropout, bf16* grad_x,
                          float* grad_h_res, float* grad_h_post, bf16* grad_y,
