@@ -57,7 +57,9 @@ struct CudaLayer : RestorableTensors<bf16> {
 }  // namespace
 
 struct GptCuda::State {
-  cuda::Stream stream_owner;  // every launch of the model goes on it
+  // Every launch of the model but the side stream's (below) goes on it. High priority:
+  // where blocks of both wait, its own (the step's critical path) are scheduled first.
+  cuda::Stream stream_owner{cuda::Stream::kHigh};
   cudaStream_t stream = stream_owner.get();
   // A training micro-batch (forward, head and backward) as one CUDA graph, replayed while
   // nothing in it changes from one micro-batch to the next: without dropout, whose keys are

@@ -12,7 +12,11 @@ bool device_available() {
   return cudaGetDeviceCount(&count) == cudaSuccess && count > 0;
 }
 
-Stream::Stream() { MHC_CUDA_CHECK(cudaStreamCreate(&stream_)); }
+Stream::Stream(Priority priority) {
+  int least = 0, greatest = 0;
+  MHC_CUDA_CHECK(cudaDeviceGetStreamPriorityRange(&least, &greatest));
+  MHC_CUDA_CHECK(cudaStreamCreateWithPriority(&stream_, cudaStreamDefault, priority == kHigh ? greatest : least));
+}
 Stream::~Stream() {
   if (stream_) cudaStreamDestroy(stream_);
 }

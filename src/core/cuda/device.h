@@ -71,10 +71,12 @@ template <typename T> class DeviceBuffer {
 };
 
 // A blocking stream (cudaStreamCreate): the legacy default stream, on which
-// DeviceBuffer's copies and fills run, stays ordered with its work.
+// DeviceBuffer's copies and fills run, stays ordered with its work. A high-priority
+// stream's waiting blocks are scheduled before those of other streams.
 class Stream {
  public:
-  Stream();
+  enum Priority { kNormal, kHigh };
+  explicit Stream(Priority priority = kNormal);
   ~Stream();
   Stream(const Stream&) = delete;
   Stream& operator=(const Stream&) = delete;
