@@ -671,7 +671,10 @@ double GptCuda::forward_backward(const int32_t* tokens, const int32_t* targets, 
   return s_->forward_backward(tokens, targets, step, config_);
 }
 
-void GptCuda::set_overlap(bool on) { s_->overlap = on; }
+void GptCuda::set_overlap(bool on) {
+  s_->overlap = on;
+  s_->train_graph.reset();  // captured with the other setting
+}
 
 void GptCuda::set_graphs(bool on) {
   s_->graphs = on;

@@ -8,10 +8,10 @@
 // itself (beta != 0 then reads the D it overwrites) unless given (same layout as D). Row-major callers swap the operands: a row-major [rows, cols]
 // matrix is the column-major [cols, rows] one.
 //
-// One cuBLASLt handle and workspace per device, created on first use; the algorithm of
-// each shape (and pointer alignment) is chosen once by cuBLASLt's heuristic and reused, and
-// split-K reductions that accumulate in place (whose order can vary) are excluded, so the
-// same inputs give the same bits.
+// One cuBLASLt handle and workspace per device (a product may bring its own workspace),
+// created on first use; the algorithm of each shape (and pointer alignment) is chosen once
+// by cuBLASLt's heuristic and reused, and split-K reductions that accumulate in place
+// (whose order can vary) are excluded, so the same inputs give the same bits.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
