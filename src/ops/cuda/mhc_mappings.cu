@@ -928,10 +928,6 @@ __global__ void __launch_bounds__(kGradHThreads)
   }
 }
 
-template <int N> int64_t grad_h_blocks_of(int64_t tokens) {
-  return detail::blocks_for(tokens * GradHLanes<N>::L, kGradHThreads);
-}
-
 // dbias (columns below M) and dalpha (the last 3) of the summed [dh, alpha terms] rows.
 struct BiasAndAlphaOutputs {
   float *bias, *alpha;
@@ -1021,6 +1017,7 @@ template <int N> DxGrid dx_grid(int64_t tokens, int64_t C) {
 
 struct Layout {
   int64_t M, K, P;
+  int64_t grad_h_blocks;  // grad_h_kernel's grid, a partial row a block
   DxGrid grid;
   size_t grad_h_partials, coef, grad_proj_parts, grad_proj_fragments, weight_split, weight_partials, bias_partials,
       total;
@@ -1032,6 +1029,7 @@ Layout layout_of(const MappingsArgs& a) {
   l.K = a.n * a.C;
   detail::dispatch_streams(a.n, [&](auto N) {
     l.P = dproj_part<N.value>();
+    l.grad_h_blocks = detail::blocks_for(a.tokens * GradHLanes<N.value>::L, kGradHThreads);
     l.grid = dx_grid<N.value>(a.tokens, a.C);
   });
   l.grad_h_partials = 0;  // a row a grad_h block, at most one a token
@@ -1044,6 +1042,20 @@ Layout layout_of(const MappingsArgs& a) {
   l.bias_partials = aligned(l.weight_partials + l.grid.runs * l.M * l.K);
   l.total = l.bias_partials + l.grid.runs * a.C;
   return l;
+}
+
+// The parameter gradients from the partials the backward's kernels left in the workspace:
+// dW (the token runs' partials), the next dy's bias gradient (the runs' column sums) and
+// dbias, dalpha (the grad_h blocks' [dh, alpha terms] rows), each summed in a fixed order.
+void add_parameter_sums(const MappingsArgs& a, const Layout& l, float* grad_weight, float* grad_alpha,
+                        float* grad_bias, float* grad_y_bias, const float* workspace, cudaStream_t stream) {
+  detail::add_chunk_sums<1>(workspace + l.weight_partials, l.grid.runs, l.M * l.K,
+                            detail::ColumnOutputs<1>{{grad_weight}}, stream);
+  if (grad_y_bias)
+    detail::add_chunk_sums<1>(workspace + l.bias_partials, l.grid.runs, a.C, detail::ColumnOutputs<1>{{grad_y_bias}},
+                              stream);
+  detail::add_chunk_sums<1>(workspace + l.grad_h_partials, l.grad_h_blocks, l.M + 3,
+                            BiasAndAlphaOutputs{grad_bias, grad_alpha, l.M}, stream);
 }
 
 void check_args(const MappingsArgs& a) {
@@ -1173,7 +1185,7 @@ void mhc_mappings_backward(const MappingsArgs& a, const bf16* x, const float* we
     if (divisor_bytes > 48 * 1024)  // n = 1 past 24 iterations, n = 2 and 4 past 48
       MHC_CUDA_CHECK(cudaFuncSetAttribute(grad_h_kernel<N>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                           static_cast<int>(divisor_bytes)));
-    grad_h_kernel<N><<<static_cast<unsigned>(grad_h_blocks_of<N>(a.tokens)), kGradHThreads, divisor_bytes, stream>>>(
+    grad_h_kernel<N><<<static_cast<unsigned>(l.grad_h_blocks), kGradHThreads, divisor_bytes, stream>>>(
         proj, r, alpha, bias, h_pre, h_post, grad_h_pre, grad_h_post, grad_h_res, a.tokens, l.K,
         a.sinkhorn_iterations, grad_h_partials, grad_proj_parts, grad_proj_fragments, coef);
     MHC_CUDA_CHECK(cudaGetLastError());
@@ -1200,27 +1212,14 @@ void mhc_mappings_backward(const MappingsArgs& a, const bf16* x, const float* we
     else launch(grad_x_kernel<N, 1, false, false>, no, no);
     MHC_CUDA_CHECK(cudaGetLastError());
   });
-  if (!sums_later)
-    mhc_mappings_backward_sums(a, grad_weight, grad_alpha, grad_bias, next ? next->grad_y_bias : nullptr, workspace,
-                               stream);
+  if (!sums_later) add_parameter_sums(a, l, grad_weight, grad_alpha, grad_bias, next ? next->grad_y_bias : nullptr,
+                                      workspace, stream);
 }
 
 void mhc_mappings_backward_sums(const MappingsArgs& a, float* grad_weight, float* grad_alpha, float* grad_bias,
                                 float* grad_y_bias, const float* workspace, cudaStream_t stream) {
   check_args(a);
-  const Layout l = layout_of(a);
-  // dW: the token runs' partials summed in order
-  detail::add_chunk_sums<1>(workspace + l.weight_partials, l.grid.runs, l.M * l.K,
-                            detail::ColumnOutputs<1>{{grad_weight}}, stream);
-  // the dy of the hyper connection below: its bias gradient, the runs' column sums in order
-  if (grad_y_bias)
-    detail::add_chunk_sums<1>(workspace + l.bias_partials, l.grid.runs, a.C, detail::ColumnOutputs<1>{{grad_y_bias}},
-                              stream);
-  // dbias and dalpha: the grad_h blocks' sums of [dh, alpha terms], summed in a fixed order
-  int64_t grad_h_blocks = 0;
-  detail::dispatch_streams(a.n, [&](auto N) { grad_h_blocks = grad_h_blocks_of<N.value>(a.tokens); });
-  detail::add_chunk_sums<1>(workspace + l.grad_h_partials, grad_h_blocks, l.M + 3,
-                            BiasAndAlphaOutputs{grad_bias, grad_alpha, l.M}, stream);
+  add_parameter_sums(a, layout_of(a), grad_weight, grad_alpha, grad_bias, grad_y_bias, workspace, stream);
 }
 
 }  // namespace mhc::cuda
