@@ -185,9 +185,9 @@ TEST(CudaModelRecompute, BitwiseEqualToNoRecompute) {
 // runs the kernels that one stream's one-by-one launches run, on the same buffers: the
 // losses, norms, stability metrics and trained weights are bitwise theirs. Every
 // micro-batch has new tokens (the replay must read them), and an evaluation between steps
-// shares the graph's buffers. With dropout (no graphs) the second stream alone: dy then
-// has its own buffer, overwritten a sublayer later. The wider model gives the second
-// stream's products time to lag behind.
+// shares the graph's buffers. With dropout too (the replays' keys made on the device from
+// each step; dy then has its own buffer, overwritten a sublayer later). The wider model
+// gives the second stream's products time to lag behind.
 TEST(CudaModelGraphsAndOverlap, BitwiseEqualToOneStreamLaunchesOneByOne) {
   if (!cuda::device_available()) GTEST_SKIP() << "no CUDA device";
   for (const bool wide : {false, true})

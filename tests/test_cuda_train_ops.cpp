@@ -1,11 +1,13 @@
-// CUDA embedding, cross-entropy and optimizer against their CPU counterparts, on fresh
+// CUDA embedding, cross-entropy, optimizer and dropout keys against their CPU counterparts, on fresh
 // random inputs with every output poisoned first. Skipped without a GPU.
 #include <gtest/gtest.h>
 
+#include "core/rng.h"
 #include "cuda_test_util.h"
 #include "nn/parameter.h"
 #include "ops/cpu/embedding.h"
 #include "ops/cuda/adamw.h"
+#include "ops/cuda/dropout_keys.h"
 #include "ops/cuda/embedding.h"
 #include "train/optimizer.h"
 
@@ -26,6 +28,22 @@ std::vector<int32_t> random_tokens(size_t count, int64_t vocab, uint64_t seed) {
   // Few distinct values, so that runs of equal tokens are long (the backward's hard case).
   for (double u : random_vector(count, seed, 0, 1)) tokens.push_back(static_cast<int32_t>(u * u * vocab) % vocab);
   return tokens;
+}
+
+// The keys a CUDA graph makes for each step: the host's rng_key of the step in device memory.
+TEST_F(CudaTrainOps, DropoutKeysAreTheHostsForTheStepInDeviceMemory) {
+  const std::vector<uint64_t> sites{0, 1, 2};
+  const int64_t layers = 37;
+  auto d_keys = poisoned<uint64_t>(static_cast<size_t>(layers) * sites.size());
+  for (const uint64_t step : {uint64_t{0}, uint64_t{7}, uint64_t{123456789012}}) {
+    DeviceBuffer<uint64_t> d_step(std::vector<uint64_t>{step});
+    cuda::dropout_keys(99, layers, sites, d_step.data(), d_keys.data());
+    const std::vector<uint64_t> keys = d_keys.download();
+    for (int64_t l = 0; l < layers; ++l)
+      for (size_t i = 0; i < sites.size(); ++i)
+        ASSERT_EQ(keys[l * sites.size() + i], rng_key(99, static_cast<uint64_t>(l), step, sites[i]))
+            << "layer " << l << " site " << i << " step " << step;
+  }
 }
 
 TEST_F(CudaTrainOps, EmbeddingForwardAndBackward) {

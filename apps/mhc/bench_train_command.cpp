@@ -27,6 +27,7 @@ namespace {
 struct BenchTrainOptions : GptShape {
   int64_t recompute_layers = 1;  // mhc_recompute_layer_num of the recompute row
   int steps = 10, warmup = 3;
+  double dropout = 0;   // hidden and attention dropout
   bool graphs = true;   // each micro-batch as one CUDA graph (nn/gpt_cuda.h)
   bool overlap = true;  // the backward's weight gradients on a second stream (nn/gpt_cuda.h)
   std::vector<std::string> variants{"residual", "mhc", "mhc-recompute"};
@@ -44,10 +45,10 @@ int run_bench_train(const BenchTrainOptions& o) {
   cudaDeviceProp prop{};
   MHC_CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
   std::printf("device: %s; GPT %lld layers, C=%lld, %lld heads, T=%lld, micro-batch %lld, vocab %lld; "
-              "median of %d steps after %d warm-up steps; %s; %s\n",
+              "dropout %g; median of %d steps after %d warm-up steps; %s; %s\n",
               prop.name, static_cast<long long>(o.layers), static_cast<long long>(o.hidden),
               static_cast<long long>(o.heads), static_cast<long long>(o.seq), static_cast<long long>(o.batch),
-              static_cast<long long>(o.vocab), o.steps, o.warmup,
+              static_cast<long long>(o.vocab), o.dropout, o.steps, o.warmup,
               o.graphs ? "each micro-batch one CUDA graph" : "kernels launched one by one (--no-graphs)",
               o.overlap ? "weight gradients on a second stream" : "one stream (--no-overlap)");
   std::printf("%-26s %10s %12s %10s %10s %10s\n", "variant", "step ms", "tokens/s", "peak GiB", "step x res",
@@ -73,6 +74,7 @@ int run_bench_train(const BenchTrainOptions& o) {
     m.connection = v.connection;
     m.recompute = v.recompute;
     if (v.recompute == "mhc") m.mhc_recompute_layer_num = o.recompute_layers;
+    m.hidden_dropout = m.attention_dropout = o.dropout;
     config.batch_size = o.batch;
     config.validate();
     const std::string& label = v.name;
@@ -129,6 +131,7 @@ int run_bench_train(const BenchTrainOptions& o) {
                     {"batch", o.batch},
                     {"streams", o.streams},
                     {"recompute_layers", v.recompute == "mhc" ? o.recompute_layers : 0},
+                    {"dropout", o.dropout},
                     {"graphs", o.graphs},
                     {"overlap", o.overlap},
                     {"device", prop.name}});
@@ -154,6 +157,9 @@ Command add_bench_train_command(CLI::App& bench) {
       ->capture_default_str();
   cmd->add_option("--steps", o->steps, "timed steps (median reported)")->check(CLI::PositiveNumber)->capture_default_str();
   cmd->add_option("--warmup", o->warmup, "untimed steps first")->check(CLI::NonNegativeNumber)->capture_default_str();
+  cmd->add_option("--dropout", o->dropout, "hidden and attention dropout probability")
+      ->check(CLI::Range(0.0, 0.99))
+      ->capture_default_str();
   cmd->add_flag("!--no-graphs", o->graphs,
                "launch the kernels one by one instead of replaying each micro-batch as a CUDA graph");
   cmd->add_flag("!--no-overlap", o->overlap,

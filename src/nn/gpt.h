@@ -25,6 +25,7 @@ namespace mhc {
 // Dropout sites of a layer, each its own Philox stream per (seed, layer, step):
 // rng_key(seed, layer, step, site). Shared by the CPU and CUDA models.
 enum DropoutSite : uint64_t { kAttentionResidual = 0, kMlpResidual = 1, kAttentionProbs = 2 };
+constexpr int kDropoutSites = 3;
 
 // Bytes of activations held from forward to backward, and of the recompute workspace.
 struct ActivationBytes {

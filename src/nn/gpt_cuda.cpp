@@ -5,11 +5,11 @@
 
 #include "core/cuda/device.h"
 #include "core/error.h"
-#include "core/rng.h"
 #include "nn/recompute_plan.h"
 #include "ops/cuda/activation.h"
 #include "ops/cuda/adamw.h"
 #include "ops/cuda/attention.h"
+#include "ops/cuda/dropout_keys.h"
 #include "ops/cuda/embedding.h"
 #include "ops/cuda/gains.h"
 #include "ops/cuda/gemm.h"
@@ -62,9 +62,10 @@ struct GptCuda::State {
   cuda::Stream stream_owner{cuda::Stream::kHigh};
   cudaStream_t stream = stream_owner.get();
   // A training micro-batch (forward, head and backward) as one CUDA graph, replayed while
-  // nothing in it changes from one micro-batch to the next: without dropout, whose keys are
-  // kernel arguments that change every step. Captured at the second micro-batch (the first
-  // makes cuBLASLt's plans and sets the kernels' attributes).
+  // nothing in it changes from one micro-batch to the next: the dropout keys, which change
+  // every step, are made in it from the step in device memory (dropout_step, uploaded
+  // before each replay). Captured at the second micro-batch (the first makes cuBLASLt's
+  // plans and sets the kernels' attributes).
   cuda::Graph train_graph;
   bool graphs = true, warmed_up = false;
   // The backward's weight gradients (the layers' dW, qkv's db, the pre-norms' weight and
@@ -96,6 +97,8 @@ struct GptCuda::State {
   Slot wte, wpe, lnf_w, lnf_b;
   std::vector<CudaLayer> layers;
   DeviceBuffer<int32_t> tokens, targets;
+  // The training step's dropout keys, [layer][DropoutSite], made on the device from the step.
+  DeviceBuffer<uint64_t> dropout_step, dropout_keys;
   DeviceBuffer<bf16> e, x0, h, hf, logits;
   DeviceBuffer<float> lnf_mean, lnf_rstd, losses, ones;
   DeviceBuffer<bf16> dx_a, dx_b, dx_mid, dagg, dln, dy, dctx, dh, dhf, de, dqkv, dfc, dact;
@@ -378,7 +381,8 @@ struct GptCuda::State {
     return total / static_cast<double>(N);
   }
 
-  void upload_batch(const int32_t* tokens_host, const int32_t* targets_host) {
+  // The batch, and the step the forward's dropout keys are made from.
+  void upload_batch(const int32_t* tokens_host, const int32_t* targets_host, uint64_t step) {
     for (int64_t i = 0; i < N; ++i) {
       check(tokens_host[i] >= 0 && tokens_host[i] < V,
             "token id " + std::to_string(tokens_host[i]) + " outside the vocabulary");
@@ -389,27 +393,32 @@ struct GptCuda::State {
         cudaMemcpyAsync(tokens.data(), tokens_host, N * sizeof(int32_t), cudaMemcpyHostToDevice, stream));
     MHC_CUDA_CHECK(
         cudaMemcpyAsync(targets.data(), targets_host, N * sizeof(int32_t), cudaMemcpyHostToDevice, stream));
+    MHC_CUDA_CHECK(cudaMemcpyAsync(dropout_step.data(), &step, sizeof(step), cudaMemcpyHostToDevice, stream));
   }
 
   // The mean loss of a batch: upload, forward and head (its backward too with `train`).
   double loss(const int32_t* tokens_host, const int32_t* targets_host, uint64_t step, const ModelConfig& c,
               bool train) {
-    upload_batch(tokens_host, targets_host);
-    forward(step, c, train);
+    upload_batch(tokens_host, targets_host, step);
+    forward(c, train);
     return mean_loss();
   }
 
   // The forward of the uploaded batch and the head (its backward too with `train`).
-  void forward(uint64_t step, const ModelConfig& c, bool train) {
+  void forward(const ModelConfig& c, bool train) {
+    const auto hidden_p = train ? static_cast<float>(c.hidden_dropout) : 0.0f;
+    const auto attention_p = train ? static_cast<float>(c.attention_dropout) : 0.0f;
+    if (hidden_p > 0 || attention_p > 0)  // from the step upload_batch gave
+      cuda::dropout_keys(seed, static_cast<int64_t>(layers.size()), {kAttentionResidual, kMlpResidual, kAttentionProbs},
+                         dropout_step.data(), dropout_keys.data(), stream);
     cuda::embedding_forward(tokens.data(), value_of(wte), value_of(wpe), B, S, C, e.data(), stream);
     cuda::stream_expand_forward(e.data(), N, static_cast<int>(n), C, x0.data(), stream);
     for (size_t l = 0; l < layers.size(); ++l) {
       CudaLayer& L = layers[l];
-      const auto hidden_p = train ? static_cast<float>(c.hidden_dropout) : 0.0f;
-      const auto attention_p = train ? static_cast<float>(c.attention_dropout) : 0.0f;
-      L.drop_attn = {hidden_p, rng_key(seed, l, step, kAttentionResidual)};
-      L.drop_mlp = {hidden_p, rng_key(seed, l, step, kMlpResidual)};
-      L.drop_probs = {attention_p, rng_key(seed, l, step, kAttentionProbs)};
+      const uint64_t* keys = dropout_keys.data() + l * kDropoutSites;  // rng_key(seed, l, step, site)
+      L.drop_attn = {hidden_p, 0, keys + kAttentionResidual};
+      L.drop_mlp = {hidden_p, 0, keys + kMlpResidual};
+      L.drop_probs = {attention_p, 0, keys + kAttentionProbs};
       // Layer 0's input comes from the expansion: its mappings compute ||x||^2 themselves.
       const float* in_sumsq = hc && l > 0 ? L.hc_attn.input_sumsq.data() : nullptr;
       float* next_sumsq = hc && l + 1 < layers.size() ? layers[l + 1].hc_attn.input_sumsq.data() : nullptr;
@@ -445,12 +454,12 @@ struct GptCuda::State {
 
   double forward_backward(const int32_t* tokens_host, const int32_t* targets_host, uint64_t step,
                           const ModelConfig& c) {
-    upload_batch(tokens_host, targets_host);
+    upload_batch(tokens_host, targets_host, step);
     const auto launches = [&] {
-      forward(step, c, true);
+      forward(c, true);
       backward(c);
     };
-    if (!graphs || c.hidden_dropout > 0 || c.attention_dropout > 0) {
+    if (!graphs) {
       launches();
     } else if (train_graph.ready()) {
       train_graph.launch(stream);
@@ -588,6 +597,8 @@ GptCuda::GptCuda(const ModelConfig& config, int64_t batch, int64_t seq) : config
   // At most about 512 MB of bf16 logits (then their gradient) at a time.
   s.head_rows = std::clamp<int64_t>((int64_t{512} << 20) / (2 * s.V), 1, N);
   s.tokens = DeviceBuffer<int32_t>(N), s.targets = DeviceBuffer<int32_t>(N);
+  s.dropout_step = DeviceBuffer<uint64_t>(1);
+  s.dropout_keys = DeviceBuffer<uint64_t>(static_cast<size_t>(c.num_layers) * kDropoutSites);
   s.e = DeviceBuffer<bf16>(N * C), s.x0 = DeviceBuffer<bf16>(N * n * C), s.h = DeviceBuffer<bf16>(N * C);
   s.hf = DeviceBuffer<bf16>(N * C);
   s.lnf_mean = DeviceBuffer<float>(s.rms ? 0 : N), s.lnf_rstd = DeviceBuffer<float>(N);

@@ -42,9 +42,10 @@ class GptCuda {
   // the dropout masks as on the CPU. Gradients accumulate over micro-batches.
   double forward(const int32_t* tokens, const int32_t* targets, uint64_t step);
   void backward();
-  // forward() then backward() of one micro-batch. Without dropout, from the second call
-  // on, as one CUDA graph captured at that call and replayed (the same kernels on the same
-  // buffers: the same bits as the two calls; set_graphs(false) launches them one by one).
+  // forward() then backward() of one micro-batch. From the second call on, as one CUDA
+  // graph captured at that call and replayed (the same kernels on the same buffers, the
+  // dropout keys made on the device from the step: the same bits as the two calls;
+  // set_graphs(false) launches them one by one).
   double forward_backward(const int32_t* tokens, const int32_t* targets, uint64_t step);
   void set_graphs(bool on);
   // The backward's weight gradients on a second stream, beside the rest of the backward

@@ -29,8 +29,8 @@ struct TrainConfig {
   int64_t seed = 1337;
   std::string data;  // empty: the built-in corpus
   std::string device = "cpu";  // cpu | cuda (the whole step on one GPU, nn/gpt_cuda.h)
-  // cuda: each micro-batch replayed as one CUDA graph where nothing in it changes from step
-  // to step (no dropout); false launches the kernels one by one (same results, bitwise).
+  // cuda: each micro-batch replayed as one CUDA graph (the step's dropout keys made in it
+  // on the device); false launches the kernels one by one (same results, bitwise).
   bool cuda_graphs = true;
 
   void validate() const;  // model rules and the training ones

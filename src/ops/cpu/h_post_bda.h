@@ -21,6 +21,9 @@ namespace mhc::cpu {
 struct DropoutSpec {
   float p = 0.0f;
   uint64_t key = 0;
+  // CUDA ops only: when set, the key is read from this device address when the kernels run
+  // (made on the device for the step, so that a captured CUDA graph replays any step).
+  const uint64_t* key_on_device = nullptr;
 };
 
 template <typename T>

@@ -223,6 +223,7 @@ template <int D, bool DROPOUT>
 __global__ void __launch_bounds__(kThreads, 3) flash_forward_kernel(const bf16* qkv, int64_t T, int64_t C, int64_t H,
                                                                float scale, cpu::DropoutSpec dropout, bf16* out,
                                                                float* lse) {
+  if constexpr (DROPOUT) dropout.key = detail::dropout_key(dropout);
   // q, then two buffers of k and v: the next key tile is copied while this one is used.
   extern __shared__ __align__(16) bf16 shared[];
   bf16* q_tile = shared;
@@ -326,6 +327,7 @@ __global__ void __launch_bounds__(kThreads) flash_backward_kv_kernel(const bf16*
                                                                      const float* lse, const float* delta, int64_t T,
                                                                      int64_t C, int64_t H, float scale,
                                                                      cpu::DropoutSpec dropout, bf16* grad_qkv) {
+  if constexpr (DROPOUT) dropout.key = detail::dropout_key(dropout);
   // the block's k and v; two buffers of q, dout, lse and delta
   extern __shared__ __align__(16) bf16 shared[];
   bf16* k_own = shared;
@@ -449,6 +451,7 @@ __global__ void __launch_bounds__(kThreads) flash_backward_q_kernel(const bf16* 
                                                                     int64_t C, int64_t H, float scale,
                                                                     cpu::DropoutSpec dropout, float* delta,
                                                                     bf16* grad_qkv) {
+  if constexpr (DROPOUT) dropout.key = detail::dropout_key(dropout);
   // two buffers of k and v (the k buffers first bring this block's q, the v buffers its dout)
   __shared__ __align__(16) bf16 k_tile[2][kTileElems<D>], v_tile[2][kTileElems<D>];
   static_assert(kOwnRows <= 2 * kBlock, "the block's queries are staged through the two k buffers");

@@ -8,6 +8,7 @@
 #include <type_traits>
 
 #include "core/error.h"
+#include "ops/cpu/h_post_bda.h"
 
 namespace mhc::cuda::detail {
 
@@ -175,6 +176,9 @@ __device__ inline void copy_async_prefix(void* shared, const void* global, int b
 }
 __device__ inline void commit_async() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int PENDING> __device__ inline void wait_async() { asm volatile("cp.async.wait_group %0;\n" ::"n"(PENDING)); }
+
+// A dropout spec's key where the kernel runs (cpu::DropoutSpec::key_on_device).
+__device__ inline uint64_t dropout_key(const cpu::DropoutSpec& d) { return d.key_on_device ? *d.key_on_device : d.key; }
 
 template <typename Launch> void dispatch_streams(int n, Launch&& launch) {
   switch (n) {

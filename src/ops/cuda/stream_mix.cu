@@ -89,8 +89,10 @@ __device__ inline void load_sublayer(const bf16* y, const bf16* y_bias, int64_t 
 
 template <int N, int VEC, bool DROPOUT>
 __global__ void h_post_bda_forward_kernel(const bf16* x, const float* h_res, const float* h_post, const bf16* y,
-                                          const bf16* y_bias, int64_t tokens, int64_t C, int lanes, float p,
-                                          uint64_t key, bf16* out, float* out_sumsq) {
+                                          const bf16* y_bias, int64_t tokens, int64_t C, int lanes,
+                                          cpu::DropoutSpec dropout, bf16* out, float* out_sumsq) {
+  const float p = dropout.p;
+  const uint64_t key = DROPOUT ? detail::dropout_key(dropout) : 0;
   const TokenGroup tg = detail::token_group(lanes);
   const int64_t t = tg.token;
   if (t >= tokens) return;
@@ -140,10 +142,13 @@ __global__ void h_post_bda_forward_kernel(const bf16* x, const float* h_res, con
 template <int N, int VEC, bool AGG, bool DX, bool DROPOUT, bool NORM>
 __global__ void __launch_bounds__(detail::kBlockThreads, N <= 4 ? 2 : 1)
     h_post_bda_backward_kernel(const bf16* grad_out, const bf16* x, const float* h_res, const float* h_post,
-                               const bf16* y, const bf16* y_bias, int64_t tokens, int64_t C, int lanes, float p,
-                               uint64_t key, bf16* grad_x, float* grad_h_res, float* grad_h_post, bf16* grad_y,
-                               const bf16* grad_agg, const float* h_pre, float* grad_h_pre, NormInputGrad norm) {
+                               const bf16* y, const bf16* y_bias, int64_t tokens, int64_t C, int lanes,
+                               cpu::DropoutSpec dropout, bf16* grad_x, float* grad_h_res, float* grad_h_post,
+                               bf16* grad_y, const bf16* grad_agg, const float* h_pre, float* grad_h_pre,
+                               NormInputGrad norm) {
   static_assert(!NORM || AGG, "the norm's input gradient is the aggregate's");
+  const float p = dropout.p;
+  const uint64_t key = DROPOUT ? detail::dropout_key(dropout) : 0;
   constexpr int P = N * N + N + (AGG ? N : 0);
   const TokenGroup tg = detail::token_group(lanes);
   const int64_t t = tg.token;
@@ -231,10 +236,11 @@ template <int N, bool DROPOUT> struct GradY {
   const bf16* grad_out;
   const float* h_post;
   int64_t C;
-  float p;
-  uint64_t key;
+  cpu::DropoutSpec dropout;
   bf16* grad_y;
   template <int COLS> __device__ void operator()(int64_t t, int64_t c, float (&out)[1][COLS]) const {
+    const float p = dropout.p;
+    const uint64_t key = DROPOUT ? detail::dropout_key(dropout) : 0;
     float dy[COLS] = {};
 #pragma unroll
     for (int i = 0; i < N; ++i) {
@@ -346,7 +352,7 @@ void h_post_bda_forward(const bf16* x, const float* h_res, const float* h_post, 
       launch_by_width(tokens, C, h_post_bda_forward_kernel<N.value, 8, DROPOUT>,
                       h_post_bda_forward_kernel<N.value, 1, DROPOUT>, [&](auto kernel, TokenLaunch l) {
                         kernel<<<l.grid, l.threads, 0, stream>>>(x, h_res, h_post, y, y_bias, tokens, C, l.lanes,
-                                                                 dropout.p, dropout.key, out, out_sumsq);
+                                                                 dropout, out, out_sumsq);
                       });
     });
   });
@@ -363,7 +369,7 @@ void h_post_bda_grad_y(const bf16* grad_out, const float* h_post, int64_t tokens
   check(tokens >= 1 && C >= 1, "h_post_bda_grad_y: empty input");
   dispatch_streams(n, [&](auto N) {
     dispatch_dropout(dropout.p, [&](auto drop) {
-      detail::column_sums<1>(GradY<N.value, decltype(drop)::value>{grad_out, h_post, C, dropout.p, dropout.key, grad_y},
+      detail::column_sums<1>(GradY<N.value, decltype(drop)::value>{grad_out, h_post, C, dropout, grad_y},
                              tokens, C, {grad_y_bias}, workspace, stream);
     });
   });
@@ -389,9 +395,9 @@ void h_post_bda_backward(const bf16* grad_out, const bf16* x, const float* h_res
   dispatch_streams(n, [&](auto N) {
     auto launch = [&](auto kernel, int vec) {
       const TokenLaunch l = token_launch(tokens, C, vec);
-      kernel<<<l.grid, l.threads, 0, stream>>>(grad_out, x, h_res, h_post, y, y_bias, tokens, C, l.lanes, dropout.p,
-                                               dropout.key, grad_x, grad_h_res, grad_h_post, grad_y, grad_agg, h_pre,
-                                               grad_h_pre, norm ? *norm : NormInputGrad{});
+      kernel<<<l.grid, l.threads, 0, stream>>>(grad_out, x, h_res, h_post, y, y_bias, tokens, C, l.lanes, dropout,
+                                               grad_x, grad_h_res, grad_h_post, grad_y, grad_agg, h_pre, grad_h_pre,
+                                               norm ? *norm : NormInputGrad{});
     };
     if (norm) {  // (no dropout, C % 8 == 0)
       launch(h_post_bda_backward_kernel<N.value, 8, true, false, false, true>, 8);
