@@ -212,6 +212,12 @@ template <bool LATER_FIRST> __device__ inline int64_t own_rows() {
 __device__ inline float drop(const Head& s, cpu::DropoutSpec dropout, int64_t t, int64_t u) {
   return dropout_scale<float>(dropout.key, static_cast<uint64_t>((s.bh * s.T + t) * s.T + u), dropout.p);
 }
+// The keep-scales of query t's keys u and u + 1 (one Philox call for both where they share
+// one: u is even in an accumulator tile, and so is T in practice).
+__device__ inline void drop_pair(const Head& s, cpu::DropoutSpec dropout, int64_t t, int64_t u, float& first,
+                                 float& second) {
+  dropout_scale_pair<float>(dropout.key, static_cast<uint64_t>((s.bh * s.T + t) * s.T + u), dropout.p, first, second);
+}
 
 // The streamed tiles are used 32 rows at a time (kHalf): score accumulators of a whole
 // 64-row tile for two m-tiles would take 64 registers a set.
@@ -294,8 +300,17 @@ __global__ void __launch_bounds__(kThreads, 3) flash_forward_kernel(const bf16* 
             const float pe = exp2_fast(fmaf(p[mt][j][e], scale2, -m[mt][hh]));
             l[mt][hh] += pe;  // the normaliser is over P before dropout
             p[mt][j][e] = pe;
-            if constexpr (DROPOUT) p[mt][j][e] *= drop(s, dropout, tq.row[mt][hh], u0 + accumulator_column(j, e));
           }
+        if constexpr (DROPOUT)
+#pragma unroll
+          for (int j = 0; j < kHalfTiles; ++j)
+#pragma unroll
+            for (int hh = 0; hh < 2; ++hh) {  // elements 2 hh, 2 hh + 1: adjacent keys of one query
+              float first, second;
+              drop_pair(s, dropout, tq.row[mt][hh], u0 + accumulator_column(j, 2 * hh), first, second);
+              p[mt][j][2 * hh] *= first;
+              p[mt][j][2 * hh + 1] *= second;
+            }
       }
       accumulate_kn<D, kHalfTiles / 2>(p, v_tile(buffer) + offset, o);
     }
@@ -328,6 +343,7 @@ __global__ void __launch_bounds__(kThreads) flash_backward_kv_kernel(const bf16*
                                                                      int64_t C, int64_t H, float scale,
                                                                      cpu::DropoutSpec dropout, bf16* grad_qkv) {
   if constexpr (DROPOUT) dropout.key = detail::dropout_key(dropout);
+  const float keep_scale = 1.0f / (1.0f - dropout.p);  // dropout_scale's, for a kept element
   // the block's k and v; two buffers of q, dout, lse and delta
   extern __shared__ __align__(16) bf16 shared[];
   bf16* k_own = shared;
@@ -379,6 +395,10 @@ __global__ void __launch_bounds__(kThreads) flash_backward_kv_kernel(const bf16*
       // P^T [keys][queries] and, for dV, D P^T. Only halves reaching back to this warp's
       // keys (or past T) need the mask. (Rows past T are zeros: no contribution.)
       float p[kMTiles][kHalfTiles][4], pd[kMTiles][kHalfTiles][4];
+      // With dropout: which elements the mask keeps (bit (mt kHalfTiles + j) 4 + e), made
+      // once for both of its uses.
+      static_assert(kMTiles * kHalfTiles * 4 <= 32, "the mask in one word");
+      uint32_t kept = 0;
       product_nk<D, kHalfTiles>(k_a, q_rows, p);
 #pragma unroll
       for (int mt = 0; mt < kMTiles; ++mt) {
@@ -391,7 +411,11 @@ __global__ void __launch_bounds__(kThreads) flash_backward_kv_kernel(const bf16*
             const int local = accumulator_column(j, e);
             p[mt][j][e] = exp2_fast(fmaf(p[mt][j][e], scale2, -lse_h[local]));
             pd[mt][j][e] = p[mt][j][e];
-            if constexpr (DROPOUT) pd[mt][j][e] *= drop(s, dropout, t0 + local, ku.row[mt][e / 2]);
+            if constexpr (DROPOUT) {
+              const float keep = drop(s, dropout, t0 + local, ku.row[mt][e / 2]);
+              pd[mt][j][e] *= keep;
+              if (keep != 0.0f) kept |= 1u << ((mt * kHalfTiles + j) * 4 + e);
+            }
           }
       }
       accumulate_kn<D, kHalfTiles / 2>(pd, do_rows, dv);
@@ -405,7 +429,7 @@ __global__ void __launch_bounds__(kThreads) flash_backward_kv_kernel(const bf16*
           for (int e = 0; e < 4; ++e) {
             const int local = accumulator_column(j, e);
             float dp = pd[mt][j][e];
-            if constexpr (DROPOUT) dp *= drop(s, dropout, t0 + local, ku.row[mt][e / 2]);
+            if constexpr (DROPOUT) dp *= kept >> ((mt * kHalfTiles + j) * 4 + e) & 1u ? keep_scale : 0.0f;
             pd[mt][j][e] = p[mt][j][e] * (dp - delta_h[local]);
           }
       accumulate_kn<D, kHalfTiles / 2>(pd, q_rows, dk);
@@ -505,15 +529,21 @@ __global__ void __launch_bounds__(kThreads) flash_backward_q_kernel(const bf16* 
         if (u0 + kHalf - 1 > first + 16 * mt || u0 + kHalf > T)
           mask_scores<false>(p[mt], tq.row[mt], u0, static_cast<int>(T), -INFINITY);
 #pragma unroll
-        for (int j = 0; j < kHalfTiles; ++j)
+        for (int j = 0; j < kHalfTiles; ++j) {
+          float keep[4];  // elements 2 hh, 2 hh + 1: adjacent keys of one query
+          if constexpr (DROPOUT)
+#pragma unroll
+            for (int hh = 0; hh < 2; ++hh)
+              drop_pair(s, dropout, tq.row[mt][hh], u0 + accumulator_column(j, 2 * hh), keep[2 * hh], keep[2 * hh + 1]);
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
             const int hh = e / 2;
             const float pe = exp2_fast(fmaf(p[mt][j][e], scale2, -row_lse[mt][hh]));
             float dp = ds[mt][j][e];
-            if constexpr (DROPOUT) dp *= drop(s, dropout, tq.row[mt][hh], u0 + accumulator_column(j, e));
+            if constexpr (DROPOUT) dp *= keep[e];
             ds[mt][j][e] = pe * (dp - row_delta[mt][hh]);  // times scale when dQ is stored
           }
+        }
       }
       accumulate_kn<D, kHalfTiles / 2>(ds, k_rows, dq);
     }
