@@ -70,21 +70,4 @@ template <typename T> MHC_HOST_DEVICE T dropout_scale(uint64_t key, uint64_t ind
   return rng_uniform(key, index) >= p ? T(1) / (T(1) - T(p)) : T(0);
 }
 
-// dropout_scale of elements index and index + 1, from one Philox call where both lie in
-// one group of four (the values are the same).
-template <typename T>
-MHC_HOST_DEVICE void dropout_scale_pair(uint64_t key, uint64_t index, float p, T& first, T& second) {
-  if (p <= 0.0f) {
-    first = second = T(1);
-    return;
-  }
-  const Philox4x32 r = philox4x32(index >> 2, 0, key);
-  const unsigned lane = static_cast<unsigned>(index & 3);
-  const float u0 = uint_to_unit_float(r.v[lane]);
-  const float u1 = lane < 3 ? uint_to_unit_float(r.v[lane + 1]) : rng_uniform(key, index + 1);
-  const T keep = T(1) / (T(1) - T(p));
-  first = u0 >= p ? keep : T(0);
-  second = u1 >= p ? keep : T(0);
-}
-
 }  // namespace mhc

@@ -212,11 +212,51 @@ template <bool LATER_FIRST> __device__ inline int64_t own_rows() {
 __device__ inline float drop(const Head& s, cpu::DropoutSpec dropout, int64_t t, int64_t u) {
   return dropout_scale<float>(dropout.key, static_cast<uint64_t>((s.bh * s.T + t) * s.T + u), dropout.p);
 }
-// The keep-scales of query t's keys u and u + 1 (one Philox call for both where they share
-// one: u is even in an accumulator tile, and so is T in practice).
-__device__ inline void drop_pair(const Head& s, cpu::DropoutSpec dropout, int64_t t, int64_t u, float& first,
-                                 float& second) {
-  dropout_scale_pair<float>(dropout.key, static_cast<uint64_t>((s.bh * s.T + t) * s.T + u), dropout.p, first, second);
+// Dropout's keep bits (bit e: element e kept) of this lane's four elements of an
+// accumulator tile (rows g, g + 8 at positions row0, row1; columns 2 tig, 2 tig + 1 from
+// position col0), the mask element of query t and key u being uniform (bh T + t) T + u.
+// QUERY_ROWS: the forward's and dQ's [query][key] tiles, else dK/dV's [key][query] ones.
+// A Philox call gives four consecutive keys of a query, so where T % 4 == 0 the lanes
+// sharing calls make one each and exchange the bits: the lane pairs (tig, tig ^ 1) of a
+// query's keys, or the quads of lanes (g = 4a..4a + 3, same tig) of four keys' rows. The
+// same masks as drop() element by element (its path where T % 4 != 0).
+template <bool QUERY_ROWS>
+__device__ uint32_t keep_bits(const Head& s, const cpu::DropoutSpec& d, int64_t row0, int64_t row1, int64_t col0) {
+  auto index = [&](int64_t t, int64_t u) { return static_cast<uint64_t>((s.bh * s.T + t) * s.T + u); };
+  auto bits_of = [&](uint64_t first) {  // keep bits of elements first.. first + 3 (first % 4 == 0)
+    const Philox4x32 r = philox4x32(first >> 2, 0, d.key);
+    uint32_t bits = 0;
+#pragma unroll
+    for (int q = 0; q < 4; ++q) bits |= static_cast<uint32_t>(uint_to_unit_float(r.v[q]) >= d.p) << q;
+    return bits;
+  };
+  const int lane = static_cast<int>(threadIdx.x % 32), tig = lane % 4, r = lane / 4 % 4;
+  if (s.T % 4 != 0) {
+    uint32_t bits = 0;
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int64_t row = e < 2 ? row0 : row1, col = col0 + e % 2;
+      const float keep = QUERY_ROWS ? drop(s, d, row, col) : drop(s, d, col, row);
+      bits |= static_cast<uint32_t>(keep != 0.0f) << e;
+    }
+    return bits;
+  }
+  if constexpr (QUERY_ROWS) {
+    // the even lane makes row g's group of four keys, the odd one row g + 8's
+    const bool odd = tig % 2;
+    const uint32_t mine = bits_of(index(odd ? row1 : row0, col0 - (odd ? 2 : 0)));
+    const uint32_t other = __shfl_xor_sync(0xffffffffu, mine, 1);
+    return odd ? ((other >> 2) & 3u) | (mine & 12u) : (mine & 3u) | ((other & 3u) << 2);
+  } else {
+    // lane r of a quad makes the group of element r (row r / 2, column r % 2): its row's
+    // four keys from 4a; element e's bit is then bit r of quad lane e's group
+    const uint32_t mine = bits_of(index(col0 + r % 2, (r / 2 ? row1 : row0) - r));
+    uint32_t bits = 0;
+#pragma unroll
+    for (int e = 0; e < 4; ++e)
+      bits |= (__shfl_sync(0xffffffffu, mine, (lane & ~12) | (e << 2)) >> r & 1u) << e;
+    return bits;
+  }
 }
 
 // The streamed tiles are used 32 rows at a time (kHalf): score accumulators of a whole
@@ -230,6 +270,7 @@ __global__ void __launch_bounds__(kThreads, 3) flash_forward_kernel(const bf16* 
                                                                float scale, cpu::DropoutSpec dropout, bf16* out,
                                                                float* lse) {
   if constexpr (DROPOUT) dropout.key = detail::dropout_key(dropout);
+  const float keep_scale = 1.0f / (1.0f - dropout.p);  // dropout_scale's, for a kept element
   // q, then two buffers of k and v: the next key tile is copied while this one is used.
   extern __shared__ __align__(16) bf16 shared[];
   bf16* q_tile = shared;
@@ -303,14 +344,11 @@ __global__ void __launch_bounds__(kThreads, 3) flash_forward_kernel(const bf16* 
           }
         if constexpr (DROPOUT)
 #pragma unroll
-          for (int j = 0; j < kHalfTiles; ++j)
+          for (int j = 0; j < kHalfTiles; ++j) {
+            const uint32_t kept = keep_bits<true>(s, dropout, tq.row[mt][0], tq.row[mt][1], u0 + accumulator_column(j, 0));
 #pragma unroll
-            for (int hh = 0; hh < 2; ++hh) {  // elements 2 hh, 2 hh + 1: adjacent keys of one query
-              float first, second;
-              drop_pair(s, dropout, tq.row[mt][hh], u0 + accumulator_column(j, 2 * hh), first, second);
-              p[mt][j][2 * hh] *= first;
-              p[mt][j][2 * hh + 1] *= second;
-            }
+            for (int e = 0; e < 4; ++e) p[mt][j][e] *= kept >> e & 1u ? keep_scale : 0.0f;
+          }
       }
       accumulate_kn<D, kHalfTiles / 2>(p, v_tile(buffer) + offset, o);
     }
@@ -405,18 +443,18 @@ __global__ void __launch_bounds__(kThreads) flash_backward_kv_kernel(const bf16*
         if (t0 < first + 16 * mt + 15 || t0 + kHalf > T || first + 16 * mt + 16 > T)
           mask_scores<true>(p[mt], ku.row[mt], t0, static_cast<int>(T), -INFINITY);
 #pragma unroll
-        for (int j = 0; j < kHalfTiles; ++j)
+        for (int j = 0; j < kHalfTiles; ++j) {
+          if constexpr (DROPOUT)
+            kept |= keep_bits<false>(s, dropout, ku.row[mt][0], ku.row[mt][1], t0 + accumulator_column(j, 0))
+                    << ((mt * kHalfTiles + j) * 4);
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
             const int local = accumulator_column(j, e);
             p[mt][j][e] = exp2_fast(fmaf(p[mt][j][e], scale2, -lse_h[local]));
             pd[mt][j][e] = p[mt][j][e];
-            if constexpr (DROPOUT) {
-              const float keep = drop(s, dropout, t0 + local, ku.row[mt][e / 2]);
-              pd[mt][j][e] *= keep;
-              if (keep != 0.0f) kept |= 1u << ((mt * kHalfTiles + j) * 4 + e);
-            }
+            if constexpr (DROPOUT) pd[mt][j][e] *= kept >> ((mt * kHalfTiles + j) * 4 + e) & 1u ? keep_scale : 0.0f;
           }
+        }
       }
       accumulate_kn<D, kHalfTiles / 2>(pd, do_rows, dv);
       // dP^T = v dout^T; dS^T = P^T (D dP^T - delta) (times scale when dK is stored)
@@ -476,6 +514,7 @@ __global__ void __launch_bounds__(kThreads) flash_backward_q_kernel(const bf16* 
                                                                     cpu::DropoutSpec dropout, float* delta,
                                                                     bf16* grad_qkv) {
   if constexpr (DROPOUT) dropout.key = detail::dropout_key(dropout);
+  const float keep_scale = 1.0f / (1.0f - dropout.p);  // dropout_scale's, for a kept element
   // two buffers of k and v (the k buffers first bring this block's q, the v buffers its dout)
   __shared__ __align__(16) bf16 k_tile[2][kTileElems<D>], v_tile[2][kTileElems<D>];
   static_assert(kOwnRows <= 2 * kBlock, "the block's queries are staged through the two k buffers");
@@ -530,17 +569,14 @@ __global__ void __launch_bounds__(kThreads) flash_backward_q_kernel(const bf16* 
           mask_scores<false>(p[mt], tq.row[mt], u0, static_cast<int>(T), -INFINITY);
 #pragma unroll
         for (int j = 0; j < kHalfTiles; ++j) {
-          float keep[4];  // elements 2 hh, 2 hh + 1: adjacent keys of one query
-          if constexpr (DROPOUT)
-#pragma unroll
-            for (int hh = 0; hh < 2; ++hh)
-              drop_pair(s, dropout, tq.row[mt][hh], u0 + accumulator_column(j, 2 * hh), keep[2 * hh], keep[2 * hh + 1]);
+          const uint32_t kept =
+              DROPOUT ? keep_bits<true>(s, dropout, tq.row[mt][0], tq.row[mt][1], u0 + accumulator_column(j, 0)) : 0;
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
             const int hh = e / 2;
             const float pe = exp2_fast(fmaf(p[mt][j][e], scale2, -row_lse[mt][hh]));
             float dp = ds[mt][j][e];
-            if constexpr (DROPOUT) dp *= keep[e];
+            if constexpr (DROPOUT) dp *= kept >> e & 1u ? keep_scale : 0.0f;
             ds[mt][j][e] = pe * (dp - row_delta[mt][hh]);  // times scale when dQ is stored
           }
         }
