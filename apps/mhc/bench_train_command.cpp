@@ -44,13 +44,13 @@ int run_bench_train(const BenchTrainOptions& o) {
   check(cuda::device_available(), "bench train: no CUDA device");
   cudaDeviceProp prop{};
   MHC_CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
-  std::printf("device: %s; GPT %lld layers, C=%lld, %lld heads, T=%lld, micro-batch %lld, vocab %lld; "
-              "dropout %g; median of %d steps after %d warm-up steps; %s; %s\n",
-              prop.name, static_cast<long long>(o.layers), static_cast<long long>(o.hidden),
-              static_cast<long long>(o.heads), static_cast<long long>(o.seq), static_cast<long long>(o.batch),
-              static_cast<long long>(o.vocab), o.dropout, o.steps, o.warmup,
-              o.graphs ? "each micro-batch one CUDA graph" : "kernels launched one by one (--no-graphs)",
-              o.overlap ? "weight gradients on a second stream" : "one stream (--no-overlap)");
+  std::printf(
+      "device: %s; GPT %lld layers, C=%lld, %lld heads, T=%lld, micro-batch %lld, vocab %lld; "
+      "dropout %g; median of %d steps after %d warm-up steps; %s; %s\n",
+      prop.name, static_cast<long long>(o.layers), static_cast<long long>(o.hidden), static_cast<long long>(o.heads),
+      static_cast<long long>(o.seq), static_cast<long long>(o.batch), static_cast<long long>(o.vocab), o.dropout,
+      o.steps, o.warmup, o.graphs ? "each micro-batch one CUDA graph" : "kernels launched one by one (--no-graphs)",
+      o.overlap ? "weight gradients on a second stream" : "one stream (--no-overlap)");
   std::printf("%-26s %10s %12s %10s %10s %10s\n", "variant", "step ms", "tokens/s", "peak GiB", "step x res",
               "mem x res");
   struct Variant {

@@ -253,8 +253,7 @@ __device__ uint32_t keep_bits(const Head& s, const cpu::DropoutSpec& d, int64_t 
     const uint32_t mine = bits_of(index(col0 + r % 2, (r / 2 ? row1 : row0) - r));
     uint32_t bits = 0;
 #pragma unroll
-    for (int e = 0; e < 4; ++e)
-      bits |= (__shfl_sync(0xffffffffu, mine, (lane & ~12) | (e << 2)) >> r & 1u) << e;
+    for (int e = 0; e < 4; ++e) bits |= (__shfl_sync(0xffffffffu, mine, (lane & ~12) | (e << 2)) >> r & 1u) << e;
     return bits;
   }
 }
@@ -345,7 +344,8 @@ __global__ void __launch_bounds__(kThreads, 3) flash_forward_kernel(const bf16* 
         if constexpr (DROPOUT)
 #pragma unroll
           for (int j = 0; j < kHalfTiles; ++j) {
-            const uint32_t kept = keep_bits<true>(s, dropout, tq.row[mt][0], tq.row[mt][1], u0 + accumulator_column(j, 0));
+            const uint32_t kept =
+                keep_bits<true>(s, dropout, tq.row[mt][0], tq.row[mt][1], u0 + accumulator_column(j, 0));
 #pragma unroll
             for (int e = 0; e < 4; ++e) p[mt][j][e] *= kept >> e & 1u ? keep_scale : 0.0f;
           }

@@ -392,8 +392,8 @@ void h_post_bda_grad_y(const bf16* grad_out, const float* h_post, int64_t tokens
   check(tokens >= 1 && C >= 1, "h_post_bda_grad_y: empty input");
   dispatch_streams(n, [&](auto N) {
     dispatch_dropout(dropout.p, [&](auto drop) {
-      detail::column_sums<1>(GradY<N.value, decltype(drop)::value>{grad_out, h_post, C, dropout, grad_y},
-                             tokens, C, {grad_y_bias}, workspace, stream);
+      detail::column_sums<1>(GradY<N.value, decltype(drop)::value>{grad_out, h_post, C, dropout, grad_y}, tokens, C,
+                             {grad_y_bias}, workspace, stream);
     });
   });
 }
