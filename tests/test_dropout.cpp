@@ -71,6 +71,18 @@ TEST(Dropout, KeptFractionAndScale) {
   }
 }
 
+// The GPU kernels' four-at-a-time keep decisions are dropout_scale's, element by element.
+TEST(Dropout, FourKeepBitsFromOneCallAreDropoutScales) {
+  for (const float p : {0.1f, 0.5f, 0.9f})
+    for (uint64_t first = 0; first < 4000; first += 4) {
+      const uint64_t key = rng_key(3, first);
+      const uint32_t bits = dropout_keep_bits4(key, first, p);
+      for (uint64_t q = 0; q < 4; ++q)
+        ASSERT_EQ((bits >> q & 1u) != 0, dropout_scale<float>(key, first + q, p) != 0.0f)
+            << "element " << first + q << " p " << p;
+    }
+}
+
 TEST(Dropout, KeysOfDifferentSitesAreIndependent) {
   // Masks keyed by neighbouring layers must not coincide more often than chance.
   const int count = 100000;

@@ -70,4 +70,13 @@ template <typename T> MHC_HOST_DEVICE T dropout_scale(uint64_t key, uint64_t ind
   return rng_uniform(key, index) >= p ? T(1) / (T(1) - T(p)) : T(0);
 }
 
+// dropout_scale's keep decisions (bit q: element first + q kept) of four elements from one
+// Philox call: first % 4 == 0, p > 0.
+MHC_HOST_DEVICE uint32_t dropout_keep_bits4(uint64_t key, uint64_t first, float p) {
+  const Philox4x32 r = philox4x32(first >> 2, 0, key);
+  uint32_t bits = 0;
+  for (int q = 0; q < 4; ++q) bits |= static_cast<uint32_t>(uint_to_unit_float(r.v[q]) >= p) << q;
+  return bits;
+}
+
 }  // namespace mhc

@@ -223,13 +223,7 @@ __device__ inline float drop(const Head& s, cpu::DropoutSpec dropout, int64_t t,
 template <bool QUERY_ROWS>
 __device__ uint32_t keep_bits(const Head& s, const cpu::DropoutSpec& d, int64_t row0, int64_t row1, int64_t col0) {
   auto index = [&](int64_t t, int64_t u) { return static_cast<uint64_t>((s.bh * s.T + t) * s.T + u); };
-  auto bits_of = [&](uint64_t first) {  // keep bits of elements first.. first + 3 (first % 4 == 0)
-    const Philox4x32 r = philox4x32(first >> 2, 0, d.key);
-    uint32_t bits = 0;
-#pragma unroll
-    for (int q = 0; q < 4; ++q) bits |= static_cast<uint32_t>(uint_to_unit_float(r.v[q]) >= d.p) << q;
-    return bits;
-  };
+  auto bits_of = [&](uint64_t first) { return dropout_keep_bits4(d.key, first, d.p); };
   const int lane = static_cast<int>(threadIdx.x % 32), tig = lane % 4, r = lane / 4 % 4;
   if (s.T % 4 != 0) {
     uint32_t bits = 0;

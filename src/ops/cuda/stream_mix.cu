@@ -34,9 +34,9 @@ __device__ inline void keep_scales(uint64_t key, uint64_t first, float p, float 
       const float kept = 1.0f / (1.0f - p);  // dropout_scale's
 #pragma unroll
       for (int v = 0; v < VEC; v += 4) {
-        const Philox4x32 r = philox4x32((first + v) >> 2, 0, key);
+        const uint32_t bits = dropout_keep_bits4(key, first + v, p);
 #pragma unroll
-        for (int q = 0; q < 4; ++q) scales[v + q] = uint_to_unit_float(r.v[q]) >= p ? kept : 0.0f;
+        for (int q = 0; q < 4; ++q) scales[v + q] = bits >> q & 1u ? kept : 0.0f;
       }
       return;
     }
