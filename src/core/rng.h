@@ -63,11 +63,15 @@ MHC_HOST_DEVICE float rng_uniform(uint64_t key, uint64_t index) {
 
 namespace mhc {
 
+// The scale of a kept element, 1/(1-p): every kernel that applies a mask takes it from
+// here, so that all give dropout_scale's bits.
+template <typename T> MHC_HOST_DEVICE T dropout_kept_scale(float p) { return T(1) / (T(1) - T(p)); }
+
 // Inverted dropout: element `index` of stream `key` is kept with probability 1-p and then
 // scaled by 1/(1-p); p = 0 keeps everything with scale exactly 1.
 template <typename T> MHC_HOST_DEVICE T dropout_scale(uint64_t key, uint64_t index, float p) {
   if (p <= 0.0f) return T(1);
-  return rng_uniform(key, index) >= p ? T(1) / (T(1) - T(p)) : T(0);
+  return rng_uniform(key, index) >= p ? dropout_kept_scale<T>(p) : T(0);
 }
 
 // dropout_scale's keep decisions (bit q: element first + q kept) of four elements from one

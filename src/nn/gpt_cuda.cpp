@@ -48,6 +48,7 @@ struct CudaLayer : RestorableTensors<bf16> {
   HcState hc_attn, hc_mlp;
   DeviceBuffer<float> ln1_mean, ln1_rstd, ln2_mean, ln2_rstd, lse;
   DeviceBuffer<bf16> qkv, ctx, attn_y, fc, act, mlp_y;
+  DeviceBuffer<uint32_t> keep_mask;  // attention dropout's mask from the forward, as bits (or empty)
   // The tensors selective recompute discards: in `own`, or in the layer's slot of the
   // recompute workspace (then `own` holds only x_out at a block's end).
   DeviceBuffer<bf16> own;
@@ -275,7 +276,7 @@ struct GptCuda::State {
     else
       norm(x_in, L.ln1_w, L.ln1_b, L.ln1_out, L.ln1_mean.data(), L.ln1_rstd.data());
     cuda::linear_forward(L.ln1_out, half_of(L.qkv_w), half_of(L.qkv_b), N, C, 3 * C, L.qkv.data(), stream);
-    cuda::attention_forward(shape, L.qkv.data(), L.drop_probs, L.lse.data(), L.ctx.data(), stream);
+    cuda::attention_forward(shape, L.qkv.data(), L.drop_probs, L.lse.data(), L.ctx.data(), stream, L.keep_mask.data());
     sublayer_output(L.hc_attn, L.ctx.data(), C, L.proj_w, L.proj_b, x_in, L.drop_attn, L.attn_y.data(), L.x_mid,
                     hc ? L.hc_mlp.input_sumsq.data() : nullptr);
     if (hc)
@@ -334,7 +335,7 @@ struct GptCuda::State {
     linear_weight_grad(kProj, dy_attn, L.ctx.data(), C, C, L.proj_w, nullptr);
     await_weight_grad(kQkv);  // the layer above's, which reads dqkv
     cuda::attention_backward(shape, dctx.data(), L.qkv.data(), L.ctx.data(), L.lse.data(), L.drop_probs, dqkv.data(),
-                             attention_ws.data(), stream);
+                             attention_ws.data(), stream, L.keep_mask.data());
     await_weight_grad(kLn2);  // reads dln
     cuda::linear_backward_input(dqkv.data(), half_of(L.qkv_w), N, C, 3 * C, dln.data(), stream);
     linear_weight_grad(kQkv, dqkv.data(), L.ln1_out, C, 3 * C, L.qkv_w, &L.qkv_b);
@@ -580,6 +581,12 @@ GptCuda::GptCuda(const ModelConfig& config, int64_t batch, int64_t seq) : config
     L.ln1_rstd = DeviceBuffer<float>(N), L.ln2_rstd = DeviceBuffer<float>(N);
     L.qkv = DeviceBuffer<bf16>(N * 3 * C);
     L.lse = DeviceBuffer<float>(batch * s.H * seq);
+    // With attention dropout the forward keeps its mask as bits for the backward where they
+    // take at most the layer's qkv (T up to 48 C / heads: 3072 at GPT-2 small); past that
+    // the backward makes the mask again, so that memory stays linear in T.
+    const size_t mask_words = cuda::attention_keep_mask_words({batch, seq, s.H, C});
+    if (c.attention_dropout > 0 && mask_words * sizeof(uint32_t) <= static_cast<size_t>(N * 3 * C) * sizeof(bf16))
+      L.keep_mask = DeviceBuffer<uint32_t>(mask_words);
     L.ctx = DeviceBuffer<bf16>(N * C);
     if (!epilogue_add) L.attn_y = DeviceBuffer<bf16>(N * C), L.mlp_y = DeviceBuffer<bf16>(N * C);
     L.fc = DeviceBuffer<bf16>(N * s.width), L.act = DeviceBuffer<bf16>(N * s.F);

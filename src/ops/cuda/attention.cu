@@ -209,6 +209,12 @@ template <bool LATER_FIRST> __device__ inline int64_t own_rows() {
   const int64_t block = LATER_FIRST ? gridDim.y - 1 - blockIdx.y : blockIdx.y;
   return block * kOwnRows;
 }
+// A lane's four keep bits of n8 tile j of a [query][key] half from the mask words of its
+// two rows for the half's 32 keys (bits 8 j + 2 tig, + 1: the lane's columns).
+__device__ inline uint32_t keep_bits_of_rows(uint32_t row0_word, uint32_t row1_word, int j) {
+  const int shift = 8 * j + 2 * static_cast<int>(threadIdx.x % 4);
+  return (row0_word >> shift & 3u) | (row1_word >> shift & 3u) << 2;
+}
 __device__ inline float drop(const Head& s, cpu::DropoutSpec dropout, int64_t t, int64_t u) {
   return dropout_scale<float>(dropout.key, static_cast<uint64_t>((s.bh * s.T + t) * s.T + u), dropout.p);
 }
@@ -252,18 +258,35 @@ __device__ uint32_t keep_bits(const Head& s, const cpu::DropoutSpec& d, int64_t 
   }
 }
 
+// Where a kernel's dropout mask comes from: none (p = 0), the Philox stream (keep_bits), or
+// the bits the forward kept (KeepMask).
+enum class Drop { kOff, kPhilox, kBits };
+
+// The forward's keep mask, a 32-bit word per query and 32 keys: bit k of word (bh T + t)
+// words + u / 32 is element (t, 32 (u / 32) + k). Only the words of the key halves a
+// query's warp computes are written (those up to its warp's last query); the backward
+// reads no other.
+template <typename Word> struct KeepMask {  // Word: uint32_t (the forward), const uint32_t
+  Word* words;
+  int64_t per_row;  // (T + 31) / 32
+  __device__ Word* word(const Head& s, int64_t t, int64_t u0) const {
+    return words + (s.bh * s.T + t) * per_row + u0 / 32;
+  }
+};
+
 // The streamed tiles are used 32 rows at a time (kHalf): score accumulators of a whole
 // 64-row tile for two m-tiles would take 64 registers a set.
 constexpr int kHalf = kBlock / 2, kHalfTiles = kHalf / 8;
 
 // Forward: a block takes kOwnRows queries, the key tiles up to its last query. Held to 168
 // registers (three blocks a multiprocessor; a few bytes spill outside the main loop).
+// With dropout and mask.words set, the mask is also kept as bits (KeepMask).
 template <int D, bool DROPOUT>
 __global__ void __launch_bounds__(kThreads, 3) flash_forward_kernel(const bf16* qkv, int64_t T, int64_t C, int64_t H,
                                                                float scale, cpu::DropoutSpec dropout, bf16* out,
-                                                               float* lse) {
+                                                               float* lse, KeepMask<uint32_t> mask) {
   if constexpr (DROPOUT) dropout.key = detail::dropout_key(dropout);
-  const float keep_scale = 1.0f / (1.0f - dropout.p);  // dropout_scale's, for a kept element
+  const float keep_scale = dropout_kept_scale<float>(dropout.p);
   // q, then two buffers of k and v: the next key tile is copied while this one is used.
   extern __shared__ __align__(16) bf16 shared[];
   bf16* q_tile = shared;
@@ -335,14 +358,26 @@ __global__ void __launch_bounds__(kThreads, 3) flash_forward_kernel(const bf16* 
             l[mt][hh] += pe;  // the normaliser is over P before dropout
             p[mt][j][e] = pe;
           }
-        if constexpr (DROPOUT)
+        if constexpr (DROPOUT) {
+          uint32_t words[2] = {0, 0};  // this lane's share of its rows' mask words
 #pragma unroll
           for (int j = 0; j < kHalfTiles; ++j) {
             const uint32_t kept =
                 keep_bits<true>(s, dropout, tq.row[mt][0], tq.row[mt][1], u0 + accumulator_column(j, 0));
 #pragma unroll
             for (int e = 0; e < 4; ++e) p[mt][j][e] *= kept >> e & 1u ? keep_scale : 0.0f;
+            const int shift = 8 * j + 2 * q4;
+            words[0] |= (kept & 3u) << shift, words[1] |= (kept >> 2 & 3u) << shift;
           }
+          if (mask.words) {  // the four lanes of a row hold its word's bits; lane hh stores row hh's
+#pragma unroll
+            for (int hh = 0; hh < 2; ++hh) {
+              words[hh] |= __shfl_xor_sync(0xffffffffu, words[hh], 1);
+              words[hh] |= __shfl_xor_sync(0xffffffffu, words[hh], 2);
+              if (q4 == hh && tq.row[mt][hh] < T) *mask.word(s, tq.row[mt][hh], u0) = words[hh];
+            }
+          }
+        }
       }
       accumulate_kn<D, kHalfTiles / 2>(p, v_tile(buffer) + offset, o);
     }
@@ -369,13 +404,15 @@ template <int D> constexpr int kv_shared_bytes() {
   return (2 * kOwnRows * kStride<D> + 4 * kTileElems<D>) * static_cast<int>(sizeof(bf16)) +
          4 * kBlock * static_cast<int>(sizeof(float));
 }
-template <int D, bool DROPOUT>
+template <int D, Drop DROP>
 __global__ void __launch_bounds__(kThreads) flash_backward_kv_kernel(const bf16* qkv, const bf16* grad_out,
                                                                      const float* lse, const float* delta, int64_t T,
                                                                      int64_t C, int64_t H, float scale,
-                                                                     cpu::DropoutSpec dropout, bf16* grad_qkv) {
-  if constexpr (DROPOUT) dropout.key = detail::dropout_key(dropout);
-  const float keep_scale = 1.0f / (1.0f - dropout.p);  // dropout_scale's, for a kept element
+                                                                     cpu::DropoutSpec dropout, KeepMask<const uint32_t> mask,
+                                                                     bf16* grad_qkv) {
+  constexpr bool DROPOUT = DROP != Drop::kOff;
+  if constexpr (DROP == Drop::kPhilox) dropout.key = detail::dropout_key(dropout);
+  const float keep_scale = dropout_kept_scale<float>(dropout.p);
   // the block's k and v; two buffers of q, dout, lse and delta
   extern __shared__ __align__(16) bf16 shared[];
   bf16* k_own = shared;
@@ -431,6 +468,18 @@ __global__ void __launch_bounds__(kThreads) flash_backward_kv_kernel(const bf16*
       // once for both of its uses.
       static_assert(kMTiles * kHalfTiles * 4 <= 32, "the mask in one word");
       uint32_t kept = 0;
+      // kept bits: each lane brings the mask word of query t0 + lane for this warp's 32 keys
+      // (queries before them have none: their elements are masked), the lanes take their
+      // columns' words by shuffle, their rows' bits from those.
+      uint32_t column_words[kHalfTiles][2];
+      if constexpr (DROP == Drop::kBits) {
+        const int64_t t = t0 + static_cast<int>(threadIdx.x % 32);
+        const uint32_t word = t < T && t >= first ? *mask.word(s, t, first) : 0u;
+#pragma unroll
+        for (int j = 0; j < kHalfTiles; ++j)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) column_words[j][e] = __shfl_sync(0xffffffffu, word, accumulator_column(j, e));
+      }
       product_nk<D, kHalfTiles>(k_a, q_rows, p);
 #pragma unroll
       for (int mt = 0; mt < kMTiles; ++mt) {
@@ -438,9 +487,13 @@ __global__ void __launch_bounds__(kThreads) flash_backward_kv_kernel(const bf16*
           mask_scores<true>(p[mt], ku.row[mt], t0, static_cast<int>(T), -INFINITY);
 #pragma unroll
         for (int j = 0; j < kHalfTiles; ++j) {
-          if constexpr (DROPOUT)
+          if constexpr (DROP == Drop::kPhilox)
             kept |= keep_bits<false>(s, dropout, ku.row[mt][0], ku.row[mt][1], t0 + accumulator_column(j, 0))
                     << ((mt * kHalfTiles + j) * 4);
+          if constexpr (DROP == Drop::kBits)
+#pragma unroll
+            for (int e = 0; e < 4; ++e)
+              kept |= (column_words[j][e % 2] >> (ku.row[mt][e / 2] - first) & 1u) << ((mt * kHalfTiles + j) * 4 + e);
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
             const int local = accumulator_column(j, e);
@@ -501,14 +554,15 @@ __device__ void row_deltas(const bf16* grad_out, const bf16* out, int64_t row0, 
 
 // dQ (and delta, which the dK/dV kernel reads after it): a block takes kOwnRows queries,
 // the key tiles up to its last query.
-template <int D, bool DROPOUT>
+template <int D, Drop DROP>
 __global__ void __launch_bounds__(kThreads) flash_backward_q_kernel(const bf16* qkv, const bf16* grad_out,
                                                                     const bf16* out, const float* lse, int64_t T,
                                                                     int64_t C, int64_t H, float scale,
-                                                                    cpu::DropoutSpec dropout, float* delta,
-                                                                    bf16* grad_qkv) {
-  if constexpr (DROPOUT) dropout.key = detail::dropout_key(dropout);
-  const float keep_scale = 1.0f / (1.0f - dropout.p);  // dropout_scale's, for a kept element
+                                                                    cpu::DropoutSpec dropout, KeepMask<const uint32_t> mask,
+                                                                    float* delta, bf16* grad_qkv) {
+  constexpr bool DROPOUT = DROP != Drop::kOff;
+  if constexpr (DROP == Drop::kPhilox) dropout.key = detail::dropout_key(dropout);
+  const float keep_scale = dropout_kept_scale<float>(dropout.p);
   // two buffers of k and v (the k buffers first bring this block's q, the v buffers its dout)
   __shared__ __align__(16) bf16 k_tile[2][kTileElems<D>], v_tile[2][kTileElems<D>];
   static_assert(kOwnRows <= 2 * kBlock, "the block's queries are staged through the two k buffers");
@@ -561,10 +615,17 @@ __global__ void __launch_bounds__(kThreads) flash_backward_q_kernel(const bf16* 
       for (int mt = 0; mt < kMTiles; ++mt) {
         if (u0 + kHalf - 1 > first + 16 * mt || u0 + kHalf > T)
           mask_scores<false>(p[mt], tq.row[mt], u0, static_cast<int>(T), -INFINITY);
+        uint32_t words[2] = {0, 0};  // with kept bits: the mask words of this lane's rows
+        if constexpr (DROP == Drop::kBits)
+#pragma unroll
+          for (int hh = 0; hh < 2; ++hh)
+            if (tq.row[mt][hh] < T) words[hh] = *mask.word(s, tq.row[mt][hh], u0);
 #pragma unroll
         for (int j = 0; j < kHalfTiles; ++j) {
-          const uint32_t kept =
-              DROPOUT ? keep_bits<true>(s, dropout, tq.row[mt][0], tq.row[mt][1], u0 + accumulator_column(j, 0)) : 0;
+          uint32_t kept = 0;
+          if constexpr (DROP == Drop::kPhilox)
+            kept = keep_bits<true>(s, dropout, tq.row[mt][0], tq.row[mt][1], u0 + accumulator_column(j, 0));
+          if constexpr (DROP == Drop::kBits) kept = keep_bits_of_rows(words[0], words[1], j);
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
             const int hh = e / 2;
@@ -596,15 +657,21 @@ Geometry geometry_of(const cpu::AttentionShape& s) {
   return {s.seq, s.C, s.heads, s.C / s.heads};
 }
 
-// launch(head dim, dropout on) as integral constants.
-template <typename Launch> void dispatch_kernel(int64_t d, cpu::DropoutSpec dropout, Launch&& launch) {
-  auto with_dropout = [&](auto D) { detail::dispatch_dropout(dropout.p, [&](auto drop) { launch(D, drop); }); };
+// launch(head dim, Drop) as integral constants: Drop::kBits where the mask is given.
+template <typename Launch>
+void dispatch_kernel(int64_t d, cpu::DropoutSpec dropout, const uint32_t* keep_mask, Launch&& launch) {
+  auto with_dropout = [&](auto D) {
+    if (dropout.p <= 0.0f) launch(D, std::integral_constant<Drop, Drop::kOff>{});
+    else if (keep_mask) launch(D, std::integral_constant<Drop, Drop::kBits>{});
+    else launch(D, std::integral_constant<Drop, Drop::kPhilox>{});
+  };
   switch (d) {
     case 16: with_dropout(std::integral_constant<int, 16>{}); break;
     case 32: with_dropout(std::integral_constant<int, 32>{}); break;
     default: with_dropout(std::integral_constant<int, 64>{}); break;
   }
 }
+template <typename Word> KeepMask<Word> keep_mask_of(const Geometry& g, Word* words) { return {words, (g.T + 31) / 32}; }
 
 }  // namespace
 
@@ -614,38 +681,44 @@ size_t attention_workspace_bytes(const cpu::AttentionShape& s) {
   return static_cast<size_t>(s.batch * s.heads * s.seq) * sizeof(float);
 }
 
+size_t attention_keep_mask_words(const cpu::AttentionShape& s) {
+  return static_cast<size_t>(s.batch * s.heads * s.seq * ((s.seq + 31) / 32));
+}
+
 void attention_forward(const cpu::AttentionShape& s, const bf16* qkv, cpu::DropoutSpec dropout, float* lse, bf16* out,
-                       cudaStream_t stream) {
+                       cudaStream_t stream, uint32_t* keep_mask) {
   const Geometry g = geometry_of(s);
   const dim3 grid(detail::blocks_for(s.batch * g.H, 1), detail::blocks_for(g.T, kOwnRows));
   const float scale = 1.0f / std::sqrt(static_cast<float>(g.d));
-  dispatch_kernel(g.d, dropout, [&](auto Dc, auto drop) {
+  dispatch_kernel(g.d, dropout, nullptr, [&](auto Dc, auto drop) {
     constexpr int D = decltype(Dc)::value;
-    const auto kernel = flash_forward_kernel<D, decltype(drop)::value>;
+    const auto kernel = flash_forward_kernel<D, decltype(drop)::value != Drop::kOff>;
     const int shared = (kOwnRows + 4 * kBlock) * kStride<D> * static_cast<int>(sizeof(bf16));
     MHC_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, shared));
-    kernel<<<grid, kThreads, shared, stream>>>(qkv, g.T, g.C, g.H, scale, dropout, out, lse);
+    kernel<<<grid, kThreads, shared, stream>>>(qkv, g.T, g.C, g.H, scale, dropout, out, lse,
+                                               keep_mask_of(g, keep_mask));
   });
   MHC_CUDA_CHECK(cudaGetLastError());
 }
 
 void attention_backward(const cpu::AttentionShape& s, const bf16* grad_out, const bf16* qkv, const bf16* out,
                         const float* lse, cpu::DropoutSpec dropout, bf16* grad_qkv, void* workspace,
-                        cudaStream_t stream) {
+                        cudaStream_t stream, const uint32_t* keep_mask) {
   const Geometry g = geometry_of(s);
   float* delta = static_cast<float*>(workspace);
   const dim3 grid(detail::blocks_for(s.batch * g.H, 1), detail::blocks_for(g.T, kOwnRows));
   const float scale = 1.0f / std::sqrt(static_cast<float>(g.d));
-  dispatch_kernel(g.d, dropout, [&](auto Dc, auto drop) {
+  const KeepMask<const uint32_t> mask = keep_mask_of(g, keep_mask);
+  dispatch_kernel(g.d, dropout, keep_mask, [&](auto Dc, auto drop) {
     constexpr int D = decltype(Dc)::value;
-    constexpr bool DROPOUT = decltype(drop)::value;
-    flash_backward_q_kernel<D, DROPOUT><<<grid, kThreads, 0, stream>>>(qkv, grad_out, out, lse, g.T, g.C, g.H,
-                                                                       scale, dropout, delta, grad_qkv);
+    constexpr Drop DROP = decltype(drop)::value;
+    flash_backward_q_kernel<D, DROP><<<grid, kThreads, 0, stream>>>(qkv, grad_out, out, lse, g.T, g.C, g.H, scale,
+                                                                    dropout, mask, delta, grad_qkv);
     MHC_CUDA_CHECK(cudaGetLastError());
-    const auto kv_kernel = flash_backward_kv_kernel<D, DROPOUT>;
+    const auto kv_kernel = flash_backward_kv_kernel<D, DROP>;
     MHC_CUDA_CHECK(cudaFuncSetAttribute(kv_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kv_shared_bytes<D>()));
     kv_kernel<<<grid, kThreads, kv_shared_bytes<D>(), stream>>>(qkv, grad_out, lse, delta, g.T, g.C, g.H, scale,
-                                                               dropout, grad_qkv);
+                                                               dropout, mask, grad_qkv);
   });
   MHC_CUDA_CHECK(cudaGetLastError());
 }

@@ -31,7 +31,7 @@ template <bool DROPOUT, int VEC>
 __device__ inline void keep_scales(uint64_t key, uint64_t first, float p, float (&scales)[VEC]) {
   if constexpr (DROPOUT && VEC % 4 == 0) {
     if (first % 4 == 0) {
-      const float kept = 1.0f / (1.0f - p);  // dropout_scale's
+      const float kept = dropout_kept_scale<float>(p);
 #pragma unroll
       for (int v = 0; v < VEC; v += 4) {
         const uint32_t bits = dropout_keep_bits4(key, first + v, p);
