@@ -147,8 +147,8 @@ TEST(CudaAttention, ForwardAndBackwardMatchTheCpuReference) {
       auto d_out = poisoned<bf16>(rows * C);
       auto d_dqkv = poisoned<bf16>(rows * 3 * C);
       auto d_work = poisoned<unsigned char>(cuda::attention_workspace_bytes(shape));
-      // with dropout the forward also keeps its mask as bits (in a second run: the first
-      // checks the forward without them)
+      // with dropout, a second run with the mask made as bits first (the first run makes it
+      // inside the kernels)
       auto d_mask = poisoned<uint32_t>(cuda::attention_keep_mask_words(shape));
       cuda::attention_forward(shape, d_qkv.data(), dropout, d_lse.data(), d_out.data());
       cuda::attention_backward(shape, d_gout.data(), d_qkv.data(), d_out.data(), d_lse.data(), dropout, d_dqkv.data(),
@@ -167,8 +167,8 @@ TEST(CudaAttention, ForwardAndBackwardMatchTheCpuReference) {
       const auto second = d_dqkv.download();
       EXPECT_EQ(std::memcmp(first.data(), second.data(), first.size() * sizeof(bf16)), 0) << label;
       if (p == 0.0f) continue;
-      // The mask kept as bits: the same forward, and the backward reading them gives the
-      // same bits as the one that makes the mask itself.
+      // The mask made as bits first: the forward and the backward reading them give the same
+      // bits as those that make the mask themselves.
       const auto out_first = d_out.download();
       auto d_out_kept = poisoned<bf16>(rows * C);
       auto d_dqkv_kept = poisoned<bf16>(rows * 3 * C);

@@ -262,10 +262,10 @@ __device__ uint32_t keep_bits(const Head& s, const cpu::DropoutSpec& d, int64_t 
 // the bits the forward kept (KeepMask).
 enum class Drop { kOff, kPhilox, kBits };
 
-// The forward's keep mask, a 32-bit word per query and 32 keys: bit k of word (bh T + t)
-// words + u / 32 is element (t, 32 (u / 32) + k). Only the words of the key halves a
-// query's warp computes are written (those up to its warp's last query); the backward
-// reads no other.
+// Attention dropout's keep mask as bits, a 32-bit word per query and 32 keys: bit k of word
+// (bh T + t) per_row + w is element (t, 32 w + k). keep_mask_kernel writes the words w <=
+// t / 32 of each query t, the causal ones (with those keys' bits past the diagonal); the
+// kernels read no other: a warp's 32 queries (or keys) are 32-aligned.
 template <typename Word> struct KeepMask {  // Word: uint32_t (the forward), const uint32_t
   Word* words;
   int64_t per_row;  // (T + 31) / 32
@@ -274,18 +274,44 @@ template <typename Word> struct KeepMask {  // Word: uint32_t (the forward), con
   }
 };
 
+// The mask words of every (batch x head, query t, w <= t / 32): a thread a word, from the
+// Philox stream of the forward's elements (drop(): four values a call where T % 4 == 0,
+// dropout_keep_bits4, else one). A block (x) is a head's 32-query band b, whose b + 1
+// words a query are numbered row by row (threads past them leave as whole warps: a warp
+// of 32 words a query, half of whose lanes had no word, spent twice the time).
+__global__ void keep_mask_kernel(int64_t T, cpu::DropoutSpec dropout, KeepMask<uint32_t> mask) {
+  const int bands = static_cast<int>(mask.per_row), band = static_cast<int>(blockIdx.x % bands);
+  const int64_t bh = blockIdx.x / bands;
+  const int i = static_cast<int>(blockIdx.y * blockDim.x + threadIdx.x), per_query = band + 1;
+  if (i >= 32 * per_query) return;
+  const int64_t t = 32 * band + i / per_query;
+  const int w = i % per_query;
+  if (t >= T) return;
+  const uint64_t key = detail::dropout_key(dropout);
+  const uint64_t first = static_cast<uint64_t>((bh * T + t) * T + 32 * w);
+  uint32_t word = 0;
+  if (T % 4 == 0) {
+#pragma unroll
+    for (int q = 0; q < 8; ++q) word |= dropout_keep_bits4(key, first + 4 * q, dropout.p) << (4 * q);
+  } else {
+    for (int k = 0; k < 32 && 32 * w + k < T; ++k)
+      word |= static_cast<uint32_t>(rng_uniform(key, first + k) >= dropout.p) << k;
+  }
+  mask.words[(bh * T + t) * mask.per_row + w] = word;
+}
+
 // The streamed tiles are used 32 rows at a time (kHalf): score accumulators of a whole
 // 64-row tile for two m-tiles would take 64 registers a set.
 constexpr int kHalf = kBlock / 2, kHalfTiles = kHalf / 8;
 
 // Forward: a block takes kOwnRows queries, the key tiles up to its last query. Held to 168
 // registers (three blocks a multiprocessor; a few bytes spill outside the main loop).
-// With dropout and mask.words set, the mask is also kept as bits (KeepMask).
-template <int D, bool DROPOUT>
-__global__ void __launch_bounds__(kThreads, 3) flash_forward_kernel(const bf16* qkv, int64_t T, int64_t C, int64_t H,
-                                                               float scale, cpu::DropoutSpec dropout, bf16* out,
-                                                               float* lse, KeepMask<uint32_t> mask) {
-  if constexpr (DROPOUT) dropout.key = detail::dropout_key(dropout);
+template <int D, Drop DROP>
+__global__ void __launch_bounds__(kThreads, 3)
+    flash_forward_kernel(const bf16* qkv, int64_t T, int64_t C, int64_t H, float scale, cpu::DropoutSpec dropout,
+                         KeepMask<const uint32_t> mask, bf16* out, float* lse) {
+  constexpr bool DROPOUT = DROP != Drop::kOff;
+  if constexpr (DROP == Drop::kPhilox) dropout.key = detail::dropout_key(dropout);
   const float keep_scale = dropout_kept_scale<float>(dropout.p);
   // q, then two buffers of k and v: the next key tile is copied while this one is used.
   extern __shared__ __align__(16) bf16 shared[];
@@ -359,23 +385,19 @@ __global__ void __launch_bounds__(kThreads, 3) flash_forward_kernel(const bf16* 
             p[mt][j][e] = pe;
           }
         if constexpr (DROPOUT) {
-          uint32_t words[2] = {0, 0};  // this lane's share of its rows' mask words
+          uint32_t words[2] = {0, 0};  // with kept bits: the mask words of this lane's rows
+          if constexpr (DROP == Drop::kBits)
+#pragma unroll
+            for (int hh = 0; hh < 2; ++hh)
+              if (tq.row[mt][hh] < T) words[hh] = *mask.word(s, tq.row[mt][hh], u0);
 #pragma unroll
           for (int j = 0; j < kHalfTiles; ++j) {
             const uint32_t kept =
-                keep_bits<true>(s, dropout, tq.row[mt][0], tq.row[mt][1], u0 + accumulator_column(j, 0));
+                DROP == Drop::kBits
+                    ? keep_bits_of_rows(words[0], words[1], j)
+                    : keep_bits<true>(s, dropout, tq.row[mt][0], tq.row[mt][1], u0 + accumulator_column(j, 0));
 #pragma unroll
             for (int e = 0; e < 4; ++e) p[mt][j][e] *= kept >> e & 1u ? keep_scale : 0.0f;
-            const int shift = 8 * j + 2 * q4;
-            words[0] |= (kept & 3u) << shift, words[1] |= (kept >> 2 & 3u) << shift;
-          }
-          if (mask.words) {  // the four lanes of a row hold its word's bits; lane hh stores row hh's
-#pragma unroll
-            for (int hh = 0; hh < 2; ++hh) {
-              words[hh] |= __shfl_xor_sync(0xffffffffu, words[hh], 1);
-              words[hh] |= __shfl_xor_sync(0xffffffffu, words[hh], 2);
-              if (q4 == hh && tq.row[mt][hh] < T) *mask.word(s, tq.row[mt][hh], u0) = words[hh];
-            }
           }
         }
       }
@@ -690,13 +712,19 @@ void attention_forward(const cpu::AttentionShape& s, const bf16* qkv, cpu::Dropo
   const Geometry g = geometry_of(s);
   const dim3 grid(detail::blocks_for(s.batch * g.H, 1), detail::blocks_for(g.T, kOwnRows));
   const float scale = 1.0f / std::sqrt(static_cast<float>(g.d));
-  dispatch_kernel(g.d, dropout, nullptr, [&](auto Dc, auto drop) {
+  if (dropout.p > 0.0f && keep_mask) {
+    const KeepMask<uint32_t> mask = keep_mask_of(g, keep_mask);
+    const dim3 bands(detail::blocks_for(s.batch * g.H * mask.per_row, 1), detail::blocks_for(32 * mask.per_row, 256));
+    keep_mask_kernel<<<bands, 256, 0, stream>>>(g.T, dropout, mask);
+    MHC_CUDA_CHECK(cudaGetLastError());
+  }
+  dispatch_kernel(g.d, dropout, keep_mask, [&](auto Dc, auto drop) {
     constexpr int D = decltype(Dc)::value;
-    const auto kernel = flash_forward_kernel<D, decltype(drop)::value != Drop::kOff>;
+    const auto kernel = flash_forward_kernel<D, decltype(drop)::value>;
     const int shared = (kOwnRows + 4 * kBlock) * kStride<D> * static_cast<int>(sizeof(bf16));
     MHC_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, shared));
-    kernel<<<grid, kThreads, shared, stream>>>(qkv, g.T, g.C, g.H, scale, dropout, out, lse,
-                                               keep_mask_of(g, keep_mask));
+    kernel<<<grid, kThreads, shared, stream>>>(qkv, g.T, g.C, g.H, scale, dropout,
+                                               keep_mask_of(g, static_cast<const uint32_t*>(keep_mask)), out, lse);
   });
   MHC_CUDA_CHECK(cudaGetLastError());
 }

@@ -31,11 +31,12 @@ bool attention_head_dim_supported(int64_t head_dim);
 // Backward's workspace (delta), bytes.
 size_t attention_workspace_bytes(const cpu::AttentionShape& s);
 
-// With dropout the forward can keep its mask as bits for the backward (keep_mask:
-// attention_keep_mask_words(s) words, T^2 / 8 bytes a sequence and head, 1/16 of the bf16
-// scores), which then reads them instead of making the mask again from the Philox stream
-// (a third of each backward kernel's time with dropout 0.1 at GPT-2 small). Without it
-// (null) the backward makes the same mask itself: memory stays linear in T.
+// With dropout, given keep_mask (attention_keep_mask_words(s) words: T^2 / 8 bytes a
+// sequence and head, 1/16 of the bf16 scores) the forward first makes the mask as bits in
+// a kernel of its own, and the forward and then the backward read them instead of each
+// making the mask from the Philox stream inside their tiles (where it held registers and
+// issue slots the products needed). Without it (null) every kernel makes the same mask
+// itself: memory stays linear in T.
 size_t attention_keep_mask_words(const cpu::AttentionShape& s);
 
 void attention_forward(const cpu::AttentionShape& s, const bf16* qkv, cpu::DropoutSpec dropout, float* lse, bf16* out,
