@@ -109,6 +109,48 @@ TEST_P(CudaStreamMix, HPostBiasDropoutAddForwardAndBackward) {
     EXPECT_LT(test::relative_error(widen(d_dpost.download()), dpost), kFp32Tolerance) << label;
     // dy_bias sums the bf16-rounded dy over tokens: bf16-level agreement.
     EXPECT_LT(test::relative_error(widen(d_dyb.download()), dyb), kBf16Tolerance) << label;
+    if (p == 0.0f || C % 8 != 0) continue;
+    // The mask kept as bits by the forward (DropoutSpec::kept): the forward, and the
+    // backward kernels reading the bits, give the bits of those that make the mask.
+    auto d_kept = poisoned<uint8_t>(tokens * n * C / 8);
+    cpu::DropoutSpec kept = dropout;
+    kept.kept = d_kept.data();
+    auto d_out_k = poisoned<bf16>(tokens * n * C), d_dx_k = poisoned<bf16>(tokens * n * C);
+    auto d_dy_k = poisoned<bf16>(tokens * C), d_dy_alone_k = poisoned<bf16>(tokens * C);
+    auto d_dres_k = poisoned<float>(tokens * n * n), d_dpost_k = poisoned<float>(tokens * n);
+    DeviceBuffer<float> d_dyb_k(dyb0);
+    cuda::h_post_bda_forward(d_x.data(), d_res.data(), d_post.data(), d_y.data(), d_yb.data(), tokens, n, C, kept,
+                             d_out_k.data(), nullptr);
+    cuda::h_post_bda_backward(d_gout.data(), d_x.data(), d_res.data(), d_post.data(), d_y.data(), d_yb.data(), tokens,
+                              n, C, kept, d_dx_k.data(), d_dres_k.data(), d_dpost_k.data(), d_dy_k.data());
+    cuda::h_post_bda_grad_y(d_gout.data(), d_post.data(), tokens, n, C, kept, d_dy_alone_k.data(), d_dyb_k.data(),
+                            d_dy_work.data());
+    EXPECT_EQ(d_out_k.download(), d_out.download()) << label;
+    EXPECT_EQ(d_dx_k.download(), d_dx.download()) << label;
+    EXPECT_EQ(d_dy_k.download(), d_dy.download()) << label;
+    EXPECT_EQ(d_dres_k.download(), d_dres.download()) << label;
+    EXPECT_EQ(d_dpost_k.download(), d_dpost.download()) << label;
+    EXPECT_EQ(d_dy_alone_k.download(), d_dy_alone.download()) << label;
+    EXPECT_EQ(d_dyb_k.download(), d_dyb_alone.download()) << label;
+    // the reductions alone with the aggregate's gradient (the model's path), against those
+    // with the Philox stream
+    const Bf16Data gagg = random_bf16(tokens * C, 18);
+    const std::vector<float> h_pre = random_float(tokens * n, 19, 0, 1);
+    DeviceBuffer<bf16> d_gagg(gagg.bits);
+    DeviceBuffer<float> d_pre(h_pre);
+    std::vector<std::vector<float>> reductions;
+    for (const cpu::DropoutSpec& d : {dropout, kept}) {
+      auto d_dpre = poisoned<float>(tokens * n);
+      for (auto* b : {&d_dres_k, &d_dpost_k}) *b = poisoned<float>(b->size());
+      const cuda::AggregateGrad aggregate{d_gagg.data(), d_pre.data(), d_dpre.data()};
+      cuda::h_post_bda_backward(d_gout.data(), d_x.data(), d_res.data(), d_post.data(), d_y.data(), d_yb.data(),
+                                tokens, n, C, d, nullptr, d_dres_k.data(), d_dpost_k.data(), nullptr, &aggregate);
+      for (const auto* b : {&d_dres_k, &d_dpost_k, &d_dpre}) reductions.push_back(b->download());
+    }
+    // (eight channels a thread step with the bits, four with the Philox stream: other sums)
+    for (int k = 0; k < 3; ++k)
+      EXPECT_LT(test::relative_error(widen(reductions[3 + k]), widen(reductions[k])), kFp32Tolerance)
+          << label << " reductions " << k;
   }
 }
 

@@ -49,6 +49,8 @@ struct CudaLayer : RestorableTensors<bf16> {
   DeviceBuffer<float> ln1_mean, ln1_rstd, ln2_mean, ln2_rstd, lse;
   DeviceBuffer<bf16> qkv, ctx, attn_y, fc, act, mlp_y;
   DeviceBuffer<uint32_t> keep_mask;  // attention dropout's mask from the forward, as bits (or empty)
+  // the residual dropouts' masks, as bits, from the forward (DropoutSpec::kept; or empty)
+  DeviceBuffer<uint8_t> kept_attn, kept_mlp;
   // The tensors selective recompute discards: in `own`, or in the layer's slot of the
   // recompute workspace (then `own` holds only x_out at a block's end).
   DeviceBuffer<bf16> own;
@@ -417,8 +419,8 @@ struct GptCuda::State {
     for (size_t l = 0; l < layers.size(); ++l) {
       CudaLayer& L = layers[l];
       const uint64_t* keys = dropout_keys.data() + l * kDropoutSites;  // rng_key(seed, l, step, site)
-      L.drop_attn = {hidden_p, 0, keys + kAttentionResidual};
-      L.drop_mlp = {hidden_p, 0, keys + kMlpResidual};
+      L.drop_attn = {hidden_p, 0, keys + kAttentionResidual, L.kept_attn.data()};
+      L.drop_mlp = {hidden_p, 0, keys + kMlpResidual, L.kept_mlp.data()};
       L.drop_probs = {attention_p, 0, keys + kAttentionProbs};
       // Layer 0's input comes from the expansion: its mappings compute ||x||^2 themselves.
       const float* in_sumsq = hc && l > 0 ? L.hc_attn.input_sumsq.data() : nullptr;
@@ -587,6 +589,10 @@ GptCuda::GptCuda(const ModelConfig& config, int64_t batch, int64_t seq) : config
     const size_t mask_words = cuda::attention_keep_mask_words({batch, seq, s.H, C});
     if (c.attention_dropout > 0 && mask_words * sizeof(uint32_t) <= static_cast<size_t>(N * 3 * C) * sizeof(bf16))
       L.keep_mask = DeviceBuffer<uint32_t>(mask_words);
+    // The residual dropouts' masks as bits (a sixteenth of the n-stream output), so that the
+    // backward reads them (and makes dagg in the reductions' pass) instead of the Philox stream.
+    if (c.hidden_dropout > 0 && C % 8 == 0)
+      for (auto* kept : {&L.kept_attn, &L.kept_mlp}) *kept = DeviceBuffer<uint8_t>(static_cast<size_t>(N * n * C / 8));
     L.ctx = DeviceBuffer<bf16>(N * C);
     if (!epilogue_add) L.attn_y = DeviceBuffer<bf16>(N * C), L.mlp_y = DeviceBuffer<bf16>(N * C);
     L.fc = DeviceBuffer<bf16>(N * s.width), L.act = DeviceBuffer<bf16>(N * s.F);

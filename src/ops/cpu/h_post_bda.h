@@ -24,6 +24,10 @@ struct DropoutSpec {
   // CUDA ops only: when set, the key is read from this device address when the kernels run
   // (made on the device for the step, so that a captured CUDA graph replays any step).
   const uint64_t* key_on_device = nullptr;
+  // CUDA hyper-connection ops only (C % 8 == 0): the mask as bits, bit e % 8 of byte e / 8
+  // for element e of the [tokens, n, C] tensor (1: kept), n C / 8 bytes a token. When set,
+  // h_post_bda's forward writes it from the Philox stream and the backward kernels read it.
+  uint8_t* kept = nullptr;
 };
 
 template <typename T>

@@ -19,11 +19,38 @@ using detail::token_launch;
 using detail::TokenGroup;
 using detail::TokenLaunch;
 
-// The dropout keep-scale of one element; DROPOUT false (p = 0) compiles the hash out,
-// which would otherwise hold registers in every kernel that has it.
+// Where a backward kernel's dropout mask comes from: none (p = 0: the hash compiled out,
+// which would otherwise hold registers in every kernel that has it), the Philox stream, or
+// the bits h_post_bda's forward kept (DropoutSpec::kept).
+enum class Drop { kOff, kPhilox, kBits };
+template <typename Launch> void dispatch_drop(const cpu::DropoutSpec& d, Launch&& launch) {
+  if (d.p <= 0.0f) launch(std::integral_constant<Drop, Drop::kOff>{});
+  else if (d.kept) launch(std::integral_constant<Drop, Drop::kBits>{});
+  else launch(std::integral_constant<Drop, Drop::kPhilox>{});
+}
+
+// The dropout keep-scale of one element.
 template <bool DROPOUT> __device__ inline float keep_scale(uint64_t key, uint64_t index, float p) {
   if constexpr (DROPOUT) return dropout_scale<float>(key, index, p);
   else return 1.0f;
+}
+// The keep-scales of VEC consecutive elements from `first` (VEC 4 or 8 from a multiple of
+// VEC: within one byte of the kept bits).
+template <int VEC>
+__device__ inline void kept_scales(const uint8_t* kept, uint64_t first, float p, float (&scales)[VEC]) {
+  const float scale = dropout_kept_scale<float>(p);
+  if constexpr (VEC == 4 || VEC == 8) {
+    const uint32_t bits = kept[first / 8] >> (first % 8);
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) scales[v] = bits >> v & 1u ? scale : 0.0f;
+  } else {
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) scales[v] = kept[(first + v) / 8] >> ((first + v) % 8) & 1u ? scale : 0.0f;
+  }
+}
+void check_kept(const cpu::DropoutSpec& d, int64_t C, const char* op) {
+  check(!d.kept || C % 8 == 0,
+        std::string(op) + ": dropout's kept bits need C a multiple of 8 (got " + std::to_string(C) + ")");
 }
 // The keep-scales of VEC consecutive elements from `first`: one Philox call a group of four
 // where the groups are whole (each call gives four consecutive elements), else one each.
@@ -132,7 +159,15 @@ __global__ void h_post_bda_forward_kernel(const bf16* x, const float* h_res, con
 #pragma unroll
     for (int i = 0; i < N; ++i) {
       float acc[VEC], keep[VEC];
-      keep_scales<DROPOUT, VEC>(key, static_cast<uint64_t>(t * N + i) * C + c, p, keep);
+      const uint64_t first = static_cast<uint64_t>(t * N + i) * C + c;
+      keep_scales<DROPOUT, VEC>(key, first, p, keep);
+      if constexpr (DROPOUT && VEC == 8)
+        if (dropout.kept) {
+          uint32_t bits = 0;
+#pragma unroll
+          for (int v = 0; v < VEC; ++v) bits |= static_cast<uint32_t>(keep[v] != 0.0f) << v;
+          dropout.kept[first / 8] = static_cast<uint8_t>(bits);
+        }
 #pragma unroll
       for (int v = 0; v < VEC; ++v) {
         acc[v] = keep[v] * post[i] * sublayer[v];
@@ -158,7 +193,7 @@ __global__ void h_post_bda_forward_kernel(const bf16* x, const float* h_res, con
 // gradient (NormInputGrad: its row means first, then dagg a step at a time, written and
 // used as stored). Two blocks a multiprocessor where n <= 4 fits 128 registers without
 // spilling.
-template <int N, int VEC, bool AGG, bool DX, bool DROPOUT, bool NORM>
+template <int N, int VEC, bool AGG, bool DX, Drop DROP, bool NORM>
 __global__ void __launch_bounds__(detail::kBlockThreads, N <= 4 ? 2 : 1)
     h_post_bda_backward_kernel(const bf16* grad_out, const bf16* x, const float* h_res, const float* h_post,
                                const bf16* y, const bf16* y_bias, int64_t tokens, int64_t C, int lanes,
@@ -167,7 +202,7 @@ __global__ void __launch_bounds__(detail::kBlockThreads, N <= 4 ? 2 : 1)
                                NormInputGrad norm) {
   static_assert(!NORM || AGG, "the norm's input gradient is the aggregate's");
   const float p = dropout.p;
-  const uint64_t key = DROPOUT ? detail::dropout_key(dropout) : 0;
+  const uint64_t key = DROP == Drop::kPhilox ? detail::dropout_key(dropout) : 0;
   constexpr int P = N * N + N + (AGG ? N : 0);
   const TokenGroup tg = detail::token_group(lanes);
   const int64_t t = tg.token;
@@ -213,7 +248,9 @@ __global__ void __launch_bounds__(detail::kBlockThreads, N <= 4 ? 2 : 1)
       detail::load_bf16<VEC>(grad_out + (t * N + i) * C + c, g[i]);
       detail::load_bf16<VEC>(xt + i * C + c, xs[i]);
       float keep[VEC];
-      keep_scales<DROPOUT, VEC>(key, static_cast<uint64_t>(t * N + i) * C + c, p, keep);
+      const uint64_t first = static_cast<uint64_t>(t * N + i) * C + c;
+      if constexpr (DROP == Drop::kBits) kept_scales<VEC>(dropout.kept, first, p, keep);
+      else keep_scales<DROP == Drop::kPhilox, VEC>(key, first, p, keep);
 #pragma unroll
       for (int v = 0; v < VEC; ++v) {
         const float masked = g[i][v] * keep[v];
@@ -253,7 +290,7 @@ __global__ void __launch_bounds__(detail::kBlockThreads, N <= 4 ? 2 : 1)
 // dy alone as a column-sum value (ops/cuda/column_sums.cuh): writes dy at (t, c..) and
 // gives it as stored (bf16-rounded) for dy_bias. The same arithmetic, in the same order,
 // as h_post_bda_backward_kernel's dy.
-template <int N, bool DROPOUT> struct GradY {
+template <int N, Drop DROP> struct GradY {
   const bf16* grad_out;
   const float* h_post;
   int64_t C;
@@ -261,7 +298,7 @@ template <int N, bool DROPOUT> struct GradY {
   bf16* grad_y;
   template <int COLS> __device__ void operator()(int64_t t, int64_t c, float (&out)[1][COLS]) const {
     const float p = dropout.p;
-    const uint64_t key = DROPOUT ? detail::dropout_key(dropout) : 0;
+    const uint64_t key = DROP == Drop::kPhilox ? detail::dropout_key(dropout) : 0;
     float dy[COLS] = {};
 #pragma unroll
     for (int i = 0; i < N; ++i) {
@@ -269,7 +306,9 @@ template <int N, bool DROPOUT> struct GradY {
       detail::load_bf16<COLS>(grad_out + (t * N + i) * C + c, g);
       const float post = h_post[t * N + i];
       float keep[COLS];
-      keep_scales<DROPOUT, COLS>(key, static_cast<uint64_t>(t * N + i) * C + c, p, keep);
+      const uint64_t first = static_cast<uint64_t>(t * N + i) * C + c;
+      if constexpr (DROP == Drop::kBits) kept_scales<COLS>(dropout.kept, first, p, keep);
+      else keep_scales<DROP == Drop::kPhilox, COLS>(key, first, p, keep);
 #pragma unroll
       for (int v = 0; v < COLS; ++v) {
         const float masked = g[v] * keep[v];
@@ -369,6 +408,7 @@ void aggregate_backward(const bf16* grad_agg, const bf16* x, const float* h_pre,
 void h_post_bda_forward(const bf16* x, const float* h_res, const float* h_post, const bf16* y, const bf16* y_bias,
                         int64_t tokens, int n, int64_t C, cpu::DropoutSpec dropout, bf16* out, float* out_sumsq,
                         cudaStream_t stream) {
+  check_kept(dropout, C, "h_post_bda_forward");
   dispatch_streams(n, [&](auto N) {
     dispatch_dropout(dropout.p, [&](auto drop) {
       constexpr bool DROPOUT = decltype(drop)::value;
@@ -390,8 +430,9 @@ void h_post_bda_grad_y(const bf16* grad_out, const float* h_post, int64_t tokens
                        cpu::DropoutSpec dropout, bf16* grad_y, float* grad_y_bias, float* workspace,
                        cudaStream_t stream) {
   check(tokens >= 1 && C >= 1, "h_post_bda_grad_y: empty input");
+  check_kept(dropout, C, "h_post_bda_grad_y");
   dispatch_streams(n, [&](auto N) {
-    dispatch_dropout(dropout.p, [&](auto drop) {
+    dispatch_drop(dropout, [&](auto drop) {
       detail::column_sums<1>(GradY<N.value, decltype(drop)::value>{grad_out, h_post, C, dropout, grad_y}, tokens, C,
                              {grad_y_bias}, workspace, stream);
     });
@@ -399,7 +440,7 @@ void h_post_bda_grad_y(const bf16* grad_out, const float* h_post, int64_t tokens
 }
 
 bool norm_input_grad_supported(int64_t C, cpu::DropoutSpec dropout) {
-  return detail::warp_row_fits(C) && dropout.p <= 0.0f;
+  return detail::warp_row_fits(C) && (dropout.p <= 0.0f || dropout.kept);
 }
 
 void h_post_bda_backward(const bf16* grad_out, const bf16* x, const float* h_res, const float* h_post, const bf16* y,
@@ -413,8 +454,9 @@ void h_post_bda_backward(const bf16* grad_out, const bf16* x, const float* h_res
   const NormInputGrad* norm = aggregate ? aggregate->norm : nullptr;
   check(!norm || (!grad_x && norm_input_grad_supported(C, dropout)),
         "h_post_bda_backward: the norm's input gradient is fused only into the reductions alone (no dx), without "
-        "dropout, for C a multiple of 8 up to " +
+        "dropout or with its kept bits, for C a multiple of 8 up to " +
             std::to_string(detail::kWarpRowWidth) + " (got " + std::to_string(C) + ")");
+  check_kept(dropout, C, "h_post_bda_backward");
   dispatch_streams(n, [&](auto N) {
     auto launch = [&](auto kernel, int vec) {
       const TokenLaunch l = token_launch(tokens, C, vec);
@@ -422,24 +464,26 @@ void h_post_bda_backward(const bf16* grad_out, const bf16* x, const float* h_res
                                                grad_x, grad_h_res, grad_h_post, grad_y, grad_agg, h_pre, grad_h_pre,
                                                norm ? *norm : NormInputGrad{});
     };
-    if (norm) {  // (no dropout, C % 8 == 0)
-      launch(h_post_bda_backward_kernel<N.value, 8, true, false, false, true>, 8);
-      return;
-    }
     // With dx, 4 channels a step: 8 make the fused kernel need 225 registers (one block per
-    // multiprocessor); the reductions alone take 8 without dropout.
-    dispatch_dropout(dropout.p, [&](auto drop) {
-      constexpr bool DROPOUT = decltype(drop)::value;
+    // multiprocessor); the reductions alone take 8 but with the Philox stream (spills).
+    dispatch_drop(dropout, [&](auto drop) {
+      constexpr Drop DROP = decltype(drop)::value;
+      if constexpr (DROP != Drop::kPhilox) {
+        if (norm) {  // (C % 8 == 0)
+          launch(h_post_bda_backward_kernel<N.value, 8, true, false, DROP, true>, 8);
+          return;
+        }
+      }
       if (!grad_x) {
-        constexpr int kVec = DROPOUT ? 4 : 8;  // 8 with the dropout hash spills
-        if (C % kVec == 0) launch(h_post_bda_backward_kernel<N.value, kVec, true, false, DROPOUT, false>, kVec);
-        else launch(h_post_bda_backward_kernel<N.value, 1, true, false, DROPOUT, false>, 1);
+        constexpr int kVec = DROP == Drop::kPhilox ? 4 : 8;
+        if (C % kVec == 0) launch(h_post_bda_backward_kernel<N.value, kVec, true, false, DROP, false>, kVec);
+        else launch(h_post_bda_backward_kernel<N.value, 1, true, false, DROP, false>, 1);
       } else if (C % 4 == 0) {
-        if (aggregate) launch(h_post_bda_backward_kernel<N.value, 4, true, true, DROPOUT, false>, 4);
-        else launch(h_post_bda_backward_kernel<N.value, 4, false, true, DROPOUT, false>, 4);
+        if (aggregate) launch(h_post_bda_backward_kernel<N.value, 4, true, true, DROP, false>, 4);
+        else launch(h_post_bda_backward_kernel<N.value, 4, false, true, DROP, false>, 4);
       } else {
-        if (aggregate) launch(h_post_bda_backward_kernel<N.value, 1, true, true, DROPOUT, false>, 1);
-        else launch(h_post_bda_backward_kernel<N.value, 1, false, true, DROPOUT, false>, 1);
+        if (aggregate) launch(h_post_bda_backward_kernel<N.value, 1, true, true, DROP, false>, 1);
+        else launch(h_post_bda_backward_kernel<N.value, 1, false, true, DROP, false>, 1);
       }
     });
   });
