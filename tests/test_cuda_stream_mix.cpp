@@ -143,8 +143,8 @@ TEST_P(CudaStreamMix, HPostBiasDropoutAddForwardAndBackward) {
       auto d_dpre = poisoned<float>(tokens * n);
       for (auto* b : {&d_dres_k, &d_dpost_k}) *b = poisoned<float>(b->size());
       const cuda::AggregateGrad aggregate{d_gagg.data(), d_pre.data(), d_dpre.data()};
-      cuda::h_post_bda_backward(d_gout.data(), d_x.data(), d_res.data(), d_post.data(), d_y.data(), d_yb.data(),
-                                tokens, n, C, d, nullptr, d_dres_k.data(), d_dpost_k.data(), nullptr, &aggregate);
+      cuda::h_post_bda_backward(d_gout.data(), d_x.data(), d_res.data(), d_post.data(), d_y.data(), d_yb.data(), tokens,
+                                n, C, d, nullptr, d_dres_k.data(), d_dpost_k.data(), nullptr, &aggregate);
       for (const auto* b : {&d_dres_k, &d_dpost_k, &d_dpre}) reductions.push_back(b->download());
     }
     // (eight channels a thread step with the bits, four with the Philox stream: other sums)

@@ -65,7 +65,10 @@ namespace mhc {
 
 // The scale of a kept element, 1/(1-p): every kernel that applies a mask takes it from
 // here, so that all give dropout_scale's bits.
-template <typename T> MHC_HOST_DEVICE T dropout_kept_scale(float p) { return T(1) / (T(1) - T(p)); }
+template <typename T>
+MHC_HOST_DEVICE T dropout_kept_scale(float p) {
+  return T(1) / (T(1) - T(p));
+}
 
 // Inverted dropout: element `index` of stream `key` is kept with probability 1-p and then
 // scaled by 1/(1-p); p = 0 keeps everything with scale exactly 1.

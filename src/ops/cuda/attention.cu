@@ -266,7 +266,8 @@ enum class Drop { kOff, kPhilox, kBits };
 // (bh T + t) per_row + w is element (t, 32 w + k). keep_mask_kernel writes the words w <=
 // t / 32 of each query t, the causal ones (with those keys' bits past the diagonal); the
 // kernels read no other: a warp's 32 queries (or keys) are 32-aligned.
-template <typename Word> struct KeepMask {  // Word: uint32_t (the forward), const uint32_t
+template <typename Word>
+struct KeepMask {  // Word: uint32_t (the forward), const uint32_t
   Word* words;
   int64_t per_row;  // (T + 31) / 32
   __device__ Word* word(const Head& s, int64_t t, int64_t u0) const {
@@ -392,10 +393,9 @@ __global__ void __launch_bounds__(kThreads, 3)
               if (tq.row[mt][hh] < T) words[hh] = *mask.word(s, tq.row[mt][hh], u0);
 #pragma unroll
           for (int j = 0; j < kHalfTiles; ++j) {
-            const uint32_t kept =
-                DROP == Drop::kBits
-                    ? keep_bits_of_rows(words[0], words[1], j)
-                    : keep_bits<true>(s, dropout, tq.row[mt][0], tq.row[mt][1], u0 + accumulator_column(j, 0));
+            const uint32_t kept = DROP == Drop::kBits ? keep_bits_of_rows(words[0], words[1], j)
+                                                      : keep_bits<true>(s, dropout, tq.row[mt][0], tq.row[mt][1],
+                                                                        u0 + accumulator_column(j, 0));
 #pragma unroll
             for (int e = 0; e < 4; ++e) p[mt][j][e] *= kept >> e & 1u ? keep_scale : 0.0f;
           }
@@ -427,11 +427,10 @@ template <int D> constexpr int kv_shared_bytes() {
          4 * kBlock * static_cast<int>(sizeof(float));
 }
 template <int D, Drop DROP>
-__global__ void __launch_bounds__(kThreads) flash_backward_kv_kernel(const bf16* qkv, const bf16* grad_out,
-                                                                     const float* lse, const float* delta, int64_t T,
-                                                                     int64_t C, int64_t H, float scale,
-                                                                     cpu::DropoutSpec dropout, KeepMask<const uint32_t> mask,
-                                                                     bf16* grad_qkv) {
+__global__ void __launch_bounds__(kThreads)
+    flash_backward_kv_kernel(const bf16* qkv, const bf16* grad_out, const float* lse, const float* delta, int64_t T,
+                             int64_t C, int64_t H, float scale, cpu::DropoutSpec dropout, KeepMask<const uint32_t> mask,
+                             bf16* grad_qkv) {
   constexpr bool DROPOUT = DROP != Drop::kOff;
   if constexpr (DROP == Drop::kPhilox) dropout.key = detail::dropout_key(dropout);
   const float keep_scale = dropout_kept_scale<float>(dropout.p);
@@ -577,11 +576,10 @@ __device__ void row_deltas(const bf16* grad_out, const bf16* out, int64_t row0, 
 // dQ (and delta, which the dK/dV kernel reads after it): a block takes kOwnRows queries,
 // the key tiles up to its last query.
 template <int D, Drop DROP>
-__global__ void __launch_bounds__(kThreads) flash_backward_q_kernel(const bf16* qkv, const bf16* grad_out,
-                                                                    const bf16* out, const float* lse, int64_t T,
-                                                                    int64_t C, int64_t H, float scale,
-                                                                    cpu::DropoutSpec dropout, KeepMask<const uint32_t> mask,
-                                                                    float* delta, bf16* grad_qkv) {
+__global__ void __launch_bounds__(kThreads)
+    flash_backward_q_kernel(const bf16* qkv, const bf16* grad_out, const bf16* out, const float* lse, int64_t T,
+                            int64_t C, int64_t H, float scale, cpu::DropoutSpec dropout, KeepMask<const uint32_t> mask,
+                            float* delta, bf16* grad_qkv) {
   constexpr bool DROPOUT = DROP != Drop::kOff;
   if constexpr (DROP == Drop::kPhilox) dropout.key = detail::dropout_key(dropout);
   const float keep_scale = dropout_kept_scale<float>(dropout.p);
@@ -683,9 +681,12 @@ Geometry geometry_of(const cpu::AttentionShape& s) {
 template <typename Launch>
 void dispatch_kernel(int64_t d, cpu::DropoutSpec dropout, const uint32_t* keep_mask, Launch&& launch) {
   auto with_dropout = [&](auto D) {
-    if (dropout.p <= 0.0f) launch(D, std::integral_constant<Drop, Drop::kOff>{});
-    else if (keep_mask) launch(D, std::integral_constant<Drop, Drop::kBits>{});
-    else launch(D, std::integral_constant<Drop, Drop::kPhilox>{});
+    if (dropout.p <= 0.0f)
+      launch(D, std::integral_constant<Drop, Drop::kOff>{});
+    else if (keep_mask)
+      launch(D, std::integral_constant<Drop, Drop::kBits>{});
+    else
+      launch(D, std::integral_constant<Drop, Drop::kPhilox>{});
   };
   switch (d) {
     case 16: with_dropout(std::integral_constant<int, 16>{}); break;
@@ -693,7 +694,10 @@ void dispatch_kernel(int64_t d, cpu::DropoutSpec dropout, const uint32_t* keep_m
     default: with_dropout(std::integral_constant<int, 64>{}); break;
   }
 }
-template <typename Word> KeepMask<Word> keep_mask_of(const Geometry& g, Word* words) { return {words, (g.T + 31) / 32}; }
+template <typename Word>
+KeepMask<Word> keep_mask_of(const Geometry& g, Word* words) {
+  return {words, (g.T + 31) / 32};
+}
 
 }  // namespace
 
@@ -740,13 +744,13 @@ void attention_backward(const cpu::AttentionShape& s, const bf16* grad_out, cons
   dispatch_kernel(g.d, dropout, keep_mask, [&](auto Dc, auto drop) {
     constexpr int D = decltype(Dc)::value;
     constexpr Drop DROP = decltype(drop)::value;
-    flash_backward_q_kernel<D, DROP><<<grid, kThreads, 0, stream>>>(qkv, grad_out, out, lse, g.T, g.C, g.H, scale,
-                                                                    dropout, mask, delta, grad_qkv);
+    flash_backward_q_kernel<D, DROP>
+        <<<grid, kThreads, 0, stream>>>(qkv, grad_out, out, lse, g.T, g.C, g.H, scale, dropout, mask, delta, grad_qkv);
     MHC_CUDA_CHECK(cudaGetLastError());
     const auto kv_kernel = flash_backward_kv_kernel<D, DROP>;
     MHC_CUDA_CHECK(cudaFuncSetAttribute(kv_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kv_shared_bytes<D>()));
     kv_kernel<<<grid, kThreads, kv_shared_bytes<D>(), stream>>>(qkv, grad_out, lse, delta, g.T, g.C, g.H, scale,
-                                                               dropout, mask, grad_qkv);
+                                                                dropout, mask, grad_qkv);
   });
   MHC_CUDA_CHECK(cudaGetLastError());
 }

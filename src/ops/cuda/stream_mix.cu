@@ -23,10 +23,14 @@ using detail::TokenLaunch;
 // which would otherwise hold registers in every kernel that has it), the Philox stream, or
 // the bits h_post_bda's forward kept (DropoutSpec::kept).
 enum class Drop { kOff, kPhilox, kBits };
-template <typename Launch> void dispatch_drop(const cpu::DropoutSpec& d, Launch&& launch) {
-  if (d.p <= 0.0f) launch(std::integral_constant<Drop, Drop::kOff>{});
-  else if (d.kept) launch(std::integral_constant<Drop, Drop::kBits>{});
-  else launch(std::integral_constant<Drop, Drop::kPhilox>{});
+template <typename Launch>
+void dispatch_drop(const cpu::DropoutSpec& d, Launch&& launch) {
+  if (d.p <= 0.0f)
+    launch(std::integral_constant<Drop, Drop::kOff>{});
+  else if (d.kept)
+    launch(std::integral_constant<Drop, Drop::kBits>{});
+  else
+    launch(std::integral_constant<Drop, Drop::kPhilox>{});
 }
 
 // The dropout keep-scale of one element.
@@ -249,8 +253,10 @@ __global__ void __launch_bounds__(detail::kBlockThreads, N <= 4 ? 2 : 1)
       detail::load_bf16<VEC>(xt + i * C + c, xs[i]);
       float keep[VEC];
       const uint64_t first = static_cast<uint64_t>(t * N + i) * C + c;
-      if constexpr (DROP == Drop::kBits) kept_scales<VEC>(dropout.kept, first, p, keep);
-      else keep_scales<DROP == Drop::kPhilox, VEC>(key, first, p, keep);
+      if constexpr (DROP == Drop::kBits)
+        kept_scales<VEC>(dropout.kept, first, p, keep);
+      else
+        keep_scales<DROP == Drop::kPhilox, VEC>(key, first, p, keep);
 #pragma unroll
       for (int v = 0; v < VEC; ++v) {
         const float masked = g[i][v] * keep[v];
@@ -290,7 +296,8 @@ __global__ void __launch_bounds__(detail::kBlockThreads, N <= 4 ? 2 : 1)
 // dy alone as a column-sum value (ops/cuda/column_sums.cuh): writes dy at (t, c..) and
 // gives it as stored (bf16-rounded) for dy_bias. The same arithmetic, in the same order,
 // as h_post_bda_backward_kernel's dy.
-template <int N, Drop DROP> struct GradY {
+template <int N, Drop DROP>
+struct GradY {
   const bf16* grad_out;
   const float* h_post;
   int64_t C;
@@ -307,8 +314,10 @@ template <int N, Drop DROP> struct GradY {
       const float post = h_post[t * N + i];
       float keep[COLS];
       const uint64_t first = static_cast<uint64_t>(t * N + i) * C + c;
-      if constexpr (DROP == Drop::kBits) kept_scales<COLS>(dropout.kept, first, p, keep);
-      else keep_scales<DROP == Drop::kPhilox, COLS>(key, first, p, keep);
+      if constexpr (DROP == Drop::kBits)
+        kept_scales<COLS>(dropout.kept, first, p, keep);
+      else
+        keep_scales<DROP == Drop::kPhilox, COLS>(key, first, p, keep);
 #pragma unroll
       for (int v = 0; v < COLS; ++v) {
         const float masked = g[v] * keep[v];
@@ -476,14 +485,20 @@ void h_post_bda_backward(const bf16* grad_out, const bf16* x, const float* h_res
       }
       if (!grad_x) {
         constexpr int kVec = DROP == Drop::kPhilox ? 4 : 8;
-        if (C % kVec == 0) launch(h_post_bda_backward_kernel<N.value, kVec, true, false, DROP, false>, kVec);
-        else launch(h_post_bda_backward_kernel<N.value, 1, true, false, DROP, false>, 1);
+        if (C % kVec == 0)
+          launch(h_post_bda_backward_kernel<N.value, kVec, true, false, DROP, false>, kVec);
+        else
+          launch(h_post_bda_backward_kernel<N.value, 1, true, false, DROP, false>, 1);
       } else if (C % 4 == 0) {
-        if (aggregate) launch(h_post_bda_backward_kernel<N.value, 4, true, true, DROP, false>, 4);
-        else launch(h_post_bda_backward_kernel<N.value, 4, false, true, DROP, false>, 4);
+        if (aggregate)
+          launch(h_post_bda_backward_kernel<N.value, 4, true, true, DROP, false>, 4);
+        else
+          launch(h_post_bda_backward_kernel<N.value, 4, false, true, DROP, false>, 4);
       } else {
-        if (aggregate) launch(h_post_bda_backward_kernel<N.value, 1, true, true, DROP, false>, 1);
-        else launch(h_post_bda_backward_kernel<N.value, 1, false, true, DROP, false>, 1);
+        if (aggregate)
+          launch(h_post_bda_backward_kernel<N.value, 1, true, true, DROP, false>, 1);
+        else
+          launch(h_post_bda_backward_kernel<N.value, 1, false, true, DROP, false>, 1);
       }
     });
   });
