@@ -258,9 +258,7 @@ __device__ uint32_t keep_bits(const Head& s, const cpu::DropoutSpec& d, int64_t 
   }
 }
 
-// Where a kernel's dropout mask comes from: none (p = 0), the Philox stream (keep_bits), or
-// the bits the forward kept (KeepMask).
-enum class Drop { kOff, kPhilox, kBits };
+using detail::Drop;  // the Philox stream: keep_bits; bits: KeepMask
 
 // Attention dropout's keep mask as bits, a 32-bit word per query and 32 keys: bit k of word
 // (bh T + t) per_row + w is element (t, 32 w + k). keep_mask_kernel writes the words w <=
@@ -681,12 +679,7 @@ Geometry geometry_of(const cpu::AttentionShape& s) {
 template <typename Launch>
 void dispatch_kernel(int64_t d, cpu::DropoutSpec dropout, const uint32_t* keep_mask, Launch&& launch) {
   auto with_dropout = [&](auto D) {
-    if (dropout.p <= 0.0f)
-      launch(D, std::integral_constant<Drop, Drop::kOff>{});
-    else if (keep_mask)
-      launch(D, std::integral_constant<Drop, Drop::kBits>{});
-    else
-      launch(D, std::integral_constant<Drop, Drop::kPhilox>{});
+    detail::dispatch_drop(dropout.p, keep_mask != nullptr, [&](auto drop) { launch(D, drop); });
   };
   switch (d) {
     case 16: with_dropout(std::integral_constant<int, 16>{}); break;

@@ -197,6 +197,16 @@ template <typename Launch> void dispatch_dropout(float p, Launch&& launch) {
   else launch(std::false_type{});
 }
 
+// Where a kernel's dropout mask comes from: none (p = 0: the hash compiled out, which would
+// otherwise hold registers in every kernel that has it), the Philox stream, or the bits an
+// earlier kernel kept. launch(std::integral_constant<Drop, ...>).
+enum class Drop { kOff, kPhilox, kBits };
+template <typename Launch> void dispatch_drop(float p, bool bits, Launch&& launch) {
+  if (p <= 0.0f) launch(std::integral_constant<Drop, Drop::kOff>{});
+  else if (bits) launch(std::integral_constant<Drop, Drop::kBits>{});
+  else launch(std::integral_constant<Drop, Drop::kPhilox>{});
+}
+
 inline unsigned blocks_for(int64_t count, int64_t per_block) {
   const int64_t blocks = (count + per_block - 1) / per_block;
   check(blocks >= 1 && blocks <= 0x7fffffff, "work size out of range for the CUDA kernels");

@@ -11,27 +11,15 @@ namespace mhc::cuda {
 
 namespace {
 
+using detail::dispatch_drop;
 using detail::dispatch_dropout;
+using detail::Drop;
 using detail::dispatch_streams;
 using detail::group_sum;
 using detail::launch_by_width;
 using detail::token_launch;
 using detail::TokenGroup;
 using detail::TokenLaunch;
-
-// Where a backward kernel's dropout mask comes from: none (p = 0: the hash compiled out,
-// which would otherwise hold registers in every kernel that has it), the Philox stream, or
-// the bits h_post_bda's forward kept (DropoutSpec::kept).
-enum class Drop { kOff, kPhilox, kBits };
-template <typename Launch>
-void dispatch_drop(const cpu::DropoutSpec& d, Launch&& launch) {
-  if (d.p <= 0.0f)
-    launch(std::integral_constant<Drop, Drop::kOff>{});
-  else if (d.kept)
-    launch(std::integral_constant<Drop, Drop::kBits>{});
-  else
-    launch(std::integral_constant<Drop, Drop::kPhilox>{});
-}
 
 // The dropout keep-scale of one element.
 template <bool DROPOUT> __device__ inline float keep_scale(uint64_t key, uint64_t index, float p) {
@@ -441,7 +429,7 @@ void h_post_bda_grad_y(const bf16* grad_out, const float* h_post, int64_t tokens
   check(tokens >= 1 && C >= 1, "h_post_bda_grad_y: empty input");
   check_kept(dropout, C, "h_post_bda_grad_y");
   dispatch_streams(n, [&](auto N) {
-    dispatch_drop(dropout, [&](auto drop) {
+    dispatch_drop(dropout.p, dropout.kept != nullptr, [&](auto drop) {
       detail::column_sums<1>(GradY<N.value, decltype(drop)::value>{grad_out, h_post, C, dropout, grad_y}, tokens, C,
                              {grad_y_bias}, workspace, stream);
     });
@@ -475,7 +463,7 @@ void h_post_bda_backward(const bf16* grad_out, const bf16* x, const float* h_res
     };
     // With dx, 4 channels a step: 8 make the fused kernel need 225 registers (one block per
     // multiprocessor); the reductions alone take 8 but with the Philox stream (spills).
-    dispatch_drop(dropout, [&](auto drop) {
+    dispatch_drop(dropout.p, dropout.kept != nullptr, [&](auto drop) {
       constexpr Drop DROP = decltype(drop)::value;
       if constexpr (DROP != Drop::kPhilox) {
         if (norm) {  // (C % 8 == 0)
