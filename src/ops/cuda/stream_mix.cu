@@ -13,8 +13,8 @@ namespace {
 
 using detail::dispatch_drop;
 using detail::dispatch_dropout;
-using detail::Drop;
 using detail::dispatch_streams;
+using detail::Drop;
 using detail::group_sum;
 using detail::launch_by_width;
 using detail::token_launch;
