@@ -209,12 +209,6 @@ template <bool LATER_FIRST> __device__ inline int64_t own_rows() {
   const int64_t block = LATER_FIRST ? gridDim.y - 1 - blockIdx.y : blockIdx.y;
   return block * kOwnRows;
 }
-// A lane's four keep bits of n8 tile j of a [query][key] half from the mask words of its
-// two rows for the half's 32 keys (bits 8 j + 2 tig, + 1: the lane's columns).
-__device__ inline uint32_t keep_bits_of_rows(uint32_t row0_word, uint32_t row1_word, int j) {
-  const int shift = 8 * j + 2 * static_cast<int>(threadIdx.x % 4);
-  return (row0_word >> shift & 3u) | (row1_word >> shift & 3u) << 2;
-}
 __device__ inline float drop(const Head& s, cpu::DropoutSpec dropout, int64_t t, int64_t u) {
   return dropout_scale<float>(dropout.key, static_cast<uint64_t>((s.bh * s.T + t) * s.T + u), dropout.p);
 }
@@ -270,6 +264,27 @@ struct KeepMask {  // Word: uint32_t (the forward), const uint32_t
   int64_t per_row;  // (T + 31) / 32
   __device__ Word* word(const Head& s, int64_t t, int64_t u0) const {
     return words + (s.bh * s.T + t) * per_row + u0 / 32;
+  }
+};
+
+// The keep bits (keep_bits' layout) of this lane's n8 tiles j of a [query][key] half, its
+// rows `rows`, from key u0 (the forward's and dQ's): with kept bits from the mask words of
+// its two rows (bits 8 j + 2 tig, + 1 of each: its columns), else from the Philox stream.
+template <Drop DROP> struct QueryHalfMask {
+  uint32_t words[2] = {0, 0};
+  __device__ QueryHalfMask(const Head& s, const KeepMask<const uint32_t>& mask, const int (&rows)[2], int64_t u0) {
+    if constexpr (DROP == Drop::kBits)
+#pragma unroll
+      for (int hh = 0; hh < 2; ++hh)
+        if (rows[hh] < s.T) words[hh] = *mask.word(s, rows[hh], u0);
+  }
+  __device__ uint32_t bits(const Head& s, const cpu::DropoutSpec& d, const int (&rows)[2], int64_t u0, int j) const {
+    if constexpr (DROP == Drop::kBits) {
+      const int shift = 8 * j + 2 * static_cast<int>(threadIdx.x % 4);
+      return (words[0] >> shift & 3u) | (words[1] >> shift & 3u) << 2;
+    } else {
+      return keep_bits<true>(s, d, rows[0], rows[1], u0 + accumulator_column(j, 0));
+    }
   }
 };
 
@@ -384,16 +399,10 @@ __global__ void __launch_bounds__(kThreads, 3)
             p[mt][j][e] = pe;
           }
         if constexpr (DROPOUT) {
-          uint32_t words[2] = {0, 0};  // with kept bits: the mask words of this lane's rows
-          if constexpr (DROP == Drop::kBits)
-#pragma unroll
-            for (int hh = 0; hh < 2; ++hh)
-              if (tq.row[mt][hh] < T) words[hh] = *mask.word(s, tq.row[mt][hh], u0);
+          const QueryHalfMask<DROP> half_mask(s, mask, tq.row[mt], u0);
 #pragma unroll
           for (int j = 0; j < kHalfTiles; ++j) {
-            const uint32_t kept = DROP == Drop::kBits ? keep_bits_of_rows(words[0], words[1], j)
-                                                      : keep_bits<true>(s, dropout, tq.row[mt][0], tq.row[mt][1],
-                                                                        u0 + accumulator_column(j, 0));
+            const uint32_t kept = half_mask.bits(s, dropout, tq.row[mt], u0, j);
 #pragma unroll
             for (int e = 0; e < 4; ++e) p[mt][j][e] *= kept >> e & 1u ? keep_scale : 0.0f;
           }
@@ -633,17 +642,11 @@ __global__ void __launch_bounds__(kThreads)
       for (int mt = 0; mt < kMTiles; ++mt) {
         if (u0 + kHalf - 1 > first + 16 * mt || u0 + kHalf > T)
           mask_scores<false>(p[mt], tq.row[mt], u0, static_cast<int>(T), -INFINITY);
-        uint32_t words[2] = {0, 0};  // with kept bits: the mask words of this lane's rows
-        if constexpr (DROP == Drop::kBits)
-#pragma unroll
-          for (int hh = 0; hh < 2; ++hh)
-            if (tq.row[mt][hh] < T) words[hh] = *mask.word(s, tq.row[mt][hh], u0);
+        const QueryHalfMask<DROP> half_mask(s, mask, tq.row[mt], u0);
 #pragma unroll
         for (int j = 0; j < kHalfTiles; ++j) {
           uint32_t kept = 0;
-          if constexpr (DROP == Drop::kPhilox)
-            kept = keep_bits<true>(s, dropout, tq.row[mt][0], tq.row[mt][1], u0 + accumulator_column(j, 0));
-          if constexpr (DROP == Drop::kBits) kept = keep_bits_of_rows(words[0], words[1], j);
+          if constexpr (DROPOUT) kept = half_mask.bits(s, dropout, tq.row[mt], u0, j);
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
             const int hh = e / 2;

@@ -63,6 +63,13 @@ __device__ inline void keep_scales(uint64_t key, uint64_t first, float p, float 
 #pragma unroll
   for (int v = 0; v < VEC; ++v) scales[v] = keep_scale<DROPOUT>(key, first + v, p);
 }
+// The keep-scales of VEC consecutive elements from `first` from where DROP says: the kept
+// bits, the Philox stream (under `key`), or none.
+template <Drop DROP, int VEC>
+__device__ inline void drop_scales(const cpu::DropoutSpec& d, uint64_t key, uint64_t first, float (&scales)[VEC]) {
+  if constexpr (DROP == Drop::kBits) kept_scales<VEC>(d.kept, first, d.p, scales);
+  else keep_scales<DROP == Drop::kPhilox, VEC>(key, first, d.p, scales);
+}
 
 // Every kernel takes VEC adjacent channels per thread step: 8 (16-byte loads and stores)
 // when C % 8 == 0, else 1.
@@ -193,7 +200,6 @@ __global__ void __launch_bounds__(detail::kBlockThreads, N <= 4 ? 2 : 1)
                                bf16* grad_y, const bf16* grad_agg, const float* h_pre, float* grad_h_pre,
                                NormInputGrad norm) {
   static_assert(!NORM || AGG, "the norm's input gradient is the aggregate's");
-  const float p = dropout.p;
   const uint64_t key = DROP == Drop::kPhilox ? detail::dropout_key(dropout) : 0;
   constexpr int P = N * N + N + (AGG ? N : 0);
   const TokenGroup tg = detail::token_group(lanes);
@@ -240,11 +246,7 @@ __global__ void __launch_bounds__(detail::kBlockThreads, N <= 4 ? 2 : 1)
       detail::load_bf16<VEC>(grad_out + (t * N + i) * C + c, g[i]);
       detail::load_bf16<VEC>(xt + i * C + c, xs[i]);
       float keep[VEC];
-      const uint64_t first = static_cast<uint64_t>(t * N + i) * C + c;
-      if constexpr (DROP == Drop::kBits)
-        kept_scales<VEC>(dropout.kept, first, p, keep);
-      else
-        keep_scales<DROP == Drop::kPhilox, VEC>(key, first, p, keep);
+      drop_scales<DROP, VEC>(dropout, key, static_cast<uint64_t>(t * N + i) * C + c, keep);
 #pragma unroll
       for (int v = 0; v < VEC; ++v) {
         const float masked = g[i][v] * keep[v];
@@ -292,7 +294,6 @@ struct GradY {
   cpu::DropoutSpec dropout;
   bf16* grad_y;
   template <int COLS> __device__ void operator()(int64_t t, int64_t c, float (&out)[1][COLS]) const {
-    const float p = dropout.p;
     const uint64_t key = DROP == Drop::kPhilox ? detail::dropout_key(dropout) : 0;
     float dy[COLS] = {};
 #pragma unroll
@@ -301,11 +302,7 @@ struct GradY {
       detail::load_bf16<COLS>(grad_out + (t * N + i) * C + c, g);
       const float post = h_post[t * N + i];
       float keep[COLS];
-      const uint64_t first = static_cast<uint64_t>(t * N + i) * C + c;
-      if constexpr (DROP == Drop::kBits)
-        kept_scales<COLS>(dropout.kept, first, p, keep);
-      else
-        keep_scales<DROP == Drop::kPhilox, COLS>(key, first, p, keep);
+      drop_scales<DROP, COLS>(dropout, key, static_cast<uint64_t>(t * N + i) * C + c, keep);
 #pragma unroll
       for (int v = 0; v < COLS; ++v) {
         const float masked = g[v] * keep[v];
