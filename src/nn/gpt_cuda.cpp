@@ -585,7 +585,7 @@ GptCuda::GptCuda(const ModelConfig& config, int64_t batch, int64_t seq) : config
     L.lse = DeviceBuffer<float>(batch * s.H * seq);
     // With attention dropout the forward keeps its mask as bits for the backward where they
     // take at most the layer's qkv (T up to 48 C / heads: 3072 at GPT-2 small); past that
-    // the backward makes the mask again, so that memory stays linear in T.
+    // each attention kernel makes the mask itself, so that memory stays linear in T.
     const size_t mask_words = cuda::attention_keep_mask_words({batch, seq, s.H, C});
     if (c.attention_dropout > 0 && mask_words * sizeof(uint32_t) <= static_cast<size_t>(N * 3 * C) * sizeof(bf16))
       L.keep_mask = DeviceBuffer<uint32_t>(mask_words);
