@@ -210,13 +210,15 @@ INSTANTIATE_TEST_SUITE_P(Shapes, CudaMappings,
                          ::testing::Values(Case{7, 1, 5, 1}, Case{33, 2, 13, 3}, Case{64, 4, 768, 20},
                                            Case{5, 6, 100, 20}, Case{3, 8, 257, 5}, Case{300, 4, 1023, 20},
                                            Case{40, 4, 64, 0}, Case{256, 4, 7168, 20},
+                                           // dx/dW blocks in several waves (on an H100): runs of
+                                           // consecutive groups, the last one short
+                                           Case{1000, 4, 7168, 20},
                                            // K % 8 == 0 (16-byte aligned rows: cp.async copies), every n
                                            Case{37, 1, 32, 2}, Case{70, 2, 48, 20}, Case{30, 6, 40, 7},
                                            Case{50, 8, 64, 20}, Case{130, 8, 96, 0},
                                            // ||x||^2 given: the projection by cuBLASLt
-                                           Case{64, 4, 768, 20, true}, Case{33, 2, 13, 3, true},
-                                           Case{7, 1, 5, 1, true}, Case{50, 8, 64, 20, true},
-                                           Case{256, 4, 7168, 20, true},
+                                           Case{64, 4, 768, 20, true}, Case{33, 2, 13, 3, true}, Case{7, 1, 5, 1, true},
+                                           Case{50, 8, 64, 20, true}, Case{256, 4, 7168, 20, true},
                                            // the most Sinkhorn iterations: grad_h's divisors take over 48 KB
                                            // of shared memory a block at n = 1 past 24, n = 2 and 4 past 48
                                            Case{300, 1, 8, 64}, Case{20, 8, 24, 64}, Case{300, 4, 64, 64},

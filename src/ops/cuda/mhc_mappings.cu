@@ -578,6 +578,18 @@ template <int N, bool MIX, bool NEXT> struct DxStage {
                 "16-byte copies");
 };
 
+// The token runs of the dx/dW kernel (its grid's rows, a dW partial each): run y's groups
+// of 16 tokens are G - 1 - y run_step - k group_step for k < groups, down to group 0 (G
+// groups in all). From the top down, so that the kernel starts on the tokens the pass before
+// it (the reductions) read last, still in L2. Where the grid is one wave, the runs
+// interleave (run_step 1, group_step the run count) and sweep the tokens together: every
+// block starts on those tokens (the kernel 141 -> 132 us a call at GPT-2 width, Nsight
+// Compute without cache flushes). Over several waves each run is a range (group_step 1):
+// interleaved runs measured about 1% slower there (sublayer 7.25 -> 7.33 ms, one call).
+struct DxRuns {
+  int64_t run_step, group_step, groups;
+};
+
 // Position in the fragment-ordered A array of token t's value kk (of 16 ksteps).
 __host__ __device__ inline int64_t dx_fragment_index(int64_t t, int kk, int ksteps) {
   const int64_t group = t / 16;
@@ -591,12 +603,10 @@ template <int N, bool NEXT> constexpr int dx_shared_bytes(bool mix) {
 }
 
 template <int N, int VEC, bool MIX, bool NEXT>
-__global__ void __launch_bounds__(N * 32) grad_x_kernel(const bf16* x, const bf16* weight_split,
-                                                        const bf16* grad_proj_fragments, const bf16* grad_proj_parts,
-                                                        const float* coef, StreamMixGrad mix, NextGradY next,
-                                                        const float* h_pre, int64_t tokens, int64_t C,
-                                                        int64_t tokens_per_block, bf16* grad_x, float* weight_partials,
-                                                        float* bias_partials) {
+__global__ void __launch_bounds__(N * 32)
+    grad_x_kernel(const bf16* x, const bf16* weight_split, const bf16* grad_proj_fragments, const bf16* grad_proj_parts,
+                  const float* coef, StreamMixGrad mix, NextGradY next, const float* h_pre, int64_t tokens, int64_t C,
+                  DxRuns runs, bf16* grad_x, float* weight_partials, float* bias_partials) {
   using Stage = DxStage<N, MIX, NEXT>;
   constexpr int M = width<N>(), KS = dx_ksteps<N>(), J = dx_tiles<N>(), COLS = Stage::kCols;
   constexpr int P = dproj_part<N>(), WM = J / 2, WN = P / 8;  // dW: m16 tiles of channels, n8 tiles of outputs
@@ -628,14 +638,13 @@ __global__ void __launch_bounds__(N * 32) grad_x_kernel(const bf16* x, const bf1
     }
   }
   float dw[WM][WN][4] = {};
-  const int64_t begin = static_cast<int64_t>(blockIdx.y) * tokens_per_block;
-  const int64_t end = min(tokens, begin + tokens_per_block);
+  const int64_t top = (tokens + 15) / 16 - 1 - blockIdx.y * runs.run_step;  // the run's first group
   const int64_t channel0 = base + COLS * tig;  // this lane's first channel
   const int64_t column0 = s * C + channel0;
   const bool lane_in = channel0 < C;
   const bf16* source = MIX ? mix.grad_out : grad_x;  // what this warp copies besides x
   extern __shared__ __align__(16) unsigned char dx_ring[];
-  const int groups = static_cast<int>((end - begin + 15) / 16);
+  const int groups = top < 0 ? 0 : static_cast<int>(min(runs.groups, top / runs.group_step + 1));
   // This lane's COLS values from `from` (its first channel) to `to` (zeros where not valid).
   auto copy_lane = [&](unsigned char* to, const bf16* from, bool valid) {
     bf16* dst = reinterpret_cast<bf16*>(to);
@@ -648,23 +657,25 @@ __global__ void __launch_bounds__(N * 32) grad_x_kernel(const bf16* x, const bf1
     }
   };
   // The next group to copy: its stage and first token, and where this thread's copies come
-  // from, each advanced 16 tokens a group (no index arithmetic a copy: it was a quarter of
-  // the kernel's instructions). A lane copies its tokens g and g + 8.
+  // from, set once a group (no index arithmetic a copy: it was a quarter of the kernel's
+  // instructions). A lane copies its tokens g and g + 8.
   constexpr int kStages = dx_stages<NEXT>();
   constexpr int kFragmentChunks = KS * 32, kPartChunks = Stage::kProjRow / 16;  // 16-byte chunks
   int next_stage = 0;
-  int64_t next_begin = begin;
-  const uint4* fragments_from = reinterpret_cast<const uint4*>(grad_proj_fragments) + begin / 16 * kFragmentChunks;
-  const uint4* parts_from = reinterpret_cast<const uint4*>(grad_proj_parts + begin * 3 * P);
-  const bf16* x_from = x + (begin + g) * K + column0;
-  const bf16* source_from = source + (begin + g) * K + column0;
-  const bf16* agg_from = MIX ? mix.grad_agg + (begin + g) * C + channel0 : nullptr;
-  const float* coef_from = coef + begin + g;
+  int64_t next_begin = 16 * top;
   auto issue_next = [&]() {
     unsigned char* st = dx_ring + next_stage * Stage::kBytes;
+    const int64_t t = next_begin + g;
+    const uint4* fragments_from =
+        reinterpret_cast<const uint4*>(grad_proj_fragments) + next_begin / 16 * kFragmentChunks;
+    const uint4* parts_from = reinterpret_cast<const uint4*>(grad_proj_parts + next_begin * 3 * P);
+    const bf16* x_from = x + t * K + column0;
+    const bf16* source_from = source + t * K + column0;
+    const bf16* agg_from = MIX ? mix.grad_agg + t * C + channel0 : nullptr;
+    const float* coef_from = coef + t;
     for (int e = threadIdx.x; e < kFragmentChunks; e += N * 32)
       detail::copy_async<16>(st + Stage::kFragments + e * 16, fragments_from + e, true);
-    const int rows = static_cast<int>(min(static_cast<int64_t>(16), end - next_begin));  // the group's tokens
+    const int rows = static_cast<int>(min(static_cast<int64_t>(16), tokens - next_begin));  // the group's tokens
     for (int e = threadIdx.x; e < 16 * kPartChunks; e += N * 32) {
       const bool valid = e < rows * kPartChunks;
       detail::copy_async<16>(st + Stage::kProj + e * 16, valid ? parts_from + e : parts_from, valid);
@@ -695,31 +706,25 @@ __global__ void __launch_bounds__(N * 32) grad_x_kernel(const bf16* x, const bf1
       }
     }
     next_stage = next_stage + 1 == kStages ? 0 : next_stage + 1;
-    next_begin += 16;
-    fragments_from += kFragmentChunks;
-    parts_from += 16 * kPartChunks;
-    x_from += 16 * K;
-    source_from += 16 * K;
-    if constexpr (MIX) agg_from += 16 * C;
-    coef_from += 16;
+    next_begin -= 16 * runs.group_step;
   };
   for (int group = 0; group < kDxAhead; ++group) {
     if (group < groups) issue_next();
     detail::commit_async();
   }
   int stage = 0;
-  int64_t token = begin + g;
+  int64_t token = 16 * top + g;
   // NEXT: dy' of the previous group, whose stage holds its dx (in the warps' x rows). A
   // thread always has the same 8 channels (16 J items over N 32 threads, a multiple of J),
   // so it sums dy' as stored over its tokens of the run for the bias gradient.
   float bias_sum[8] = {};
   auto write_next_grad_y = [&]() {
     const unsigned char* st = dx_ring + (stage == 0 ? kStages - 1 : stage - 1) * Stage::kBytes;
-    const int64_t first = token - g - 16;
+    const int64_t first = token - g + 16 * runs.group_step;
     for (int e = threadIdx.x; e < 16 * J; e += N * 32) {
       const int u = e / J, v = e % J;  // token of the group, its channels 8 v..
       const int64_t t = first + u, channel = base + 8 * v;
-      if (t >= end || channel >= C) continue;
+      if (t >= tokens || channel >= C) continue;
       const float* post = reinterpret_cast<const float*>(st + Stage::kPost) + u * N;
       float dy[8] = {}, dx[8];
 #pragma unroll
@@ -774,7 +779,7 @@ __global__ void __launch_bounds__(N * 32) grad_x_kernel(const bf16* x, const bf1
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int64_t t = token + 8 * h;
-      if (t >= end || !lane_in) continue;
+      if (t >= tokens || !lane_in) continue;
       const int row = (h * 32 + lane) * COLS;  // this lane's values in a [2][32][COLS] array
       auto values = [&](const unsigned char* array, float (&out)[COLS]) {
         detail::load_bf16<COLS>(reinterpret_cast<const bf16*>(array) + row, out);
@@ -814,7 +819,7 @@ __global__ void __launch_bounds__(N * 32) grad_x_kernel(const bf16* x, const bf1
       }
     }
     stage = stage + 1 == kStages ? 0 : stage + 1;
-    token += 16;
+    token -= 16 * runs.group_step;
   }
   if constexpr (NEXT) {
     __syncthreads();  // the last group's dx is in every warp's rows
@@ -973,14 +978,15 @@ ForwardLayout forward_layout_of(const MappingsArgs& a) {
   return l;
 }
 
-// The dx/dW kernel's grid: channel ranges x token runs (multiples of 16 tokens); each run
-// writes its own dW partial. The run count r minimises the modelled time: the kernel's
+// The dx/dW kernel's grid: channel ranges x token runs (DxRuns says which tokens a run takes);
+// each run writes its own dW partial. The run count r minimises the modelled time: the kernel's
 // streams (about 8 bytes a token and column: x, the source, dx, in whole waves of resident
 // blocks) plus the partials written and read again (8 M bytes a column a run). More runs
 // fill the last wave better and cost partial traffic (GPT-2 width: 22 runs, one wave;
 // 8192,4,4,7168: 7 runs, three waves).
 struct DxGrid {
-  int64_t channel_blocks, runs, tokens_per_run;
+  int64_t channel_blocks, runs;
+  DxRuns order;
 };
 // Blocks of the model's variant of grad_x_kernel<N> resident at once on the current
 // device (queried once a device).
@@ -1010,8 +1016,10 @@ template <int N> DxGrid dx_grid(int64_t tokens, int64_t C) {
     const int64_t waves = (d.channel_blocks * runs + resident - 1) / resident;
     const double cost = 8.0 * static_cast<double>(waves * resident * per_run) / static_cast<double>(d.channel_blocks) +
                         8.0 * width<N>() * static_cast<double>(runs);
-    if (r == 1 || cost < best) best = cost, d.runs = runs, d.tokens_per_run = per_run;
+    if (r == 1 || cost < best) best = cost, d.runs = runs, d.order = {per_run / 16, 1, per_run / 16};
   }
+  const int64_t groups = (tokens + 15) / 16;
+  if (d.channel_blocks * d.runs <= resident) d.order = {1, d.runs, (groups + d.runs - 1) / d.runs};
   return d;
 }
 
@@ -1197,9 +1205,8 @@ void mhc_mappings_backward(const MappingsArgs& a, const bf16* x, const float* we
       constexpr int bytes = dx_shared_bytes<N, decltype(with_next)::value>(decltype(with_mix)::value);
       MHC_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
       kernel<<<grid, N * 32, bytes, stream>>>(x, split, grad_proj_fragments, grad_proj_parts, coef,
-                                              mix ? *mix : StreamMixGrad{}, next ? *next : NextGradY{}, h_pre,
-                                              a.tokens, a.C, l.grid.tokens_per_run, grad_x, weight_partials,
-                                              bias_partials);
+                                              mix ? *mix : StreamMixGrad{}, next ? *next : NextGradY{}, h_pre, a.tokens,
+                                              a.C, l.grid.order, grad_x, weight_partials, bias_partials);
     };
     constexpr int COLS = 2 * dx_tiles<N>();
     const bool vectors = a.C % COLS == 0;
