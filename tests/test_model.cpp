@@ -194,6 +194,21 @@ TEST(Model, RejectsBadShapesAndTokens) {
   model.init(0);
   std::vector<int32_t> bad = {0, 1, 2, 999};
   EXPECT_THROW(model.forward(bad.data(), bad.data(), 0), Error);
+  // The message names the first id out, its position and whose it is.
+  const std::vector<int32_t> good = {0, 1, 2, 3}, negative = {0, -1, 2, 3};
+  auto message = [&](const std::vector<int32_t>& tokens, const std::vector<int32_t>& targets) {
+    try {
+      model.forward(tokens.data(), targets.data(), 0);
+    } catch (const Error& e) {
+      return std::string(e.what());
+    }
+    return std::string("no error");
+  };
+  EXPECT_EQ(message(bad, good),
+            "token id 999 at position 3 is outside the vocabulary [0, " + std::to_string(ok.vocab_size) + ")");
+  EXPECT_EQ(message(good, negative),
+            "target id -1 at position 1 is outside the vocabulary [0, " + std::to_string(ok.vocab_size) + ")");
+  EXPECT_EQ(message(good, good), "no error");
 }
 
 TEST(Model, ParameterNamesFollowMegatron) {

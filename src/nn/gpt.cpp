@@ -51,6 +51,13 @@ bool recomputing(const ModelConfig& c) { return c.recompute == "mhc" && c.hyper_
 
 }  // namespace
 
+void check_token_ids(const int32_t* ids, int64_t count, int64_t vocab, const char* what) {
+  const int32_t* bad = std::find_if(ids, ids + count, [vocab](int32_t id) { return id < 0 || id >= vocab; });
+  if (bad != ids + count)
+    fail(std::string(what) + " id " + std::to_string(*bad) + " at position " + std::to_string(bad - ids) +
+         " is outside the vocabulary [0, " + std::to_string(vocab) + ")");
+}
+
 ActivationBytes activation_bytes(const ModelConfig& c, int64_t batch, int64_t seq, size_t element_size) {
   c.validate();
   const LayerSizes s = layer_sizes(c, batch, seq);
@@ -412,10 +419,8 @@ template <typename T>
 double Gpt<T>::forward(const int32_t* tokens, const int32_t* targets, uint64_t step, const T* embeddings) {
   State& s = *s_;
   const ModelConfig& c = config_;
-  for (int64_t i = 0; i < s.N; ++i) {
-    check(tokens[i] >= 0 && tokens[i] < s.V, "token id " + std::to_string(tokens[i]) + " outside the vocabulary");
-    check(targets[i] >= 0 && targets[i] < s.V, "target id " + std::to_string(targets[i]) + " outside the vocabulary");
-  }
+  check_token_ids(tokens, s.N, s.V, "token");
+  check_token_ids(targets, s.N, s.V, "target");
   std::copy(tokens, tokens + s.N, s.tokens.begin());
   std::copy(targets, targets + s.N, s.targets.begin());
   s.embeddings_overridden = embeddings != nullptr;

@@ -386,12 +386,8 @@ struct GptCuda::State {
 
   // The batch, and the step the forward's dropout keys are made from.
   void upload_batch(const int32_t* tokens_host, const int32_t* targets_host, uint64_t step) {
-    for (int64_t i = 0; i < N; ++i) {
-      check(tokens_host[i] >= 0 && tokens_host[i] < V,
-            "token id " + std::to_string(tokens_host[i]) + " outside the vocabulary");
-      check(targets_host[i] >= 0 && targets_host[i] < V,
-            "target id " + std::to_string(targets_host[i]) + " outside the vocabulary");
-    }
+    check_token_ids(tokens_host, N, V, "token");
+    check_token_ids(targets_host, N, V, "target");
     MHC_CUDA_CHECK(
         cudaMemcpyAsync(tokens.data(), tokens_host, N * sizeof(int32_t), cudaMemcpyHostToDevice, stream));
     MHC_CUDA_CHECK(
