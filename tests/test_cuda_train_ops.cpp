@@ -116,21 +116,32 @@ TEST_F(CudaTrainOps, CrossEntropyMatchesTheLmHead) {
 TEST_F(CudaTrainOps, AdamWWithClippingMatchesTheCpuOptimizer) {
   TrainConfig config;
   config.grad_clip = 0.5;
-  Parameter<float> weight("decoder.layers.0.mlp.linear_fc1.weight", {37, 29}), bias("decoder.final_layernorm.bias", {7});
-  for (Parameter<float>* p : {&weight, &bias}) {
-    const auto v = random_float(p->value.size(), 21 + p->value.size());
-    p->value = v;
-  }
-  std::vector<Parameter<float>*> params = {&weight, &bias};
+  // Sizes not a multiple of the kernels' vectors of 4; the third tensor's arrays start one
+  // float past an allocation (not 16-byte aligned: the scalar kernels).
+  Parameter<float> weight("decoder.layers.0.mlp.linear_fc1.weight", {37, 29}),
+      bias("decoder.final_layernorm.bias", {7}), qkv_bias("decoder.layers.0.self_attention.linear_qkv.bias", {13});
+  std::vector<Parameter<float>*> params = {&weight, &bias, &qkv_bias};
+  const std::vector<size_t> lead = {0, 0, 1};
+  for (Parameter<float>* p : params) p->value = random_float(p->value.size(), 21 + p->value.size());
   AdamW cpu_opt(params);
+  // Device arrays of lead[k] unused floats, then the tensor's.
+  auto with_lead = [](const std::vector<float>& v, size_t lead_k) {
+    std::vector<float> out(lead_k, 0.0f);
+    out.insert(out.end(), v.begin(), v.end());
+    return out;
+  };
+  auto without_lead = [](const std::vector<float>& v, size_t lead_k) {
+    return std::vector<float>(v.begin() + static_cast<std::ptrdiff_t>(lead_k), v.end());
+  };
   std::vector<DeviceBuffer<float>> value, grad, m, v;
   std::vector<DeviceBuffer<bf16>> copy;
-  for (Parameter<float>* p : params) {
-    value.emplace_back(p->value);
-    grad.emplace_back(p->value.size());
-    m.emplace_back(std::vector<float>(p->value.size(), 0.0f));
-    v.emplace_back(std::vector<float>(p->value.size(), 0.0f));
-    copy.push_back(poisoned<bf16>(p->value.size()));
+  for (size_t k = 0; k < params.size(); ++k) {
+    const size_t n = params[k]->value.size();
+    value.emplace_back(with_lead(params[k]->value, lead[k]));
+    grad.emplace_back(n + lead[k]);
+    m.emplace_back(std::vector<float>(n + lead[k], 0.0f));
+    v.emplace_back(std::vector<float>(n + lead[k], 0.0f));
+    copy.push_back(poisoned<bf16>(n + lead[k]));
   }
   DeviceBuffer<double> work(cuda::grad_norm_workspace_doubles(params.size()));
   auto result = poisoned<float>(2);
@@ -139,26 +150,32 @@ TEST_F(CudaTrainOps, AdamWWithClippingMatchesTheCpuOptimizer) {
     const double lr = 1e-2 * step;
     for (size_t k = 0; k < params.size(); ++k) {
       params[k]->grad = random_float(params[k]->value.size(), 100 * step + k, -3, 3);
-      grad[k].upload(params[k]->grad);
+      grad[k].upload(with_lead(params[k]->grad, lead[k]));
     }
     std::vector<cuda::GradTensor> tensors;
-    for (size_t k = 0; k < params.size(); ++k) tensors.push_back({grad[k].data(), params[k]->size()});
+    for (size_t k = 0; k < params.size(); ++k) tensors.push_back({grad[k].data() + lead[k], params[k]->size()});
     cuda::grad_norm(tensors, scale, static_cast<float>(config.grad_clip), work.data(), result.data());
     const AdamWScalars s = adamw_scalars(config, lr, step);
     for (size_t k = 0; k < params.size(); ++k) {
       const cuda::AdamWStep gs{s.beta1, s.beta2, s.eps, s.step_size, s.sqrt_correction2,
                                decays(params[k]->name) ? s.decay : 1.0f, scale};
-      cuda::adamw_update(gs, grad[k].data(), result.data() + 1, params[k]->size(), value[k].data(), m[k].data(),
-                         v[k].data(), copy[k].data());
+      cuda::adamw_update(gs, grad[k].data() + lead[k], result.data() + 1, params[k]->size(), value[k].data() + lead[k],
+                         m[k].data() + lead[k], v[k].data() + lead[k], copy[k].data() + lead[k]);
     }
     const double cpu_norm = scale_and_clip_gradients(params, scale, config.grad_clip);
     cpu_opt.step(config, lr);
     EXPECT_NEAR(result.download()[0], cpu_norm, 1e-6 * cpu_norm) << "step " << step;
     for (size_t k = 0; k < params.size(); ++k) {
-      EXPECT_LT(relative_error(widen(value[k].download()), widen(params[k]->value)), 1e-6) << params[k]->name;
-      EXPECT_LT(relative_error(widen(m[k].download()), widen(cpu_opt.exp_avg[k])), 1e-6) << params[k]->name;
-      EXPECT_LT(relative_error(widen(v[k].download()), widen(cpu_opt.exp_avg_sq[k])), 1e-6) << params[k]->name;
-      EXPECT_LT(relative_error(widen(copy[k].download()), widen(params[k]->value)), kBf16Tolerance);
+      const size_t l = lead[k];
+      EXPECT_LT(relative_error(widen(without_lead(value[k].download(), l)), widen(params[k]->value)), 1e-6)
+          << params[k]->name;
+      EXPECT_LT(relative_error(widen(without_lead(m[k].download(), l)), widen(cpu_opt.exp_avg[k])), 1e-6)
+          << params[k]->name;
+      EXPECT_LT(relative_error(widen(without_lead(v[k].download(), l)), widen(cpu_opt.exp_avg_sq[k])), 1e-6)
+          << params[k]->name;
+      std::vector<bf16> copied = copy[k].download();
+      copied.erase(copied.begin(), copied.begin() + static_cast<std::ptrdiff_t>(l));
+      EXPECT_LT(relative_error(widen(copied), widen(params[k]->value)), kBf16Tolerance);
     }
   }
 }

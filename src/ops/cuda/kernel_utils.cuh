@@ -118,6 +118,27 @@ template <int VEC> __device__ inline void store_bf16(__nv_bfloat16* p, const flo
   }
 }
 
+// VEC consecutive floats (one 16-byte access when VEC is 4).
+template <int VEC>
+__device__ inline void load_floats(const float* p, float (&out)[VEC]) {
+  static_assert(VEC == 1 || VEC == 4, "scalars or 16-byte vectors");
+  if constexpr (VEC == 4) {
+    const float4 f = *reinterpret_cast<const float4*>(p);
+    out[0] = f.x, out[1] = f.y, out[2] = f.z, out[3] = f.w;
+  } else {
+    out[0] = *p;
+  }
+}
+template <int VEC>
+__device__ inline void store_floats(float* p, const float (&in)[VEC]) {
+  static_assert(VEC == 1 || VEC == 4, "scalars or 16-byte vectors");
+  if constexpr (VEC == 4) {
+    *reinterpret_cast<float4*>(p) = make_float4(in[0], in[1], in[2], in[3]);
+  } else {
+    *p = in[0];
+  }
+}
+
 // Tensor cores (sm_80+): c += a b for one m16n8k16 tile, bf16 operands, fp32 sums.
 // Fragments (g = lane / 4, q = lane % 4): a = A rows g, g + 8 at columns 2q.. and 2q + 8..;
 // b = B rows 2q.., 2q + 8.. at column g; c = C rows g, g + 8 at columns 2q, 2q + 1.
