@@ -209,12 +209,17 @@ template <bool LATER_FIRST> __device__ inline int64_t own_rows() {
   const int64_t block = LATER_FIRST ? gridDim.y - 1 - blockIdx.y : blockIdx.y;
   return block * kOwnRows;
 }
+// The attention dropout mask's element of query t and key u of sequence-and-head bh: its
+// index in the layer's Philox stream (the CPU reference's numbering).
+__device__ inline uint64_t mask_element(int64_t bh, int64_t T, int64_t t, int64_t u) {
+  return static_cast<uint64_t>((bh * T + t) * T + u);
+}
 __device__ inline float drop(const Head& s, cpu::DropoutSpec dropout, int64_t t, int64_t u) {
-  return dropout_scale<float>(dropout.key, static_cast<uint64_t>((s.bh * s.T + t) * s.T + u), dropout.p);
+  return dropout_scale<float>(dropout.key, mask_element(s.bh, s.T, t, u), dropout.p);
 }
 // Dropout's keep bits (bit e: element e kept) of this lane's four elements of an
 // accumulator tile (rows g, g + 8 at positions row0, row1; columns 2 tig, 2 tig + 1 from
-// position col0), the mask element of query t and key u being uniform (bh T + t) T + u.
+// position col0), the mask element of query t and key u being mask_element(bh, T, t, u).
 // QUERY_ROWS: the forward's and dQ's [query][key] tiles, else dK/dV's [key][query] ones.
 // A Philox call gives four consecutive keys of a query, so where T % 4 == 0 the lanes
 // sharing calls make one each and exchange the bits: the lane pairs (tig, tig ^ 1) of a
@@ -222,7 +227,7 @@ __device__ inline float drop(const Head& s, cpu::DropoutSpec dropout, int64_t t,
 // same masks as drop() element by element (its path where T % 4 != 0).
 template <bool QUERY_ROWS>
 __device__ uint32_t keep_bits(const Head& s, const cpu::DropoutSpec& d, int64_t row0, int64_t row1, int64_t col0) {
-  auto index = [&](int64_t t, int64_t u) { return static_cast<uint64_t>((s.bh * s.T + t) * s.T + u); };
+  auto index = [&](int64_t t, int64_t u) { return mask_element(s.bh, s.T, t, u); };
   auto bits_of = [&](uint64_t first) { return dropout_keep_bits4(d.key, first, d.p); };
   const int lane = static_cast<int>(threadIdx.x % 32), tig = lane % 4, r = lane / 4 % 4;
   if (s.T % 4 != 0) {
@@ -302,14 +307,14 @@ __global__ void keep_mask_kernel(int64_t T, cpu::DropoutSpec dropout, KeepMask<u
   const int w = i % per_query;
   if (t >= T) return;
   const uint64_t key = detail::dropout_key(dropout);
-  const uint64_t first = static_cast<uint64_t>((bh * T + t) * T + 32 * w);
+  const uint64_t first = mask_element(bh, T, t, 32 * w);
   uint32_t word = 0;
   if (T % 4 == 0) {
 #pragma unroll
     for (int q = 0; q < 8; ++q) word |= dropout_keep_bits4(key, first + 4 * q, dropout.p) << (4 * q);
   } else {
     for (int k = 0; k < 32 && 32 * w + k < T; ++k)
-      word |= static_cast<uint32_t>(rng_uniform(key, first + k) >= dropout.p) << k;
+      word |= static_cast<uint32_t>(dropout_scale<float>(key, first + k, dropout.p) != 0.0f) << k;
   }
   mask.words[(bh * T + t) * mask.per_row + w] = word;
 }
