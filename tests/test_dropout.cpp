@@ -83,6 +83,19 @@ TEST(Dropout, FourKeepBitsFromOneCallAreDropoutScales) {
     }
 }
 
+// The integer threshold decides as the float comparison, at the values around it.
+TEST(Dropout, KeepThresholdDecidesAsTheFloatComparison) {
+  const float tiny = 1.0f / 16777216.0f;
+  for (const float p : {tiny, 0.1f, 1.0f / 3.0f, 0.5f, std::nextafter(0.5f, 1.0f), 0.9f, 1.0f - tiny, 1.0f}) {
+    const uint32_t threshold = dropout_keep_threshold(p);
+    for (const int64_t y : {int64_t{threshold} - 1, int64_t{threshold}, int64_t{threshold} + 1}) {
+      if (y < 0 || y >= (int64_t{1} << 24)) continue;
+      const uint32_t bits = static_cast<uint32_t>(y) << 8 | 0xA5u;
+      EXPECT_EQ(uint_to_unit_float(bits) >= p, (bits >> 8) >= threshold) << "p " << p << " y " << y;
+    }
+  }
+}
+
 TEST(Dropout, KeysOfDifferentSitesAreIndependent) {
   // Masks keyed by neighbouring layers must not coincide more often than chance.
   const int count = 100000;

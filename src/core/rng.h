@@ -5,6 +5,7 @@
 // advance. The key identifies the use (seed, layer, step, site); the counter the element.
 // Usable from host and device code.
 #pragma once
+#include <cmath>
 #include <cstdint>
 
 #if defined(__CUDACC__)
@@ -77,12 +78,17 @@ template <typename T> MHC_HOST_DEVICE T dropout_scale(uint64_t key, uint64_t ind
   return rng_uniform(key, index) >= p ? dropout_kept_scale<T>(p) : T(0);
 }
 
+// dropout_scale's keep decision, uint_to_unit_float(bits) >= p, as an integer comparison:
+// (bits >> 8) >= ceil(p 2^24), exact because p 2^24 is p scaled by a power of two (p in (0, 1]).
+MHC_HOST_DEVICE uint32_t dropout_keep_threshold(float p) { return static_cast<uint32_t>(ceilf(p * 16777216.0f)); }
+
 // dropout_scale's keep decisions (bit q: element first + q kept) of four elements from one
 // Philox call: first % 4 == 0, p > 0.
 MHC_HOST_DEVICE uint32_t dropout_keep_bits4(uint64_t key, uint64_t first, float p) {
   const Philox4x32 r = philox4x32(first >> 2, 0, key);
+  const uint32_t threshold = dropout_keep_threshold(p);
   uint32_t bits = 0;
-  for (int q = 0; q < 4; ++q) bits |= static_cast<uint32_t>(uint_to_unit_float(r.v[q]) >= p) << q;
+  for (int q = 0; q < 4; ++q) bits |= static_cast<uint32_t>((r.v[q] >> 8) >= threshold) << q;
   return bits;
 }
 
