@@ -491,9 +491,10 @@ template <int N, int VEC, int STEPS> struct AggregateRow {
 // sublayer's pre-norm of agg, from the row in registers (norm_row_forward: norm_forward's
 // bits), saving the norm's pass over agg.
 template <int N, int VEC, bool RANGES, bool NORM>
-__global__ void finish_aggregate_kernel(ProjectionPieces<N, RANGES> pieces, const float* alpha, const float* bias,
-                                        int iterations, FinishOutputs out, unsigned finish_blocks, const bf16* x,
-                                        int64_t C, int lanes, bf16* agg, AggregateNorm norm) {
+__device__ __forceinline__ void finish_aggregate(ProjectionPieces<N, RANGES> pieces, const float* alpha,
+                                                 const float* bias, int iterations, FinishOutputs out,
+                                                 unsigned finish_blocks, const bf16* x, int64_t C, int lanes, bf16* agg,
+                                                 AggregateNorm norm) {
   if (blockIdx.x < finish_blocks) {
     finish_token(token_lane<FinishLanes<N>>(pieces.tokens), pieces, alpha, bias, iterations, out);
     return;
@@ -514,6 +515,23 @@ __global__ void finish_aggregate_kernel(ProjectionPieces<N, RANGES> pieces, cons
   } else {
     detail::aggregate_row<N, VEC>(x + t * N * C, gate, C, tg, agg + t * C);
   }
+}
+template <int N, int VEC, bool RANGES>
+__global__ void finish_aggregate_kernel(ProjectionPieces<N, RANGES> pieces, const float* alpha, const float* bias,
+                                        int iterations, FinishOutputs out, unsigned finish_blocks, const bf16* x,
+                                        int64_t C, int lanes, bf16* agg, AggregateNorm norm) {
+  finish_aggregate<N, VEC, RANGES, false>(pieces, alpha, bias, iterations, out, finish_blocks, x, C, lanes, agg, norm);
+}
+// With the pre-norm: held to four blocks a multiprocessor (64 registers, a few bytes
+// spilled; at 78 it ran three and waited on its loads: 61.0 -> 55.6 us a call at GPT-2
+// width, session 14). A kernel of its own: the bound on the shared template changed the
+// other variants' register allocation too.
+template <int N, int VEC, bool RANGES>
+__global__ void __launch_bounds__(detail::kBlockThreads, 4)
+    finish_aggregate_norm_kernel(ProjectionPieces<N, RANGES> pieces, const float* alpha, const float* bias,
+                                 int iterations, FinishOutputs out, unsigned finish_blocks, const bf16* x, int64_t C,
+                                 int lanes, bf16* agg, AggregateNorm norm) {
+  finish_aggregate<N, VEC, RANGES, true>(pieces, alpha, bias, iterations, out, finish_blocks, x, C, lanes, agg, norm);
 }
 
 // ---- dx and dW on tensor cores, one pass over x ---------------------------------------------
@@ -1126,10 +1144,10 @@ void mhc_mappings_forward(const MappingsArgs& a, const bf16* x, const float* x_s
             norm ? *norm : AggregateNorm{});
       };
       if (norm)
-        launch(finish_aggregate_kernel<N, 8, kRanges, true>, detail::token_launch(a.tokens, a.C, 8));
+        launch(finish_aggregate_norm_kernel<N, 8, kRanges>, detail::token_launch(a.tokens, a.C, 8));
       else
-        detail::launch_by_width(a.tokens, a.C, finish_aggregate_kernel<N, 8, kRanges, false>,
-                                finish_aggregate_kernel<N, 1, kRanges, false>, launch);
+        detail::launch_by_width(a.tokens, a.C, finish_aggregate_kernel<N, 8, kRanges>,
+                                finish_aggregate_kernel<N, 1, kRanges>, launch);
     };
     if (x_sumsq) {
       // ||x||^2 given (the model's path): cuBLASLt's product streams x faster at GPT-2
