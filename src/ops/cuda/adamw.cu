@@ -6,6 +6,7 @@
 namespace mhc::cuda {
 namespace {
 
+using detail::is_aligned;
 using detail::load_floats;
 using detail::store_floats;
 
@@ -98,8 +99,6 @@ __global__ void adamw_kernel(AdamWStep s, const float* grad, const float* clip_f
   if (param_bf16) detail::store_bf16<VEC>(param_bf16 + first, p);
 }
 
-bool aligned(const void* p, uintptr_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
-
 }  // namespace
 
 size_t grad_norm_workspace_doubles(size_t tensors) { return tensors * kNormBlocks; }
@@ -108,7 +107,7 @@ void grad_norm(const std::vector<GradTensor>& tensors, float scale, float clip, 
                cudaStream_t stream) {
   check(!tensors.empty(), "grad_norm: no tensors");
   for (size_t k = 0; k < tensors.size(); ++k) {
-    const auto kernel = aligned(tensors[k].grad, 16) ? sum_squares_kernel<4> : sum_squares_kernel<1>;
+    const auto kernel = is_aligned(tensors[k].grad, 16) ? sum_squares_kernel<4> : sum_squares_kernel<1>;
     kernel<<<kNormBlocks, kNormThreads, 0, stream>>>(tensors[k].grad, tensors[k].size, scale,
                                                      workspace + k * kNormBlocks);
     MHC_CUDA_CHECK(cudaGetLastError());
@@ -121,8 +120,8 @@ void grad_norm(const std::vector<GradTensor>& tensors, float scale, float clip, 
 void adamw_update(const AdamWStep& s, const float* grad, const float* clip_factor, int64_t size, float* param,
                   float* exp_avg, float* exp_avg_sq, bf16* param_bf16, cudaStream_t stream) {
   if (size == 0) return;
-  const bool vectors = aligned(grad, 16) && aligned(param, 16) && aligned(exp_avg, 16) && aligned(exp_avg_sq, 16) &&
-                       aligned(param_bf16, 8);
+  const bool vectors = is_aligned(grad, 16) && is_aligned(param, 16) && is_aligned(exp_avg, 16) &&
+                       is_aligned(exp_avg_sq, 16) && is_aligned(param_bf16, 8);
   const int vec = vectors ? 4 : 1;
   const auto kernel = vectors ? adamw_kernel<4> : adamw_kernel<1>;
   kernel<<<detail::blocks_for((size + vec - 1) / vec, 256), 256, 0, stream>>>(s, grad, clip_factor, size, param,

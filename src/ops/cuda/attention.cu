@@ -267,9 +267,10 @@ template <typename Word>
 struct KeepMask {  // Word: uint32_t (the forward), const uint32_t
   Word* words;
   int64_t per_row;  // (T + 31) / 32
-  __device__ Word* word(const Head& s, int64_t t, int64_t u0) const {
-    return words + (s.bh * s.T + t) * per_row + u0 / 32;
+  __device__ Word* word(int64_t bh, int64_t T, int64_t t, int64_t u0) const {
+    return words + (bh * T + t) * per_row + u0 / 32;
   }
+  __device__ Word* word(const Head& s, int64_t t, int64_t u0) const { return word(s.bh, s.T, t, u0); }
 };
 
 // The keep bits (keep_bits' layout) of this lane's n8 tiles j of a [query][key] half, its
@@ -316,7 +317,7 @@ __global__ void keep_mask_kernel(int64_t T, cpu::DropoutSpec dropout, KeepMask<u
     for (int k = 0; k < 32 && 32 * w + k < T; ++k)
       word |= static_cast<uint32_t>(dropout_scale<float>(key, first + k, dropout.p) != 0.0f) << k;
   }
-  mask.words[(bh * T + t) * mask.per_row + w] = word;
+  *mask.word(bh, T, t, 32 * w) = word;
 }
 
 // The streamed tiles are used 32 rows at a time (kHalf): score accumulators of a whole

@@ -228,6 +228,9 @@ template <typename Launch> void dispatch_drop(float p, bool bits, Launch&& launc
   else launch(std::integral_constant<Drop, Drop::kPhilox>{});
 }
 
+// Whether address p is a multiple of `bytes` (vector accesses need it).
+inline bool is_aligned(const void* p, uintptr_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
+
 inline unsigned blocks_for(int64_t count, int64_t per_block) {
   const int64_t blocks = (count + per_block - 1) / per_block;
   check(blocks >= 1 && blocks <= 0x7fffffff, "work size out of range for the CUDA kernels");

@@ -1194,7 +1194,7 @@ void mhc_mappings_backward(const MappingsArgs& a, const bf16* x, const float* we
   check_args(a);
   check(!next || (mix && next_grad_y_supported(a)), "mhc_mappings_backward: NextGradY needs StreamMixGrad and next_grad_y_supported");
   // the mixing values are copied in 16-byte chunks
-  auto aligned16 = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
+  auto aligned16 = [](const void* p) { return detail::is_aligned(p, 16); };
   check(!mix || (aligned16(mix->h_res) && aligned16(h_pre) && (!next || aligned16(next->h_post))),
         "mhc_mappings_backward: with StreamMixGrad, h_res, h_pre and NextGradY's h_post must be 16-byte aligned");
   const Layout l = layout_of(a);
