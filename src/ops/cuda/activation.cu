@@ -22,29 +22,33 @@ __device__ inline void activation_grad_at(bool gelu, float g, float v, float up,
   dup = g * v * sg;
 }
 
-// One thread VEC adjacent outputs (r, f..f+VEC) (16-byte accesses when VEC = 8).
+// One thread VEC adjacent outputs (r, f..f+VEC) (16-byte accesses when VEC = 8). GeLU's
+// arrays are all [rows, F]: a thread's elements start at VEC e in each, with no 64-bit
+// division of e into (r, f).
 template <bool BACKWARD, int VEC>
 __global__ void activation_kernel(cpu::Activation a, const bf16* __restrict__ grad_out, const bf16* __restrict__ x,
                                   int64_t rows, int64_t F, bf16* __restrict__ out) {
   const int64_t groups = F / VEC;
   const int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (e >= rows * groups) return;
-  const int64_t r = e / groups, f = e % groups * VEC;
-  const bool gelu = a == cpu::Activation::Gelu;
-  const int64_t width = gelu ? F : 2 * F;
   float v[VEC], g[VEC], result[VEC];
-  detail::load_bf16<VEC>(x + r * width + f, v);
-  if constexpr (BACKWARD) detail::load_bf16<VEC>(grad_out + r * F + f, g);
-  if (gelu) {
+  if (a == cpu::Activation::Gelu) {
+    const int64_t at = e * VEC;
+    detail::load_bf16<VEC>(x + at, v);
+    if constexpr (BACKWARD) detail::load_bf16<VEC>(grad_out + at, g);
     float unused;
 #pragma unroll
     for (int k = 0; k < VEC; ++k) {
       if constexpr (BACKWARD) activation_grad_at(true, g[k], v[k], 0.0f, result[k], unused);
       else result[k] = v[k] * gaussian_cdf(v[k]);
     }
-    detail::store_bf16<VEC>(out + (BACKWARD ? r * width : r * F) + f, result);
+    detail::store_bf16<VEC>(out + at, result);
     return;
   }
+  // SwiGLU: x is [rows, 2F] (gate, up), as is the backward's output.
+  const int64_t r = e / groups, f = e % groups * VEC, width = 2 * F;
+  detail::load_bf16<VEC>(x + r * width + f, v);
+  if constexpr (BACKWARD) detail::load_bf16<VEC>(grad_out + r * F + f, g);
   float up[VEC];
   detail::load_bf16<VEC>(x + r * width + F + f, up);
   if constexpr (!BACKWARD) {
