@@ -68,8 +68,9 @@ SortLayout sort_layout(int64_t rows) {
 // logits. STAGED: pass 1 also copies the row into shared memory and pass 2 reads it from
 // there (one read of the row from memory), when V bf16 fit. Exponentials are exp2 of
 // log2e-scaled logits on the special function unit (the kernel is bound by them and by
-// memory).
-constexpr int kLossThreads = 512;
+// memory). Pass 1 issues kLossLoads loads a thread before using them: at 512 threads and two
+// rows a multiprocessor, one 16-byte load a thread in flight left the reads latency-bound.
+constexpr int kLossThreads = 512, kLossLoads = 4;
 constexpr float kLog2e = 1.4426950408889634f;
 using detail::exp2_fast;
 struct MaxSum {
@@ -91,20 +92,28 @@ __global__ void __launch_bounds__(kLossThreads) cross_entropy_kernel(bf16* logit
   float target_logit = 0;
   if (threadIdx.x == 0) target_logit = __bfloat162float(row[target]);  // read before pass 2 overwrites it
   MaxSum ms{-INFINITY, 0.0f};
-  for (int64_t v = threadIdx.x * VEC; v < V; v += blockDim.x * VEC) {
-    float x[VEC];
-    detail::load_bf16<VEC>(row + v, x);
-    if constexpr (STAGED) detail::store_bf16<VEC>(staged + v, x);
-    float mx = x[0];
+  const int64_t step = static_cast<int64_t>(blockDim.x) * VEC;
+  for (int64_t v0 = threadIdx.x * VEC; v0 < V; v0 += kLossLoads * step) {
+    float x[kLossLoads][VEC];
 #pragma unroll
-    for (int k = 1; k < VEC; ++k) mx = fmaxf(mx, x[k]);
-    mx *= kLog2e;
-    if (mx > ms.max) {
-      ms.sum *= exp2_fast(ms.max - mx);
-      ms.max = mx;
+    for (int u = 0; u < kLossLoads; ++u)
+      if (v0 + u * step < V) detail::load_bf16<VEC>(row + v0 + u * step, x[u]);
+#pragma unroll
+    for (int u = 0; u < kLossLoads; ++u) {
+      const int64_t v = v0 + u * step;
+      if (v >= V) break;
+      if constexpr (STAGED) detail::store_bf16<VEC>(staged + v, x[u]);
+      float mx = x[u][0];
+#pragma unroll
+      for (int k = 1; k < VEC; ++k) mx = fmaxf(mx, x[u][k]);
+      mx *= kLog2e;
+      if (mx > ms.max) {
+        ms.sum *= exp2_fast(ms.max - mx);
+        ms.max = mx;
+      }
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) ms.sum += exp2_fast(fmaf(x[u][k], kLog2e, -ms.max));
     }
-#pragma unroll
-    for (int k = 0; k < VEC; ++k) ms.sum += exp2_fast(fmaf(x[k], kLog2e, -ms.max));
   }
   for (int offset = 16; offset > 0; offset /= 2)
     ms = merge(ms, {__shfl_xor_sync(0xffffffffu, ms.max, offset), __shfl_xor_sync(0xffffffffu, ms.sum, offset)});
