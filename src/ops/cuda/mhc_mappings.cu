@@ -329,8 +329,9 @@ __global__ void __launch_bounds__(kProjWarps * 32)
           if (!sumsq) continue;
 #pragma unroll
           for (int r = 0; r < 4; ++r) {  // a0, a2: row g; a1, a3: row g + 8
-            const float2 f = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&a[mt][kk][r]));
-            chunk_squares[mt][r % 2] += f.x * f.x + f.y * f.y;
+            float first, second;
+            detail::unpack_bf16x2(a[mt][kk][r], first, second);
+            chunk_squares[mt][r % 2] += first * first + second * second;
           }
         }
 #pragma unroll
