@@ -216,12 +216,6 @@ template <typename Launch> void dispatch_streams(int n, Launch&& launch) {
   }
 }
 
-// launch(std::bool_constant<p > 0>): kernels compile their dropout code only where it runs.
-template <typename Launch> void dispatch_dropout(float p, Launch&& launch) {
-  if (p > 0.0f) launch(std::true_type{});
-  else launch(std::false_type{});
-}
-
 // Where a kernel's dropout mask comes from: none (p = 0: the hash compiled out, which would
 // otherwise hold registers in every kernel that has it), the Philox stream, or the bits an
 // earlier kernel kept. launch(std::integral_constant<Drop, ...>).

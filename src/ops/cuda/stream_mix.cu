@@ -12,7 +12,6 @@ namespace mhc::cuda {
 namespace {
 
 using detail::dispatch_drop;
-using detail::dispatch_dropout;
 using detail::dispatch_streams;
 using detail::Drop;
 using detail::group_sum;
@@ -404,8 +403,9 @@ void h_post_bda_forward(const bf16* x, const float* h_res, const float* h_post, 
                         cudaStream_t stream) {
   check_kept(dropout, C, "h_post_bda_forward");
   dispatch_streams(n, [&](auto N) {
-    dispatch_dropout(dropout.p, [&](auto drop) {
-      constexpr bool DROPOUT = decltype(drop)::value;
+    // The forward makes its mask from the Philox stream (and stores it as bits when asked).
+    dispatch_drop(dropout.p, /*bits=*/false, [&](auto drop) {
+      constexpr bool DROPOUT = decltype(drop)::value != Drop::kOff;
       launch_by_width(tokens, C, h_post_bda_forward_kernel<N.value, 8, DROPOUT>,
                       h_post_bda_forward_kernel<N.value, 1, DROPOUT>, [&](auto kernel, TokenLaunch l) {
                         kernel<<<l.grid, l.threads, 0, stream>>>(x, h_res, h_post, y, y_bias, tokens, C, l.lanes,
