@@ -132,6 +132,37 @@ TEST_P(CudaLayers, LinearForwardWithAndWithoutAResidual) {
   EXPECT_LT(relative_error(widen(d_sum.download()), y), kBf16Tolerance) << "with the residual";
 }
 
+// dx = dy W, and dW, db either added to (random start values) or, with accumulate false,
+// written over a poisoned start (rows x in -> in + 3 outputs: an unaligned width too).
+TEST_P(CudaLayers, LinearBackwardAccumulatesOrOverwrites) {
+  const auto [rows, in] = GetParam();
+  const int64_t out = in + 3;
+  const Bf16Data x = random_bf16(rows * in, 31), w = random_bf16(out * in, 32), g = random_bf16(rows * out, 33);
+  const std::vector<float> dw0 = random_float(out * in, 34), db0 = random_float(out, 35);
+  DeviceBuffer<bf16> d_x(x.bits), d_w(w.bits), d_g(g.bits);
+  auto d_work = poisoned<float>(cuda::linear_backward_workspace_floats(rows, out));
+  std::vector<double> dx(rows * in, 0.0), dw(out * in, 0.0), db(out, 0.0);
+  cpu::linear_backward(g.values.data(), x.values.data(), w.values.data(), rows, in, out, dx.data(), dw.data(),
+                       db.data());
+  for (bool accumulate : {true, false}) {
+    auto d_dx = poisoned<bf16>(rows * in);
+    DeviceBuffer<float> d_dw = accumulate ? DeviceBuffer<float>(dw0) : poisoned<float>(out * in);
+    DeviceBuffer<float> d_db = accumulate ? DeviceBuffer<float>(db0) : poisoned<float>(out);
+    cuda::linear_backward(d_g.data(), d_x.data(), d_w.data(), rows, in, out, d_dx.data(), d_dw.data(), d_db.data(),
+                          d_work.data(), nullptr, accumulate);
+    MHC_CUDA_CHECK(cudaDeviceSynchronize());
+    std::vector<double> want_dw = dw, want_db = db;
+    if (accumulate) {
+      for (size_t i = 0; i < want_dw.size(); ++i) want_dw[i] += dw0[i];
+      for (size_t i = 0; i < want_db.size(); ++i) want_db[i] += db0[i];
+    }
+    const std::string label = accumulate ? "accumulate" : "overwrite";
+    EXPECT_LT(relative_error(widen(d_dx.download()), dx), kBf16Tolerance) << label;
+    EXPECT_LT(relative_error(widen(d_dw.download()), want_dw), kFp32Tolerance) << label;
+    EXPECT_LT(relative_error(widen(d_db.download()), want_db), kFp32Tolerance) << label;
+  }
+}
+
 TEST(CudaAttention, ForwardAndBackwardMatchTheCpuReference) {
   if (!cuda::device_available()) GTEST_SKIP() << "no CUDA device";
   // head dims 16, 32, 64; T below, at and above the 64-row tiles

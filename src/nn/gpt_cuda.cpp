@@ -33,6 +33,15 @@ struct Slot {
   int64_t size() const { return host->size(); }
 };
 
+// Gradients that the products write whole (the linear layers' dW through cuBLASLt, the
+// head's dwte): a step's first micro-batch writes them instead of adding (beta 0), so
+// zero_grad leaves them alone and zeroes only the rest ([products_end, count)).
+bool written_by_products(const std::string& name) {
+  for (const char* layer : {".linear_qkv.weight", ".linear_proj.weight", ".linear_fc1.weight", ".linear_fc2.weight"})
+    if (name.ends_with(layer)) return true;
+  return name == "embedding.word_embeddings.weight";
+}
+
 // The mappings of one hyper connection, kept from forward to backward.
 struct HcState {
   Slot weight, alpha, bias;  // alpha: the three gates, consecutive
@@ -68,9 +77,13 @@ struct GptCuda::State {
   // nothing in it changes from one micro-batch to the next: the dropout keys, which change
   // every step, are made in it from the step in device memory (dropout_step, uploaded
   // before each replay). Captured at the second micro-batch (the first makes cuBLASLt's
-  // plans and sets the kernels' attributes).
-  cuda::Graph train_graph;
+  // plans and sets the kernels' attributes); one graph for a step's first micro-batch,
+  // which writes the products' weight gradients, one for the others, which add to them.
+  cuda::Graph train_graph[2];
   bool graphs = true, warmed_up = false;
+  // Until the first backward after zero_grad: the products' weight gradients are written,
+  // not added (their part of the arena is not zeroed).
+  bool grads_fresh = true;
   // The backward's weight gradients (the layers' dW, qkv's db, the pre-norms' weight and
   // bias gradients where their input gradient is made elsewhere, the mappings' parameter
   // sums) run on a side stream, beside the rest of the backward on `stream`: no later
@@ -95,6 +108,7 @@ struct GptCuda::State {
   std::unique_ptr<Gpt<float>> host;  // parameters and their initialisation
   std::vector<Slot> slots;           // in host parameter order
   int64_t parameter_count = 0, decay_end = 0;  // [0, decay_end): the parameters with weight decay
+  int64_t products_end = 0;                     // [0, products_end): written_by_products
   DeviceBuffer<float> value, grad, exp_avg, exp_avg_sq;
   DeviceBuffer<bf16> half;  // bf16 copies of the values, for the products
   Slot wte, wpe, lnf_w, lnf_b;
@@ -146,7 +160,7 @@ struct GptCuda::State {
                           const Slot& w, const Slot* b) {
     weight_grad(kind, [&](cudaStream_t on, float* columns, void* gemm_ws) {
       cuda::linear_backward_weight(grad_y, x, N, in, out, grad_of(w), b ? grad_of(*b) : nullptr, columns, on,
-                                   gemm_ws);
+                                   gemm_ws, /*accumulate=*/!grads_fresh);
     });
   }
   // `stream` waits for the latest weight gradient of that kind (before it overwrites its
@@ -372,8 +386,9 @@ struct GptCuda::State {
                           losses.data() + r0, stream);
       if (!train) continue;
       // dhf^T [C, rows] = wte^T [C, V] dlogits^T [V, rows];  dwte^T [C, V] += hf^T [C, rows] dlogits [rows, V]
+      // (the first chunk of a fresh step writes dwte; the embedding's backward adds to it)
       cuda::linear_backward(logits.data(), hf.data() + r0 * C, wte_half, rows, C, V, dhf.data() + r0 * C,
-                            grad_of(wte), nullptr, nullptr, stream);
+                            grad_of(wte), nullptr, nullptr, stream, /*accumulate=*/!grads_fresh || r0 > 0);
     }
   }
   // The mean of the last forward's per-row losses, summed in order (waits for the stream).
@@ -449,6 +464,7 @@ struct GptCuda::State {
     cuda::stream_expand_backward(grad_out, N, static_cast<int>(n), C, de.data(), stream);
     cuda::embedding_backward(de.data(), tokens.data(), B, S, C, V, grad_of(wte), grad_of(wpe), embedding_ws.data(),
                              stream);
+    grads_fresh = false;
   }
 
   double forward_backward(const int32_t* tokens_host, const int32_t* targets_host, uint64_t step,
@@ -458,17 +474,19 @@ struct GptCuda::State {
       forward(c, true);
       backward(c);
     };
+    cuda::Graph& graph = train_graph[grads_fresh ? 0 : 1];
     if (!graphs) {
       launches();
-    } else if (train_graph.ready()) {
-      train_graph.launch(stream);
+    } else if (graph.ready()) {
+      graph.launch(stream);
     } else if (warmed_up) {
-      train_graph.capture(stream, launches);
-      train_graph.launch(stream);
+      graph.capture(stream, launches);
+      graph.launch(stream);
     } else {
       launches();
       warmed_up = true;
     }
+    grads_fresh = false;
     return mean_loss();
   }
 };
@@ -504,17 +522,22 @@ GptCuda::GptCuda(const ModelConfig& config, int64_t batch, int64_t seq) : config
   // `slots` stays in host parameter order.
   const std::vector<Parameter<float>*> params = s.host->parameters();
   s.slots.resize(params.size());
-  for (const bool with_decay : {true, false}) {
+  auto place = [&](auto&& belongs) {
     for (size_t k = 0; k < params.size(); ++k) {
       Parameter<float>* p = params[k];
-      if (decays(p->name) != with_decay) continue;
+      if (!belongs(p->name)) continue;
       const bool gate = p->name.ends_with("alpha_post") || p->name.ends_with("alpha_res");
       if (!gate) s.parameter_count = (s.parameter_count + 15) / 16 * 16;
       s.slots[k] = {p, s.parameter_count};
       s.parameter_count += p->size();
     }
-    if (with_decay) s.decay_end = s.parameter_count;
-  }
+  };
+  // Within the tensors with weight decay, those written_by_products take [0, products_end).
+  place([](const std::string& name) { return decays(name) && written_by_products(name); });
+  s.products_end = s.parameter_count;
+  place([](const std::string& name) { return decays(name) && !written_by_products(name); });
+  s.decay_end = s.parameter_count;
+  place([](const std::string& name) { return !decays(name); });
   const auto count = static_cast<size_t>(s.parameter_count);
   s.value = DeviceBuffer<float>(count);
   s.grad = DeviceBuffer<float>(count);
@@ -678,7 +701,10 @@ void GptCuda::download() {
 }
 
 void GptCuda::zero_grad() {
-  MHC_CUDA_CHECK(cudaMemsetAsync(s_->grad.data(), 0, s_->grad.size() * sizeof(float), s_->stream));
+  State& s = *s_;
+  MHC_CUDA_CHECK(cudaMemsetAsync(s.grad.data() + s.products_end, 0,
+                                 (s.grad.size() - static_cast<size_t>(s.products_end)) * sizeof(float), s.stream));
+  s.grads_fresh = true;
 }
 
 double GptCuda::forward(const int32_t* tokens, const int32_t* targets, uint64_t step) {
@@ -693,12 +719,13 @@ double GptCuda::forward_backward(const int32_t* tokens, const int32_t* targets, 
 
 void GptCuda::set_overlap(bool on) {
   s_->overlap = on;
-  s_->train_graph.reset();  // captured with the other setting
+  for (cuda::Graph& g : s_->train_graph) g.reset();  // captured with the other setting
 }
 
 void GptCuda::set_graphs(bool on) {
   s_->graphs = on;
-  if (!on) s_->train_graph.reset();
+  if (!on)
+    for (cuda::Graph& g : s_->train_graph) g.reset();
 }
 
 double GptCuda::evaluate(const int32_t* tokens, const int32_t* targets) {

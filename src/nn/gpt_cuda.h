@@ -37,13 +37,17 @@ class GptCuda {
   void upload();
   void download();
 
+  // Starts a step's gradients: the linear layers' and the embedding's weight gradients
+  // (most of them) are then written by the first micro-batch's products instead of added
+  // to, so only the rest is zeroed here.
   void zero_grad();
   // Mean cross-entropy of the batch (host tokens and targets, [batch*seq]); `step` keys
   // the dropout masks as on the CPU. Gradients accumulate over micro-batches.
   double forward(const int32_t* tokens, const int32_t* targets, uint64_t step);
   void backward();
   // forward() then backward() of one micro-batch. From the second call on, as one CUDA
-  // graph captured at that call and replayed (the same kernels on the same buffers, the
+  // graph captured at that call and replayed (one graph for a step's first micro-batch, one
+  // for the others) (the same kernels on the same buffers, the
   // dropout keys made on the device from the step: the same bits as the two calls;
   // set_graphs(false) launches them one by one).
   double forward_backward(const int32_t* tokens, const int32_t* targets, uint64_t step);

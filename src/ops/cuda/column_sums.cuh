@@ -73,11 +73,13 @@ __global__ void column_partials_kernel(Value value, int64_t rows, int64_t cols, 
   }
 }
 
-// Where the sums go: outputs(v, c, total) adds value v's total of column c.
+// Where the sums go: outputs(v, c, total) adds value v's total of column c (or, with
+// accumulate false, stores it: the output is not read).
 template <int V> struct ColumnOutputs {
   float* out[V];  // null: that sum is not wanted
+  bool accumulate = true;
   __device__ void operator()(int v, int64_t c, float total) const {
-    if (out[v]) out[v][c] += total;
+    if (out[v]) out[v][c] = accumulate ? out[v][c] + total : total;
   }
 };
 
@@ -134,7 +136,7 @@ void add_chunk_sums(const float* partial, int64_t chunks, int64_t cols, Outputs 
 
 template <int V, typename Value>
 void column_sums(Value value, int64_t rows, int64_t cols, std::array<float*, V> out, float* workspace,
-                 cudaStream_t stream) {
+                 cudaStream_t stream, bool accumulate = true) {
   const int64_t chunk_rows = column_chunk_rows(rows, cols), chunks = column_chunks(rows, cols);
   check(chunks <= 65535, "column sums: too many rows for the CUDA kernels");
   const dim3 grid(blocks_for(cols, column_tile(cols)), static_cast<unsigned>(chunks));
@@ -145,6 +147,7 @@ void column_sums(Value value, int64_t rows, int64_t cols, std::array<float*, V> 
   MHC_CUDA_CHECK(cudaGetLastError());
   ColumnOutputs<V> outputs;
   for (int i = 0; i < V; ++i) outputs.out[i] = out[i];
+  outputs.accumulate = accumulate;
   add_chunk_sums<V>(workspace, chunks, cols, outputs, stream);
 }
 

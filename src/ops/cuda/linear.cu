@@ -37,8 +37,8 @@ size_t column_sums_workspace_floats(int64_t rows, int64_t cols) {
 }
 
 void accumulate_column_sums(const bf16* grad_y, int64_t rows, int64_t cols, float* grad_bias, float* workspace,
-                            cudaStream_t stream) {
-  detail::column_sums<1>(BiasGrad{grad_y, cols}, rows, cols, {grad_bias}, workspace, stream);
+                            cudaStream_t stream, bool accumulate) {
+  detail::column_sums<1>(BiasGrad{grad_y, cols}, rows, cols, {grad_bias}, workspace, stream, accumulate);
 }
 
 size_t linear_backward_workspace_floats(int64_t rows, int64_t out) { return column_sums_workspace_floats(rows, out); }
@@ -57,24 +57,25 @@ void linear_backward_input(const bf16* grad_y, const bf16* weight, int64_t rows,
 
 void linear_backward_weight(const bf16* grad_y, const bf16* x, int64_t rows, int64_t in, int64_t out,
                             float* grad_weight, float* grad_bias, float* workspace, cudaStream_t stream,
-                            void* gemm_workspace) {
-  // dW^T [in, out] += x^T [in, rows] dy [rows, out]
+                            void* gemm_workspace, bool accumulate) {
+  // dW^T [in, out] += x^T [in, rows] dy [rows, out] (= without accumulate: beta 0, D not read)
   Gemm g;
   g.trans_b = true;
   g.m = in, g.n = out, g.k = rows;
   g.a = x, g.lda = in;
   g.b = grad_y, g.ldb = out;
   g.d = grad_weight, g.ldd = in;
-  g.beta = 1.0f;
+  g.beta = accumulate ? 1.0f : 0.0f;
   g.workspace = gemm_workspace;
   gemm(g, stream);
-  if (grad_bias) accumulate_column_sums(grad_y, rows, out, grad_bias, workspace, stream);
+  if (grad_bias) accumulate_column_sums(grad_y, rows, out, grad_bias, workspace, stream, accumulate);
 }
 
 void linear_backward(const bf16* grad_y, const bf16* x, const bf16* weight, int64_t rows, int64_t in, int64_t out,
-                     bf16* grad_x, float* grad_weight, float* grad_bias, float* workspace, cudaStream_t stream) {
+                     bf16* grad_x, float* grad_weight, float* grad_bias, float* workspace, cudaStream_t stream,
+                     bool accumulate) {
   if (grad_x) linear_backward_input(grad_y, weight, rows, in, out, grad_x, stream);
-  linear_backward_weight(grad_y, x, rows, in, out, grad_weight, grad_bias, workspace, stream);
+  linear_backward_weight(grad_y, x, rows, in, out, grad_weight, grad_bias, workspace, stream, nullptr, accumulate);
 }
 
 }  // namespace mhc::cuda

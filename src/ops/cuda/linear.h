@@ -2,6 +2,8 @@
 //
 //   forward:  y = x W^T (+ b)                          (bf16 x, W, b and y; fp32 sums)
 //   backward: dx = dy W (overwritten, bf16), dW += dy^T x (fp32), db += column sums of dy
+//             (with accumulate false, dW = and db =: the first micro-batch of a step writes
+//             the gradients, so that they need no zeroing)
 //
 // Products through cuBLASLt (the bias in its epilogue); db's column sums in a fixed order.
 #pragma once
@@ -21,25 +23,26 @@ void linear_forward(const bf16* x, const bf16* weight, const bf16* bias, int64_t
 
 size_t linear_backward_workspace_floats(int64_t rows, int64_t out);
 
-// db += column sums of dy [rows, cols] (bf16), in a fixed order; the workspace holds
-// column_sums_workspace_floats(rows, cols) floats.
+// db += column sums of dy [rows, cols] (bf16), in a fixed order (db = without accumulate);
+// the workspace holds column_sums_workspace_floats(rows, cols) floats.
 size_t column_sums_workspace_floats(int64_t rows, int64_t cols);
 void accumulate_column_sums(const bf16* grad_y, int64_t rows, int64_t cols, float* grad_bias, float* workspace,
-                            cudaStream_t stream = nullptr);
+                            cudaStream_t stream = nullptr, bool accumulate = true);
 
 // The backward's two halves, which may run on different streams: dx (overwritten), and
-// dW (accumulated) with db (accumulated, when grad_bias is not null). A dW that may run at
+// dW with db (when grad_bias is not null), accumulated or, with accumulate false,
+// overwritten (not read). A dW that may run at
 // the same time as another product brings its own cuBLASLt workspace (gemm_workspace,
 // kGemmWorkspaceBytes: ops/cuda/gemm.h).
 void linear_backward_input(const bf16* grad_y, const bf16* weight, int64_t rows, int64_t in, int64_t out,
                            bf16* grad_x, cudaStream_t stream = nullptr);
 void linear_backward_weight(const bf16* grad_y, const bf16* x, int64_t rows, int64_t in, int64_t out,
                             float* grad_weight, float* grad_bias, float* workspace, cudaStream_t stream = nullptr,
-                            void* gemm_workspace = nullptr);
+                            void* gemm_workspace = nullptr, bool accumulate = true);
 
 // Both halves. grad_x may be null (not wanted); grad_bias may be null.
 void linear_backward(const bf16* grad_y, const bf16* x, const bf16* weight, int64_t rows, int64_t in, int64_t out,
                      bf16* grad_x, float* grad_weight, float* grad_bias, float* workspace,
-                     cudaStream_t stream = nullptr);
+                     cudaStream_t stream = nullptr, bool accumulate = true);
 
 }  // namespace mhc::cuda
