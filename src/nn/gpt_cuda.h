@@ -46,10 +46,10 @@ class GptCuda {
   double forward(const int32_t* tokens, const int32_t* targets, uint64_t step);
   void backward();
   // forward() then backward() of one micro-batch. From the second call on, as one CUDA
-  // graph captured at that call and replayed (one graph for a step's first micro-batch, one
-  // for the others) (the same kernels on the same buffers, the
+  // graph captured at that call and replayed (the same kernels on the same buffers, the
   // dropout keys made on the device from the step: the same bits as the two calls;
-  // set_graphs(false) launches them one by one).
+  // set_graphs(false) launches them one by one). A step's first micro-batch has a graph of
+  // its own: it writes the products' weight gradients, the others add to them.
   double forward_backward(const int32_t* tokens, const int32_t* targets, uint64_t step);
   void set_graphs(bool on);
   // The backward's weight gradients on a second stream, beside the rest of the backward
