@@ -486,7 +486,7 @@ struct GptCuda::State {
       launches();
       warmed_up = true;
     }
-    grads_fresh = false;
+    grads_fresh = false;  // as backward() does; a replay runs none of its host code
     return mean_loss();
   }
 };
