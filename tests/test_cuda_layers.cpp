@@ -165,52 +165,58 @@ TEST_P(CudaLayers, LinearBackwardAccumulatesOrOverwrites) {
 
 TEST(CudaAttention, ForwardAndBackwardMatchTheCpuReference) {
   if (!cuda::device_available()) GTEST_SKIP() << "no CUDA device";
-  // head dims 16, 32, 64; T below, at and above the 64-row tiles
-  for (const cpu::AttentionShape& shape : {cpu::AttentionShape{2, 5, 2, 32}, cpu::AttentionShape{1, 64, 3, 48},
-                                           cpu::AttentionShape{2, 150, 4, 256}, cpu::AttentionShape{1, 97, 2, 64},
-                                           cpu::AttentionShape{1, 300, 2, 128}}) {
-    for (float p : {0.0f, 0.2f}) {
-      const cpu::DropoutSpec dropout{p, rng_key(7, static_cast<uint64_t>(shape.seq))};
-      const int64_t rows = shape.batch * shape.seq, C = shape.C, P = shape.batch * shape.heads * shape.seq * shape.seq;
-      const Bf16Data qkv = random_bf16(rows * 3 * C, 41), gout = random_bf16(rows * C, 42);
-      DeviceBuffer<bf16> d_qkv(qkv.bits), d_gout(gout.bits);
-      auto d_lse = poisoned<float>(shape.batch * shape.heads * shape.seq);
-      auto d_out = poisoned<bf16>(rows * C);
-      auto d_dqkv = poisoned<bf16>(rows * 3 * C);
-      auto d_work = poisoned<unsigned char>(cuda::attention_workspace_bytes(shape));
-      // with dropout, a second run with the mask made as bits first (the first run makes it
-      // inside the kernels)
-      auto d_mask = poisoned<uint32_t>(cuda::attention_keep_mask_words(shape));
-      cuda::attention_forward(shape, d_qkv.data(), dropout, d_lse.data(), d_out.data());
-      cuda::attention_backward(shape, d_gout.data(), d_qkv.data(), d_out.data(), d_lse.data(), dropout, d_dqkv.data(),
-                               d_work.data());
-      MHC_CUDA_CHECK(cudaDeviceSynchronize());
-      std::vector<double> probs(P), out(rows * C), dqkv(rows * 3 * C);
-      cpu::attention_forward(shape, qkv.values.data(), dropout, probs.data(), out.data());
-      cpu::attention_backward(shape, gout.values.data(), qkv.values.data(), probs.data(), dropout, dqkv.data());
-      const std::string label = "T=" + std::to_string(shape.seq) + " C=" + std::to_string(C) + " p=" + std::to_string(p);
-      EXPECT_LT(relative_error(widen(d_out.download()), out), kBf16Tolerance) << label;
-      EXPECT_LT(relative_error(widen(d_dqkv.download()), dqkv), kBf16Tolerance) << label;
-      // Deterministic: the backward again gives the same bits.
-      const auto first = d_dqkv.download();
-      cuda::attention_backward(shape, d_gout.data(), d_qkv.data(), d_out.data(), d_lse.data(), dropout, d_dqkv.data(),
-                               d_work.data());
-      const auto second = d_dqkv.download();
-      EXPECT_EQ(std::memcmp(first.data(), second.data(), first.size() * sizeof(bf16)), 0) << label;
-      if (p == 0.0f) continue;
-      // The mask made as bits first: the forward and the backward reading them give the same
-      // bits as those that make the mask themselves.
-      const auto out_first = d_out.download();
-      auto d_out_kept = poisoned<bf16>(rows * C);
-      auto d_dqkv_kept = poisoned<bf16>(rows * 3 * C);
-      cuda::attention_forward(shape, d_qkv.data(), dropout, d_lse.data(), d_out_kept.data(), nullptr, d_mask.data());
-      cuda::attention_backward(shape, d_gout.data(), d_qkv.data(), d_out_kept.data(), d_lse.data(), dropout,
-                               d_dqkv_kept.data(), d_work.data(), nullptr, d_mask.data());
-      const auto out_kept = d_out_kept.download(), dqkv_kept = d_dqkv_kept.download();
-      EXPECT_EQ(std::memcmp(out_first.data(), out_kept.data(), out_kept.size() * sizeof(bf16)), 0) << label;
-      EXPECT_EQ(std::memcmp(first.data(), dqkv_kept.data(), first.size() * sizeof(bf16)), 0) << label << " kept mask";
+  // head dims 16, 32, 64; T below, at and above the 64-row tiles; on Hopper both the
+  // warpgroup kernels (head dim 64) and the mma.sync ones
+  for (const bool wgmma : {true, false})
+    for (const cpu::AttentionShape& shape :
+         {cpu::AttentionShape{2, 5, 2, 32}, cpu::AttentionShape{1, 64, 3, 48}, cpu::AttentionShape{2, 150, 4, 256},
+          cpu::AttentionShape{1, 97, 2, 64}, cpu::AttentionShape{1, 300, 2, 128}}) {
+      for (float p : {0.0f, 0.2f}) {
+        cuda::set_attention_wgmma(wgmma);
+        const cpu::DropoutSpec dropout{p, rng_key(7, static_cast<uint64_t>(shape.seq))};
+        const int64_t rows = shape.batch * shape.seq, C = shape.C,
+                      P = shape.batch * shape.heads * shape.seq * shape.seq;
+        const Bf16Data qkv = random_bf16(rows * 3 * C, 41), gout = random_bf16(rows * C, 42);
+        DeviceBuffer<bf16> d_qkv(qkv.bits), d_gout(gout.bits);
+        auto d_lse = poisoned<float>(shape.batch * shape.heads * shape.seq);
+        auto d_out = poisoned<bf16>(rows * C);
+        auto d_dqkv = poisoned<bf16>(rows * 3 * C);
+        auto d_work = poisoned<unsigned char>(cuda::attention_workspace_bytes(shape));
+        // with dropout, a second run with the mask made as bits first (the first run makes it
+        // inside the kernels)
+        auto d_mask = poisoned<uint32_t>(cuda::attention_keep_mask_words(shape));
+        cuda::attention_forward(shape, d_qkv.data(), dropout, d_lse.data(), d_out.data());
+        cuda::attention_backward(shape, d_gout.data(), d_qkv.data(), d_out.data(), d_lse.data(), dropout, d_dqkv.data(),
+                                 d_work.data());
+        MHC_CUDA_CHECK(cudaDeviceSynchronize());
+        std::vector<double> probs(P), out(rows * C), dqkv(rows * 3 * C);
+        cpu::attention_forward(shape, qkv.values.data(), dropout, probs.data(), out.data());
+        cpu::attention_backward(shape, gout.values.data(), qkv.values.data(), probs.data(), dropout, dqkv.data());
+        const std::string label = "T=" + std::to_string(shape.seq) + " C=" + std::to_string(C) +
+                                  " p=" + std::to_string(p) + (wgmma ? "" : " mma.sync");
+        EXPECT_LT(relative_error(widen(d_out.download()), out), kBf16Tolerance) << label;
+        EXPECT_LT(relative_error(widen(d_dqkv.download()), dqkv), kBf16Tolerance) << label;
+        // Deterministic: the backward again gives the same bits.
+        const auto first = d_dqkv.download();
+        cuda::attention_backward(shape, d_gout.data(), d_qkv.data(), d_out.data(), d_lse.data(), dropout, d_dqkv.data(),
+                                 d_work.data());
+        const auto second = d_dqkv.download();
+        EXPECT_EQ(std::memcmp(first.data(), second.data(), first.size() * sizeof(bf16)), 0) << label;
+        if (p == 0.0f) continue;
+        // The mask made as bits first: the forward and the backward reading them give the same
+        // bits as those that make the mask themselves.
+        const auto out_first = d_out.download();
+        auto d_out_kept = poisoned<bf16>(rows * C);
+        auto d_dqkv_kept = poisoned<bf16>(rows * 3 * C);
+        cuda::attention_forward(shape, d_qkv.data(), dropout, d_lse.data(), d_out_kept.data(), nullptr, d_mask.data());
+        cuda::attention_backward(shape, d_gout.data(), d_qkv.data(), d_out_kept.data(), d_lse.data(), dropout,
+                                 d_dqkv_kept.data(), d_work.data(), nullptr, d_mask.data());
+        const auto out_kept = d_out_kept.download(), dqkv_kept = d_dqkv_kept.download();
+        EXPECT_EQ(std::memcmp(out_first.data(), out_kept.data(), out_kept.size() * sizeof(bf16)), 0) << label;
+        EXPECT_EQ(std::memcmp(first.data(), dqkv_kept.data(), first.size() * sizeof(bf16)), 0) << label << " kept mask";
+      }
     }
-  }
+  cuda::set_attention_wgmma(true);
 }
 
 // Column sums (bias gradients) of many rows: thousands of chunks, so that the second pass

@@ -6,6 +6,7 @@
 #include "core/cuda/device.h"
 #include "core/rng.h"
 #include "ops/cuda/kernel_utils.cuh"
+#include "ops/cuda/wgmma.cuh"
 
 namespace mhc::cuda {
 namespace {
@@ -324,6 +325,75 @@ __global__ void keep_mask_kernel(int64_t T, cpu::DropoutSpec dropout, KeepMask<u
 // 64-row tile for two m-tiles would take 64 registers a set.
 constexpr int kHalf = kBlock / 2, kHalfTiles = kHalf / 8;
 
+// One m-tile's step of the online softmax over a tile of keys: p (NT n8 tiles of raw
+// scores, masked to -inf) becomes P = exp2(p scale2 - m) with m the rows' running max in
+// scaled log2 units; the rows' sums l (of P before dropout) and their out o are rescaled to
+// the new max first. Key 0 precedes every query, so after the first tile every row's max is
+// finite; before it m = -inf and the correction is exp2(-inf) = 0. (Rows whose queries all
+// precede the tile have max -inf here: no change, P = 0.)
+template <int NT, int DT>
+__device__ inline void online_softmax(float (&p)[NT][4], float scale2, float (&m)[2], float (&l)[2], float (&o)[DT][4]) {
+  float mx[2] = {p[0][0], p[0][2]};
+#pragma unroll
+  for (int j = 0; j < NT; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) mx[e / 2] = fmaxf(mx[e / 2], p[j][e]);
+#pragma unroll
+  for (int hh = 0; hh < 2; ++hh) {
+    mx[hh] = fmaxf(mx[hh], __shfl_xor_sync(0xffffffffu, mx[hh], 1));
+    mx[hh] = fmaxf(mx[hh], __shfl_xor_sync(0xffffffffu, mx[hh], 2));
+    const float m_new = fmaxf(m[hh], mx[hh] * scale2);
+    const float correction = exp2_fast(m[hh] - m_new);
+    l[hh] *= correction;
+#pragma unroll
+    for (int dt = 0; dt < DT; ++dt) o[dt][2 * hh] *= correction, o[dt][2 * hh + 1] *= correction;
+    m[hh] = m_new;
+  }
+#pragma unroll
+  for (int j = 0; j < NT; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int hh = e / 2;
+      const float pe = exp2_fast(fmaf(p[j][e], scale2, -m[hh]));
+      l[hh] += pe;  // the normaliser is over P before dropout
+      p[j][e] = pe;
+    }
+}
+
+// Dropout on P of a half (32 keys from u0, 4 n8 tiles) of one m-tile's rows.
+template <Drop DROP>
+__device__ inline void drop_half(float (&p)[kHalf / 8][4], const Head& s, const KeepMask<const uint32_t>& mask,
+                                 const cpu::DropoutSpec& dropout, const int (&rows)[2], int u0, float keep_scale) {
+  const QueryHalfMask<DROP> half_mask(s, mask, rows, u0);
+#pragma unroll
+  for (int j = 0; j < kHalf / 8; ++j) {
+    const uint32_t kept = half_mask.bits(s, dropout, rows, u0, j);
+#pragma unroll
+    for (int e = 0; e < 4; ++e) p[j][e] *= kept >> e & 1u ? keep_scale : 0.0f;
+  }
+}
+
+// The forward's end for one m-tile: the rows' lse (log2 units) and out = o / l as bf16.
+template <int D>
+__device__ inline void store_forward_rows(const float (&o)[D / 8][4], const float (&m)[2], float (&l)[2],
+                                          const int (&rows)[2], const Head& s, bf16* out, float* lse) {
+  const int q4 = static_cast<int>(threadIdx.x % 4);
+#pragma unroll
+  for (int hh = 0; hh < 2; ++hh) {
+    const int t = rows[hh];
+    l[hh] += __shfl_xor_sync(0xffffffffu, l[hh], 1);
+    l[hh] += __shfl_xor_sync(0xffffffffu, l[hh], 2);
+    if (t >= s.T) continue;
+    if (q4 == 0) lse[s.bh * s.T + t] = m[hh] + log2f(l[hh]);
+    bf16* row_out = out + (s.b * s.T + t) * s.C + s.h * D;
+    const float f = 1.0f / l[hh];
+#pragma unroll
+    for (int dt = 0; dt < D / 8; ++dt)
+      *reinterpret_cast<uint32_t*>(row_out + dt * 8 + 2 * q4) = pack_bf16(o[dt][2 * hh] * f, o[dt][2 * hh + 1] * f);
+  }
+}
+
+
 // Forward: a block takes kOwnRows queries, the key tiles up to its last query. Held to 168
 // registers (three blocks a multiprocessor; a few bytes spill outside the main loop).
 template <int D, Drop DROP>
@@ -338,7 +408,7 @@ __global__ void __launch_bounds__(kThreads, 3)
   bf16* q_tile = shared;
   auto k_tile = [&](int buffer) { return shared + kOwnRows * kStride<D> + buffer * kTileElems<D>; };
   auto v_tile = [&](int buffer) { return k_tile(2 + buffer); };
-  const int warp = threadIdx.x / 32, q4 = threadIdx.x % 4;
+  const int warp = threadIdx.x / 32;
   const Head s = head_of(T, C, H);
   const int64_t row = 3 * C, t0 = own_rows<true>();
   const bf16* base = qkv + s.b * T * row + s.h * D;
@@ -376,61 +446,118 @@ __global__ void __launch_bounds__(kThreads, 3)
         // Only the half reaching these queries (or past T) needs the mask.
         if (u0 + kHalf - 1 > first + 16 * mt || u0 + kHalf > T)
           mask_scores<false>(p[mt], tq.row[mt], u0, static_cast<int>(T), -INFINITY);
-        // m is in scaled log2 units. Key 0 precedes every query, so after the first half every
-        // row's max is finite; before it m = -inf and the correction is exp2(-inf) = 0. (An
-        // m-tile whose queries all precede the half has max -inf here: no change, P = 0.)
-        float mx[2] = {p[mt][0][0], p[mt][0][2]};
-#pragma unroll
-        for (int j = 0; j < kHalfTiles; ++j)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) mx[e / 2] = fmaxf(mx[e / 2], p[mt][j][e]);
-#pragma unroll
-        for (int hh = 0; hh < 2; ++hh) {
-          mx[hh] = fmaxf(mx[hh], __shfl_xor_sync(0xffffffffu, mx[hh], 1));
-          mx[hh] = fmaxf(mx[hh], __shfl_xor_sync(0xffffffffu, mx[hh], 2));
-          const float m_new = fmaxf(m[mt][hh], mx[hh] * scale2);
-          const float correction = exp2_fast(m[mt][hh] - m_new);
-          l[mt][hh] *= correction;
-#pragma unroll
-          for (int dt = 0; dt < D / 8; ++dt) o[mt][dt][2 * hh] *= correction, o[mt][dt][2 * hh + 1] *= correction;
-          m[mt][hh] = m_new;
-        }
-#pragma unroll
-        for (int j = 0; j < kHalfTiles; ++j)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const int hh = e / 2;
-            const float pe = exp2_fast(fmaf(p[mt][j][e], scale2, -m[mt][hh]));
-            l[mt][hh] += pe;  // the normaliser is over P before dropout
-            p[mt][j][e] = pe;
-          }
-        if constexpr (DROPOUT) {
-          const QueryHalfMask<DROP> half_mask(s, mask, tq.row[mt], u0);
-#pragma unroll
-          for (int j = 0; j < kHalfTiles; ++j) {
-            const uint32_t kept = half_mask.bits(s, dropout, tq.row[mt], u0, j);
-#pragma unroll
-            for (int e = 0; e < 4; ++e) p[mt][j][e] *= kept >> e & 1u ? keep_scale : 0.0f;
-          }
-        }
+        online_softmax(p[mt], scale2, m[mt], l[mt], o[mt]);
+        if constexpr (DROPOUT) drop_half<DROP>(p[mt], s, mask, dropout, tq.row[mt], u0, keep_scale);
       }
       accumulate_kn<D, kHalfTiles / 2>(p, v_tile(buffer) + offset, o);
     }
     __syncthreads();  // this buffer is refilled next iteration
   }
 #pragma unroll
-  for (int mt = 0; mt < kMTiles; ++mt)
+  for (int mt = 0; mt < kMTiles; ++mt) store_forward_rows<D>(o[mt], m[mt], l[mt], tq.row[mt], s, out, lse);
+}
+
+// The forward on Hopper's warpgroup products (sm_90a, head dim 64): the same blocks of
+// kOwnRows queries, as two warpgroups of 64 (a warp's 16 rows one m-tile), the key tiles of
+// 64 whole: S = q k^T and out += P v are each four m64n64k16 wgmma (q, k and v read by the
+// tensor cores from shared memory in the 128-byte swizzle; P from registers), so the
+// fragments no longer go through the register file by ldmatrix (which bounded the
+// mma.sync kernel). The softmax, masks, dropout and outputs are the mma.sync kernel's.
+constexpr int kWgRows = 64, kWgThreads = 2 * 128, kWgD = 64;
+constexpr int kWgTileBytes = kBlock * kWgD * 2;  // 8 KB: a swizzled tile of 64 rows
+constexpr int kWgSharedBytes = (kOwnRows * kWgD * 2 + 4 * kWgTileBytes) + 1024;  // + alignment to 1024
+
+// Starts copying rows [row0, row0 + ROWS) of a matrix (row stride ld, 64 columns from
+// `base`) into a swizzled tile (cp.async), zeros past `rows`.
+template <int ROWS>
+__device__ void load_swizzled_tile(const bf16* base, int64_t ld, int64_t row0, int64_t rows, bf16* tile) {
+  constexpr int kRowStep = kWgThreads / 8;
+  const int r = static_cast<int>(threadIdx.x) / 8, c = static_cast<int>(threadIdx.x) % 8;
 #pragma unroll
-    for (int hh = 0; hh < 2; ++hh) {
-      const int t = tq.row[mt][hh];
-      float& sum = l[mt][hh];
-      sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-      sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-      if (q4 == 0 && t < T) lse[s.bh * T + t] = m[mt][hh] + log2f(sum);  // log2 units
+  for (int i = 0; i < ROWS / kRowStep; ++i) {
+    const int tile_row = r + i * kRowStep;
+    const int64_t row = row0 + tile_row;
+    const bool valid = row < rows;
+    detail::copy_async<16>(tile + tile_row * kWgD + detail::swizzled_chunk(tile_row, c) * 8,
+                           base + (valid ? row : 0) * ld + c * 8, valid);
+  }
+}
+
+template <Drop DROP>
+__global__ void __launch_bounds__(kWgThreads)
+    flash_forward_wgmma_kernel(const bf16* qkv, int64_t T, int64_t C, int64_t H, float scale,
+                               cpu::DropoutSpec dropout, KeepMask<const uint32_t> mask, bf16* out, float* lse) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  constexpr int D = kWgD;
+  constexpr bool DROPOUT = DROP != Drop::kOff;
+  if constexpr (DROP == Drop::kPhilox) dropout.key = detail::dropout_key(dropout);
+  const float keep_scale = dropout_kept_scale<float>(dropout.p);
+  extern __shared__ unsigned char wg_shared[];
+  // q [kOwnRows][64], then k[2], v[2] [64][64], each swizzled, from a 1024-byte boundary
+  bf16* q_tile = reinterpret_cast<bf16*>((reinterpret_cast<uintptr_t>(wg_shared) + 1023) & ~uintptr_t{1023});
+  auto k_tile = [&](int buffer) { return q_tile + kOwnRows * D + buffer * kBlock * D; };
+  auto v_tile = [&](int buffer) { return k_tile(2 + buffer); };
+  const int group = static_cast<int>(threadIdx.x) / 128, warp = static_cast<int>(threadIdx.x % 128) / 32;
+  const Head s = head_of(T, C, H);
+  const int64_t row = 3 * C, t0 = own_rows<true>();
+  const bf16* base = qkv + s.b * T * row + s.h * D;
+  const float scale2 = scale * kLog2e;
+  load_swizzled_tile<kOwnRows>(base, row, t0, T, q_tile);
+  load_swizzled_tile<kBlock>(base + C, row, 0, T, k_tile(0));
+  load_swizzled_tile<kBlock>(base + 2 * C, row, 0, T, v_tile(0));
+  detail::commit_async();
+  const int group_first = static_cast<int>(t0) + group * kWgRows;  // this warpgroup's first query
+  const int first = group_first + 16 * warp, g = static_cast<int>(threadIdx.x % 32) / 4;
+  const int rows[2] = {first + g, first + g + 8};
+  const uint64_t q_desc = detail::wgmma_descriptor(q_tile + group * kWgRows * D);
+  float o[D / 8][4] = {}, m[2] = {-INFINITY, -INFINITY}, l[2] = {};
+  const int last_tile = static_cast<int>(((t0 + kOwnRows < T ? t0 + kOwnRows : T) - 1) / kBlock);
+  for (int kb = 0; kb <= last_tile; ++kb) {
+    const int buffer = kb & 1;
+    if (kb < last_tile) {
+      load_swizzled_tile<kBlock>(base + C, row, (kb + 1) * kBlock, T, k_tile(buffer ^ 1));
+      load_swizzled_tile<kBlock>(base + 2 * C, row, (kb + 1) * kBlock, T, v_tile(buffer ^ 1));
     }
-  store_rows<D>(
-      o, tq, T, [&](int64_t t) { return out + (s.b * T + t) * C + s.h * D; },
-      [&](int mt, int hh) { return 1.0f / l[mt][hh]; });
+    detail::commit_async();
+    detail::wait_async<1>();
+    detail::fence_shared_for_wgmma();
+    __syncthreads();
+    const int u0 = kb * kBlock;
+    // The warpgroup's products are collective: it skips a tile only as a whole (every key
+    // after its queries, or its queries past T).
+    if (u0 <= group_first + kWgRows - 1 && group_first < T) {
+      float p[kBlock / 8][4] = {};
+      detail::wgmma_fence();
+#pragma unroll
+      for (int ks = 0; ks < D / 16; ++ks)
+        detail::wgmma_64x64x16(p, q_desc + 2 * ks, detail::wgmma_descriptor(k_tile(buffer)) + 2 * ks, ks > 0);
+      detail::wgmma_commit();
+      detail::wgmma_wait<0>();
+      detail::wgmma_hold(p);
+      if (u0 + kBlock - 1 > first || u0 + kBlock > T) mask_scores<false>(p, rows, u0, static_cast<int>(T), -INFINITY);
+      online_softmax(p, scale2, m, l, o);
+      if constexpr (DROPOUT)
+#pragma unroll
+        for (int half = 0; half < 2; ++half)
+          drop_half<DROP>(*reinterpret_cast<float(*)[kHalf / 8][4]>(p[half * kHalf / 8]), s, mask, dropout, rows,
+                          u0 + half * kHalf, keep_scale);
+      uint32_t a[kBlock / 16][4];
+#pragma unroll
+      for (int ks = 0; ks < kBlock / 16; ++ks) accumulators_as_a(p, ks, a[ks]);
+      const uint64_t v_desc = detail::wgmma_descriptor(v_tile(buffer));
+      detail::wgmma_hold(o);
+      detail::wgmma_fence();
+#pragma unroll
+      for (int ks = 0; ks < kBlock / 16; ++ks)  // 16 rows of v a k step: 2048 bytes
+        detail::wgmma_64x64x16(o, a[ks], v_desc + (16 * D * 2 >> 4) * ks);
+      detail::wgmma_commit();
+      detail::wgmma_wait<0>();
+      detail::wgmma_hold(o);
+    }
+    __syncthreads();  // this buffer is refilled next iteration
+  }
+  store_forward_rows<D>(o, m, l, rows, s, out, lse);
+#endif
 }
 
 // dK, dV: a block takes kOwnRows keys, the query tiles from its first key on. The block's
@@ -696,6 +823,24 @@ void dispatch_kernel(int64_t d, cpu::DropoutSpec dropout, const uint32_t* keep_m
     default: with_dropout(std::integral_constant<int, 64>{}); break;
   }
 }
+// Whether the warpgroup kernels run: built for sm_90a (MHC_CUDA_SM90A), on a device of
+// compute capability 9.0, and not turned off by set_attention_wgmma.
+bool wgmma_allowed = true;
+bool wgmma_available() {
+#ifdef MHC_CUDA_SM90A
+  static const bool hopper = [] {
+    int device = 0, major = 0, minor = 0;
+    MHC_CUDA_CHECK(cudaGetDevice(&device));
+    MHC_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+    MHC_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
+    return major == 9 && minor == 0;
+  }();
+  return hopper && wgmma_allowed;
+#else
+  return false;
+#endif
+}
+
 template <typename Word>
 KeepMask<Word> keep_mask_of(const Geometry& g, Word* words) {
   return {words, (g.T + 31) / 32};
@@ -704,6 +849,8 @@ KeepMask<Word> keep_mask_of(const Geometry& g, Word* words) {
 }  // namespace
 
 bool attention_head_dim_supported(int64_t d) { return d == 16 || d == 32 || d == 64; }
+
+void set_attention_wgmma(bool allowed) { wgmma_allowed = allowed; }
 
 size_t attention_workspace_bytes(const cpu::AttentionShape& s) {
   return static_cast<size_t>(s.batch * s.heads * s.seq) * sizeof(float);
@@ -723,6 +870,16 @@ void attention_forward(const cpu::AttentionShape& s, const bf16* qkv, cpu::Dropo
     const dim3 bands(detail::blocks_for(s.batch * g.H * mask.per_row, 1), detail::blocks_for(32 * mask.per_row, 256));
     keep_mask_kernel<<<bands, 256, 0, stream>>>(g.T, dropout, mask);
     MHC_CUDA_CHECK(cudaGetLastError());
+  }
+  if (g.d == kWgD && wgmma_available()) {
+    detail::dispatch_drop(dropout.p, keep_mask != nullptr, [&](auto drop) {
+      const auto kernel = flash_forward_wgmma_kernel<decltype(drop)::value>;
+      MHC_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kWgSharedBytes));
+      kernel<<<grid, kWgThreads, kWgSharedBytes, stream>>>(
+          qkv, g.T, g.C, g.H, scale, dropout, keep_mask_of(g, static_cast<const uint32_t*>(keep_mask)), out, lse);
+    });
+    MHC_CUDA_CHECK(cudaGetLastError());
+    return;
   }
   dispatch_kernel(g.d, dropout, keep_mask, [&](auto Dc, auto drop) {
     constexpr int D = decltype(Dc)::value;

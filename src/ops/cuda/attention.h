@@ -14,6 +14,8 @@
 //             dK = dS^T q, dQ = dS k. dqkv is overwritten.
 //
 // Blocks are launched heaviest first (late queries, early keys). Head dims 16, 32 and 64.
+// On Hopper (sm_90a builds) the forward of head dim 64 runs on warpgroup products: two
+// warpgroups of 64 queries, key tiles of 64 whole (set_attention_wgmma).
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -27,6 +29,12 @@ namespace mhc::cuda {
 using bf16 = __nv_bfloat16;
 
 bool attention_head_dim_supported(int64_t head_dim);
+
+// Builds for sm_90a run the kernels of head dim 64 on Hopper's warpgroup products (wgmma)
+// on a device of compute capability 9.0, the mma.sync kernels otherwise; false keeps the
+// mma.sync kernels everywhere (the tests check both paths). Not thread-safe: set it before
+// launching.
+void set_attention_wgmma(bool allowed);
 
 // Backward's workspace (delta), bytes.
 size_t attention_workspace_bytes(const cpu::AttentionShape& s);
