@@ -360,7 +360,8 @@ __device__ inline void online_softmax(float (&p)[NT][4], float scale2, float (&m
     }
 }
 
-// Dropout on P of a half (32 keys from u0, 4 n8 tiles) of one m-tile's rows.
+// Dropout on P (or dP) of a half (32 keys from u0, 4 n8 tiles) of one m-tile's rows. Rounded
+// here, never fused into a later subtraction: the kernels' variants then give the same bits.
 template <Drop DROP>
 __device__ inline void drop_half(float (&p)[kHalf / 8][4], const Head& s, const KeepMask<const uint32_t>& mask,
                                  const cpu::DropoutSpec& dropout, const int (&rows)[2], int u0, float keep_scale) {
@@ -369,7 +370,7 @@ __device__ inline void drop_half(float (&p)[kHalf / 8][4], const Head& s, const 
   for (int j = 0; j < kHalf / 8; ++j) {
     const uint32_t kept = half_mask.bits(s, dropout, rows, u0, j);
 #pragma unroll
-    for (int e = 0; e < 4; ++e) p[j][e] *= kept >> e & 1u ? keep_scale : 0.0f;
+    for (int e = 0; e < 4; ++e) p[j][e] = __fmul_rn(p[j][e], kept >> e & 1u ? keep_scale : 0.0f);
   }
 }
 
@@ -526,11 +527,9 @@ __global__ void __launch_bounds__(kWgThreads)
     // The warpgroup's products are collective: it skips a tile only as a whole (every key
     // after its queries, or its queries past T).
     if (u0 <= group_first + kWgRows - 1 && group_first < T) {
-      float p[kBlock / 8][4] = {};
+      float p[kBlock / 8][4];  // written by the first k step
       detail::wgmma_fence();
-#pragma unroll
-      for (int ks = 0; ks < D / 16; ++ks)
-        detail::wgmma_64x64x16(p, q_desc + 2 * ks, detail::wgmma_descriptor(k_tile(buffer)) + 2 * ks, ks > 0);
+      detail::wgmma_64x64<D / 16>(p, q_desc, detail::wgmma_descriptor(k_tile(buffer)));
       detail::wgmma_commit();
       detail::wgmma_wait<0>();
       detail::wgmma_hold(p);
@@ -688,15 +687,15 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // delta_t = dout_t . out_t (= sum_u P_tu D_tu dP_tu, the softmax backward's row term) of
-// this warp's kWarpRows rows from `first`: a lane a row; every lane gets its accumulator
-// rows' values (mine[mt][hh]) by shuffle, and stores its own row's.
-template <int D>
+// this warp's 16 MT rows from `first`: a lane a row; every lane gets its accumulator rows'
+// values (mine[mt][hh]) by shuffle, and stores its own row's.
+template <int D, int MT>
 __device__ void row_deltas(const bf16* grad_out, const bf16* out, int64_t row0, int64_t ld, int first, int64_t T,
-                           float* delta, float (&mine)[kMTiles][2]) {
-  static_assert(kWarpRows == 32, "a lane a row");
+                           float* delta, float (&mine)[MT][2]) {
   const int lane = threadIdx.x % 32, t = first + lane;
+  const bool owner = lane < 16 * MT && t < T;
   float sum = 0;
-  if (t < T)
+  if (owner)
 #pragma unroll
     for (int d = 0; d < D; d += 8) {
       float a[8], b[8];
@@ -705,12 +704,27 @@ __device__ void row_deltas(const bf16* grad_out, const bf16* out, int64_t row0, 
 #pragma unroll
       for (int k = 0; k < 8; ++k) sum += a[k] * b[k];
     }
-  if (t < T) delta[t] = sum;
+  if (owner) delta[t] = sum;
   const int g = lane / 4;
 #pragma unroll
-  for (int mt = 0; mt < kMTiles; ++mt)
+  for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
     for (int hh = 0; hh < 2; ++hh) mine[mt][hh] = __shfl_sync(0xffffffffu, sum, 16 * mt + g + 8 * hh);
+}
+
+// dS = P (dP - delta) over one m-tile's NT n8 tiles, in place of dP (dropout already applied
+// to dP), P = exp2(s scale2 - lse) from the masked scores s (times scale when dQ is stored).
+template <int NT>
+__device__ inline void score_gradient(const float (&s)[NT][4], float (&dp)[NT][4], float scale2, const float (&row_lse)[2],
+                                      const float (&row_delta)[2]) {
+#pragma unroll
+  for (int j = 0; j < NT; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int hh = e / 2;
+      const float pe = exp2_fast(fmaf(s[j][e], scale2, -row_lse[hh]));
+      dp[j][e] = pe * (dp[j][e] - row_delta[hh]);
+    }
 }
 
 // dQ (and delta, which the dK/dV kernel reads after it): a block takes kOwnRows queries,
@@ -748,7 +762,7 @@ __global__ void __launch_bounds__(kThreads)
   const int first = static_cast<int>(t0) + warp * kWarpRows;  // this warp's first query
   const WarpRows tq = warp_rows(first);
   float row_lse[kMTiles][2], row_delta[kMTiles][2];
-  row_deltas<D>(grad_out + s.h * D, out + s.h * D, s.b * T, C, first, T, delta + s.bh * T, row_delta);
+  row_deltas<D, kMTiles>(grad_out + s.h * D, out + s.h * D, s.b * T, C, first, T, delta + s.bh * T, row_delta);
 #pragma unroll
   for (int mt = 0; mt < kMTiles; ++mt)
 #pragma unroll
@@ -775,20 +789,8 @@ __global__ void __launch_bounds__(kThreads)
       for (int mt = 0; mt < kMTiles; ++mt) {
         if (u0 + kHalf - 1 > first + 16 * mt || u0 + kHalf > T)
           mask_scores<false>(p[mt], tq.row[mt], u0, static_cast<int>(T), -INFINITY);
-        const QueryHalfMask<DROP> half_mask(s, mask, tq.row[mt], u0);
-#pragma unroll
-        for (int j = 0; j < kHalfTiles; ++j) {
-          uint32_t kept = 0;
-          if constexpr (DROPOUT) kept = half_mask.bits(s, dropout, tq.row[mt], u0, j);
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const int hh = e / 2;
-            const float pe = exp2_fast(fmaf(p[mt][j][e], scale2, -row_lse[mt][hh]));
-            float dp = ds[mt][j][e];
-            if constexpr (DROPOUT) dp *= kept >> e & 1u ? keep_scale : 0.0f;
-            ds[mt][j][e] = pe * (dp - row_delta[mt][hh]);  // times scale when dQ is stored
-          }
-        }
+        if constexpr (DROPOUT) drop_half<DROP>(ds[mt], s, mask, dropout, tq.row[mt], u0, keep_scale);
+        score_gradient(p[mt], ds[mt], scale2, row_lse[mt], row_delta[mt]);
       }
       accumulate_kn<D, kHalfTiles / 2>(ds, k_rows, dq);
     }
@@ -797,6 +799,105 @@ __global__ void __launch_bounds__(kThreads)
   store_rows<D>(
       dq, tq, T, [&](int64_t t) { return grad_qkv + (s.b * T + t) * row + s.h * D; },
       [&](int, int) { return scale; });
+}
+
+// dQ (and delta) on Hopper's warpgroup products (sm_90a, head dim 64): the blocks of
+// flash_backward_q_kernel as two warpgroups of 64 queries, the key tiles of 64 whole:
+// S = q k^T and dP = dout v^T as eight m64n64k16 wgmma from shared memory, then
+// dQ += dS k with dS from registers (k read transposed). The masks, dropout and dS are the
+// mma.sync kernel's (drop_half, score_gradient).
+constexpr int kWgGradQSharedBytes = 2 * kOwnRows * kWgD * 2 + 4 * kWgTileBytes + 1024;
+template <Drop DROP>
+__global__ void __launch_bounds__(kWgThreads)
+    flash_backward_q_wgmma_kernel(const bf16* qkv, const bf16* grad_out, const bf16* out, const float* lse, int64_t T,
+                                  int64_t C, int64_t H, float scale, cpu::DropoutSpec dropout,
+                                  KeepMask<const uint32_t> mask, float* delta, bf16* grad_qkv) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  constexpr int D = kWgD;
+  constexpr bool DROPOUT = DROP != Drop::kOff;
+  if constexpr (DROP == Drop::kPhilox) dropout.key = detail::dropout_key(dropout);
+  const float keep_scale = dropout_kept_scale<float>(dropout.p);
+  extern __shared__ unsigned char wg_shared[];
+  // q and dout [kOwnRows][64], then k[2], v[2] [64][64], each swizzled, from a 1024-byte boundary
+  bf16* q_tile = reinterpret_cast<bf16*>((reinterpret_cast<uintptr_t>(wg_shared) + 1023) & ~uintptr_t{1023});
+  bf16* do_tile = q_tile + kOwnRows * D;
+  auto k_tile = [&](int buffer) { return do_tile + kOwnRows * D + buffer * kBlock * D; };
+  auto v_tile = [&](int buffer) { return k_tile(2 + buffer); };
+  const int group = static_cast<int>(threadIdx.x) / 128, warp = static_cast<int>(threadIdx.x % 128) / 32;
+  const Head s = head_of(T, C, H);
+  const int64_t row = 3 * C, t0 = own_rows<true>();
+  const bf16* base = qkv + s.b * T * row + s.h * D;
+  const float scale2 = scale * kLog2e;
+  load_swizzled_tile<kOwnRows>(base, row, t0, T, q_tile);
+  load_swizzled_tile<kOwnRows>(grad_out + s.b * T * C + s.h * D, C, t0, T, do_tile);
+  load_swizzled_tile<kBlock>(base + C, row, 0, T, k_tile(0));
+  load_swizzled_tile<kBlock>(base + 2 * C, row, 0, T, v_tile(0));
+  detail::commit_async();
+  const int group_first = static_cast<int>(t0) + group * kWgRows;  // this warpgroup's first query
+  const int first = group_first + 16 * warp, g = static_cast<int>(threadIdx.x % 32) / 4;
+  const int rows[2] = {first + g, first + g + 8};
+  float row_lse[1][2], row_delta[1][2];
+  row_deltas<D, 1>(grad_out + s.h * D, out + s.h * D, s.b * T, C, first, T, delta + s.bh * T, row_delta);
+#pragma unroll
+  for (int hh = 0; hh < 2; ++hh) row_lse[0][hh] = rows[hh] < T ? lse[s.bh * T + rows[hh]] : 0.0f;
+  const uint64_t q_desc = detail::wgmma_descriptor(q_tile + group * kWgRows * D);
+  const uint64_t do_desc = detail::wgmma_descriptor(do_tile + group * kWgRows * D);
+  float dq[D / 8][4] = {};
+  const int last_tile = static_cast<int>(((t0 + kOwnRows < T ? t0 + kOwnRows : T) - 1) / kBlock);
+  for (int kb = 0; kb <= last_tile; ++kb) {
+    const int buffer = kb & 1;
+    if (kb < last_tile) {
+      load_swizzled_tile<kBlock>(base + C, row, (kb + 1) * kBlock, T, k_tile(buffer ^ 1));
+      load_swizzled_tile<kBlock>(base + 2 * C, row, (kb + 1) * kBlock, T, v_tile(buffer ^ 1));
+    }
+    detail::commit_async();
+    detail::wait_async<1>();
+    detail::fence_shared_for_wgmma();
+    __syncthreads();
+    const int u0 = kb * kBlock;
+    if (u0 <= group_first + kWgRows - 1 && group_first < T) {  // the warpgroup's products are collective
+      float p[kBlock / 8][4], ds[kBlock / 8][4];  // written by the first k step
+      const uint64_t k_desc = detail::wgmma_descriptor(k_tile(buffer));
+      const uint64_t v_desc = detail::wgmma_descriptor(v_tile(buffer));
+      detail::wgmma_fence();
+      detail::wgmma_64x64<D / 16>(p, q_desc, k_desc);
+      detail::wgmma_64x64<D / 16>(ds, do_desc, v_desc);  // dP = dout v^T
+      detail::wgmma_commit();
+      detail::wgmma_wait<0>();
+      detail::wgmma_hold(p);
+      detail::wgmma_hold(ds);
+      if (u0 + kBlock - 1 > first || u0 + kBlock > T) mask_scores<false>(p, rows, u0, static_cast<int>(T), -INFINITY);
+      if constexpr (DROPOUT)
+#pragma unroll
+        for (int half = 0; half < 2; ++half)
+          drop_half<DROP>(*reinterpret_cast<float(*)[kHalf / 8][4]>(ds[half * kHalf / 8]), s, mask, dropout, rows,
+                          u0 + half * kHalf, keep_scale);
+      score_gradient(p, ds, scale2, row_lse[0], row_delta[0]);
+      uint32_t a[kBlock / 16][4];
+#pragma unroll
+      for (int ks = 0; ks < kBlock / 16; ++ks) accumulators_as_a(ds, ks, a[ks]);
+      detail::wgmma_hold(dq);
+      detail::wgmma_fence();
+#pragma unroll
+      for (int ks = 0; ks < kBlock / 16; ++ks)  // 16 rows of k a k step: 2048 bytes
+        detail::wgmma_64x64x16(dq, a[ks], k_desc + (16 * D * 2 >> 4) * ks);
+      detail::wgmma_commit();
+      detail::wgmma_wait<0>();
+      detail::wgmma_hold(dq);
+    }
+    __syncthreads();  // this buffer is refilled next iteration
+  }
+  const int q4 = static_cast<int>(threadIdx.x % 4);
+#pragma unroll
+  for (int hh = 0; hh < 2; ++hh) {
+    if (rows[hh] >= T) continue;
+    bf16* dq_row = grad_qkv + (s.b * T + rows[hh]) * row + s.h * D;
+#pragma unroll
+    for (int dt = 0; dt < D / 8; ++dt)
+      *reinterpret_cast<uint32_t*>(dq_row + dt * 8 + 2 * q4) =
+          pack_bf16(dq[dt][2 * hh] * scale, dq[dt][2 * hh + 1] * scale);
+  }
+#endif
 }
 
 struct Geometry {
@@ -903,8 +1004,16 @@ void attention_backward(const cpu::AttentionShape& s, const bf16* grad_out, cons
   dispatch_kernel(g.d, dropout, keep_mask, [&](auto Dc, auto drop) {
     constexpr int D = decltype(Dc)::value;
     constexpr Drop DROP = decltype(drop)::value;
-    flash_backward_q_kernel<D, DROP>
-        <<<grid, kThreads, 0, stream>>>(qkv, grad_out, out, lse, g.T, g.C, g.H, scale, dropout, mask, delta, grad_qkv);
+    if (D == kWgD && wgmma_available()) {
+      const auto q_kernel = flash_backward_q_wgmma_kernel<DROP>;
+      MHC_CUDA_CHECK(
+          cudaFuncSetAttribute(q_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kWgGradQSharedBytes));
+      q_kernel<<<grid, kWgThreads, kWgGradQSharedBytes, stream>>>(qkv, grad_out, out, lse, g.T, g.C, g.H, scale,
+                                                                   dropout, mask, delta, grad_qkv);
+    } else {
+      flash_backward_q_kernel<D, DROP><<<grid, kThreads, 0, stream>>>(qkv, grad_out, out, lse, g.T, g.C, g.H, scale,
+                                                                      dropout, mask, delta, grad_qkv);
+    }
     MHC_CUDA_CHECK(cudaGetLastError());
     const auto kv_kernel = flash_backward_kv_kernel<D, DROP>;
     MHC_CUDA_CHECK(cudaFuncSetAttribute(kv_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kv_shared_bytes<D>()));

@@ -14,8 +14,9 @@
 //             dK = dS^T q, dQ = dS k. dqkv is overwritten.
 //
 // Blocks are launched heaviest first (late queries, early keys). Head dims 16, 32 and 64.
-// On Hopper (sm_90a builds) the forward of head dim 64 runs on warpgroup products: two
-// warpgroups of 64 queries, key tiles of 64 whole (set_attention_wgmma).
+// On Hopper (sm_90a builds) head dim 64 runs on warpgroup products (wgmma): the same
+// blocks as two warpgroups of 64 queries, the key tiles of 64 used whole: the forward and dQ
+// (dK/dV stay on mma.sync; set_attention_wgmma).
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>

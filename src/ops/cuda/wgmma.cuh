@@ -52,31 +52,41 @@ __device__ inline void wgmma_hold(float (&d)[8][4]) {
 #define MHC_WGMMA_D                                                                                     \
   "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, "  \
   "%21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}"
-#define MHC_WGMMA_D_OPERANDS(d)                                                                            \
-  "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), \
-      "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]),            \
-      "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]),            \
-      "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]),            \
-      "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3])
+// The accumulators as operands: "+f" (read and written) or "=f" (written only, where the
+// product does not add to them: the compiler then needs no value in them before).
+#define MHC_WGMMA_D_OPERANDS(c, d)                                                                        \
+  c(d[0][0]), c(d[0][1]), c(d[0][2]), c(d[0][3]), c(d[1][0]), c(d[1][1]), c(d[1][2]), c(d[1][3]), c(d[2][0]), \
+      c(d[2][1]), c(d[2][2]), c(d[2][3]), c(d[3][0]), c(d[3][1]), c(d[3][2]), c(d[3][3]), c(d[4][0]),        \
+      c(d[4][1]), c(d[4][2]), c(d[4][3]), c(d[5][0]), c(d[5][1]), c(d[5][2]), c(d[5][3]), c(d[6][0]),        \
+      c(d[6][1]), c(d[6][2]), c(d[6][3]), c(d[7][0]), c(d[7][1]), c(d[7][2]), c(d[7][3])
 
-// d (+)= A B, m64n64k16, A and B from shared memory (K-major), accumulate: d += , else d =.
-__device__ inline void wgmma_64x64x16(float (&d)[8][4], uint64_t a, uint64_t b, bool accumulate) {
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " MHC_WGMMA_D ", %32, %33, p, 1, 1, 0, 0;\n}\n"
-      : MHC_WGMMA_D_OPERANDS(d)
-      : "l"(a), "l"(b), "r"(static_cast<int>(accumulate)));
+// d (+)= A B, m64n64k16, A and B from shared memory (K-major): ACCUMULATE d += A B, else d = A B.
+template <bool ACCUMULATE> __device__ inline void wgmma_64x64x16(float (&d)[8][4], uint64_t a, uint64_t b) {
+  if constexpr (ACCUMULATE)
+    asm volatile("wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " MHC_WGMMA_D ", %32, %33, 1, 1, 1, 0, 0;\n"
+                 : MHC_WGMMA_D_OPERANDS("+f", d)
+                 : "l"(a), "l"(b));
+  else
+    asm volatile("wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " MHC_WGMMA_D ", %32, %33, 0, 1, 1, 0, 0;\n"
+                 : MHC_WGMMA_D_OPERANDS("=f", d)
+                 : "l"(a), "l"(b));
+}
+
+// d = A B over KS k steps of 16, A and B from shared memory (K-major: a k step advances the
+// descriptors' start by 32 bytes).
+template <int KS> __device__ inline void wgmma_64x64(float (&d)[8][4], uint64_t a, uint64_t b) {
+  wgmma_64x64x16<false>(d, a, b);
+#pragma unroll
+  for (int ks = 1; ks < KS; ++ks) wgmma_64x64x16<true>(d, a + 2 * ks, b + 2 * ks);
 }
 
 // d += A B, m64n64k16, A from registers (the warp's m16n8k16 A fragment), B from shared
 // memory MN-major (stored [k][n], n contiguous: transposed).
 __device__ inline void wgmma_64x64x16(float (&d)[8][4], const uint32_t (&a)[4], uint64_t b) {
   asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " MHC_WGMMA_D
-      ", {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"
-      : MHC_WGMMA_D_OPERANDS(d)
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1));
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " MHC_WGMMA_D ", {%32, %33, %34, %35}, %36, 1, 1, 1, 1;\n"
+      : MHC_WGMMA_D_OPERANDS("+f", d)
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b));
 }
 
 #undef MHC_WGMMA_D
