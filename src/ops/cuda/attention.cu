@@ -469,10 +469,10 @@ constexpr int kWgTileBytes = kBlock * kWgD * 2;  // 8 KB: a swizzled tile of 64 
 constexpr int kWgSharedBytes = (kOwnRows * kWgD * 2 + 4 * kWgTileBytes) + 1024;  // + alignment to 1024
 
 // Starts copying rows [row0, row0 + ROWS) of a matrix (row stride ld, 64 columns from
-// `base`) into a swizzled tile (cp.async), zeros past `rows`.
-template <int ROWS>
+// `base`) into a swizzled tile (cp.async) with THREADS threads, zeros past `rows`.
+template <int ROWS, int THREADS = kWgThreads>
 __device__ void load_swizzled_tile(const bf16* base, int64_t ld, int64_t row0, int64_t rows, bf16* tile) {
-  constexpr int kRowStep = kWgThreads / 8;
+  constexpr int kRowStep = THREADS / 8;
   const int r = static_cast<int>(threadIdx.x) / 8, c = static_cast<int>(threadIdx.x) % 8;
 #pragma unroll
   for (int i = 0; i < ROWS / kRowStep; ++i) {
@@ -900,6 +900,117 @@ __global__ void __launch_bounds__(kWgThreads)
 #endif
 }
 
+// dK, dV on Hopper's warpgroup products (sm_90a, head dim 64, no dropout): a block is one
+// warpgroup of 64 keys (208 registers: two blocks a multiprocessor, each with barriers of
+// its own, so that one's softmax runs beside the other's products), the query tiles of 64
+// whole. S^T = k q^T and dP^T = v dout^T from shared memory; dV += P^T dout and dK += dS^T q
+// with P^T and dS^T from registers (dout and q read transposed).
+constexpr int kWgKvRows = 64, kWgKvThreads = 128;
+constexpr int kWgGradKvSharedBytes = 2 * kWgKvRows * kWgD * 2 + 4 * kWgTileBytes + 4 * kBlock * 4 + 1024;
+__global__ void __launch_bounds__(kWgKvThreads)
+    flash_backward_kv_wgmma_kernel(const bf16* qkv, const bf16* grad_out, const float* lse, const float* delta,
+                                   int64_t T, int64_t C, int64_t H, float scale, bf16* grad_qkv) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  constexpr int D = kWgD;
+  extern __shared__ unsigned char wg_shared[];
+  // k and v [64][64], then q[2], dout[2] [64][64], each swizzled, from a 1024-byte boundary;
+  // then lse[2][64] and delta[2][64]
+  bf16* k_own = reinterpret_cast<bf16*>((reinterpret_cast<uintptr_t>(wg_shared) + 1023) & ~uintptr_t{1023});
+  bf16* v_own = k_own + kWgKvRows * D;
+  auto q_tile = [&](int buffer) { return v_own + kWgKvRows * D + buffer * kBlock * D; };
+  auto do_tile = [&](int buffer) { return q_tile(2 + buffer); };
+  float* lse_s = reinterpret_cast<float*>(q_tile(4));
+  float* delta_s = lse_s + 2 * kBlock;
+  const int warp = static_cast<int>(threadIdx.x) / 32;
+  const Head s = head_of(T, C, H);
+  const int64_t row = 3 * C, k0 = static_cast<int64_t>(blockIdx.y) * kWgKvRows;  // early keys (the heaviest) first
+  const bf16* base = qkv + s.b * T * row + s.h * D;
+  const bf16* go = grad_out + s.b * T * C + s.h * D;
+  const float scale2 = scale * kLog2e;
+  load_swizzled_tile<kWgKvRows, kWgKvThreads>(base + C, row, k0, T, k_own);
+  load_swizzled_tile<kWgKvRows, kWgKvThreads>(base + 2 * C, row, k0, T, v_own);
+  auto issue = [&](int qb, int buffer) {
+    load_swizzled_tile<kBlock, kWgKvThreads>(base, row, static_cast<int64_t>(qb) * kBlock, T, q_tile(buffer));
+    load_swizzled_tile<kBlock, kWgKvThreads>(go, C, static_cast<int64_t>(qb) * kBlock, T, do_tile(buffer));
+    for (int i = static_cast<int>(threadIdx.x); i < 2 * kBlock; i += kWgKvThreads) {  // lse, then delta
+      const int local = i % kBlock;
+      const int64_t t = static_cast<int64_t>(qb) * kBlock + local;
+      const float* source = i < kBlock ? lse : delta;
+      float* target = (i < kBlock ? lse_s : delta_s) + buffer * kBlock;
+      detail::copy_async<4>(target + local, source + s.bh * T + (t < T ? t : 0), t < T);
+    }
+  };
+  const int first = static_cast<int>(k0) + 16 * warp, g = static_cast<int>(threadIdx.x % 32) / 4;
+  const int keys[2] = {first + g, first + g + 8};
+  const uint64_t k_desc = detail::wgmma_descriptor(k_own), v_desc = detail::wgmma_descriptor(v_own);
+  float dk[D / 8][4] = {}, dv[D / 8][4] = {};
+  const int first_tile = static_cast<int>(k0 / kBlock), query_tiles = static_cast<int>((T + kBlock - 1) / kBlock);
+  issue(first_tile, 0);
+  detail::commit_async();
+  for (int qb = first_tile; qb < query_tiles; ++qb) {
+    const int buffer = (qb - first_tile) & 1;
+    if (qb + 1 < query_tiles) issue(qb + 1, buffer ^ 1);
+    detail::commit_async();
+    detail::wait_async<1>();
+    detail::fence_shared_for_wgmma();
+    __syncthreads();
+    const int t0 = qb * kBlock;
+    const uint64_t q_desc = detail::wgmma_descriptor(q_tile(buffer));
+    const uint64_t do_desc = detail::wgmma_descriptor(do_tile(buffer));
+    const float* lse_t = lse_s + buffer * kBlock;
+    const float* delta_t = delta_s + buffer * kBlock;
+    float p[kBlock / 8][4], dp[kBlock / 8][4];  // written by the first k step
+    detail::wgmma_fence();
+    detail::wgmma_64x64<D / 16>(p, k_desc, q_desc);    // S^T = k q^T
+    detail::wgmma_64x64<D / 16>(dp, v_desc, do_desc);  // dP^T = v dout^T
+    detail::wgmma_commit();
+    detail::wgmma_wait<0>();
+    detail::wgmma_hold(p);
+    detail::wgmma_hold(dp);
+    // P^T [keys][queries]; only tiles reaching back to this warp's keys (or past T) need
+    // the mask (rows past T are zeros: no contribution)
+    if (t0 < first + 15 || t0 + kBlock > T || first + 16 > T)
+      mask_scores<true>(p, keys, t0, static_cast<int>(T), -INFINITY);
+#pragma unroll
+    for (int j = 0; j < kBlock / 8; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int local = accumulator_column(j, e);
+        p[j][e] = exp2_fast(fmaf(p[j][e], scale2, -lse_t[local]));
+        dp[j][e] = p[j][e] * (dp[j][e] - delta_t[local]);  // dS^T (times scale when dK is stored)
+      }
+    uint32_t pa[kBlock / 16][4], dsa[kBlock / 16][4];  // made before the products, which read them
+#pragma unroll
+    for (int ks = 0; ks < kBlock / 16; ++ks) accumulators_as_a(p, ks, pa[ks]), accumulators_as_a(dp, ks, dsa[ks]);
+    detail::wgmma_hold(dv);
+    detail::wgmma_hold(dk);
+    detail::wgmma_fence();
+#pragma unroll
+    for (int ks = 0; ks < kBlock / 16; ++ks) {  // 16 rows of dout and q a k step: 2048 bytes
+      detail::wgmma_64x64x16(dv, pa[ks], do_desc + (16 * D * 2 >> 4) * ks);
+      detail::wgmma_64x64x16(dk, dsa[ks], q_desc + (16 * D * 2 >> 4) * ks);
+    }
+    detail::wgmma_commit();
+    detail::wgmma_wait<0>();
+    detail::wgmma_hold(dv);
+    detail::wgmma_hold(dk);
+    __syncthreads();  // this buffer is refilled next iteration
+  }
+  const int q4 = static_cast<int>(threadIdx.x % 4);
+#pragma unroll
+  for (int hh = 0; hh < 2; ++hh) {
+    if (keys[hh] >= T) continue;
+    bf16* grad_row = grad_qkv + (s.b * T + keys[hh]) * row + s.h * D;
+#pragma unroll
+    for (int dt = 0; dt < D / 8; ++dt) {
+      *reinterpret_cast<uint32_t*>(grad_row + C + dt * 8 + 2 * q4) =
+          pack_bf16(dk[dt][2 * hh] * scale, dk[dt][2 * hh + 1] * scale);
+      *reinterpret_cast<uint32_t*>(grad_row + 2 * C + dt * 8 + 2 * q4) = pack_bf16(dv[dt][2 * hh], dv[dt][2 * hh + 1]);
+    }
+  }
+#endif
+}
+
 struct Geometry {
   int64_t T, C, H, d;
 };
@@ -1015,6 +1126,15 @@ void attention_backward(const cpu::AttentionShape& s, const bf16* grad_out, cons
                                                                       dropout, mask, delta, grad_qkv);
     }
     MHC_CUDA_CHECK(cudaGetLastError());
+    if (D == kWgD && DROP == Drop::kOff && g.T <= int64_t{65535} * kWgKvRows && wgmma_available()) {
+      const auto kv_kernel = flash_backward_kv_wgmma_kernel;
+      const dim3 key_blocks(grid.x, detail::blocks_for(g.T, kWgKvRows));
+      MHC_CUDA_CHECK(
+          cudaFuncSetAttribute(kv_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kWgGradKvSharedBytes));
+      kv_kernel<<<key_blocks, kWgKvThreads, kWgGradKvSharedBytes, stream>>>(qkv, grad_out, lse, delta, g.T, g.C, g.H,
+                                                                             scale, grad_qkv);
+      return;
+    }
     const auto kv_kernel = flash_backward_kv_kernel<D, DROP>;
     MHC_CUDA_CHECK(cudaFuncSetAttribute(kv_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kv_shared_bytes<D>()));
     kv_kernel<<<grid, kThreads, kv_shared_bytes<D>(), stream>>>(qkv, grad_out, lse, delta, g.T, g.C, g.H, scale,
