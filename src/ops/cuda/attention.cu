@@ -484,6 +484,54 @@ __device__ void load_swizzled_tile(const bf16* base, int64_t ld, int64_t row0, i
   }
 }
 
+// The first 1024-byte boundary of a block's dynamic shared memory (its launch asks for 1024
+// bytes more): where the swizzled tiles start.
+__device__ inline bf16* swizzled_tiles(unsigned char* shared) {
+  return reinterpret_cast<bf16*>((reinterpret_cast<uintptr_t>(shared) + 1023) & ~uintptr_t{1023});
+}
+
+// Starts copying key tile kb's k and v (this head's columns of the qkv rows at `base`) into
+// swizzled tiles.
+__device__ inline void load_swizzled_kv(const bf16* base, int64_t row, int64_t C, int kb, int64_t T, bf16* k_tile,
+                                        bf16* v_tile) {
+  load_swizzled_tile<kBlock>(base + C, row, kb * kBlock, T, k_tile);
+  load_swizzled_tile<kBlock>(base + 2 * C, row, kb * kBlock, T, v_tile);
+}
+
+// After a tile's copies are committed, with the next tile's (or none) committed after them:
+// waits for this thread's, then makes everyone's visible to the tensor cores.
+__device__ inline void wait_for_wgmma_tile() {
+  detail::wait_async<1>();
+  detail::fence_shared_for_wgmma();
+  __syncthreads();
+}
+
+// Dropout on P (or dP) of a whole 64-key tile of a warp's rows from u0: its two halves.
+template <Drop DROP>
+__device__ inline void drop_tile(float (&p)[kBlock / 8][4], const Head& s, const KeepMask<const uint32_t>& mask,
+                                 const cpu::DropoutSpec& dropout, const int (&rows)[2], int u0, float keep_scale) {
+#pragma unroll
+  for (int half = 0; half < 2; ++half)
+    drop_half<DROP>(*reinterpret_cast<float(*)[kHalf / 8][4]>(p[half * kHalf / 8]), s, mask, dropout, rows,
+                    u0 + half * kHalf, keep_scale);
+}
+
+// acc += P B: P (a warpgroup's accumulator tile over 64 keys) as the A operand from
+// registers, B the 64 x 64 tile at `b` stored [key][column] (read transposed: 16 rows, 2048
+// bytes, a k step); waits for the products.
+__device__ inline void wgmma_accumulate_pb(float (&acc)[kWgD / 8][4], const float (&p)[kBlock / 8][4], uint64_t b) {
+  uint32_t a[kBlock / 16][4];
+#pragma unroll
+  for (int ks = 0; ks < kBlock / 16; ++ks) accumulators_as_a(p, ks, a[ks]);
+  detail::wgmma_hold(acc);
+  detail::wgmma_fence();
+#pragma unroll
+  for (int ks = 0; ks < kBlock / 16; ++ks) detail::wgmma_64x64x16(acc, a[ks], b + (16 * kWgD * 2 >> 4) * ks);
+  detail::wgmma_commit();
+  detail::wgmma_wait<0>();
+  detail::wgmma_hold(acc);
+}
+
 template <Drop DROP>
 __global__ void __launch_bounds__(kWgThreads)
     flash_forward_wgmma_kernel(const bf16* qkv, int64_t T, int64_t C, int64_t H, float scale,
@@ -495,7 +543,7 @@ __global__ void __launch_bounds__(kWgThreads)
   const float keep_scale = dropout_kept_scale<float>(dropout.p);
   extern __shared__ unsigned char wg_shared[];
   // q [kOwnRows][64], then k[2], v[2] [64][64], each swizzled, from a 1024-byte boundary
-  bf16* q_tile = reinterpret_cast<bf16*>((reinterpret_cast<uintptr_t>(wg_shared) + 1023) & ~uintptr_t{1023});
+  bf16* q_tile = swizzled_tiles(wg_shared);
   auto k_tile = [&](int buffer) { return q_tile + kOwnRows * D + buffer * kBlock * D; };
   auto v_tile = [&](int buffer) { return k_tile(2 + buffer); };
   const int group = static_cast<int>(threadIdx.x) / 128, warp = static_cast<int>(threadIdx.x % 128) / 32;
@@ -504,8 +552,7 @@ __global__ void __launch_bounds__(kWgThreads)
   const bf16* base = qkv + s.b * T * row + s.h * D;
   const float scale2 = scale * kLog2e;
   load_swizzled_tile<kOwnRows>(base, row, t0, T, q_tile);
-  load_swizzled_tile<kBlock>(base + C, row, 0, T, k_tile(0));
-  load_swizzled_tile<kBlock>(base + 2 * C, row, 0, T, v_tile(0));
+  load_swizzled_kv(base, row, C, 0, T, k_tile(0), v_tile(0));
   detail::commit_async();
   const int group_first = static_cast<int>(t0) + group * kWgRows;  // this warpgroup's first query
   const int first = group_first + 16 * warp, g = static_cast<int>(threadIdx.x % 32) / 4;
@@ -515,14 +562,9 @@ __global__ void __launch_bounds__(kWgThreads)
   const int last_tile = static_cast<int>(((t0 + kOwnRows < T ? t0 + kOwnRows : T) - 1) / kBlock);
   for (int kb = 0; kb <= last_tile; ++kb) {
     const int buffer = kb & 1;
-    if (kb < last_tile) {
-      load_swizzled_tile<kBlock>(base + C, row, (kb + 1) * kBlock, T, k_tile(buffer ^ 1));
-      load_swizzled_tile<kBlock>(base + 2 * C, row, (kb + 1) * kBlock, T, v_tile(buffer ^ 1));
-    }
+    if (kb < last_tile) load_swizzled_kv(base, row, C, kb + 1, T, k_tile(buffer ^ 1), v_tile(buffer ^ 1));
     detail::commit_async();
-    detail::wait_async<1>();
-    detail::fence_shared_for_wgmma();
-    __syncthreads();
+    wait_for_wgmma_tile();
     const int u0 = kb * kBlock;
     // The warpgroup's products are collective: it skips a tile only as a whole (every key
     // after its queries, or its queries past T).
@@ -535,23 +577,8 @@ __global__ void __launch_bounds__(kWgThreads)
       detail::wgmma_hold(p);
       if (u0 + kBlock - 1 > first || u0 + kBlock > T) mask_scores<false>(p, rows, u0, static_cast<int>(T), -INFINITY);
       online_softmax(p, scale2, m, l, o);
-      if constexpr (DROPOUT)
-#pragma unroll
-        for (int half = 0; half < 2; ++half)
-          drop_half<DROP>(*reinterpret_cast<float(*)[kHalf / 8][4]>(p[half * kHalf / 8]), s, mask, dropout, rows,
-                          u0 + half * kHalf, keep_scale);
-      uint32_t a[kBlock / 16][4];
-#pragma unroll
-      for (int ks = 0; ks < kBlock / 16; ++ks) accumulators_as_a(p, ks, a[ks]);
-      const uint64_t v_desc = detail::wgmma_descriptor(v_tile(buffer));
-      detail::wgmma_hold(o);
-      detail::wgmma_fence();
-#pragma unroll
-      for (int ks = 0; ks < kBlock / 16; ++ks)  // 16 rows of v a k step: 2048 bytes
-        detail::wgmma_64x64x16(o, a[ks], v_desc + (16 * D * 2 >> 4) * ks);
-      detail::wgmma_commit();
-      detail::wgmma_wait<0>();
-      detail::wgmma_hold(o);
+      if constexpr (DROPOUT) drop_tile<DROP>(p, s, mask, dropout, rows, u0, keep_scale);
+      wgmma_accumulate_pb(o, p, detail::wgmma_descriptor(v_tile(buffer)));  // out += P v
     }
     __syncthreads();  // this buffer is refilled next iteration
   }
@@ -819,7 +846,7 @@ __global__ void __launch_bounds__(kWgThreads)
   const float keep_scale = dropout_kept_scale<float>(dropout.p);
   extern __shared__ unsigned char wg_shared[];
   // q and dout [kOwnRows][64], then k[2], v[2] [64][64], each swizzled, from a 1024-byte boundary
-  bf16* q_tile = reinterpret_cast<bf16*>((reinterpret_cast<uintptr_t>(wg_shared) + 1023) & ~uintptr_t{1023});
+  bf16* q_tile = swizzled_tiles(wg_shared);
   bf16* do_tile = q_tile + kOwnRows * D;
   auto k_tile = [&](int buffer) { return do_tile + kOwnRows * D + buffer * kBlock * D; };
   auto v_tile = [&](int buffer) { return k_tile(2 + buffer); };
@@ -830,8 +857,7 @@ __global__ void __launch_bounds__(kWgThreads)
   const float scale2 = scale * kLog2e;
   load_swizzled_tile<kOwnRows>(base, row, t0, T, q_tile);
   load_swizzled_tile<kOwnRows>(grad_out + s.b * T * C + s.h * D, C, t0, T, do_tile);
-  load_swizzled_tile<kBlock>(base + C, row, 0, T, k_tile(0));
-  load_swizzled_tile<kBlock>(base + 2 * C, row, 0, T, v_tile(0));
+  load_swizzled_kv(base, row, C, 0, T, k_tile(0), v_tile(0));
   detail::commit_async();
   const int group_first = static_cast<int>(t0) + group * kWgRows;  // this warpgroup's first query
   const int first = group_first + 16 * warp, g = static_cast<int>(threadIdx.x % 32) / 4;
@@ -846,14 +872,9 @@ __global__ void __launch_bounds__(kWgThreads)
   const int last_tile = static_cast<int>(((t0 + kOwnRows < T ? t0 + kOwnRows : T) - 1) / kBlock);
   for (int kb = 0; kb <= last_tile; ++kb) {
     const int buffer = kb & 1;
-    if (kb < last_tile) {
-      load_swizzled_tile<kBlock>(base + C, row, (kb + 1) * kBlock, T, k_tile(buffer ^ 1));
-      load_swizzled_tile<kBlock>(base + 2 * C, row, (kb + 1) * kBlock, T, v_tile(buffer ^ 1));
-    }
+    if (kb < last_tile) load_swizzled_kv(base, row, C, kb + 1, T, k_tile(buffer ^ 1), v_tile(buffer ^ 1));
     detail::commit_async();
-    detail::wait_async<1>();
-    detail::fence_shared_for_wgmma();
-    __syncthreads();
+    wait_for_wgmma_tile();
     const int u0 = kb * kBlock;
     if (u0 <= group_first + kWgRows - 1 && group_first < T) {  // the warpgroup's products are collective
       float p[kBlock / 8][4], ds[kBlock / 8][4];  // written by the first k step
@@ -867,23 +888,9 @@ __global__ void __launch_bounds__(kWgThreads)
       detail::wgmma_hold(p);
       detail::wgmma_hold(ds);
       if (u0 + kBlock - 1 > first || u0 + kBlock > T) mask_scores<false>(p, rows, u0, static_cast<int>(T), -INFINITY);
-      if constexpr (DROPOUT)
-#pragma unroll
-        for (int half = 0; half < 2; ++half)
-          drop_half<DROP>(*reinterpret_cast<float(*)[kHalf / 8][4]>(ds[half * kHalf / 8]), s, mask, dropout, rows,
-                          u0 + half * kHalf, keep_scale);
+      if constexpr (DROPOUT) drop_tile<DROP>(ds, s, mask, dropout, rows, u0, keep_scale);
       score_gradient(p, ds, scale2, row_lse[0], row_delta[0]);
-      uint32_t a[kBlock / 16][4];
-#pragma unroll
-      for (int ks = 0; ks < kBlock / 16; ++ks) accumulators_as_a(ds, ks, a[ks]);
-      detail::wgmma_hold(dq);
-      detail::wgmma_fence();
-#pragma unroll
-      for (int ks = 0; ks < kBlock / 16; ++ks)  // 16 rows of k a k step: 2048 bytes
-        detail::wgmma_64x64x16(dq, a[ks], k_desc + (16 * D * 2 >> 4) * ks);
-      detail::wgmma_commit();
-      detail::wgmma_wait<0>();
-      detail::wgmma_hold(dq);
+      wgmma_accumulate_pb(dq, ds, k_desc);  // dQ += dS k
     }
     __syncthreads();  // this buffer is refilled next iteration
   }
@@ -915,7 +922,7 @@ __global__ void __launch_bounds__(kWgKvThreads)
   extern __shared__ unsigned char wg_shared[];
   // k and v [64][64], then q[2], dout[2] [64][64], each swizzled, from a 1024-byte boundary;
   // then lse[2][64] and delta[2][64]
-  bf16* k_own = reinterpret_cast<bf16*>((reinterpret_cast<uintptr_t>(wg_shared) + 1023) & ~uintptr_t{1023});
+  bf16* k_own = swizzled_tiles(wg_shared);
   bf16* v_own = k_own + kWgKvRows * D;
   auto q_tile = [&](int buffer) { return v_own + kWgKvRows * D + buffer * kBlock * D; };
   auto do_tile = [&](int buffer) { return q_tile(2 + buffer); };
@@ -951,9 +958,7 @@ __global__ void __launch_bounds__(kWgKvThreads)
     const int buffer = (qb - first_tile) & 1;
     if (qb + 1 < query_tiles) issue(qb + 1, buffer ^ 1);
     detail::commit_async();
-    detail::wait_async<1>();
-    detail::fence_shared_for_wgmma();
-    __syncthreads();
+    wait_for_wgmma_tile();
     const int t0 = qb * kBlock;
     const uint64_t q_desc = detail::wgmma_descriptor(q_tile(buffer));
     const uint64_t do_desc = detail::wgmma_descriptor(do_tile(buffer));

@@ -2,7 +2,7 @@
 // computes a 64 x 64 product slice of D += A B per instruction, B (and A, or A from
 // registers) read by the tensor cores straight from shared memory through a descriptor.
 //
-// Only what the attention forward uses: bf16 operands with fp32 sums, m64n64k16, tiles
+// Only what the attention kernels use: bf16 operands with fp32 sums, m64n64k16, tiles
 // with 128-byte rows (64 bf16) in the 128-byte swizzle. Compiled only for sm_90a
 // (__CUDA_ARCH_FEAT_SM90_ALL); callers keep another path for other targets.
 //
