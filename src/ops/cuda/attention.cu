@@ -394,7 +394,6 @@ __device__ inline void store_forward_rows(const float (&o)[D / 8][4], const floa
   }
 }
 
-
 // Forward: a block takes kOwnRows queries, the key tiles up to its last query. Held to 168
 // registers (three blocks a multiprocessor; a few bytes spill outside the main loop).
 template <int D, Drop DROP>
