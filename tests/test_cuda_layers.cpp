@@ -166,11 +166,11 @@ TEST_P(CudaLayers, LinearBackwardAccumulatesOrOverwrites) {
 TEST(CudaAttention, ForwardAndBackwardMatchTheCpuReference) {
   if (!cuda::device_available()) GTEST_SKIP() << "no CUDA device";
   // head dims 16, 32, 64; T below, at and above the 64-row tiles; on Hopper both the
-  // warpgroup kernels (head dim 64) and the mma.sync ones
+  // warpgroup kernels (head dim 64: T 40, 150, 300) and the mma.sync ones
   for (const bool wgmma : {true, false})
     for (const cpu::AttentionShape& shape :
          {cpu::AttentionShape{2, 5, 2, 32}, cpu::AttentionShape{1, 64, 3, 48}, cpu::AttentionShape{2, 150, 4, 256},
-          cpu::AttentionShape{1, 97, 2, 64}, cpu::AttentionShape{1, 300, 2, 128}}) {
+          cpu::AttentionShape{1, 97, 2, 64}, cpu::AttentionShape{1, 300, 2, 128}, cpu::AttentionShape{2, 40, 2, 128}}) {
       for (float p : {0.0f, 0.2f}) {
         cuda::set_attention_wgmma(wgmma);
         const cpu::DropoutSpec dropout{p, rng_key(7, static_cast<uint64_t>(shape.seq))};
