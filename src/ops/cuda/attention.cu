@@ -463,7 +463,7 @@ __global__ void __launch_bounds__(kThreads, 3)
 // tensor cores from shared memory in the 128-byte swizzle; P from registers), so the
 // fragments no longer go through the register file by ldmatrix (which bounded the
 // mma.sync kernel). The softmax, masks, dropout and outputs are the mma.sync kernel's.
-constexpr int kWgRows = 64, kWgThreads = 2 * 128, kWgD = 64;
+constexpr int kWarpgroupThreads = 128, kWgRows = 64, kWgThreads = 2 * kWarpgroupThreads, kWgD = 64;
 constexpr int kWgTileBytes = kBlock * kWgD * 2;  // 8 KB: a swizzled tile of 64 rows
 constexpr int kWgSharedBytes = (kOwnRows * kWgD * 2 + 4 * kWgTileBytes) + 1024;  // + alignment to 1024
 
@@ -545,7 +545,8 @@ __global__ void __launch_bounds__(kWgThreads)
   bf16* q_tile = swizzled_tiles(wg_shared);
   auto k_tile = [&](int buffer) { return q_tile + kOwnRows * D + buffer * kBlock * D; };
   auto v_tile = [&](int buffer) { return k_tile(2 + buffer); };
-  const int group = static_cast<int>(threadIdx.x) / 128, warp = static_cast<int>(threadIdx.x % 128) / 32;
+  const int group = static_cast<int>(threadIdx.x) / kWarpgroupThreads,
+            warp = static_cast<int>(threadIdx.x % kWarpgroupThreads) / 32;
   const Head s = head_of(T, C, H);
   const int64_t row = 3 * C, t0 = own_rows<true>();
   const bf16* base = qkv + s.b * T * row + s.h * D;
@@ -849,7 +850,8 @@ __global__ void __launch_bounds__(kWgThreads)
   bf16* do_tile = q_tile + kOwnRows * D;
   auto k_tile = [&](int buffer) { return do_tile + kOwnRows * D + buffer * kBlock * D; };
   auto v_tile = [&](int buffer) { return k_tile(2 + buffer); };
-  const int group = static_cast<int>(threadIdx.x) / 128, warp = static_cast<int>(threadIdx.x % 128) / 32;
+  const int group = static_cast<int>(threadIdx.x) / kWarpgroupThreads,
+            warp = static_cast<int>(threadIdx.x % kWarpgroupThreads) / 32;
   const Head s = head_of(T, C, H);
   const int64_t row = 3 * C, t0 = own_rows<true>();
   const bf16* base = qkv + s.b * T * row + s.h * D;
@@ -907,13 +909,12 @@ __global__ void __launch_bounds__(kWgThreads)
 }
 
 // dK, dV on Hopper's warpgroup products (sm_90a, head dim 64, no dropout): a block is one
-// warpgroup of 64 keys (208 registers: two blocks a multiprocessor, each with barriers of
-// its own, so that one's softmax runs beside the other's products), the query tiles of 64
+// warpgroup of 64 keys (168 registers: three blocks a multiprocessor, each with barriers of
+// its own, so that one's softmax runs beside another's products), the query tiles of 64
 // whole. S^T = k q^T and dP^T = v dout^T from shared memory; dV += P^T dout and dK += dS^T q
 // with P^T and dS^T from registers (dout and q read transposed).
-constexpr int kWgKvRows = 64, kWgKvThreads = 128;
-constexpr int kWgGradKvSharedBytes = 2 * kWgKvRows * kWgD * 2 + 4 * kWgTileBytes + 4 * kBlock * 4 + 1024;
-__global__ void __launch_bounds__(kWgKvThreads)
+constexpr int kWgGradKvSharedBytes = 2 * kWgRows * kWgD * 2 + 4 * kWgTileBytes + 4 * kBlock * 4 + 1024;
+__global__ void __launch_bounds__(kWarpgroupThreads)
     flash_backward_kv_wgmma_kernel(const bf16* qkv, const bf16* grad_out, const float* lse, const float* delta,
                                    int64_t T, int64_t C, int64_t H, float scale, bf16* grad_qkv) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -922,23 +923,23 @@ __global__ void __launch_bounds__(kWgKvThreads)
   // k and v [64][64], then q[2], dout[2] [64][64], each swizzled, from a 1024-byte boundary;
   // then lse[2][64] and delta[2][64]
   bf16* k_own = swizzled_tiles(wg_shared);
-  bf16* v_own = k_own + kWgKvRows * D;
-  auto q_tile = [&](int buffer) { return v_own + kWgKvRows * D + buffer * kBlock * D; };
+  bf16* v_own = k_own + kWgRows * D;
+  auto q_tile = [&](int buffer) { return v_own + kWgRows * D + buffer * kBlock * D; };
   auto do_tile = [&](int buffer) { return q_tile(2 + buffer); };
   float* lse_s = reinterpret_cast<float*>(q_tile(4));
   float* delta_s = lse_s + 2 * kBlock;
   const int warp = static_cast<int>(threadIdx.x) / 32;
   const Head s = head_of(T, C, H);
-  const int64_t row = 3 * C, k0 = static_cast<int64_t>(blockIdx.y) * kWgKvRows;  // early keys (the heaviest) first
+  const int64_t row = 3 * C, k0 = static_cast<int64_t>(blockIdx.y) * kWgRows;  // early keys (the heaviest) first
   const bf16* base = qkv + s.b * T * row + s.h * D;
   const bf16* go = grad_out + s.b * T * C + s.h * D;
   const float scale2 = scale * kLog2e;
-  load_swizzled_tile<kWgKvRows, kWgKvThreads>(base + C, row, k0, T, k_own);
-  load_swizzled_tile<kWgKvRows, kWgKvThreads>(base + 2 * C, row, k0, T, v_own);
+  load_swizzled_tile<kWgRows, kWarpgroupThreads>(base + C, row, k0, T, k_own);
+  load_swizzled_tile<kWgRows, kWarpgroupThreads>(base + 2 * C, row, k0, T, v_own);
   auto issue = [&](int qb, int buffer) {
-    load_swizzled_tile<kBlock, kWgKvThreads>(base, row, static_cast<int64_t>(qb) * kBlock, T, q_tile(buffer));
-    load_swizzled_tile<kBlock, kWgKvThreads>(go, C, static_cast<int64_t>(qb) * kBlock, T, do_tile(buffer));
-    for (int i = static_cast<int>(threadIdx.x); i < 2 * kBlock; i += kWgKvThreads) {  // lse, then delta
+    load_swizzled_tile<kBlock, kWarpgroupThreads>(base, row, static_cast<int64_t>(qb) * kBlock, T, q_tile(buffer));
+    load_swizzled_tile<kBlock, kWarpgroupThreads>(go, C, static_cast<int64_t>(qb) * kBlock, T, do_tile(buffer));
+    for (int i = static_cast<int>(threadIdx.x); i < 2 * kBlock; i += kWarpgroupThreads) {  // lse, then delta
       const int local = i % kBlock;
       const int64_t t = static_cast<int64_t>(qb) * kBlock + local;
       const float* source = i < kBlock ? lse : delta;
@@ -1130,12 +1131,12 @@ void attention_backward(const cpu::AttentionShape& s, const bf16* grad_out, cons
                                                                       dropout, mask, delta, grad_qkv);
     }
     MHC_CUDA_CHECK(cudaGetLastError());
-    if (D == kWgD && DROP == Drop::kOff && g.T <= int64_t{65535} * kWgKvRows && wgmma_available()) {
+    if (D == kWgD && DROP == Drop::kOff && g.T <= int64_t{65535} * kWgRows && wgmma_available()) {
       const auto kv_kernel = flash_backward_kv_wgmma_kernel;
-      const dim3 key_blocks(grid.x, detail::blocks_for(g.T, kWgKvRows));
+      const dim3 key_blocks(grid.x, detail::blocks_for(g.T, kWgRows));
       MHC_CUDA_CHECK(
           cudaFuncSetAttribute(kv_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kWgGradKvSharedBytes));
-      kv_kernel<<<key_blocks, kWgKvThreads, kWgGradKvSharedBytes, stream>>>(qkv, grad_out, lse, delta, g.T, g.C, g.H,
+      kv_kernel<<<key_blocks, kWarpgroupThreads, kWgGradKvSharedBytes, stream>>>(qkv, grad_out, lse, delta, g.T, g.C, g.H,
                                                                              scale, grad_qkv);
       return;
     }
