@@ -1057,6 +1057,13 @@ bool wgmma_available() {
   return false;
 #endif
 }
+// Whether a layer's attention runs on the warpgroup kernels: head dim 64, the grid's rows
+// of 64 keys (dK/dV's blocks, the smallest) in range, on a device that has them.
+bool use_wgmma(const Geometry& g) { return g.d == kWgD && g.T <= int64_t{65535} * kWgRows && wgmma_available(); }
+// Blocks of `rows` queries (or keys): batch x heads, row blocks.
+dim3 attention_grid(const cpu::AttentionShape& s, const Geometry& g, int rows) {
+  return dim3(detail::blocks_for(s.batch * g.H, 1), detail::blocks_for(g.T, rows));
+}
 
 template <typename Word>
 KeepMask<Word> keep_mask_of(const Geometry& g, Word* words) {
@@ -1080,7 +1087,7 @@ size_t attention_keep_mask_words(const cpu::AttentionShape& s) {
 void attention_forward(const cpu::AttentionShape& s, const bf16* qkv, cpu::DropoutSpec dropout, float* lse, bf16* out,
                        cudaStream_t stream, uint32_t* keep_mask) {
   const Geometry g = geometry_of(s);
-  const dim3 grid(detail::blocks_for(s.batch * g.H, 1), detail::blocks_for(g.T, kOwnRows));
+  const dim3 grid = attention_grid(s, g, kOwnRows);
   const float scale = 1.0f / std::sqrt(static_cast<float>(g.d));
   if (dropout.p > 0.0f && keep_mask) {
     const KeepMask<uint32_t> mask = keep_mask_of(g, keep_mask);
@@ -1088,7 +1095,7 @@ void attention_forward(const cpu::AttentionShape& s, const bf16* qkv, cpu::Dropo
     keep_mask_kernel<<<bands, 256, 0, stream>>>(g.T, dropout, mask);
     MHC_CUDA_CHECK(cudaGetLastError());
   }
-  if (g.d == kWgD && wgmma_available()) {
+  if (use_wgmma(g)) {
     detail::dispatch_drop(dropout.p, keep_mask != nullptr, [&](auto drop) {
       const auto kernel = flash_forward_wgmma_kernel<decltype(drop)::value>;
       MHC_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kWgSharedBytes));
@@ -1114,13 +1121,14 @@ void attention_backward(const cpu::AttentionShape& s, const bf16* grad_out, cons
                         cudaStream_t stream, const uint32_t* keep_mask) {
   const Geometry g = geometry_of(s);
   float* delta = static_cast<float*>(workspace);
-  const dim3 grid(detail::blocks_for(s.batch * g.H, 1), detail::blocks_for(g.T, kOwnRows));
+  const dim3 grid = attention_grid(s, g, kOwnRows);
+  const bool wgmma = use_wgmma(g);
   const float scale = 1.0f / std::sqrt(static_cast<float>(g.d));
   const KeepMask<const uint32_t> mask = keep_mask_of(g, keep_mask);
   dispatch_kernel(g.d, dropout, keep_mask, [&](auto Dc, auto drop) {
     constexpr int D = decltype(Dc)::value;
     constexpr Drop DROP = decltype(drop)::value;
-    if (D == kWgD && wgmma_available()) {
+    if (wgmma) {
       const auto q_kernel = flash_backward_q_wgmma_kernel<DROP>;
       MHC_CUDA_CHECK(
           cudaFuncSetAttribute(q_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kWgGradQSharedBytes));
@@ -1131,13 +1139,12 @@ void attention_backward(const cpu::AttentionShape& s, const bf16* grad_out, cons
                                                                       dropout, mask, delta, grad_qkv);
     }
     MHC_CUDA_CHECK(cudaGetLastError());
-    if (D == kWgD && DROP == Drop::kOff && g.T <= int64_t{65535} * kWgRows && wgmma_available()) {
+    if (wgmma && DROP == Drop::kOff) {
       const auto kv_kernel = flash_backward_kv_wgmma_kernel;
-      const dim3 key_blocks(grid.x, detail::blocks_for(g.T, kWgRows));
       MHC_CUDA_CHECK(
           cudaFuncSetAttribute(kv_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kWgGradKvSharedBytes));
-      kv_kernel<<<key_blocks, kWarpgroupThreads, kWgGradKvSharedBytes, stream>>>(qkv, grad_out, lse, delta, g.T, g.C, g.H,
-                                                                             scale, grad_qkv);
+      kv_kernel<<<attention_grid(s, g, kWgRows), kWarpgroupThreads, kWgGradKvSharedBytes, stream>>>(
+          qkv, grad_out, lse, delta, g.T, g.C, g.H, scale, grad_qkv);
       return;
     }
     const auto kv_kernel = flash_backward_kv_kernel<D, DROP>;
