@@ -173,25 +173,27 @@ __device__ void load_kv(const bf16* base, int64_t row, int64_t C, int64_t kb, in
   load_tile<D>(base + 2 * C, row, kb * kBlock, T, v_tile);
 }
 
-// Stores this lane's accumulator rows (C layout: rows g and g + 8 of each m-tile, the
-// sequence positions in `rows`) as bf16: position t's row at destination(t) times
-// factor(mt, hh); positions past T are skipped.
+// Stores this lane's part of one accumulator row (C layout: half hh is row g or g + 8 of
+// the m-tile; the lane has columns 8 dt + 2 q4 and + 1) times f as bf16 from `out`.
+template <int D>
+__device__ inline void store_row(const float (&acc)[D / 8][4], int hh, float f, bf16* out) {
+  const int q4 = static_cast<int>(threadIdx.x % 4);
+#pragma unroll
+  for (int dt = 0; dt < D / 8; ++dt)
+    *reinterpret_cast<uint32_t*>(out + dt * 8 + 2 * q4) = pack_bf16(acc[dt][2 * hh] * f, acc[dt][2 * hh + 1] * f);
+}
+
+// Stores this lane's accumulator rows (the sequence positions in `rows`) as bf16: position
+// t's row at destination(t) times factor(mt, hh); positions past T are skipped.
 template <int D, typename Destination, typename Factor>
 __device__ void store_rows(const float (&acc)[kMTiles][D / 8][4], const WarpRows& rows, int64_t T,
                            Destination destination, Factor factor) {
-  const int q4 = threadIdx.x % 4;
 #pragma unroll
   for (int mt = 0; mt < kMTiles; ++mt)
 #pragma unroll
-    for (int hh = 0; hh < 2; ++hh) {
-      if (rows.row[mt][hh] >= T) continue;
-      bf16* out = destination(static_cast<int64_t>(rows.row[mt][hh]));
-      const float f = factor(mt, hh);
-#pragma unroll
-      for (int dt = 0; dt < D / 8; ++dt)
-        *reinterpret_cast<uint32_t*>(out + dt * 8 + 2 * q4) =
-            pack_bf16(acc[mt][dt][2 * hh] * f, acc[mt][dt][2 * hh + 1] * f);
-    }
+    for (int hh = 0; hh < 2; ++hh)
+      if (rows.row[mt][hh] < T)
+        store_row<D>(acc[mt], hh, factor(mt, hh), destination(static_cast<int64_t>(rows.row[mt][hh])));
 }
 
 struct Head {
@@ -386,11 +388,7 @@ __device__ inline void store_forward_rows(const float (&o)[D / 8][4], const floa
     l[hh] += __shfl_xor_sync(0xffffffffu, l[hh], 2);
     if (t >= s.T) continue;
     if (q4 == 0) lse[s.bh * s.T + t] = m[hh] + log2f(l[hh]);
-    bf16* row_out = out + (s.b * s.T + t) * s.C + s.h * D;
-    const float f = 1.0f / l[hh];
-#pragma unroll
-    for (int dt = 0; dt < D / 8; ++dt)
-      *reinterpret_cast<uint32_t*>(row_out + dt * 8 + 2 * q4) = pack_bf16(o[dt][2 * hh] * f, o[dt][2 * hh + 1] * f);
+    store_row<D>(o, hh, 1.0f / l[hh], out + (s.b * s.T + t) * s.C + s.h * D);
   }
 }
 
@@ -895,16 +893,9 @@ __global__ void __launch_bounds__(kWgThreads)
     }
     __syncthreads();  // this buffer is refilled next iteration
   }
-  const int q4 = static_cast<int>(threadIdx.x % 4);
 #pragma unroll
-  for (int hh = 0; hh < 2; ++hh) {
-    if (rows[hh] >= T) continue;
-    bf16* dq_row = grad_qkv + (s.b * T + rows[hh]) * row + s.h * D;
-#pragma unroll
-    for (int dt = 0; dt < D / 8; ++dt)
-      *reinterpret_cast<uint32_t*>(dq_row + dt * 8 + 2 * q4) =
-          pack_bf16(dq[dt][2 * hh] * scale, dq[dt][2 * hh + 1] * scale);
-  }
+  for (int hh = 0; hh < 2; ++hh)
+    if (rows[hh] < T) store_row<D>(dq, hh, scale, grad_qkv + (s.b * T + rows[hh]) * row + s.h * D);
 #endif
 }
 
@@ -1001,17 +992,12 @@ __global__ void __launch_bounds__(kWarpgroupThreads)
     detail::wgmma_hold(dk);
     __syncthreads();  // this buffer is refilled next iteration
   }
-  const int q4 = static_cast<int>(threadIdx.x % 4);
 #pragma unroll
   for (int hh = 0; hh < 2; ++hh) {
     if (keys[hh] >= T) continue;
     bf16* grad_row = grad_qkv + (s.b * T + keys[hh]) * row + s.h * D;
-#pragma unroll
-    for (int dt = 0; dt < D / 8; ++dt) {
-      *reinterpret_cast<uint32_t*>(grad_row + C + dt * 8 + 2 * q4) =
-          pack_bf16(dk[dt][2 * hh] * scale, dk[dt][2 * hh + 1] * scale);
-      *reinterpret_cast<uint32_t*>(grad_row + 2 * C + dt * 8 + 2 * q4) = pack_bf16(dv[dt][2 * hh], dv[dt][2 * hh + 1]);
-    }
+    store_row<D>(dk, hh, scale, grad_row + C);
+    store_row<D>(dv, hh, 1.0f, grad_row + 2 * C);
   }
 #endif
 }
