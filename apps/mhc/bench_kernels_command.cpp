@@ -236,7 +236,9 @@ Command add_bench_kernels_command(CLI::App& bench) {
       "device-to-device copy measured in the same run, and the speed-up over Megatron-core's figure for that shape. "
       "Needs a CUDA build and a GPU.");
   cmd->add_option("--shape", *shapes, "shapes s,b,n,C (repeatable)")->capture_default_str();
-  cmd->add_option("--repeats", *repeats, "timed repetitions (median reported)")->check(CLI::PositiveNumber)->capture_default_str();
+  cmd->add_option("--repeats", *repeats, "timed repetitions (median reported)")
+      ->check(kAtLeastOne)
+      ->capture_default_str();
   return [cmd, shapes, repeats]() -> int {
     if (!cmd->parsed()) return -1;
     for (const std::string& s : *shapes) parse_shape(s);

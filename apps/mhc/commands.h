@@ -3,10 +3,24 @@
 #pragma once
 #include <CLI/CLI.hpp>
 #include <functional>
+#include <string>
 
 namespace mhc::app {
 
 using Command = std::function<int()>;
+
+// Counts (steps, repeats, layers, ...): a whole number of at least 1. CLI11's PositiveNumber
+// rejects 0 with "Value 0 not in range 0.000000 to 1.797693e+308", which reads as if 0 were
+// allowed.
+inline const CLI::Validator kAtLeastOne(
+    [](std::string& value) -> std::string {
+      try {
+        if (std::stoll(value) >= 1) return {};
+      } catch (const std::exception&) {
+      }
+      return "must be a whole number of at least 1, got " + value;
+    },
+    "INT>=1");
 
 Command add_parity_command(CLI::App& app);
 Command add_check_grad_command(CLI::App& app);
