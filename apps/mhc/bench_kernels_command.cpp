@@ -237,7 +237,7 @@ Command add_bench_kernels_command(CLI::App& bench) {
       "Needs a CUDA build and a GPU.");
   cmd->add_option("--shape", *shapes, "shapes s,b,n,C (repeatable)")->capture_default_str();
   cmd->add_option("--repeats", *repeats, "timed repetitions (median reported)")
-      ->check(kAtLeastOne)
+      ->check(at_least(1, true))
       ->capture_default_str();
   return [cmd, shapes, repeats]() -> int {
     if (!cmd->parsed()) return -1;

@@ -153,10 +153,12 @@ Command add_bench_train_command(CLI::App& bench) {
   o->add_options(cmd);
   cmd->add_option("--recompute-layers", o->recompute_layers,
                   "layers per recompute block in the recompute row (mhc_recompute_layer_num)")
-      ->check(kAtLeastOne)
+      ->check(at_least(1, true))
       ->capture_default_str();
-  cmd->add_option("--steps", o->steps, "timed steps (median reported)")->check(kAtLeastOne)->capture_default_str();
-  cmd->add_option("--warmup", o->warmup, "untimed steps first")->check(CLI::NonNegativeNumber)->capture_default_str();
+  cmd->add_option("--steps", o->steps, "timed steps (median reported)")
+      ->check(at_least(1, true))
+      ->capture_default_str();
+  cmd->add_option("--warmup", o->warmup, "untimed steps first")->check(at_least(0, true))->capture_default_str();
   cmd->add_option("--dropout", o->dropout, "hidden and attention dropout probability")
       ->check(CLI::Range(0.0, 0.99))
       ->capture_default_str();

@@ -49,9 +49,8 @@ Command add_check_grad_command(CLI::App& app) {
   cmd->add_option("--streams", options->streams, "residual streams n (hc and mhc)")
       ->check(CLI::Range(1, 16))
       ->capture_default_str();
-  cmd->add_option("--recompute-layers", *recompute,
-                  "selective mHC recompute with K layers per block (0: off)")
-      ->check(CLI::NonNegativeNumber)
+  cmd->add_option("--recompute-layers", *recompute, "selective mHC recompute with K layers per block (0: off)")
+      ->check(at_least(0, true))
       ->capture_default_str();
   cmd->add_option("--seed", options->seed, "seed of the parameters, tokens and dropout masks")->capture_default_str();
   cmd->add_option("--samples", options->samples_per_tensor, "entries checked per tensor")->capture_default_str();

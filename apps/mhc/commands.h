@@ -2,6 +2,8 @@
 // the exit code when run: 0 success, 1 a check failed, 2 bad input (message on stderr).
 #pragma once
 #include <CLI/CLI.hpp>
+#include <cmath>
+#include <cstdio>
 #include <functional>
 #include <string>
 
@@ -9,18 +11,25 @@ namespace mhc::app {
 
 using Command = std::function<int()>;
 
-// Counts (steps, repeats, layers, ...): a whole number of at least 1. CLI11's PositiveNumber
-// rejects 0 with "Value 0 not in range 0.000000 to 1.797693e+308", which reads as if 0 were
-// allowed.
-inline const CLI::Validator kAtLeastOne(
-    [](std::string& value) -> std::string {
-      try {
-        if (std::stoll(value) >= 1) return {};
-      } catch (const std::exception&) {
-      }
-      return "must be a whole number of at least 1, got " + value;
-    },
-    "INT>=1");
+// A number of at least `min` (whole: an integer), for counts and similar options. CLI11's
+// PositiveNumber and NonNegativeNumber reject a value with "Value 0 not in range 0.000000 to
+// 1797693134862315...000.000000", which buries the point (and for 0 reads as if it were allowed).
+inline CLI::Validator at_least(double min, bool whole) {
+  char bound[32];
+  std::snprintf(bound, sizeof bound, "%g", min);
+  const std::string what = std::string(whole ? "a whole number" : "a number") + " of at least " + bound;
+  return CLI::Validator(
+      [=](std::string& value) -> std::string {
+        try {
+          size_t used = 0;
+          const double v = std::stod(value, &used);
+          if (used == value.size() && v >= min && (!whole || v == std::floor(v))) return {};
+        } catch (const std::exception&) {
+        }
+        return "must be " + what + ", got " + value;
+      },
+      std::string(whole ? "INT" : "NUM") + ">=" + bound);
+}
 
 Command add_parity_command(CLI::App& app);
 Command add_check_grad_command(CLI::App& app);

@@ -121,12 +121,12 @@ Command add_generate_command(CLI::App& app) {
   CLI::App* cmd = app.add_subcommand("generate", "Sample text from a checkpoint (byte tokens, key/value cache).");
   cmd->add_option("checkpoint", o->checkpoint, "checkpoint file, or a run directory")->required();
   cmd->add_option("--prompt", o->prompt, "text to continue")->capture_default_str();
-  cmd->add_option("--tokens", o->tokens, "tokens to generate")->check(CLI::NonNegativeNumber)->capture_default_str();
+  cmd->add_option("--tokens", o->tokens, "tokens to generate")->check(at_least(0, true))->capture_default_str();
   cmd->add_option("--temperature", o->temperature, "sampling temperature (0: greedy)")
-      ->check(CLI::NonNegativeNumber)
+      ->check(at_least(0, false))
       ->capture_default_str();
   cmd->add_option("--top-k", o->top_k, "sample among the k most likely tokens (0: all)")
-      ->check(CLI::NonNegativeNumber)
+      ->check(at_least(0, true))
       ->capture_default_str();
   cmd->add_option("--seed", o->seed, "sampling seed")->capture_default_str();
   return [cmd, o] { return cmd->parsed() ? run_generate(*o) : -1; };

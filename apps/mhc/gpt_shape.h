@@ -13,13 +13,13 @@ struct GptShape {
   int64_t layers = 12, hidden = 768, heads = 12, seq = 1024, batch = 16, streams = 4, vocab = 50304;
 
   void add_options(CLI::App* cmd) {
-    cmd->add_option("--layers", layers, "transformer layers")->check(kAtLeastOne)->capture_default_str();
-    cmd->add_option("--hidden", hidden, "hidden size C")->check(kAtLeastOne)->capture_default_str();
-    cmd->add_option("--heads", heads, "attention heads")->check(kAtLeastOne)->capture_default_str();
-    cmd->add_option("--seq", seq, "sequence length T")->check(kAtLeastOne)->capture_default_str();
-    cmd->add_option("--batch", batch, "micro-batch size")->check(kAtLeastOne)->capture_default_str();
-    cmd->add_option("--streams", streams, "residual streams n of mHC")->check(kAtLeastOne)->capture_default_str();
-    cmd->add_option("--vocab", vocab, "vocabulary size")->check(kAtLeastOne)->capture_default_str();
+    cmd->add_option("--layers", layers, "transformer layers")->check(at_least(1, true))->capture_default_str();
+    cmd->add_option("--hidden", hidden, "hidden size C")->check(at_least(1, true))->capture_default_str();
+    cmd->add_option("--heads", heads, "attention heads")->check(at_least(1, true))->capture_default_str();
+    cmd->add_option("--seq", seq, "sequence length T")->check(at_least(1, true))->capture_default_str();
+    cmd->add_option("--batch", batch, "micro-batch size")->check(at_least(1, true))->capture_default_str();
+    cmd->add_option("--streams", streams, "residual streams n of mHC")->check(at_least(1, true))->capture_default_str();
+    cmd->add_option("--vocab", vocab, "vocabulary size")->check(at_least(1, true))->capture_default_str();
   }
   // Everything but the batch, which is not a model field.
   void apply(ModelConfig& m) const {
