@@ -81,7 +81,10 @@ template <int KS> __device__ inline void wgmma_64x64(float (&d)[8][4], uint64_t 
 }
 
 // d += A B, m64n64k16, A from registers (the warp's m16n8k16 A fragment), B from shared
-// memory MN-major (stored [k][n], n contiguous: transposed).
+// memory MN-major (stored [k][n], n contiguous: transposed). The product reads `a` while it
+// runs, and neither the compiler nor ptxas keeps those registers from being rewritten
+// before the wait: write new values into them only after wgmma_wait (session 18 found a
+// forward that converted the next P into them early reading wrong values).
 __device__ inline void wgmma_64x64x16(float (&d)[8][4], const uint32_t (&a)[4], uint64_t b) {
   asm volatile(
       "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " MHC_WGMMA_D ", {%32, %33, %34, %35}, %36, 1, 1, 1, 1;\n"
