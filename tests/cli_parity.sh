@@ -9,6 +9,13 @@ fail() { echo "cli_parity: $*" >&2; exit 1; }
 "$mhc" parity "$data"/*.safetensors > "$tmp/out" || fail "reference files: exit $? (want 0)"
 grep -q "all within tolerance" "$tmp/out" || fail "no summary line"
 "$mhc" parity --dtype float "$data"/*.safetensors > /dev/null || fail "float: exit $? (want 0)"
+"$mhc" parity "$data" > "$tmp/out" || fail "the reference directory: exit $? (want 0)"
+grep -q "^4 file(s)" "$tmp/out" || fail "the reference directory: not its 4 files: $(cat "$tmp/out")"
+mkdir "$tmp/none"
+"$mhc" parity "$tmp/none" > /dev/null 2> "$tmp/err"
+code=$?
+[ $code -eq 2 ] || fail "directory without files: exit $code (want 2)"
+grep -q "none: a directory without .safetensors files" "$tmp/err" || fail "error does not name the directory"
 
 head -c 1000 "$data/default_init.safetensors" > "$tmp/truncated.safetensors"
 "$mhc" parity "$data/sinkhorn_n4.safetensors" "$tmp/truncated.safetensors" > /dev/null 2> "$tmp/err"

@@ -126,5 +126,17 @@ TEST(Safetensors, MissingFileIsAnError) {
   EXPECT_THROW(read_safetensors("/nonexistent/dir/file.safetensors"), Error);
 }
 
+// A directory opens as a stream on Linux, and reading it threw std::ios_base::failure past
+// every caller (`mhc parity DIR` ended in std::terminate).
+TEST(Safetensors, DirectoryIsANamedError) {
+  const std::string dir = std::filesystem::temp_directory_path().string();
+  try {
+    read_safetensors(dir);
+    ADD_FAILURE() << "no error";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find(dir + ": is a directory"), std::string::npos) << e.what();
+  }
+}
+
 }  // namespace
 }  // namespace mhc

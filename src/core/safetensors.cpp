@@ -129,9 +129,16 @@ std::vector<uint8_t> serialize_safetensors(const Safetensors& file) {
 }
 
 Safetensors read_safetensors(const std::string& path) {
+  std::error_code ignored;
+  check(!std::filesystem::is_directory(path, ignored), path + ": is a directory, not a .safetensors file");
   std::ifstream in(path, std::ios::binary);
   check(in.good(), path + ": cannot open: " + std::strerror(errno));
-  std::vector<uint8_t> bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  std::vector<uint8_t> bytes;
+  try {  // libstdc++'s file buffer throws on a failed read even without exceptions() set
+    bytes.assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+  } catch (const std::ios_base::failure& e) {
+    fail(path + ": read error: " + e.what());
+  }
   check(!in.bad(), path + ": read error");
   return parse_safetensors(bytes, path);
 }
