@@ -43,6 +43,9 @@ expect_2 "missing data" "nope.txt" "$mhc" train --out "$tmp/x" --data "$tmp/nope
 : > "$tmp/empty.txt"
 expect_2 "empty data" "empty" "$mhc" train --out "$tmp/x" --data "$tmp/empty.txt"
 [ ! -e "$tmp/x" ] || fail "a failed start created its output directory"
+echo "keep" > "$tmp/afile"
+expect_2 "--out an existing file" "afile: exists and is not a directory" "$mhc" train --out "$tmp/afile" --steps 1 "${tiny[@]}"
+[ "$(cat "$tmp/afile")" = "keep" ] || fail "a bad --out changed the file there"
 
 "$mhc" train --out "$tmp/run" --steps 3 "${tiny[@]}" > "$tmp/log" || fail "tiny run: exit $?"
 for f in config.json metrics.jsonl checkpoint.safetensors; do [ -s "$tmp/run/$f" ] || fail "tiny run wrote no $f"; done

@@ -1,5 +1,6 @@
 // The `mhc` command: one binary, one subcommand per job.
 #include <cstdio>
+#include <exception>
 #include <vector>
 
 #include "apps/mhc/commands.h"
@@ -31,6 +32,9 @@ int main(int argc, char** argv) {
       if (code >= 0) return code;
     }
   } catch (const mhc::Error& e) {
+    std::fprintf(stderr, "mhc: error: %s\n", e.what());
+    return 2;
+  } catch (const std::exception& e) {  // the library's own (filesystem, allocation): a message, not std::terminate
     std::fprintf(stderr, "mhc: error: %s\n", e.what());
     return 2;
   }

@@ -101,6 +101,9 @@ TrainSummary run_training(TrainConfig config, const TrainRunOptions& options) {
   } else {
     if (config.lr_decay_steps == 0) config.lr_decay_steps = config.steps;
     config.validate();
+    std::error_code ignored;
+    check(!fs::exists(dir, ignored) || fs::is_directory(dir, ignored),
+          dir.string() + ": exists and is not a directory; choose another --out");
     check(!fs::exists(dir / kConfigFile) && !fs::exists(checkpoint_path),
           dir.string() + ": already holds a run; continue it with --resume " + dir.string() +
               ", or choose another --out");
@@ -123,7 +126,9 @@ TrainSummary run_training(TrainConfig config, const TrainRunOptions& options) {
     learner->from_host();
     truncate_metrics(dir / kMetricsFile, state.step);
   } else {
-    fs::create_directories(dir);
+    std::error_code error;
+    fs::create_directories(dir, error);
+    check(!error, dir.string() + ": cannot create the run directory: " + error.message());
     write_text_atomically(dir / kConfigFile, train_config_to_json(config).dump(2) + "\n");
   }
   std::ofstream metrics(dir / kMetricsFile, std::ios::app);
