@@ -3,6 +3,8 @@
 #include <cmath>
 #include <numbers>
 
+#include "ops/cpu/parallel.h"
+
 namespace mhc::cpu {
 
 namespace {
@@ -13,7 +15,7 @@ template <typename T> T sigmoid(T x) { return T(1) / (T(1) + std::exp(-x)); }
 
 template <typename T> void activation_forward(Activation a, const T* x, int64_t rows, int64_t F, T* out) {
   const int64_t width = activation_input_width(a, F);
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (rows * width >= kParallelMinWork)
   for (int64_t r = 0; r < rows; ++r) {
     const T* xr = x + r * width;
     for (int64_t f = 0; f < F; ++f)
@@ -24,7 +26,7 @@ template <typename T> void activation_forward(Activation a, const T* x, int64_t 
 template <typename T>
 void activation_backward(Activation a, const T* grad_out, const T* x, int64_t rows, int64_t F, T* grad_x) {
   const int64_t width = activation_input_width(a, F);
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (rows * width >= kParallelMinWork)
   for (int64_t r = 0; r < rows; ++r) {
     const T* xr = x + r * width;
     T* gx = grad_x + r * width;

@@ -1,9 +1,11 @@
 #include "ops/cpu/aggregate.h"
 
+#include "ops/cpu/parallel.h"
+
 namespace mhc::cpu {
 
 template <typename T> void aggregate_forward(const T* x, const T* h_pre, int64_t tokens, int n, int64_t C, T* agg) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (tokens * n * C >= kParallelMinWork)
   for (int64_t t = 0; t < tokens; ++t) {
     T* out = agg + t * C;
     for (int64_t c = 0; c < C; ++c) out[c] = 0;
@@ -18,7 +20,7 @@ template <typename T> void aggregate_forward(const T* x, const T* h_pre, int64_t
 template <typename T>
 void aggregate_backward(const T* grad_agg, const T* x, const T* h_pre, int64_t tokens, int n, int64_t C, T* grad_x,
                         T* grad_h_pre) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (tokens * n * C >= kParallelMinWork)
   for (int64_t t = 0; t < tokens; ++t) {
     const T* g = grad_agg + t * C;
     for (int j = 0; j < n; ++j) {

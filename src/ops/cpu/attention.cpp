@@ -5,6 +5,7 @@
 #include <vector>
 
 #include "core/rng.h"
+#include "ops/cpu/parallel.h"
 
 namespace mhc::cpu {
 
@@ -12,7 +13,7 @@ template <typename T>
 void attention_forward(const AttentionShape& s, const T* qkv, DropoutSpec dropout, T* probs, T* out) {
   const int64_t T_ = s.seq, C = s.C, d = C / s.heads, row = 3 * C;
   const T scale = T(1) / std::sqrt(static_cast<T>(d));
-#pragma omp parallel for collapse(2) schedule(static)
+#pragma omp parallel for collapse(2) schedule(static) if (s.batch * s.heads * T_ * T_ * d >= kParallelMinWork)
   for (int64_t b = 0; b < s.batch; ++b)
     for (int64_t h = 0; h < s.heads; ++h) {
       const T* base = qkv + b * T_ * row;
@@ -48,7 +49,7 @@ void attention_backward(const AttentionShape& s, const T* grad_out, const T* qkv
                         T* grad_qkv) {
   const int64_t T_ = s.seq, C = s.C, d = C / s.heads, row = 3 * C;
   const T scale = T(1) / std::sqrt(static_cast<T>(d));
-#pragma omp parallel for collapse(2) schedule(static)
+#pragma omp parallel for collapse(2) schedule(static) if (s.batch * s.heads * T_ * T_ * d >= kParallelMinWork)
   for (int64_t b = 0; b < s.batch; ++b)
     for (int64_t h = 0; h < s.heads; ++h) {
       const T* base = qkv + b * T_ * row;

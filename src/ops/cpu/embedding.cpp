@@ -5,12 +5,13 @@
 #include <vector>
 
 #include "ops/cpu/gemm.h"
+#include "ops/cpu/parallel.h"
 
 namespace mhc::cpu {
 
 template <typename T>
 void embedding_forward(const int32_t* tokens, const T* wte, const T* wpe, int64_t batch, int64_t seq, int64_t C, T* e) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (batch * seq * C >= kParallelMinWork)
   for (int64_t r = 0; r < batch * seq; ++r) {
     const T* tok = wte + static_cast<int64_t>(tokens[r]) * C;
     const T* pos = wpe + (r % seq) * C;
@@ -22,7 +23,7 @@ template <typename T>
 void embedding_backward(const T* grad_e, const int32_t* tokens, int64_t batch, int64_t seq, int64_t C, T* grad_wte,
                         T* grad_wpe) {
   // Parallel over channels: each thread owns columns, rows are visited in order.
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (batch * seq * C >= kParallelMinWork)
   for (int64_t c = 0; c < C; ++c)
     for (int64_t r = 0; r < batch * seq; ++r) {
       grad_wte[static_cast<int64_t>(tokens[r]) * C + c] += grad_e[r * C + c];
@@ -36,7 +37,7 @@ double lm_head_forward(const T* h, const T* wte, const int32_t* targets, int64_t
   thread_local std::vector<double> row_loss;  // summed in order below: the loss is deterministic
   row_loss.resize(static_cast<size_t>(rows));
   double* losses = row_loss.data();
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (rows * V >= kParallelMinWork)
   for (int64_t r = 0; r < rows; ++r) {
     T* p = probs + r * V;
     const T max_logit = *std::max_element(p, p + V);
@@ -55,7 +56,7 @@ template <typename T>
 void lm_head_backward(T* probs, const T* h, const T* wte, const int32_t* targets, int64_t rows, int64_t C, int64_t V,
                       T* grad_h, T* grad_wte) {
   const T inv_rows = T(1) / static_cast<T>(rows);
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (rows * V >= kParallelMinWork)
   for (int64_t r = 0; r < rows; ++r) {
     T* p = probs + r * V;
     p[targets[r]] -= T(1);

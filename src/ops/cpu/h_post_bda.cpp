@@ -1,13 +1,14 @@
 #include "ops/cpu/h_post_bda.h"
 
 #include "core/rng.h"
+#include "ops/cpu/parallel.h"
 
 namespace mhc::cpu {
 
 template <typename T>
 void h_post_bda_forward(const T* x, const T* h_res, const T* h_post, const T* y, const T* y_bias, int64_t tokens,
                         int n, int64_t C, DropoutSpec dropout, T* out) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (tokens * n * C >= kParallelMinWork)
   for (int64_t t = 0; t < tokens; ++t) {
     const T* xt = x + t * n * C;
     const T* yt = y + t * C;
@@ -32,7 +33,7 @@ template <typename T>
 void h_post_bda_backward(const T* grad_out, const T* x, const T* h_res, const T* h_post, const T* y, const T* y_bias,
                          int64_t tokens, int n, int64_t C, DropoutSpec dropout, T* grad_x, T* grad_h_res,
                          T* grad_h_post, T* grad_y, T* grad_y_bias) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (tokens * n * C >= kParallelMinWork)
   for (int64_t t = 0; t < tokens; ++t) {
     const T* xt = x + t * n * C;
     const T* yt = y + t * C;

@@ -2,12 +2,14 @@
 
 #include <cmath>
 
+#include "ops/cpu/parallel.h"
+
 namespace mhc::cpu {
 
 template <typename T>
 void norm_forward(const T* x, const T* weight, const T* bias, int64_t rows, int64_t C, double eps, bool rms, T* out,
                   T* mean, T* rstd) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (rows * C >= kParallelMinWork)
   for (int64_t r = 0; r < rows; ++r) {
     const T* xr = x + r * C;
     double mu = 0, var = 0;
@@ -27,7 +29,7 @@ void norm_forward(const T* x, const T* weight, const T* bias, int64_t rows, int6
 template <typename T>
 void norm_backward(const T* grad_out, const T* x, const T* weight, const T* mean, const T* rstd, int64_t rows,
                    int64_t C, bool rms, T* grad_x, T* grad_weight, T* grad_bias) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (rows * C >= kParallelMinWork)
   for (int64_t r = 0; r < rows; ++r) {
     const T* g = grad_out + r * C;
     const T* xr = x + r * C;
@@ -47,7 +49,7 @@ void norm_backward(const T* grad_out, const T* x, const T* weight, const T* mean
     }
   }
   // Parameter gradients: one column per thread, rows summed in order (deterministic).
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (rows * C >= kParallelMinWork)
   for (int64_t c = 0; c < C; ++c) {
     double dw = 0, db = 0;
     for (int64_t r = 0; r < rows; ++r) {

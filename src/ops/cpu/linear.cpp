@@ -1,6 +1,7 @@
 #include "ops/cpu/linear.h"
 
 #include "ops/cpu/gemm.h"
+#include "ops/cpu/parallel.h"
 
 namespace mhc::cpu {
 
@@ -8,13 +9,13 @@ template <typename T>
 void linear_forward(const T* x, const T* weight, const T* bias, int64_t rows, int64_t in, int64_t out, T* y) {
   gemm<T>(false, true, rows, out, in, T(1), x, in, weight, in, T(0), y, out);
   if (!bias) return;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (rows * out >= kParallelMinWork)
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t o = 0; o < out; ++o) y[r * out + o] += bias[o];
 }
 
 template <typename T> void accumulate_column_sums(const T* grad_y, int64_t rows, int64_t C, T* grad_bias) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (rows * C >= kParallelMinWork)
   for (int64_t c = 0; c < C; ++c) {
     double sum = 0;
     for (int64_t r = 0; r < rows; ++r) sum += grad_y[r * C + c];

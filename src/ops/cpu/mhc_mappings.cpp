@@ -4,6 +4,7 @@
 #include <vector>
 
 #include "ops/cpu/gemm.h"
+#include "ops/cpu/parallel.h"
 #include "ops/cpu/sinkhorn.h"
 
 namespace mhc::cpu {
@@ -35,7 +36,7 @@ void mhc_mappings_forward(const MappingShape& s, const T* x, const T* weight, co
   const int64_t K = n * s.C, m = mhc_mapping_width(n);
   gemm<T>(false, true, s.tokens, m, K, T(1), x, K, weight, K, T(0), proj, m);
   const T sqrt_k = std::sqrt(static_cast<T>(K));
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (s.tokens * K >= kParallelMinWork)
   for (int64_t t = 0; t < s.tokens; ++t) {
     const T* xt = x + t * K;
     const T* p = proj + t * m;
@@ -67,7 +68,7 @@ void mhc_mappings_backward(const MappingShape& s, const T* x, const T* weight, c
   T* grad_h = scratch;                  // [tokens, m]: d loss / d h
   T* grad_r = scratch + s.tokens * m;   // [tokens]
   const T sqrt_k = std::sqrt(static_cast<T>(K));
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (s.tokens * K >= kParallelMinWork)
   for (int64_t t = 0; t < s.tokens; ++t) {
     T* gh = grad_h + t * m;
     for (int i = 0; i < n; ++i) {
@@ -99,7 +100,7 @@ void mhc_mappings_backward(const MappingShape& s, const T* x, const T* weight, c
     }
   for (int64_t k = 0; k < m; ++k) grad_bias[k] += static_cast<T>(bias_sum[k]);
   for (int g = 0; g < 3; ++g) grad_alpha[g] += static_cast<T>(alpha_sum[g]);
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (s.tokens * K >= kParallelMinWork)
   for (int64_t t = 0; t < s.tokens; ++t) {
     for (int64_t k = 0; k < m; ++k) grad_h[t * m + k] *= r[t] * alpha[gate_of(k, n)];
     // r = 1/(||x||/sqrt(K) + eps):  dr/dx = -r^2 x / (sqrt(K) ||x||); ||x|| = 0 gives 0, as in PyTorch

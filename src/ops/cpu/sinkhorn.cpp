@@ -4,6 +4,8 @@
 #include <cmath>
 #include <vector>
 
+#include "ops/cpu/parallel.h"
+
 namespace mhc::cpu {
 
 namespace {
@@ -86,14 +88,14 @@ template <typename T> void sinkhorn_backward(const T* logits, const T* grad_out,
 
 template <typename T> void sinkhorn_forward_batch(const T* logits, int64_t count, int n, int iterations, T* out) {
   const int64_t nn = static_cast<int64_t>(n) * n;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (count * nn * iterations >= kParallelMinWork)
   for (int64_t m = 0; m < count; ++m) sinkhorn_forward(logits + m * nn, n, iterations, out + m * nn);
 }
 
 template <typename T>
 void sinkhorn_backward_batch(const T* logits, const T* grad_out, int64_t count, int n, int iterations, T* grad_logits) {
   const int64_t nn = static_cast<int64_t>(n) * n;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (count * nn * iterations >= kParallelMinWork)
   for (int64_t m = 0; m < count; ++m)
     sinkhorn_backward(logits + m * nn, grad_out + m * nn, n, iterations, grad_logits + m * nn);
 }

@@ -1,16 +1,18 @@
 #include "ops/cpu/stream_expand.h"
 
+#include "ops/cpu/parallel.h"
+
 namespace mhc::cpu {
 
 template <typename T> void stream_expand_forward(const T* e, int64_t tokens, int n, int64_t C, T* x) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (tokens * n * C >= kParallelMinWork)
   for (int64_t t = 0; t < tokens; ++t)
     for (int i = 0; i < n; ++i)
       for (int64_t c = 0; c < C; ++c) x[(t * n + i) * C + c] = e[t * C + c];
 }
 
 template <typename T> void stream_expand_backward(const T* grad_x, int64_t tokens, int n, int64_t C, T* grad_e) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (tokens * n * C >= kParallelMinWork)
   for (int64_t t = 0; t < tokens; ++t)
     for (int64_t c = 0; c < C; ++c) {
       T sum = 0;
@@ -20,7 +22,7 @@ template <typename T> void stream_expand_backward(const T* grad_x, int64_t token
 }
 
 template <typename T> void stream_contract_forward(const T* x, int64_t tokens, int n, int64_t C, T* out) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (tokens * n * C >= kParallelMinWork)
   for (int64_t t = 0; t < tokens; ++t)
     for (int64_t c = 0; c < C; ++c) {
       T sum = 0;
@@ -30,7 +32,7 @@ template <typename T> void stream_contract_forward(const T* x, int64_t tokens, i
 }
 
 template <typename T> void stream_contract_backward(const T* grad_out, int64_t tokens, int n, int64_t C, T* grad_x) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (tokens * n * C >= kParallelMinWork)
   for (int64_t t = 0; t < tokens; ++t)
     for (int i = 0; i < n; ++i)
       for (int64_t c = 0; c < C; ++c) grad_x[(t * n + i) * C + c] = grad_out[t * C + c] / T(n);
