@@ -4,7 +4,6 @@
 #include <vector>
 
 #include "apps/mhc/commands.h"
-#include "core/error.h"
 
 int main(int argc, char** argv) {
   CLI::App app{"mhc: transformer language models with Manifold-Constrained Hyper-Connections (mHC)"};
@@ -31,10 +30,7 @@ int main(int argc, char** argv) {
       const int code = command();
       if (code >= 0) return code;
     }
-  } catch (const mhc::Error& e) {
-    std::fprintf(stderr, "mhc: error: %s\n", e.what());
-    return 2;
-  } catch (const std::exception& e) {  // the library's own (filesystem, allocation): a message, not std::terminate
+  } catch (const std::exception& e) {  // mhc::Error, and the library's own (filesystem, allocation)
     std::fprintf(stderr, "mhc: error: %s\n", e.what());
     return 2;
   }
