@@ -212,6 +212,17 @@ template <bool LATER_FIRST> __device__ inline int64_t own_rows() {
   const int64_t block = LATER_FIRST ? gridDim.y - 1 - blockIdx.y : blockIdx.y;
   return block * kOwnRows;
 }
+// The last key tile that a query block's kOwnRows queries from t0 see (causal; none past T).
+__device__ inline int last_key_tile(int64_t t0, int64_t T) {
+  return static_cast<int>(((t0 + kOwnRows < T ? t0 + kOwnRows : T) - 1) / kBlock);
+}
+// A kernel's dropout: the key read where it runs (Philox) into `dropout`; returns the kept
+// values' scale.
+template <detail::Drop DROP>
+__device__ inline float start_dropout(cpu::DropoutSpec& dropout) {
+  if constexpr (DROP == detail::Drop::kPhilox) dropout.key = detail::dropout_key(dropout);
+  return dropout_kept_scale<float>(dropout.p);
+}
 // The attention dropout mask's element of query t and key u of sequence-and-head bh: its
 // index in the layer's Philox stream (the CPU reference's numbering).
 __device__ inline uint64_t mask_element(int64_t bh, int64_t T, int64_t t, int64_t u) {
@@ -399,8 +410,7 @@ __global__ void __launch_bounds__(kThreads, 3)
     flash_forward_kernel(const bf16* qkv, int64_t T, int64_t C, int64_t H, float scale, cpu::DropoutSpec dropout,
                          KeepMask<const uint32_t> mask, bf16* out, float* lse) {
   constexpr bool DROPOUT = DROP != Drop::kOff;
-  if constexpr (DROP == Drop::kPhilox) dropout.key = detail::dropout_key(dropout);
-  const float keep_scale = dropout_kept_scale<float>(dropout.p);
+  const float keep_scale = start_dropout<DROP>(dropout);
   // q, then two buffers of k and v: the next key tile is copied while this one is used.
   extern __shared__ __align__(16) bf16 shared[];
   bf16* q_tile = shared;
@@ -420,7 +430,7 @@ __global__ void __launch_bounds__(kThreads, 3)
   for (int mt = 0; mt < kMTiles; ++mt) m[mt][0] = m[mt][1] = -INFINITY;
   const int first = static_cast<int>(t0) + warp * kWarpRows;  // this warp's first query
   const WarpRows tq = warp_rows(first);
-  const int last_tile = static_cast<int>(((t0 + kOwnRows < T ? t0 + kOwnRows : T) - 1) / kBlock);
+  const int last_tile = last_key_tile(t0, T);
   for (int kb = 0; kb <= last_tile; ++kb) {
     const int buffer = kb & 1;
     if (kb < last_tile) load_kv<D>(base, row, C, kb + 1, T, k_tile(buffer ^ 1), v_tile(buffer ^ 1));
@@ -503,6 +513,57 @@ __device__ inline void wait_for_wgmma_tile() {
   __syncthreads();
 }
 
+// A query-side warpgroup kernel's block (forward, dQ): its head and the head's columns of
+// the batch's qkv rows (`base`, rows `row` apart); of the block's kOwnRows queries from t0,
+// this warpgroup's 64 from group_first, the warp's 16 from first, the lane's two rows; the
+// last key tile the block's queries see. Starting it issues the copies of the block's q
+// (into q_tile) and of key tile 0 (into kv, as for_key_tiles reads it), for the caller to
+// commit.
+struct WgQueryBlock {
+  Head s;
+  int64_t row, t0;
+  const bf16* base;
+  int group, group_first, first, rows[2], last_tile;
+};
+__device__ inline WgQueryBlock start_wg_query_block(const bf16* qkv, int64_t T, int64_t C, int64_t H, bf16* q_tile,
+                                                    bf16* kv) {
+  WgQueryBlock b;
+  b.s = head_of(T, C, H);
+  b.row = 3 * C;
+  b.t0 = own_rows<true>();
+  b.base = qkv + b.s.b * T * b.row + b.s.h * kWgD;
+  b.group = static_cast<int>(threadIdx.x) / kWarpgroupThreads;
+  b.group_first = static_cast<int>(b.t0) + b.group * kWgRows;
+  b.first = b.group_first + 16 * (static_cast<int>(threadIdx.x % kWarpgroupThreads) / 32);
+  const int g = static_cast<int>(threadIdx.x % 32) / 4;
+  b.rows[0] = b.first + g;
+  b.rows[1] = b.first + g + 8;
+  b.last_tile = last_key_tile(b.t0, T);
+  load_swizzled_tile<kOwnRows>(b.base, b.row, b.t0, T, q_tile);
+  load_swizzled_kv(b.base, b.row, C, 0, T, kv, kv + 2 * kBlock * kWgD);
+  return b;
+}
+
+// The key tiles of a query-side warpgroup kernel's block, k and v double-buffered (k[2],
+// then v[2], [64][64] swizzled from `kv`; tile 0's copy committed): the next tile is copied
+// while f(k, v, u0) runs on this one, for each tile the warpgroup's queries see. Its
+// products are collective: it skips a tile only as a whole (every key after its queries, or
+// its queries past T).
+template <typename F>
+__device__ inline void for_key_tiles(const WgQueryBlock& b, int64_t C, int64_t T, bf16* kv, F f) {
+  auto k_tile = [&](int buffer) { return kv + buffer * kBlock * kWgD; };
+  auto v_tile = [&](int buffer) { return k_tile(2 + buffer); };
+  for (int kb = 0; kb <= b.last_tile; ++kb) {
+    const int buffer = kb & 1;
+    if (kb < b.last_tile) load_swizzled_kv(b.base, b.row, C, kb + 1, T, k_tile(buffer ^ 1), v_tile(buffer ^ 1));
+    detail::commit_async();
+    wait_for_wgmma_tile();
+    const int u0 = kb * kBlock;
+    if (u0 <= b.group_first + kWgRows - 1 && b.group_first < T) f(k_tile(buffer), v_tile(buffer), u0);
+    __syncthreads();  // this buffer is refilled next iteration
+  }
+}
+
 // Dropout on P (or dP) of a whole 64-key tile of a warp's rows from u0: its two halves.
 template <Drop DROP>
 __device__ inline void drop_tile(float (&p)[kBlock / 8][4], const Head& s, const KeepMask<const uint32_t>& mask,
@@ -536,51 +597,30 @@ __global__ void __launch_bounds__(kWgThreads)
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   constexpr int D = kWgD;
   constexpr bool DROPOUT = DROP != Drop::kOff;
-  if constexpr (DROP == Drop::kPhilox) dropout.key = detail::dropout_key(dropout);
-  const float keep_scale = dropout_kept_scale<float>(dropout.p);
+  const float keep_scale = start_dropout<DROP>(dropout);
   extern __shared__ unsigned char wg_shared[];
   // q [kOwnRows][64], then k[2], v[2] [64][64], each swizzled, from a 1024-byte boundary
   bf16* q_tile = swizzled_tiles(wg_shared);
-  auto k_tile = [&](int buffer) { return q_tile + kOwnRows * D + buffer * kBlock * D; };
-  auto v_tile = [&](int buffer) { return k_tile(2 + buffer); };
-  const int group = static_cast<int>(threadIdx.x) / kWarpgroupThreads,
-            warp = static_cast<int>(threadIdx.x % kWarpgroupThreads) / 32;
-  const Head s = head_of(T, C, H);
-  const int64_t row = 3 * C, t0 = own_rows<true>();
-  const bf16* base = qkv + s.b * T * row + s.h * D;
-  const float scale2 = scale * kLog2e;
-  load_swizzled_tile<kOwnRows>(base, row, t0, T, q_tile);
-  load_swizzled_kv(base, row, C, 0, T, k_tile(0), v_tile(0));
+  bf16* kv_tiles = q_tile + kOwnRows * D;
+  const WgQueryBlock q = start_wg_query_block(qkv, T, C, H, q_tile, kv_tiles);
   detail::commit_async();
-  const int group_first = static_cast<int>(t0) + group * kWgRows;  // this warpgroup's first query
-  const int first = group_first + 16 * warp, g = static_cast<int>(threadIdx.x % 32) / 4;
-  const int rows[2] = {first + g, first + g + 8};
-  const uint64_t q_desc = detail::wgmma_descriptor(q_tile + group * kWgRows * D);
+  const Head& s = q.s;
+  const float scale2 = scale * kLog2e;
+  const uint64_t q_desc = detail::wgmma_descriptor(q_tile + q.group * kWgRows * D);
   float o[D / 8][4] = {}, m[2] = {-INFINITY, -INFINITY}, l[2] = {};
-  const int last_tile = static_cast<int>(((t0 + kOwnRows < T ? t0 + kOwnRows : T) - 1) / kBlock);
-  for (int kb = 0; kb <= last_tile; ++kb) {
-    const int buffer = kb & 1;
-    if (kb < last_tile) load_swizzled_kv(base, row, C, kb + 1, T, k_tile(buffer ^ 1), v_tile(buffer ^ 1));
-    detail::commit_async();
-    wait_for_wgmma_tile();
-    const int u0 = kb * kBlock;
-    // The warpgroup's products are collective: it skips a tile only as a whole (every key
-    // after its queries, or its queries past T).
-    if (u0 <= group_first + kWgRows - 1 && group_first < T) {
-      float p[kBlock / 8][4];  // written by the first k step
-      detail::wgmma_fence();
-      detail::wgmma_64x64<D / 16>(p, q_desc, detail::wgmma_descriptor(k_tile(buffer)));
-      detail::wgmma_commit();
-      detail::wgmma_wait<0>();
-      detail::wgmma_hold(p);
-      if (u0 + kBlock - 1 > first || u0 + kBlock > T) mask_scores<false>(p, rows, u0, static_cast<int>(T), -INFINITY);
-      online_softmax(p, scale2, m, l, o);
-      if constexpr (DROPOUT) drop_tile<DROP>(p, s, mask, dropout, rows, u0, keep_scale);
-      wgmma_accumulate_pb(o, p, detail::wgmma_descriptor(v_tile(buffer)));  // out += P v
-    }
-    __syncthreads();  // this buffer is refilled next iteration
-  }
-  store_forward_rows<D>(o, m, l, rows, s, out, lse);
+  for_key_tiles(q, C, T, kv_tiles, [&](const bf16* k, const bf16* v, int u0) {
+    float p[kBlock / 8][4];  // written by the first k step
+    detail::wgmma_fence();
+    detail::wgmma_64x64<D / 16>(p, q_desc, detail::wgmma_descriptor(k));
+    detail::wgmma_commit();
+    detail::wgmma_wait<0>();
+    detail::wgmma_hold(p);
+    if (u0 + kBlock - 1 > q.first || u0 + kBlock > T) mask_scores<false>(p, q.rows, u0, static_cast<int>(T), -INFINITY);
+    online_softmax(p, scale2, m, l, o);
+    if constexpr (DROPOUT) drop_tile<DROP>(p, s, mask, dropout, q.rows, u0, keep_scale);
+    wgmma_accumulate_pb(o, p, detail::wgmma_descriptor(v));  // out += P v
+  });
+  store_forward_rows<D>(o, m, l, q.rows, s, out, lse);
 #endif
 }
 
@@ -596,8 +636,7 @@ __global__ void __launch_bounds__(kThreads)
                              int64_t C, int64_t H, float scale, cpu::DropoutSpec dropout, KeepMask<const uint32_t> mask,
                              bf16* grad_qkv) {
   constexpr bool DROPOUT = DROP != Drop::kOff;
-  if constexpr (DROP == Drop::kPhilox) dropout.key = detail::dropout_key(dropout);
-  const float keep_scale = dropout_kept_scale<float>(dropout.p);
+  const float keep_scale = start_dropout<DROP>(dropout);
   // the block's k and v; two buffers of q, dout, lse and delta
   extern __shared__ __align__(16) bf16 shared[];
   bf16* k_own = shared;
@@ -760,8 +799,7 @@ __global__ void __launch_bounds__(kThreads)
                             int64_t C, int64_t H, float scale, cpu::DropoutSpec dropout, KeepMask<const uint32_t> mask,
                             float* delta, bf16* grad_qkv) {
   constexpr bool DROPOUT = DROP != Drop::kOff;
-  if constexpr (DROP == Drop::kPhilox) dropout.key = detail::dropout_key(dropout);
-  const float keep_scale = dropout_kept_scale<float>(dropout.p);
+  const float keep_scale = start_dropout<DROP>(dropout);
   // two buffers of k and v (the k buffers first bring this block's q, the v buffers its dout)
   __shared__ __align__(16) bf16 k_tile[2][kTileElems<D>], v_tile[2][kTileElems<D>];
   static_assert(kOwnRows <= 2 * kBlock, "the block's queries are staged through the two k buffers");
@@ -793,7 +831,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
     for (int hh = 0; hh < 2; ++hh) row_lse[mt][hh] = tq.row[mt][hh] < T ? lse[s.bh * T + tq.row[mt][hh]] : 0.0f;
   float dq[kMTiles][D / 8][4] = {};
-  const int last_tile = static_cast<int>(((t0 + kOwnRows < T ? t0 + kOwnRows : T) - 1) / kBlock);
+  const int last_tile = last_key_tile(t0, T);
   load_kv<D>(base, row, C, 0, T, k_tile[0], v_tile[0]);
   detail::commit_async();
   for (int kb = 0; kb <= last_tile; ++kb) {
@@ -840,62 +878,42 @@ __global__ void __launch_bounds__(kWgThreads)
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   constexpr int D = kWgD;
   constexpr bool DROPOUT = DROP != Drop::kOff;
-  if constexpr (DROP == Drop::kPhilox) dropout.key = detail::dropout_key(dropout);
-  const float keep_scale = dropout_kept_scale<float>(dropout.p);
+  const float keep_scale = start_dropout<DROP>(dropout);
   extern __shared__ unsigned char wg_shared[];
   // q and dout [kOwnRows][64], then k[2], v[2] [64][64], each swizzled, from a 1024-byte boundary
   bf16* q_tile = swizzled_tiles(wg_shared);
   bf16* do_tile = q_tile + kOwnRows * D;
-  auto k_tile = [&](int buffer) { return do_tile + kOwnRows * D + buffer * kBlock * D; };
-  auto v_tile = [&](int buffer) { return k_tile(2 + buffer); };
-  const int group = static_cast<int>(threadIdx.x) / kWarpgroupThreads,
-            warp = static_cast<int>(threadIdx.x % kWarpgroupThreads) / 32;
-  const Head s = head_of(T, C, H);
-  const int64_t row = 3 * C, t0 = own_rows<true>();
-  const bf16* base = qkv + s.b * T * row + s.h * D;
-  const float scale2 = scale * kLog2e;
-  load_swizzled_tile<kOwnRows>(base, row, t0, T, q_tile);
-  load_swizzled_tile<kOwnRows>(grad_out + s.b * T * C + s.h * D, C, t0, T, do_tile);
-  load_swizzled_kv(base, row, C, 0, T, k_tile(0), v_tile(0));
+  bf16* kv_tiles = do_tile + kOwnRows * D;
+  const WgQueryBlock q = start_wg_query_block(qkv, T, C, H, q_tile, kv_tiles);
+  const Head& s = q.s;
+  load_swizzled_tile<kOwnRows>(grad_out + s.b * T * C + s.h * D, C, q.t0, T, do_tile);
   detail::commit_async();
-  const int group_first = static_cast<int>(t0) + group * kWgRows;  // this warpgroup's first query
-  const int first = group_first + 16 * warp, g = static_cast<int>(threadIdx.x % 32) / 4;
-  const int rows[2] = {first + g, first + g + 8};
+  const float scale2 = scale * kLog2e;
   float row_lse[1][2], row_delta[1][2];
-  row_deltas<D, 1>(grad_out + s.h * D, out + s.h * D, s.b * T, C, first, T, delta + s.bh * T, row_delta);
+  row_deltas<D, 1>(grad_out + s.h * D, out + s.h * D, s.b * T, C, q.first, T, delta + s.bh * T, row_delta);
 #pragma unroll
-  for (int hh = 0; hh < 2; ++hh) row_lse[0][hh] = rows[hh] < T ? lse[s.bh * T + rows[hh]] : 0.0f;
-  const uint64_t q_desc = detail::wgmma_descriptor(q_tile + group * kWgRows * D);
-  const uint64_t do_desc = detail::wgmma_descriptor(do_tile + group * kWgRows * D);
+  for (int hh = 0; hh < 2; ++hh) row_lse[0][hh] = q.rows[hh] < T ? lse[s.bh * T + q.rows[hh]] : 0.0f;
+  const uint64_t q_desc = detail::wgmma_descriptor(q_tile + q.group * kWgRows * D);
+  const uint64_t do_desc = detail::wgmma_descriptor(do_tile + q.group * kWgRows * D);
   float dq[D / 8][4] = {};
-  const int last_tile = static_cast<int>(((t0 + kOwnRows < T ? t0 + kOwnRows : T) - 1) / kBlock);
-  for (int kb = 0; kb <= last_tile; ++kb) {
-    const int buffer = kb & 1;
-    if (kb < last_tile) load_swizzled_kv(base, row, C, kb + 1, T, k_tile(buffer ^ 1), v_tile(buffer ^ 1));
-    detail::commit_async();
-    wait_for_wgmma_tile();
-    const int u0 = kb * kBlock;
-    if (u0 <= group_first + kWgRows - 1 && group_first < T) {  // the warpgroup's products are collective
-      float p[kBlock / 8][4], ds[kBlock / 8][4];  // written by the first k step
-      const uint64_t k_desc = detail::wgmma_descriptor(k_tile(buffer));
-      const uint64_t v_desc = detail::wgmma_descriptor(v_tile(buffer));
-      detail::wgmma_fence();
-      detail::wgmma_64x64<D / 16>(p, q_desc, k_desc);
-      detail::wgmma_64x64<D / 16>(ds, do_desc, v_desc);  // dP = dout v^T
-      detail::wgmma_commit();
-      detail::wgmma_wait<0>();
-      detail::wgmma_hold(p);
-      detail::wgmma_hold(ds);
-      if (u0 + kBlock - 1 > first || u0 + kBlock > T) mask_scores<false>(p, rows, u0, static_cast<int>(T), -INFINITY);
-      if constexpr (DROPOUT) drop_tile<DROP>(ds, s, mask, dropout, rows, u0, keep_scale);
-      score_gradient(p, ds, scale2, row_lse[0], row_delta[0]);
-      wgmma_accumulate_pb(dq, ds, k_desc);  // dQ += dS k
-    }
-    __syncthreads();  // this buffer is refilled next iteration
-  }
+  for_key_tiles(q, C, T, kv_tiles, [&](const bf16* k, const bf16* v, int u0) {
+    float p[kBlock / 8][4], ds[kBlock / 8][4];  // written by the first k step
+    const uint64_t k_desc = detail::wgmma_descriptor(k);
+    detail::wgmma_fence();
+    detail::wgmma_64x64<D / 16>(p, q_desc, k_desc);
+    detail::wgmma_64x64<D / 16>(ds, do_desc, detail::wgmma_descriptor(v));  // dP = dout v^T
+    detail::wgmma_commit();
+    detail::wgmma_wait<0>();
+    detail::wgmma_hold(p);
+    detail::wgmma_hold(ds);
+    if (u0 + kBlock - 1 > q.first || u0 + kBlock > T) mask_scores<false>(p, q.rows, u0, static_cast<int>(T), -INFINITY);
+    if constexpr (DROPOUT) drop_tile<DROP>(ds, s, mask, dropout, q.rows, u0, keep_scale);
+    score_gradient(p, ds, scale2, row_lse[0], row_delta[0]);
+    wgmma_accumulate_pb(dq, ds, k_desc);  // dQ += dS k
+  });
 #pragma unroll
   for (int hh = 0; hh < 2; ++hh)
-    if (rows[hh] < T) store_row<D>(dq, hh, scale, grad_qkv + (s.b * T + rows[hh]) * row + s.h * D);
+    if (q.rows[hh] < T) store_row<D>(dq, hh, scale, grad_qkv + (s.b * T + q.rows[hh]) * q.row + s.h * D);
 #endif
 }
 
