@@ -917,17 +917,55 @@ __global__ void __launch_bounds__(kWgThreads)
 #endif
 }
 
-// dK, dV on Hopper's warpgroup products (sm_90a, head dim 64, no dropout): a block is one
+// Which elements of a 64-query tile of P^T [keys][queries] (from query t0) dropout keeps,
+// for a warp's 16 keys from `first` and the lane's rows `keys`: bit 4 j + e for its
+// accumulator (j, e). Kept bits: each lane brings the mask words of queries t0 + lane and
+// t0 + 32 + lane for the 32 keys from first's 32-aligned start (queries before them have no
+// word: their elements are masked), and the lanes take their columns' words by shuffle.
+template <Drop DROP>
+__device__ inline uint32_t kept_transposed(const Head& s, const cpu::DropoutSpec& dropout,
+                                           const KeepMask<const uint32_t>& mask, const int (&keys)[2], int first,
+                                           int t0) {
+  uint32_t kept = 0;
+  if constexpr (DROP == Drop::kBits) {
+    const int key_base = first & ~31, lane = static_cast<int>(threadIdx.x % 32);
+    uint32_t words[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int64_t t = t0 + 32 * h + lane;
+      words[h] = t < s.T && t >= key_base ? *mask.word(s, t, key_base) : 0u;
+    }
+#pragma unroll
+    for (int j = 0; j < kBlock / 8; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const uint32_t word = __shfl_sync(0xffffffffu, words[j / 4], accumulator_column(j, e) % 32);
+        kept |= (word >> (keys[e / 2] - key_base) & 1u) << (4 * j + e);
+      }
+  } else {
+#pragma unroll
+    for (int j = 0; j < kBlock / 8; ++j)
+      kept |= keep_bits<false>(s, dropout, keys[0], keys[1], t0 + accumulator_column(j, 0)) << (4 * j);
+  }
+  return kept;
+}
+
+// dK, dV on Hopper's warpgroup products (sm_90a, head dim 64): a block is one
 // warpgroup of 64 keys (168 registers: three blocks a multiprocessor, each with barriers of
 // its own, so that one's softmax runs beside another's products), the query tiles of 64
 // whole. S^T = k q^T and dP^T = v dout^T from shared memory; dV += P^T dout and dK += dS^T q
-// with P^T and dS^T from registers (dout and q read transposed).
+// with P^T and dS^T from registers (dout and q read transposed). Dropout as the mma.sync
+// kernel's: D P^T for dV, dS^T = P^T (D dP^T - delta).
 constexpr int kWgGradKvSharedBytes = 2 * kWgRows * kWgD * 2 + 4 * kWgTileBytes + 4 * kBlock * 4 + 1024;
+template <Drop DROP>
 __global__ void __launch_bounds__(kWarpgroupThreads)
     flash_backward_kv_wgmma_kernel(const bf16* qkv, const bf16* grad_out, const float* lse, const float* delta,
-                                   int64_t T, int64_t C, int64_t H, float scale, bf16* grad_qkv) {
+                                   int64_t T, int64_t C, int64_t H, float scale, cpu::DropoutSpec dropout,
+                                   KeepMask<const uint32_t> mask, bf16* grad_qkv) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   constexpr int D = kWgD;
+  constexpr bool DROPOUT = DROP != Drop::kOff;
+  const float keep_scale = start_dropout<DROP>(dropout);
   extern __shared__ unsigned char wg_shared[];
   // k and v [64][64], then q[2], dout[2] [64][64], each swizzled, from a 1024-byte boundary;
   // then lse[2][64] and delta[2][64]
@@ -985,13 +1023,22 @@ __global__ void __launch_bounds__(kWarpgroupThreads)
     // the mask (rows past T are zeros: no contribution)
     if (t0 < first + 15 || t0 + kBlock > T || first + 16 > T)
       mask_scores<true>(p, keys, t0, static_cast<int>(T), -INFINITY);
+    const uint32_t kept = DROPOUT ? kept_transposed<DROP>(s, dropout, mask, keys, first, t0) : 0u;
 #pragma unroll
     for (int j = 0; j < kBlock / 8; ++j)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int local = accumulator_column(j, e);
         p[j][e] = exp2_fast(fmaf(p[j][e], scale2, -lse_t[local]));
-        dp[j][e] = p[j][e] * (dp[j][e] - delta_t[local]);  // dS^T (times scale when dK is stored)
+        if constexpr (DROPOUT) {
+          const float keep = kept >> (4 * j + e) & 1u ? keep_scale : 0.0f;
+          float d = dp[j][e];
+          d *= keep;
+          dp[j][e] = p[j][e] * (d - delta_t[local]);  // dS^T (times scale when dK is stored)
+          p[j][e] *= keep;                            // D P^T, for dV
+        } else {
+          dp[j][e] = p[j][e] * (dp[j][e] - delta_t[local]);
+        }
       }
     uint32_t pa[kBlock / 16][4], dsa[kBlock / 16][4];  // made before the products, which read them
 #pragma unroll
@@ -1143,12 +1190,12 @@ void attention_backward(const cpu::AttentionShape& s, const bf16* grad_out, cons
                                                                       dropout, mask, delta, grad_qkv);
     }
     MHC_CUDA_CHECK(cudaGetLastError());
-    if (wgmma && DROP == Drop::kOff) {
-      const auto kv_kernel = flash_backward_kv_wgmma_kernel;
+    if (wgmma) {
+      const auto kv_kernel = flash_backward_kv_wgmma_kernel<DROP>;
       MHC_CUDA_CHECK(
           cudaFuncSetAttribute(kv_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kWgGradKvSharedBytes));
       kv_kernel<<<attention_grid(s, g, kWgRows), kWarpgroupThreads, kWgGradKvSharedBytes, stream>>>(
-          qkv, grad_out, lse, delta, g.T, g.C, g.H, scale, grad_qkv);
+          qkv, grad_out, lse, delta, g.T, g.C, g.H, scale, dropout, mask, grad_qkv);
       return;
     }
     const auto kv_kernel = flash_backward_kv_kernel<D, DROP>;
