@@ -16,8 +16,7 @@
 // Blocks are launched heaviest first (late queries, early keys). Head dims 16, 32 and 64.
 // On Hopper (sm_90a builds) head dim 64 runs on warpgroup products (wgmma), the streamed
 // tiles of 64 used whole: the forward and dQ as the same blocks of two warpgroups of 64
-// queries, dK/dV (without dropout) as blocks of one warpgroup of 64 keys
-// (set_attention_wgmma).
+// queries, dK/dV as blocks of one warpgroup of 64 keys (set_attention_wgmma).
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
