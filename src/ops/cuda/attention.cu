@@ -955,10 +955,12 @@ __device__ inline uint32_t kept_transposed(const Head& s, const cpu::DropoutSpec
 // its own, so that one's softmax runs beside another's products), the query tiles of 64
 // whole. S^T = k q^T and dP^T = v dout^T from shared memory; dV += P^T dout and dK += dS^T q
 // with P^T and dS^T from registers (dout and q read transposed). Dropout as the mma.sync
-// kernel's: D P^T for dV, dS^T = P^T (D dP^T - delta).
+// kernel's: D P^T for dV, dS^T = P^T (D dP^T - delta); held to three blocks too (236-240
+// registers otherwise; 84-124 bytes spill: 311.6 -> 277.3 us a layer). Without dropout the
+// compiler's own choice (0: no minimum; 1 would let it take 204).
 constexpr int kWgGradKvSharedBytes = 2 * kWgRows * kWgD * 2 + 4 * kWgTileBytes + 4 * kBlock * 4 + 1024;
 template <Drop DROP>
-__global__ void __launch_bounds__(kWarpgroupThreads)
+__global__ void __launch_bounds__(kWarpgroupThreads, DROP == Drop::kOff ? 0 : 3)
     flash_backward_kv_wgmma_kernel(const bf16* qkv, const bf16* grad_out, const float* lse, const float* delta,
                                    int64_t T, int64_t C, int64_t H, float scale, cpu::DropoutSpec dropout,
                                    KeepMask<const uint32_t> mask, bf16* grad_qkv) {
