@@ -1032,15 +1032,10 @@ __global__ void __launch_bounds__(kWarpgroupThreads, DROP == Drop::kOff ? 0 : 3)
       for (int e = 0; e < 4; ++e) {
         const int local = accumulator_column(j, e);
         p[j][e] = exp2_fast(fmaf(p[j][e], scale2, -lse_t[local]));
-        if constexpr (DROPOUT) {
-          const float keep = kept >> (4 * j + e) & 1u ? keep_scale : 0.0f;
-          float d = dp[j][e];
-          d *= keep;
-          dp[j][e] = p[j][e] * (d - delta_t[local]);  // dS^T (times scale when dK is stored)
-          p[j][e] *= keep;                            // D P^T, for dV
-        } else {
-          dp[j][e] = p[j][e] * (dp[j][e] - delta_t[local]);
-        }
+        const float keep = DROPOUT && !(kept >> (4 * j + e) & 1u) ? 0.0f : keep_scale;
+        if constexpr (DROPOUT) dp[j][e] *= keep;
+        dp[j][e] = p[j][e] * (dp[j][e] - delta_t[local]);  // dS^T (times scale when dK is stored)
+        if constexpr (DROPOUT) p[j][e] *= keep;            // D P^T, for dV
       }
     uint32_t pa[kBlock / 16][4], dsa[kBlock / 16][4];  // made before the products, which read them
 #pragma unroll
