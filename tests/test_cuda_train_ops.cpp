@@ -2,6 +2,7 @@
 // random inputs with every output poisoned first. Skipped without a GPU.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <type_traits>
 
 #include "core/rng.h"
@@ -48,10 +49,40 @@ TEST_F(CudaTrainOps, DropoutKeysAreTheHostsForTheStepInDeviceMemory) {
   }
 }
 
+// counts[v] copies of token v in a random order.
+std::vector<int32_t> tokens_with_counts(const std::vector<int64_t>& counts, uint64_t seed) {
+  std::vector<std::pair<double, int32_t>> keyed;
+  for (size_t v = 0; v < counts.size(); ++v)
+    for (int64_t k = 0; k < counts[v]; ++k) keyed.push_back({0.0, static_cast<int32_t>(v)});
+  const std::vector<double> keys = random_vector(keyed.size(), seed, 0, 1);
+  for (size_t i = 0; i < keyed.size(); ++i) keyed[i].first = keys[i];
+  std::sort(keyed.begin(), keyed.end());
+  std::vector<int32_t> tokens;
+  for (const auto& k : keyed) tokens.push_back(k.second);
+  return tokens;
+}
+
 TEST_F(CudaTrainOps, EmbeddingForwardAndBackward) {
-  for (auto [batch, seq, C, vocab] : {std::array<int64_t, 4>{1, 1, 1, 2}, std::array<int64_t, 4>{3, 17, 13, 50},
-                                      std::array<int64_t, 4>{8, 64, 96, 1000}}) {
-    const std::vector<int32_t> tokens = random_tokens(batch * seq, vocab, 1);
+  struct Case {
+    int64_t batch, seq, C, vocab;
+    std::vector<int64_t> counts;  // of each token; empty: random_tokens
+  };
+  // The backward sums each token's run in chunks of 32 sorted positions: runs shorter than,
+  // equal to and longer than a chunk, across its ends, a run filling whole chunks, a run of
+  // hundreds (a byte-level corpus's ' '), channels a multiple of 8 and not.
+  const std::vector<int64_t> runs{1, 31, 32, 33, 64, 65, 97, 1};
+  const std::vector<Case> cases{{1, 1, 1, 2, {}},
+                                {3, 17, 13, 50, {}},
+                                {8, 64, 96, 1000, {}},
+                                {8, 64, 96, 3, {}},
+                                {4, 81, 16, 8, runs},
+                                {4, 81, 13, 8, runs},
+                                {4, 40, 24, 5, {0, 0, 0, 0, 160}}};
+  for (const Case& k : cases) {
+    const int64_t batch = k.batch, seq = k.seq, C = k.C, vocab = k.vocab;
+    const std::vector<int32_t> tokens =
+        k.counts.empty() ? random_tokens(batch * seq, vocab, 1) : tokens_with_counts(k.counts, 7);
+    ASSERT_EQ(static_cast<int64_t>(tokens.size()), batch * seq);
     const std::vector<float> wte = random_float(vocab * C, 2), wpe = random_float(seq * C, 3),
                              dwte0 = random_float(vocab * C, 4), dwpe0 = random_float(seq * C, 5);
     const Bf16Data de = random_bf16(batch * seq * C, 6);
@@ -59,7 +90,7 @@ TEST_F(CudaTrainOps, EmbeddingForwardAndBackward) {
     DeviceBuffer<float> d_wte(wte), d_wpe(wpe), d_dwte(dwte0), d_dwpe(dwpe0);
     DeviceBuffer<bf16> d_de(de.bits);
     auto d_e = poisoned<bf16>(batch * seq * C);
-    auto d_work = poisoned<unsigned char>(cuda::embedding_backward_workspace_bytes(batch, seq));
+    auto d_work = poisoned<unsigned char>(cuda::embedding_backward_workspace_bytes(batch, seq, C));
     cuda::embedding_forward(d_tokens.data(), d_wte.data(), d_wpe.data(), batch, seq, C, d_e.data());
     cuda::embedding_backward(d_de.data(), d_tokens.data(), batch, seq, C, vocab, d_dwte.data(), d_dwpe.data(),
                              d_work.data());
@@ -68,7 +99,8 @@ TEST_F(CudaTrainOps, EmbeddingForwardAndBackward) {
     std::vector<double> e(batch * seq * C), dwte = widen(dwte0), dwpe = widen(dwpe0);
     cpu::embedding_forward(tokens.data(), wte_d.data(), wpe_d.data(), batch, seq, C, e.data());
     cpu::embedding_backward(de.values.data(), tokens.data(), batch, seq, C, dwte.data(), dwpe.data());
-    const std::string label = "seq " + std::to_string(seq);
+    const std::string label =
+        "seq " + std::to_string(seq) + " C " + std::to_string(C) + " vocab " + std::to_string(vocab);
     EXPECT_LT(relative_error(widen(d_e.download()), e), kBf16Tolerance) << label;
     EXPECT_LT(relative_error(widen(d_dwte.download()), dwte), kFp32Tolerance) << label;
     EXPECT_LT(relative_error(widen(d_dwpe.download()), dwpe), kFp32Tolerance) << label;

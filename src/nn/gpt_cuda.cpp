@@ -660,7 +660,7 @@ GptCuda::GptCuda(const ModelConfig& config, int64_t batch, int64_t seq) : config
   s.side_columns_ws = DeviceBuffer<float>(
       std::max(cuda::linear_backward_workspace_floats(N, 3 * C), cuda::norm_backward_workspace_floats(N, C)));
   s.attention_ws = DeviceBuffer<unsigned char>(cuda::attention_workspace_bytes({batch, seq, s.H, C}));
-  s.embedding_ws = DeviceBuffer<unsigned char>(cuda::embedding_backward_workspace_bytes(batch, seq));
+  s.embedding_ws = DeviceBuffer<unsigned char>(cuda::embedding_backward_workspace_bytes(batch, seq, C));
   s.norm_ws = DeviceBuffer<double>(cuda::grad_norm_workspace_doubles(1));
   if (s.hc) {
     std::vector<const float*> h_res;

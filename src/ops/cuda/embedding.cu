@@ -20,17 +20,72 @@ __global__ void iota_kernel(int32_t* out, int64_t count) {
   if (i < count) out[i] = static_cast<int32_t>(i);
 }
 
-// Block i handles the run of equal tokens starting at sorted index i (other blocks exit).
-__global__ void token_runs_kernel(const bf16* grad_e, const int32_t* sorted_tokens, const int32_t* positions,
-                                  int64_t rows, int64_t C, float* grad_wte) {
-  const int64_t i = blockIdx.x;
-  const int32_t token = sorted_tokens[i];
-  if (i > 0 && sorted_tokens[i - 1] == token) return;
-  for (int64_t c = threadIdx.x; c < C; c += blockDim.x) {
-    float s = 0;
-    for (int64_t j = i; j < rows && sorted_tokens[j] == token; ++j)
-      s += __bfloat162float(grad_e[static_cast<int64_t>(positions[j]) * C + c]);
-    grad_wte[static_cast<int64_t>(token) * C + c] += s;
+// dwte by runs of equal tokens in the sorted order, cut into chunks of kRunChunk entries so
+// that no thread walks a long run (a byte-level corpus puts a sixth of a batch in the run
+// of ' '; one block a run walked it one dependent load at a time). Each block takes a chunk
+// and VEC channels a thread, the chunk's tokens and positions staged in shared memory.
+// CONTINUATIONS: a chunk whose first entries continue a run from the chunk before sums
+// them into its row of `continued` and does nothing else. Otherwise each run that starts in
+// the chunk is summed over its entries there, then over the `continued` rows of the chunks
+// it runs on into, in order, and added to dwte: a fixed order, so deterministic.
+constexpr int kRunChunk = 32, kRunThreads = 128;
+
+template <int VEC, bool CONTINUATIONS>
+__global__ void __launch_bounds__(kRunThreads)
+    run_sums_kernel(const bf16* grad_e, const int32_t* sorted_tokens, const int32_t* positions, int64_t rows, int64_t C,
+                    float* continued, float* grad_wte) {
+  __shared__ int32_t token_of[kRunChunk], position_of[kRunChunk];
+  const int64_t chunk = blockIdx.x, first = chunk * kRunChunk;
+  const int count = static_cast<int>(min(static_cast<int64_t>(kRunChunk), rows - first));
+  if (threadIdx.x < count) {
+    token_of[threadIdx.x] = sorted_tokens[first + threadIdx.x];
+    position_of[threadIdx.x] = positions[first + threadIdx.x];
+  }
+  __syncthreads();
+  const int64_t c = (static_cast<int64_t>(blockIdx.y) * kRunThreads + threadIdx.x) * VEC;
+  if (c >= C) return;
+  // The entries [0, head) continue a run from the chunk before.
+  int head = 0;
+  if (first > 0 && sorted_tokens[first - 1] == token_of[0])
+    while (head < count && token_of[head] == token_of[0]) ++head;
+  if (CONTINUATIONS && head == 0) return;
+  float sum[VEC] = {};
+  auto add_entry = [&](int e) {
+    float v[VEC];
+    detail::load_bf16<VEC>(grad_e + static_cast<int64_t>(position_of[e]) * C + c, v);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) sum[k] += v[k];
+  };
+  if constexpr (CONTINUATIONS) {
+    for (int e = 0; e < head; ++e) add_entry(e);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) continued[chunk * C + c + k] = sum[k];
+  } else {
+    for (int e = head; e < count;) {
+      const int32_t token = token_of[e];
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) sum[k] = 0;
+      for (; e < count && token_of[e] == token; ++e) add_entry(e);
+      if (e == count && first + count < rows) {
+        // The chunk's last run may go on into the next chunks: its end by binary search (the
+        // tokens ascend), so that the continued rows' loads need not wait on each other.
+        int64_t end = first + count, high = rows;
+        while (end < high) {
+          const int64_t middle = (end + high) / 2;
+          if (sorted_tokens[middle] <= token)
+            end = middle + 1;
+          else
+            high = middle;
+        }
+        const int64_t last = (end + kRunChunk - 1) / kRunChunk;  // chunks before it begin with the run
+#pragma unroll 4
+        for (int64_t next = chunk + 1; next < last; ++next)
+#pragma unroll
+          for (int k = 0; k < VEC; ++k) sum[k] += continued[next * C + c + k];
+      }
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) grad_wte[static_cast<int64_t>(token) * C + c + k] += sum[k];
+    }
   }
 }
 
@@ -48,17 +103,19 @@ int vocab_bits(int64_t vocab) {
   return bits;
 }
 
-// Workspace: sorted tokens, positions in, positions out (int32 each), then cub's storage.
+// Workspace: the chunks' continued sums (fp32, [chunks][C]), sorted tokens, positions in,
+// positions out (int32 each), then cub's storage.
 struct SortLayout {
-  size_t ints, cub_bytes, total;
+  size_t continued, ints, cub_bytes, total;
 };
-SortLayout sort_layout(int64_t rows) {
+SortLayout sort_layout(int64_t rows, int64_t C) {
   SortLayout l{};
+  l.continued = static_cast<size_t>((rows + kRunChunk - 1) / kRunChunk * C * sizeof(float) + 255) / 256 * 256;
   l.ints = static_cast<size_t>((rows + 63) / 64 * 64);
   MHC_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(nullptr, l.cub_bytes, static_cast<const int32_t*>(nullptr),
                                                  static_cast<int32_t*>(nullptr), static_cast<const int32_t*>(nullptr),
                                                  static_cast<int32_t*>(nullptr), static_cast<int>(rows)));
-  l.total = 3 * l.ints * sizeof(int32_t) + l.cub_bytes;
+  l.total = l.continued + 3 * l.ints * sizeof(int32_t) + l.cub_bytes;
   return l;
 }
 
@@ -144,14 +201,17 @@ void embedding_forward(const int32_t* tokens, const float* wte, const float* wpe
   MHC_CUDA_CHECK(cudaGetLastError());
 }
 
-size_t embedding_backward_workspace_bytes(int64_t batch, int64_t seq) { return sort_layout(batch * seq).total; }
+size_t embedding_backward_workspace_bytes(int64_t batch, int64_t seq, int64_t C) {
+  return sort_layout(batch * seq, C).total;
+}
 
 void embedding_backward(const bf16* grad_e, const int32_t* tokens, int64_t batch, int64_t seq, int64_t C,
                         int64_t vocab, float* grad_wte, float* grad_wpe, void* workspace, cudaStream_t stream) {
   const int64_t rows = batch * seq;
   check(rows >= 1 && C >= 1 && rows <= 0x7fffffff, "embedding: input size out of range");
-  const SortLayout l = sort_layout(rows);
-  int32_t* sorted_tokens = static_cast<int32_t*>(workspace);
+  const SortLayout l = sort_layout(rows, C);
+  float* continued = static_cast<float*>(workspace);
+  int32_t* sorted_tokens = reinterpret_cast<int32_t*>(static_cast<unsigned char*>(workspace) + l.continued);
   int32_t* positions_in = sorted_tokens + l.ints;
   int32_t* positions = positions_in + l.ints;
   void* cub_storage = positions + l.ints;
@@ -160,9 +220,18 @@ void embedding_backward(const bf16* grad_e, const int32_t* tokens, int64_t batch
   MHC_CUDA_CHECK(cudaGetLastError());
   MHC_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(cub_storage, cub_bytes, tokens, sorted_tokens, positions_in,
                                                  positions, static_cast<int>(rows), 0, vocab_bits(vocab), stream));
-  token_runs_kernel<<<detail::blocks_for(rows, 1), 256, 0, stream>>>(grad_e, sorted_tokens, positions, rows, C,
-                                                                      grad_wte);
-  MHC_CUDA_CHECK(cudaGetLastError());
+  auto run_sums = [&](auto continuations_kernel, auto runs_kernel, int vec) {
+    const dim3 grid(detail::blocks_for(rows, kRunChunk), detail::blocks_for((C + vec - 1) / vec, kRunThreads));
+    continuations_kernel<<<grid, kRunThreads, 0, stream>>>(grad_e, sorted_tokens, positions, rows, C, continued,
+                                                           grad_wte);
+    MHC_CUDA_CHECK(cudaGetLastError());
+    runs_kernel<<<grid, kRunThreads, 0, stream>>>(grad_e, sorted_tokens, positions, rows, C, continued, grad_wte);
+    MHC_CUDA_CHECK(cudaGetLastError());
+  };
+  if (C % 8 == 0)
+    run_sums(run_sums_kernel<8, true>, run_sums_kernel<8, false>, 8);
+  else
+    run_sums(run_sums_kernel<1, true>, run_sums_kernel<1, false>, 1);
   position_sums_kernel<<<detail::blocks_for(seq * C, 256), 256, 0, stream>>>(grad_e, batch, seq, C, grad_wpe);
   MHC_CUDA_CHECK(cudaGetLastError());
 }

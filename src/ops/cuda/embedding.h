@@ -2,9 +2,10 @@
 // (ops/cpu/embedding.h has the math):
 //
 //   embed:   e[b][t] = wte[token[b][t]] + wpe[t]              (fp32 tables, bf16 e)
-//            backward: dwte[v] += sum of de over the positions holding token v, in position
-//            order (positions sorted by token with a stable radix sort, then one block per
-//            token summing its run); dwpe[t] += sum_b de[b][t]        (fp32, deterministic)
+//            backward: dwte[v] += sum of de over the positions holding token v (positions
+//            sorted by token with a stable radix sort; each token's run summed in chunks of
+//            32 positions, in position order, then the chunks in order);
+//            dwpe[t] += sum_b de[b][t]                              (fp32, deterministic)
 //   loss:    per row, loss = logsumexp(logits) - logits[target] from bf16 logits (fp32
 //            arithmetic); the logits' gradient dlogits = (softmax - onehot) * scale
 //            overwrites them (bf16), for the head's backward products. One block a row,
@@ -23,7 +24,7 @@ using bf16 = __nv_bfloat16;
 void embedding_forward(const int32_t* tokens, const float* wte, const float* wpe, int64_t batch, int64_t seq,
                        int64_t C, bf16* e, cudaStream_t stream = nullptr);
 
-size_t embedding_backward_workspace_bytes(int64_t batch, int64_t seq);
+size_t embedding_backward_workspace_bytes(int64_t batch, int64_t seq, int64_t C);
 
 // `vocab` bounds the token ids (the sort looks at their low bits only).
 void embedding_backward(const bf16* grad_e, const int32_t* tokens, int64_t batch, int64_t seq, int64_t C,
