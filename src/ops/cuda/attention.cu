@@ -308,6 +308,40 @@ template <Drop DROP> struct QueryHalfMask {
   }
 };
 
+// Which elements of a [key][query] tile of P^T of TILES n8 tiles (from query t0; dK/dV's)
+// dropout keeps, for a warp's keys from `first` and the lane's rows `keys`: bit 4 j + e for
+// its accumulator (j, e). Kept bits: each lane brings the mask words of queries t0 + 32 h +
+// lane for the 32 keys from first's 32-aligned start (queries before them have no word:
+// their elements are masked), and the lanes take their columns' words by shuffle.
+template <Drop DROP, int TILES>
+__device__ inline uint32_t kept_transposed(const Head& s, const cpu::DropoutSpec& dropout,
+                                           const KeepMask<const uint32_t>& mask, const int (&keys)[2], int first,
+                                           int t0) {
+  static_assert(TILES * 4 <= 32, "the bits in one word");
+  uint32_t kept = 0;
+  if constexpr (DROP == Drop::kBits) {
+    const int key_base = first & ~31, lane = static_cast<int>(threadIdx.x % 32);
+    uint32_t words[(TILES * 8 + 31) / 32];
+#pragma unroll
+    for (int h = 0; h < (TILES * 8 + 31) / 32; ++h) {
+      const int64_t t = t0 + 32 * h + lane;
+      words[h] = t < s.T && t >= key_base ? *mask.word(s, t, key_base) : 0u;
+    }
+#pragma unroll
+    for (int j = 0; j < TILES; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const uint32_t word = __shfl_sync(0xffffffffu, words[j / 4], accumulator_column(j, e) % 32);
+        kept |= (word >> (keys[e / 2] - key_base) & 1u) << (4 * j + e);
+      }
+  } else {
+#pragma unroll
+    for (int j = 0; j < TILES; ++j)
+      kept |= keep_bits<false>(s, dropout, keys[0], keys[1], t0 + accumulator_column(j, 0)) << (4 * j);
+  }
+  return kept;
+}
+
 // The mask words of every (batch x head, query t, w <= t / 32): a thread a word, from the
 // Philox stream of the forward's elements (drop(): four values a call where T % 4 == 0,
 // dropout_keep_bits4, else one). A block (x) is a head's 32-query band b, whose b + 1
@@ -692,32 +726,15 @@ __global__ void __launch_bounds__(kThreads)
       // once for both of its uses.
       static_assert(kMTiles * kHalfTiles * 4 <= 32, "the mask in one word");
       uint32_t kept = 0;
-      // kept bits: each lane brings the mask word of query t0 + lane for this warp's 32 keys
-      // (queries before them have none: their elements are masked), the lanes take their
-      // columns' words by shuffle, their rows' bits from those.
-      uint32_t column_words[kHalfTiles][2];
-      if constexpr (DROP == Drop::kBits) {
-        const int64_t t = t0 + static_cast<int>(threadIdx.x % 32);
-        const uint32_t word = t < T && t >= first ? *mask.word(s, t, first) : 0u;
-#pragma unroll
-        for (int j = 0; j < kHalfTiles; ++j)
-#pragma unroll
-          for (int e = 0; e < 2; ++e) column_words[j][e] = __shfl_sync(0xffffffffu, word, accumulator_column(j, e));
-      }
       product_nk<D, kHalfTiles>(k_a, q_rows, p);
 #pragma unroll
       for (int mt = 0; mt < kMTiles; ++mt) {
         if (t0 < first + 16 * mt + 15 || t0 + kHalf > T || first + 16 * mt + 16 > T)
           mask_scores<true>(p[mt], ku.row[mt], t0, static_cast<int>(T), -INFINITY);
+        if constexpr (DROPOUT)
+          kept |= kept_transposed<DROP, kHalfTiles>(s, dropout, mask, ku.row[mt], first, t0) << (mt * kHalfTiles * 4);
 #pragma unroll
         for (int j = 0; j < kHalfTiles; ++j) {
-          if constexpr (DROP == Drop::kPhilox)
-            kept |= keep_bits<false>(s, dropout, ku.row[mt][0], ku.row[mt][1], t0 + accumulator_column(j, 0))
-                    << ((mt * kHalfTiles + j) * 4);
-          if constexpr (DROP == Drop::kBits)
-#pragma unroll
-            for (int e = 0; e < 4; ++e)
-              kept |= (column_words[j][e % 2] >> (ku.row[mt][e / 2] - first) & 1u) << ((mt * kHalfTiles + j) * 4 + e);
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
             const int local = accumulator_column(j, e);
@@ -917,39 +934,6 @@ __global__ void __launch_bounds__(kWgThreads)
 #endif
 }
 
-// Which elements of a 64-query tile of P^T [keys][queries] (from query t0) dropout keeps,
-// for a warp's 16 keys from `first` and the lane's rows `keys`: bit 4 j + e for its
-// accumulator (j, e). Kept bits: each lane brings the mask words of queries t0 + lane and
-// t0 + 32 + lane for the 32 keys from first's 32-aligned start (queries before them have no
-// word: their elements are masked), and the lanes take their columns' words by shuffle.
-template <Drop DROP>
-__device__ inline uint32_t kept_transposed(const Head& s, const cpu::DropoutSpec& dropout,
-                                           const KeepMask<const uint32_t>& mask, const int (&keys)[2], int first,
-                                           int t0) {
-  uint32_t kept = 0;
-  if constexpr (DROP == Drop::kBits) {
-    const int key_base = first & ~31, lane = static_cast<int>(threadIdx.x % 32);
-    uint32_t words[2];
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int64_t t = t0 + 32 * h + lane;
-      words[h] = t < s.T && t >= key_base ? *mask.word(s, t, key_base) : 0u;
-    }
-#pragma unroll
-    for (int j = 0; j < kBlock / 8; ++j)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const uint32_t word = __shfl_sync(0xffffffffu, words[j / 4], accumulator_column(j, e) % 32);
-        kept |= (word >> (keys[e / 2] - key_base) & 1u) << (4 * j + e);
-      }
-  } else {
-#pragma unroll
-    for (int j = 0; j < kBlock / 8; ++j)
-      kept |= keep_bits<false>(s, dropout, keys[0], keys[1], t0 + accumulator_column(j, 0)) << (4 * j);
-  }
-  return kept;
-}
-
 // dK, dV on Hopper's warpgroup products (sm_90a, head dim 64): a block is one
 // warpgroup of 64 keys (168 registers: three blocks a multiprocessor, each with barriers of
 // its own, so that one's softmax runs beside another's products), the query tiles of 64
@@ -1025,7 +1009,7 @@ __global__ void __launch_bounds__(kWarpgroupThreads, DROP == Drop::kOff ? 0 : 3)
     // the mask (rows past T are zeros: no contribution)
     if (t0 < first + 15 || t0 + kBlock > T || first + 16 > T)
       mask_scores<true>(p, keys, t0, static_cast<int>(T), -INFINITY);
-    const uint32_t kept = DROPOUT ? kept_transposed<DROP>(s, dropout, mask, keys, first, t0) : 0u;
+    const uint32_t kept = DROPOUT ? kept_transposed<DROP, kBlock / 8>(s, dropout, mask, keys, first, t0) : 0u;
 #pragma unroll
     for (int j = 0; j < kBlock / 8; ++j)
 #pragma unroll
