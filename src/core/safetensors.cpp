@@ -102,12 +102,21 @@ Safetensors parse_safetensors(std::span<const uint8_t> bytes, const std::string&
   return file;
 }
 
-std::vector<uint8_t> serialize_safetensors(const Safetensors& file) {
+TensorViews views_of(const Safetensors& file) {
+  TensorViews views;
+  for (const auto& [name, tensor] : file.tensors) views[name] = {tensor.dtype, tensor.shape, tensor.bytes};
+  return views;
+}
+
+namespace {
+// The 8-byte length and the JSON header, padded so that the data starts 8-byte aligned;
+// the tensors' data follows in name order.
+std::string header_of(const TensorViews& tensors, const std::map<std::string, std::string>& metadata) {
   nlohmann::json header = nlohmann::json::object();
-  if (!file.metadata.empty()) header["__metadata__"] = file.metadata;
+  if (!metadata.empty()) header["__metadata__"] = metadata;
   uint64_t offset = 0;
-  for (const auto& [name, tensor] : file.tensors) {
-    check(tensor.bytes.size() == static_cast<size_t>(tensor.numel()) * dtype_size(tensor.dtype),
+  for (const auto& [name, tensor] : tensors) {
+    check(tensor.bytes.size() == static_cast<size_t>(shape_numel(tensor.shape)) * dtype_size(tensor.dtype),
           "tensor '" + name + "' byte size does not match its shape");
     header[name] = {{"dtype", dtype_name(tensor.dtype)},
                     {"shape", tensor.shape},
@@ -115,16 +124,18 @@ std::vector<uint8_t> serialize_safetensors(const Safetensors& file) {
     offset += tensor.bytes.size();
   }
   std::string text = header.dump();
-  text.resize((text.size() + 7) / 8 * 8, ' ');  // pad so the data starts 8-byte aligned
-  std::vector<uint8_t> out(8 + text.size() + offset);
-  write_u64_le(out.data(), text.size());
-  std::memcpy(out.data() + 8, text.data(), text.size());
-  uint8_t* cursor = out.data() + 8 + text.size();
-  for (const auto& [name, tensor] : file.tensors) {
-    if (tensor.bytes.empty()) continue;  // memcpy from an empty vector's null data is undefined
-    std::memcpy(cursor, tensor.bytes.data(), tensor.bytes.size());
-    cursor += tensor.bytes.size();
-  }
+  text.resize((text.size() + 7) / 8 * 8, ' ');
+  std::string out(8, '\0');
+  write_u64_le(reinterpret_cast<uint8_t*>(out.data()), text.size());
+  return out + text;
+}
+}  // namespace
+
+std::vector<uint8_t> serialize_safetensors(const Safetensors& file) {
+  const TensorViews tensors = views_of(file);
+  const std::string header = header_of(tensors, file.metadata);
+  std::vector<uint8_t> out(header.begin(), header.end());
+  for (const auto& [name, tensor] : tensors) out.insert(out.end(), tensor.bytes.begin(), tensor.bytes.end());
   return out;
 }
 
@@ -143,23 +154,28 @@ Safetensors read_safetensors(const std::string& path) {
   return parse_safetensors(bytes, path);
 }
 
-void write_safetensors(const std::string& path, const Safetensors& file) {
-  const std::vector<uint8_t> bytes = serialize_safetensors(file);
+void write_safetensors(const std::string& path, const TensorViews& tensors,
+                       const std::map<std::string, std::string>& metadata) {
+  const std::string header = header_of(tensors, metadata);
   const std::string temporary = path + ".tmp." + std::to_string(getpid());
   const int fd = ::open(temporary.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
   check(fd >= 0, temporary + ": cannot create: " + std::strerror(errno));
-  size_t written = 0;
-  while (written < bytes.size()) {
-    const ssize_t n = ::write(fd, bytes.data() + written, bytes.size() - written);
-    if (n < 0 && errno == EINTR) continue;
-    if (n <= 0) {
-      const std::string reason = std::strerror(errno);
-      ::close(fd);
-      ::unlink(temporary.c_str());
-      fail(temporary + ": write failed: " + reason);
+  auto write_all = [&](const void* data, size_t size) {
+    const auto* bytes = static_cast<const uint8_t*>(data);
+    for (size_t written = 0; written < size;) {
+      const ssize_t n = ::write(fd, bytes + written, size - written);
+      if (n < 0 && errno == EINTR) continue;
+      if (n <= 0) {
+        const std::string reason = std::strerror(errno);
+        ::close(fd);
+        ::unlink(temporary.c_str());
+        fail(temporary + ": write failed: " + reason);
+      }
+      written += static_cast<size_t>(n);
     }
-    written += static_cast<size_t>(n);
-  }
+  };
+  write_all(header.data(), header.size());
+  for (const auto& [name, tensor] : tensors) write_all(tensor.bytes.data(), tensor.bytes.size());
   const bool synced = ::fsync(fd) == 0;
   ::close(fd);
   if (!synced || std::rename(temporary.c_str(), path.c_str()) != 0) {
@@ -173,6 +189,10 @@ void write_safetensors(const std::string& path, const Safetensors& file) {
     ::fsync(dir_fd);
     ::close(dir_fd);
   }
+}
+
+void write_safetensors(const std::string& path, const Safetensors& file) {
+  write_safetensors(path, views_of(file), file.metadata);
 }
 
 }  // namespace mhc

@@ -20,12 +20,26 @@ struct Safetensors {
   const HostTensor& at(const std::string& name) const;  // Error naming the missing tensor
 };
 
+// A tensor to write whose bytes stay where they are (the caller's memory), so that a
+// checkpoint is written without a copy of the model.
+struct TensorView {
+  DType dtype = DType::F32;
+  std::vector<int64_t> shape;
+  std::span<const uint8_t> bytes;
+};
+using TensorViews = std::map<std::string, TensorView>;
+TensorViews views_of(const Safetensors& file);
+
 // `origin` names the source (usually the path) in error messages.
 Safetensors parse_safetensors(std::span<const uint8_t> bytes, const std::string& origin);
 std::vector<uint8_t> serialize_safetensors(const Safetensors& file);
 
 Safetensors read_safetensors(const std::string& path);
-// Atomic: writes a temporary file beside `path`, fsyncs it, then renames it over `path`.
+// Atomic: writes a temporary file beside `path` (the header, then each tensor's bytes from
+// where they lie), fsyncs it, then renames it over `path`. The same bytes as
+// serialize_safetensors.
+void write_safetensors(const std::string& path, const TensorViews& tensors,
+                       const std::map<std::string, std::string>& metadata);
 void write_safetensors(const std::string& path, const Safetensors& file);
 
 }  // namespace mhc

@@ -1,5 +1,7 @@
 #include "train/checkpoint.h"
 
+#include <bit>
+#include <map>
 #include <nlohmann/json.hpp>
 
 #include "core/error.h"
@@ -36,24 +38,27 @@ void load_into(const Safetensors& file, const std::string& name, const std::vect
 
 void save_checkpoint(const std::string& path, const TrainConfig& config, Gpt<float>& model, const AdamW* optimizer,
                      const TrainingState& state) {
-  Safetensors file;
-  file.metadata["format"] = kFormat;
-  file.metadata["step"] = std::to_string(state.step);
-  file.metadata["data_position"] = std::to_string(state.data_position);
-  file.metadata["config"] = train_config_to_json(config).dump();
+  std::map<std::string, std::string> metadata{{"format", kFormat},
+                                              {"step", std::to_string(state.step)},
+                                              {"data_position", std::to_string(state.data_position)},
+                                              {"config", train_config_to_json(config).dump()}};
+  // The values and moments are written from where they lie (F32, little-endian as in memory).
+  static_assert(std::endian::native == std::endian::little, "F32 tensors are written as they lie in memory");
+  auto view = [](const Parameter<float>& p, const std::vector<float>& values) {
+    return TensorView{DType::F32, p.shape, {reinterpret_cast<const uint8_t*>(values.data()), values.size() * 4}};
+  };
+  TensorViews tensors;
   const auto parameters = model.parameters();
   for (size_t k = 0; k < parameters.size(); ++k) {
     const Parameter<float>& p = *parameters[k];
-    file.tensors[p.name] = HostTensor::from_values<float>(DType::F32, p.shape, p.value);
+    tensors[p.name] = view(p, p.value);
     if (optimizer) {
-      file.tensors["optimizer.exp_avg." + p.name] =
-          HostTensor::from_values<float>(DType::F32, p.shape, optimizer->exp_avg[k]);
-      file.tensors["optimizer.exp_avg_sq." + p.name] =
-          HostTensor::from_values<float>(DType::F32, p.shape, optimizer->exp_avg_sq[k]);
+      tensors["optimizer.exp_avg." + p.name] = view(p, optimizer->exp_avg[k]);
+      tensors["optimizer.exp_avg_sq." + p.name] = view(p, optimizer->exp_avg_sq[k]);
     }
   }
-  if (optimizer) file.metadata["optimizer_steps"] = std::to_string(optimizer->steps_taken);
-  write_safetensors(path, file);
+  if (optimizer) metadata["optimizer_steps"] = std::to_string(optimizer->steps_taken);
+  write_safetensors(path, tensors, metadata);
 }
 
 TrainConfig checkpoint_config(const std::string& path) {
