@@ -1,6 +1,7 @@
 #include <gtest/gtest.h>
 
 #include <filesystem>
+#include <fstream>
 #include <random>
 
 #include "core/error.h"
@@ -34,6 +35,7 @@ TEST(Safetensors, RoundTripInMemoryAndOnDisk) {
   const auto path = (std::filesystem::temp_directory_path() / "mhc_test_roundtrip.safetensors").string();
   write_safetensors(path, f);
   EXPECT_EQ(serialize_safetensors(read_safetensors(path)), bytes);
+  EXPECT_EQ(read_safetensors_metadata(path), f.metadata);
   std::filesystem::remove(path);
 }
 
@@ -57,11 +59,24 @@ TEST(Safetensors, BF16RoundsToNearestEven) {
   EXPECT_TRUE(std::isnan(bf16_to_float(float_to_bf16(NAN))));
 }
 
+// read_safetensors reads a file's header, then each tensor from its offset: it must judge
+// every file as parse_safetensors judges the same bytes in memory.
+std::string write_bytes(const std::vector<uint8_t>& bytes) {
+  const auto path = (std::filesystem::temp_directory_path() / "mhc_test_bytes.safetensors").string();
+  std::ofstream(path, std::ios::binary)
+      .write(reinterpret_cast<const char*>(bytes.data()), static_cast<std::streamsize>(bytes.size()));
+  return path;
+}
+
 TEST(Safetensors, EveryTruncationIsRejected) {
   const auto bytes = serialize_safetensors(sample_file());
   for (size_t length = 0; length < bytes.size(); ++length) {
-    std::span<const uint8_t> prefix(bytes.data(), length);
+    const std::vector<uint8_t> prefix(bytes.begin(), bytes.begin() + static_cast<ptrdiff_t>(length));
     EXPECT_THROW(parse_safetensors(prefix, "truncated"), Error) << "length " << length;
+    const std::string path = write_bytes(prefix);
+    EXPECT_THROW(read_safetensors(path), Error) << "file of length " << length;
+    EXPECT_THROW(read_safetensors_metadata(path), Error) << "file of length " << length;
+    std::filesystem::remove(path);
   }
 }
 
@@ -77,13 +92,22 @@ TEST(Safetensors, MutatedFilesNeverCrash) {
       const size_t limit = trial % 3 == 0 ? bytes.size() : std::min<size_t>(bytes.size(), 200);
       bytes[gen() % limit] = static_cast<uint8_t>(gen());
     }
+    std::vector<uint8_t> in_memory, from_file;
     try {
       const Safetensors f = parse_safetensors(bytes, "mutated");
       for (const auto& [name, t] : f.tensors)
         EXPECT_EQ(t.bytes.size(), static_cast<size_t>(t.numel()) * dtype_size(t.dtype)) << name;
+      in_memory = serialize_safetensors(f);
     } catch (const Error&) {
       ++rejected;
     }
+    const std::string path = write_bytes(bytes);
+    try {
+      from_file = serialize_safetensors(read_safetensors(path));
+    } catch (const Error&) {
+    }
+    std::filesystem::remove(path);
+    EXPECT_EQ(from_file, in_memory) << "trial " << trial;  // both rejected (empty) or the same tensors
   }
   EXPECT_GT(rejected, 100);  // most mutations of the header must be caught
 }

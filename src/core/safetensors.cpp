@@ -1,13 +1,13 @@
 #include "core/safetensors.h"
 
 #include <fcntl.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
 #include <filesystem>
-#include <fstream>
 #include <limits>
 #include <nlohmann/json.hpp>
 
@@ -41,23 +41,33 @@ const HostTensor& Safetensors::at(const std::string& name) const {
   return it->second;
 }
 
-Safetensors parse_safetensors(std::span<const uint8_t> bytes, const std::string& origin) {
-  const std::string where = origin + ": ";
-  check(bytes.size() >= 8, where + "file is " + std::to_string(bytes.size()) +
-                               " bytes, too short for the 8-byte header length");
-  const uint64_t header_len = read_u64_le(bytes.data());
+namespace {
+struct DataRange {
+  std::string name;
+  uint64_t begin, end;
+};
+
+// The header's length from the file's first 8 bytes, checked against the file's size.
+uint64_t header_length(std::span<const uint8_t> first, uint64_t file_size, const std::string& where) {
+  check(file_size >= 8,
+        where + "file is " + std::to_string(file_size) + " bytes, too short for the 8-byte header length");
+  const uint64_t header_len = read_u64_le(first.data());
   check(header_len <= kMaxHeaderBytes, where + "header length " + std::to_string(header_len) + " is implausible");
-  check(header_len <= bytes.size() - 8, where + "header length " + std::to_string(header_len) +
-                                            " runs past the end of the file (" + std::to_string(bytes.size()) +
-                                            " bytes): truncated?");
-  const char* header_begin = reinterpret_cast<const char*>(bytes.data() + 8);
-  const nlohmann::json header = nlohmann::json::parse(header_begin, header_begin + header_len, nullptr, false);
+  check(header_len <= file_size - 8, where + "header length " + std::to_string(header_len) +
+                                         " runs past the end of the file (" + std::to_string(file_size) +
+                                         " bytes): truncated?");
+  return header_len;
+}
+
+// The tensors (dtype and shape; their bytes left empty) and metadata of a JSON header, and
+// each tensor's range of the `data_size` data bytes, all checked.
+Safetensors parse_header(std::span<const uint8_t> text, uint64_t data_size, const std::string& where,
+                         std::vector<DataRange>& ranges) {
+  const char* header_begin = reinterpret_cast<const char*>(text.data());
+  const nlohmann::json header = nlohmann::json::parse(header_begin, header_begin + text.size(), nullptr, false);
   check(!header.is_discarded(), where + "header is not valid JSON");
   check(header.is_object(), where + "header is not a JSON object");
-
-  const std::span<const uint8_t> data = bytes.subspan(8 + header_len);
   Safetensors file;
-  std::vector<std::pair<uint64_t, uint64_t>> ranges;
   for (const auto& [name, entry] : header.items()) {
     if (name == "__metadata__") {
       check(entry.is_object(), where + "__metadata__ is not an object");
@@ -86,19 +96,32 @@ Safetensors parse_safetensors(std::span<const uint8_t> bytes, const std::string&
     }
     const uint64_t begin = json_unsigned(entry["data_offsets"][0], tensor_where + "data_offsets[0]");
     const uint64_t end = json_unsigned(entry["data_offsets"][1], tensor_where + "data_offsets[1]");
-    check(begin <= end && end <= data.size(), tensor_where + "data_offsets [" + std::to_string(begin) + ", " +
-                                                  std::to_string(end) + "] outside the " +
-                                                  std::to_string(data.size()) + " data bytes: truncated?");
+    check(begin <= end && end <= data_size, tensor_where + "data_offsets [" + std::to_string(begin) + ", " +
+                                                std::to_string(end) + "] outside the " + std::to_string(data_size) +
+                                                " data bytes: truncated?");
     check(end - begin == numel * element_size,
           tensor_where + "holds " + std::to_string(end - begin) + " bytes but shape " + tensor.shape_string() +
               " of " + dtype_name(tensor.dtype) + " needs " + std::to_string(numel * element_size));
-    tensor.bytes.assign(data.begin() + static_cast<ptrdiff_t>(begin), data.begin() + static_cast<ptrdiff_t>(end));
-    ranges.emplace_back(begin, end);
+    ranges.push_back({name, begin, end});
     file.tensors.emplace(name, std::move(tensor));
   }
-  std::sort(ranges.begin(), ranges.end());
-  for (size_t i = 1; i < ranges.size(); ++i)
-    check(ranges[i].first >= ranges[i - 1].second, where + "tensor data ranges overlap");
+  std::vector<DataRange> sorted = ranges;
+  std::sort(sorted.begin(), sorted.end(), [](const DataRange& x, const DataRange& y) { return x.begin < y.begin; });
+  for (size_t i = 1; i < sorted.size(); ++i)
+    check(sorted[i].begin >= sorted[i - 1].end, where + "tensor data ranges overlap");
+  return file;
+}
+}  // namespace
+
+Safetensors parse_safetensors(std::span<const uint8_t> bytes, const std::string& origin) {
+  const std::string where = origin + ": ";
+  const uint64_t header_len = header_length(bytes, bytes.size(), where);
+  std::vector<DataRange> ranges;
+  Safetensors file = parse_header(bytes.subspan(8, header_len), bytes.size() - 8 - header_len, where, ranges);
+  const std::span<const uint8_t> data = bytes.subspan(8 + header_len);
+  for (const DataRange& r : ranges)
+    file.tensors[r.name].bytes.assign(data.begin() + static_cast<ptrdiff_t>(r.begin),
+                                      data.begin() + static_cast<ptrdiff_t>(r.end));
   return file;
 }
 
@@ -139,19 +162,50 @@ std::vector<uint8_t> serialize_safetensors(const Safetensors& file) {
   return out;
 }
 
-Safetensors read_safetensors(const std::string& path) {
+namespace {
+// Reads the header, then (with `data`) each tensor's bytes straight into its HostTensor: the
+// file is never held in memory whole.
+Safetensors read_file(const std::string& path, bool data) {
   std::error_code ignored;
   check(!std::filesystem::is_directory(path, ignored), path + ": is a directory, not a .safetensors file");
-  std::ifstream in(path, std::ios::binary);
-  check(in.good(), path + ": cannot open: " + std::strerror(errno));
-  std::vector<uint8_t> bytes;
-  try {  // libstdc++'s file buffer throws on a failed read even without exceptions() set
-    bytes.assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
-  } catch (const std::ios_base::failure& e) {
-    fail(path + ": read error: " + e.what());
+  const int fd = ::open(path.c_str(), O_RDONLY);
+  check(fd >= 0, path + ": cannot open: " + std::strerror(errno));
+  struct Closer {
+    int fd;
+    ~Closer() { ::close(fd); }
+  } closer{fd};
+  struct stat info {};
+  check(::fstat(fd, &info) == 0, path + ": cannot stat: " + std::strerror(errno));
+  const auto file_size = static_cast<uint64_t>(info.st_size);
+  auto read_at = [&](uint8_t* to, uint64_t size, uint64_t offset) {
+    for (uint64_t done = 0; done < size;) {
+      const ssize_t n = ::pread(fd, to + done, size - done, static_cast<off_t>(offset + done));
+      if (n < 0 && errno == EINTR) continue;
+      check(n > 0, path + ": read error: " + (n == 0 ? std::string("the file shrank") : std::strerror(errno)));
+      done += static_cast<uint64_t>(n);
+    }
+  };
+  const std::string where = path + ": ";
+  uint8_t first[8] = {};
+  read_at(first, std::min<uint64_t>(8, file_size), 0);
+  const uint64_t header_len = header_length(first, file_size, where);
+  std::vector<uint8_t> text(header_len);
+  read_at(text.data(), header_len, 8);
+  std::vector<DataRange> ranges;
+  Safetensors file = parse_header(text, file_size - 8 - header_len, where, ranges);
+  for (const DataRange& r : data ? ranges : std::vector<DataRange>{}) {
+    std::vector<uint8_t>& bytes = file.tensors[r.name].bytes;
+    bytes.resize(r.end - r.begin);
+    read_at(bytes.data(), bytes.size(), 8 + header_len + r.begin);
   }
-  check(!in.bad(), path + ": read error");
-  return parse_safetensors(bytes, path);
+  return file;
+}
+}  // namespace
+
+Safetensors read_safetensors(const std::string& path) { return read_file(path, true); }
+
+std::map<std::string, std::string> read_safetensors_metadata(const std::string& path) {
+  return read_file(path, false).metadata;
 }
 
 void write_safetensors(const std::string& path, const TensorViews& tensors,

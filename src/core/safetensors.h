@@ -35,6 +35,8 @@ Safetensors parse_safetensors(std::span<const uint8_t> bytes, const std::string&
 std::vector<uint8_t> serialize_safetensors(const Safetensors& file);
 
 Safetensors read_safetensors(const std::string& path);
+// The header's metadata alone (the whole header checked, no tensor read).
+std::map<std::string, std::string> read_safetensors_metadata(const std::string& path);
 // Atomic: writes a temporary file beside `path` (the header, then each tensor's bytes from
 // where they lie), fsyncs it, then renames it over `path`. The same bytes as
 // serialize_safetensors.

@@ -62,10 +62,12 @@ void save_checkpoint(const std::string& path, const TrainConfig& config, Gpt<flo
 }
 
 TrainConfig checkpoint_config(const std::string& path) {
-  const Safetensors file = read_safetensors(path);
-  auto it = file.metadata.find("format");
-  check(it != file.metadata.end() && it->second == kFormat, path + ": not an mhc checkpoint");
-  const auto config = nlohmann::json::parse(file.metadata.at("config"), nullptr, false);
+  const std::map<std::string, std::string> metadata = read_safetensors_metadata(path);
+  auto it = metadata.find("format");
+  check(it != metadata.end() && it->second == kFormat, path + ": not an mhc checkpoint");
+  it = metadata.find("config");
+  check(it != metadata.end(), path + ": not an mhc checkpoint (metadata has no 'config')");
+  const auto config = nlohmann::json::parse(it->second, nullptr, false);
   check(!config.is_discarded(), path + ": the stored configuration is not valid JSON");
   TrainConfig c = train_config_from_json(config);
   c.validate();
