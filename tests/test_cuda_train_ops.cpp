@@ -69,7 +69,8 @@ TEST_F(CudaTrainOps, EmbeddingForwardAndBackward) {
   };
   // The backward sums each token's run in chunks of 32 sorted positions: runs shorter than,
   // equal to and longer than a chunk, across its ends, a run filling whole chunks, a run of
-  // hundreds (a byte-level corpus's ' '), channels a multiple of 8 and not.
+  // hundreds (a byte-level corpus's ' '), channels a multiple of 8 and not, and more channels
+  // than a block's threads take (a second row of blocks).
   const std::vector<int64_t> runs{1, 31, 32, 33, 64, 65, 97, 1};
   const std::vector<Case> cases{{1, 1, 1, 2, {}},
                                 {3, 17, 13, 50, {}},
@@ -77,7 +78,9 @@ TEST_F(CudaTrainOps, EmbeddingForwardAndBackward) {
                                 {8, 64, 96, 3, {}},
                                 {4, 81, 16, 8, runs},
                                 {4, 81, 13, 8, runs},
-                                {4, 40, 24, 5, {0, 0, 0, 0, 160}}};
+                                {4, 40, 24, 5, {0, 0, 0, 0, 160}},
+                                {2, 40, 1032, 7, {}},
+                                {2, 40, 131, 7, {}}};
   for (const Case& k : cases) {
     const int64_t batch = k.batch, seq = k.seq, C = k.C, vocab = k.vocab;
     const std::vector<int32_t> tokens =
