@@ -60,7 +60,7 @@ uint64_t header_length(std::span<const uint8_t> first, uint64_t file_size, const
 }
 
 // The tensors (dtype and shape; their bytes left empty) and metadata of a JSON header, and
-// each tensor's range of the `data_size` data bytes, all checked.
+// each tensor's range of the `data_size` data bytes in the order they lie, all checked.
 Safetensors parse_header(std::span<const uint8_t> text, uint64_t data_size, const std::string& where,
                          std::vector<DataRange>& ranges) {
   const char* header_begin = reinterpret_cast<const char*>(text.data());
@@ -105,10 +105,9 @@ Safetensors parse_header(std::span<const uint8_t> text, uint64_t data_size, cons
     ranges.push_back({name, begin, end});
     file.tensors.emplace(name, std::move(tensor));
   }
-  std::vector<DataRange> sorted = ranges;
-  std::sort(sorted.begin(), sorted.end(), [](const DataRange& x, const DataRange& y) { return x.begin < y.begin; });
-  for (size_t i = 1; i < sorted.size(); ++i)
-    check(sorted[i].begin >= sorted[i - 1].end, where + "tensor data ranges overlap");
+  std::sort(ranges.begin(), ranges.end(), [](const DataRange& x, const DataRange& y) { return x.begin < y.begin; });
+  for (size_t i = 1; i < ranges.size(); ++i)
+    check(ranges[i].begin >= ranges[i - 1].end, where + "tensor data ranges overlap");
   return file;
 }
 }  // namespace
@@ -125,13 +124,13 @@ Safetensors parse_safetensors(std::span<const uint8_t> bytes, const std::string&
   return file;
 }
 
+namespace {
 TensorViews views_of(const Safetensors& file) {
   TensorViews views;
   for (const auto& [name, tensor] : file.tensors) views[name] = {tensor.dtype, tensor.shape, tensor.bytes};
   return views;
 }
 
-namespace {
 // The 8-byte length and the JSON header, padded so that the data starts 8-byte aligned;
 // the tensors' data follows in name order.
 std::string header_of(const TensorViews& tensors, const std::map<std::string, std::string>& metadata) {
@@ -193,11 +192,12 @@ Safetensors read_file(const std::string& path, bool data) {
   read_at(text.data(), header_len, 8);
   std::vector<DataRange> ranges;
   Safetensors file = parse_header(text, file_size - 8 - header_len, where, ranges);
-  for (const DataRange& r : data ? ranges : std::vector<DataRange>{}) {
-    std::vector<uint8_t>& bytes = file.tensors[r.name].bytes;
-    bytes.resize(r.end - r.begin);
-    read_at(bytes.data(), bytes.size(), 8 + header_len + r.begin);
-  }
+  if (data)
+    for (const DataRange& r : ranges) {
+      std::vector<uint8_t>& bytes = file.tensors[r.name].bytes;
+      bytes.resize(r.end - r.begin);
+      read_at(bytes.data(), bytes.size(), 8 + header_len + r.begin);
+    }
   return file;
 }
 }  // namespace

@@ -28,7 +28,6 @@ struct TensorView {
   std::span<const uint8_t> bytes;
 };
 using TensorViews = std::map<std::string, TensorView>;
-TensorViews views_of(const Safetensors& file);
 
 // `origin` names the source (usually the path) in error messages.
 Safetensors parse_safetensors(std::span<const uint8_t> bytes, const std::string& origin);

@@ -45,7 +45,8 @@ void save_checkpoint(const std::string& path, const TrainConfig& config, Gpt<flo
   // The values and moments are written from where they lie (F32, little-endian as in memory).
   static_assert(std::endian::native == std::endian::little, "F32 tensors are written as they lie in memory");
   auto view = [](const Parameter<float>& p, const std::vector<float>& values) {
-    return TensorView{DType::F32, p.shape, {reinterpret_cast<const uint8_t*>(values.data()), values.size() * 4}};
+    return TensorView{
+        DType::F32, p.shape, {reinterpret_cast<const uint8_t*>(values.data()), values.size() * sizeof(float)}};
   };
   TensorViews tensors;
   const auto parameters = model.parameters();
