@@ -10,6 +10,10 @@
 #include "core/rng.h"
 #include "train/checkpoint.h"
 #include "train/trainer.h"
+#if MHC_WITH_CUDA
+#include "core/cuda/device.h"
+#include "train/cuda_learner.h"
+#endif
 
 namespace mhc::app {
 
@@ -21,7 +25,7 @@ std::string checkpoint_file(const std::string& path) {
 }
 
 struct EvalOptions {
-  std::string checkpoint, data;
+  std::string checkpoint, data, device;
   int64_t batches = 0;
 };
 
@@ -29,19 +33,32 @@ int run_eval(const EvalOptions& o) {
   const std::string path = checkpoint_file(o.checkpoint);
   TrainConfig config = checkpoint_config(path);
   if (!o.data.empty()) config.data = o.data;
-  Gpt<float> model(config.model, config.batch_size, config.model.seq_length);
-  const TrainingState state = load_checkpoint(path, model, nullptr);
+#if MHC_WITH_CUDA
+  const LearnerFactory cuda_learner = make_cuda_learner;
+  const bool cuda_here = cuda::device_available();
+#else
+  const LearnerFactory cuda_learner;
+  const bool cuda_here = false;
+#endif
+  if (!o.device.empty()) {
+    config.device = o.device;
+  } else if (config.device == "cuda" && !cuda_here) {  // the run's device, where there is one
+    std::fprintf(stderr, "mhc eval: the run trained on a GPU; none here, so on the CPU (--device cpu)\n");
+    config.device = "cpu";
+  }
+  config.validate();
   const Dataset data = load_dataset(config.data, static_cast<uint64_t>(config.seed));
   check(data.max_token < config.model.vocab_size, "data: token id " + std::to_string(data.max_token) +
                                                       " is outside the model's vocabulary of " +
                                                       std::to_string(config.model.vocab_size));
+  const std::unique_ptr<Learner> learner = make_learner(config, cuda_learner);
+  const TrainingState state = load_checkpoint(path, learner->host_model(), nullptr);
+  learner->from_host();
   const int64_t batches = o.batches > 0 ? o.batches : config.eval_batches;
-  model.set_training(false);
-  const double loss = evaluate_loss(
-      [&](const int32_t* x, const int32_t* y) { return model.forward(x, y, 0); }, data.val, config.batch_size,
-      config.model.seq_length, batches);
-  std::printf("checkpoint %s (step %lld), %s\n", path.c_str(), static_cast<long long>(state.step),
-              data.description.c_str());
+  const double loss = evaluate_loss([&](const int32_t* x, const int32_t* y) { return learner->evaluate(x, y); },
+                                    data.val, config.batch_size, config.model.seq_length, batches);
+  std::printf("checkpoint %s (step %lld), %s, on the %s\n", path.c_str(), static_cast<long long>(state.step),
+              data.description.c_str(), config.device == "cuda" ? "GPU" : "CPU");
   std::printf("val_loss %.4f  perplexity %.3f  (%lld batches of %lld x %lld tokens)\n", loss, std::exp(loss),
               static_cast<long long>(batches), static_cast<long long>(config.batch_size),
               static_cast<long long>(config.model.seq_length));
@@ -113,6 +130,9 @@ Command add_eval_command(CLI::App& app) {
   cmd->add_option("checkpoint", o->checkpoint, "checkpoint file, or a run directory")->required();
   cmd->add_option("--data", o->data, "data to evaluate on (default: the run's own); its validation split is used");
   cmd->add_option("--batches", o->batches, "batches to average (default: the run's eval_batches)");
+  cmd->add_option("--device", o->device,
+                  "cpu or cuda (default: the device the run trained on; the CPU where that is a GPU and there "
+                  "is none)");
   return [cmd, o] { return cmd->parsed() ? run_eval(*o) : -1; };
 }
 

@@ -1,5 +1,6 @@
 #include "train/learner.h"
 
+#include "core/error.h"
 #include "train/data.h"
 
 namespace mhc {
@@ -35,6 +36,13 @@ class CpuLearner final : public ModelLearner<Gpt<float>> {
 }  // namespace
 
 std::unique_ptr<Learner> make_cpu_learner(const TrainConfig& config) { return std::make_unique<CpuLearner>(config); }
+
+std::unique_ptr<Learner> make_learner(const TrainConfig& config, const LearnerFactory& cuda_learner) {
+  if (config.device != "cuda") return make_cpu_learner(config);
+  check(static_cast<bool>(cuda_learner),
+        "device: cuda, but this mhc was built without CUDA (no nvcc at configure time, or -DMHC_CUDA=OFF)");
+  return cuda_learner(config);
+}
 
 double evaluate_loss(const std::function<double(const int32_t*, const int32_t*)>& batch_loss,
                      const std::vector<int32_t>& stream, int64_t batch, int64_t seq, int64_t batches) {

@@ -50,6 +50,9 @@ template <typename Model> class ModelLearner : public Learner {
 using LearnerFactory = std::function<std::unique_ptr<Learner>(const TrainConfig&)>;
 
 std::unique_ptr<Learner> make_cpu_learner(const TrainConfig& config);
+// The learner of config.device: the CPU's, or cuda_learner's (empty in a build without
+// CUDA, which then is a named error).
+std::unique_ptr<Learner> make_learner(const TrainConfig& config, const LearnerFactory& cuda_learner);
 
 // Mean loss over `batches` batches of the stream from its start.
 double evaluate_loss(const std::function<double(const int32_t*, const int32_t*)>& batch_loss,

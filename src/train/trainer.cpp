@@ -112,14 +112,7 @@ TrainSummary run_training(TrainConfig config, const TrainRunOptions& options) {
   check_data(data, config);
 
   const int64_t B = config.batch_size, T = config.model.seq_length;
-  std::unique_ptr<Learner> learner;
-  if (config.device == "cuda") {
-    check(static_cast<bool>(options.cuda_learner),
-          "device: cuda, but this mhc was built without CUDA (no nvcc at configure time, or -DMHC_CUDA=OFF)");
-    learner = options.cuda_learner(config);
-  } else {
-    learner = make_cpu_learner(config);
-  }
+  const std::unique_ptr<Learner> learner = make_learner(config, options.cuda_learner);
   const size_t parameter_tensors = learner->host_model().parameters().size();
   if (options.resume) {
     state = load_checkpoint(checkpoint_path.string(), learner->host_model(), &learner->host_optimizer());
