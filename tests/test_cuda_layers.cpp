@@ -245,7 +245,7 @@ TEST(CudaColumnSums, ManyRowsMatchTheirDoubleSums) {
 
 INSTANTIATE_TEST_SUITE_P(Shapes, CudaLayers,
                          ::testing::Values(RowsShape{1, 1}, RowsShape{7, 13}, RowsShape{33, 768}, RowsShape{300, 100},
-                                           RowsShape{5, 1032}, RowsShape{1000, 257}),
+                                           RowsShape{5, 1032}, RowsShape{1000, 257}, RowsShape{5000, 256}),
                          [](const auto& param_info) {
                            const RowsShape& p = param_info.param;
                            return "rows" + std::to_string(p.rows) + "_C" + std::to_string(p.C);

@@ -7,13 +7,14 @@
 #include "core/cuda/device.h"
 #include "core/rng.h"
 #include "core/tensor.h"
+#include "cuda_test_util.h"
 #include "ops/cpu/aggregate.h"
 #include "ops/cpu/h_post_bda.h"
+#include "ops/cpu/layernorm.h"
 #include "ops/cpu/stream_expand.h"
 #include "ops/cuda/linear.h"
 #include "ops/cuda/norm.h"
 #include "ops/cuda/stream_mix.h"
-#include "cuda_test_util.h"
 
 namespace mhc {
 namespace {
@@ -195,17 +196,19 @@ TEST_P(CudaStreamMix, BackwardFusedWithTheAggregate) {
 
   // With dagg made in the same pass as the pre-norm's input gradient (the model's path where
   // C allows; LayerNorm and RMSNorm): dagg the bits of norm_backward's, the reductions the
-  // bits of the pass given that dagg.
+  // bits of the pass given that dagg, and the norm's weight and bias gradients from the
+  // pass's sums against the CPU reference (accumulated onto random values).
   const Bf16Data gln = random_bf16(tokens * C, 38), agg = random_bf16(tokens * C, 39);
   const std::vector<float> norm_w = random_float(C, 40, 0.5, 1.5), norm_mean = random_float(tokens, 41, -0.1, 0.1),
                            norm_rstd = random_float(tokens, 42, 0.5, 2.0);
   DeviceBuffer<bf16> d_gln(gln.bits), d_agg(agg.bits);
+  const std::vector<float> norm_gw0 = random_float(C, 43), norm_gb0 = random_float(C, 44);
   DeviceBuffer<float> d_norm_w(norm_w), d_norm_mean(norm_mean), d_norm_rstd(norm_rstd),
       d_norm_gw(std::vector<float>(C, 0.0f));
   auto d_norm_ws = poisoned<float>(cuda::norm_backward_workspace_floats(tokens, C));
   if (!cuda::norm_input_grad_supported(C, {})) {
-    const cuda::NormInputGrad norm{d_gln.data(), d_agg.data(), d_norm_w.data(), d_norm_mean.data(),
-                                   d_norm_rstd.data(), false, d_gagg.data()};
+    const cuda::NormInputGrad norm{d_gln.data(),       d_agg.data(), d_norm_w.data(), d_norm_mean.data(),
+                                   d_norm_rstd.data(), false,        d_gagg.data(),   nullptr};
     const cuda::AggregateGrad fused{nullptr, d_pre.data(), d_dpre.data(), &norm};
     EXPECT_THROW(cuda::h_post_bda_backward(d_gout.data(), d_x.data(), d_res.data(), d_post.data(), d_y.data(), nullptr,
                                            tokens, n, C, {}, nullptr, d_dres.data(), d_dpost.data(), nullptr, &fused),
@@ -217,14 +220,24 @@ TEST_P(CudaStreamMix, BackwardFusedWithTheAggregate) {
     auto d_dagg_alone = poisoned<bf16>(tokens * C), d_dagg = poisoned<bf16>(tokens * C);
     cuda::norm_backward(d_gln.data(), d_agg.data(), d_norm_w.data(), mean, d_norm_rstd.data(), tokens, C, rms,
                         d_dagg_alone.data(), d_norm_gw.data(), nullptr, d_norm_ws.data(), false);
-    const cuda::NormInputGrad norm{d_gln.data(), d_agg.data(), d_norm_w.data(), mean, d_norm_rstd.data(), rms,
-                                   d_dagg.data()};
+    auto d_partials = poisoned<float>(cuda::norm_param_partials_floats(tokens, C));
+    const cuda::NormInputGrad norm{d_gln.data(),       d_agg.data(), d_norm_w.data(), mean,
+                                   d_norm_rstd.data(), rms,          d_dagg.data(),   d_partials.data()};
     for (auto* b : {&d_dres, &d_dpost, &d_dpre}) *b = poisoned<float>(b->size());
     const cuda::AggregateGrad fused{nullptr, d_pre.data(), d_dpre.data(), &norm};
     cuda::h_post_bda_backward(d_gout.data(), d_x.data(), d_res.data(), d_post.data(), d_y.data(), nullptr, tokens, n,
                               C, {}, nullptr, d_dres.data(), d_dpost.data(), nullptr, &fused);
     const auto fused_res = d_dres.download(), fused_post = d_dpost.download(), fused_pre = d_dpre.download();
     EXPECT_EQ(d_dagg.download(), d_dagg_alone.download()) << "rms " << rms;
+    DeviceBuffer<float> d_gw(norm_gw0), d_gb(norm_gb0);
+    cuda::add_norm_param_partials(d_partials.data(), cuda::norm_input_grad_runs(tokens), C, d_gw.data(),
+                                  rms ? nullptr : d_gb.data());
+    const auto wd = widen(norm_w), mean_d = widen(norm_mean), rstd_d = widen(norm_rstd);
+    std::vector<double> scratch_dx(tokens * C, 0.0), gw = widen(norm_gw0), gb = widen(norm_gb0);
+    cpu::norm_backward(gln.values.data(), agg.values.data(), wd.data(), rms ? nullptr : mean_d.data(), rstd_d.data(),
+                       tokens, C, rms, scratch_dx.data(), gw.data(), rms ? nullptr : gb.data());
+    EXPECT_LT(relative_error(widen(d_gw.download()), gw), kFp32Tolerance) << "rms " << rms;
+    EXPECT_LT(relative_error(widen(d_gb.download()), gb), kFp32Tolerance) << "rms " << rms;  // untouched for rms
     for (auto* b : {&d_dres, &d_dpost, &d_dpre}) *b = poisoned<float>(b->size());
     const cuda::AggregateGrad given{d_dagg_alone.data(), d_pre.data(), d_dpre.data()};
     cuda::h_post_bda_backward(d_gout.data(), d_x.data(), d_res.data(), d_post.data(), d_y.data(), nullptr, tokens, n,
@@ -290,8 +303,8 @@ TEST_P(CudaStreamMix, DeterministicBits) {
 
 INSTANTIATE_TEST_SUITE_P(Shapes, CudaStreamMix,
                          ::testing::Values(Shape{7, 1, 5}, Shape{33, 2, 13}, Shape{64, 4, 768}, Shape{5, 6, 100},
-                                           Shape{3, 8, 257}, Shape{300, 4, 1023}, Shape{256, 4, 7168},
-                                           Shape{37, 6, 96}, Shape{50, 1, 1024}),
+                                           Shape{3, 8, 257}, Shape{300, 4, 1023}, Shape{256, 4, 7168}, Shape{37, 6, 96},
+                                           Shape{50, 1, 1024}, Shape{4000, 4, 64}),
                          [](const auto& param_info) {
                            return "tokens" + std::to_string(param_info.param.tokens) + "_n" +
                                   std::to_string(param_info.param.n) + "_C" + std::to_string(param_info.param.C);

@@ -85,10 +85,9 @@ struct GptCuda::State {
   // not added (their part of the arena is not zeroed).
   bool grads_fresh = true;
   // The backward's weight gradients (the layers' dW, qkv's db, the pre-norms' weight and
-  // bias gradients where their input gradient is made elsewhere, the mappings' parameter
-  // sums) run on a side stream, beside the rest of the backward on `stream`: no later
-  // launch needs them before the optimizer. Each kind's latest one has an event, which the
-  // main stream waits for before it overwrites what that launch reads.
+  // bias gradients from the sums the reductions' pass made, the mappings' parameter sums) run on a side stream, beside
+  // the rest of the backward on `stream`: no later launch needs them before the optimizer. Each kind's latest one has
+  // an event, which the main stream waits for before it overwrites what that launch reads.
   enum WeightGrad { kFc2, kFc1, kLn2, kProj, kQkv, kLn1, kMappings, kWeightGrads };
   bool overlap = true;
   cuda::Stream side_owner;
@@ -121,6 +120,9 @@ struct GptCuda::State {
   DeviceBuffer<bf16> dx_a, dx_b, dx_mid, dagg, dln, dy, dctx, dh, dhf, de, dqkv, dfc, dact;
   DeviceBuffer<float> grad_h_pre, grad_h_post, grad_h_res;
   DeviceBuffer<float> mappings_forward_ws, mappings_backward_ws, columns_ws, norm_result;
+  // The pre-norms' weight and bias gradient sums made in the reductions' pass (ln1, ln2),
+  // added to the gradients on the side stream.
+  DeviceBuffer<float> norm_param_partials[2];
   DeviceBuffer<double> norm_ws;
   DeviceBuffer<const float*> module_h_res;  // every hyper connection's H_res, forward order
   DeviceBuffer<float> gains_ws, gains_stats;
@@ -250,24 +252,26 @@ struct GptCuda::State {
     if (write_dy) below->grad_y_written = true;
   }
   // The sublayer's pre-norm backward (dln -> dagg), then the hyper connection's. Where the
-  // kernels can, dagg is made in the hyper connection's reductions pass (NormInputGrad) and
-  // the norm's own pass makes only its weight and bias gradients (a weight gradient of
-  // `kind`, which reads dln).
+  // kernels can, dagg is made in the hyper connection's reductions pass (NormInputGrad), with
+  // the sums of the norm's weight and bias gradients, which a weight gradient of `kind` adds
+  // up.
   void norm_and_hc_backward(WeightGrad kind, HcState& m, const bf16* agg, const Slot& norm_w, const Slot& norm_b,
                             const float* mean, const float* rstd, const bf16* grad_out, const bf16* x, const bf16* y,
                             const Slot& bias, cpu::DropoutSpec d, bf16* grad_x, HcState* below,
                             cpu::DropoutSpec below_dropout, const ModelConfig& c) {
     const bool fuse = cuda::norm_input_grad_supported(C, d);
-    if (fuse) {
-      weight_grad(kind, [&](cudaStream_t on, float* columns, void*) {
-        cuda::norm_backward(dln.data(), agg, value_of(norm_w), mean, rstd, N, C, rms, nullptr, grad_of(norm_w),
-                            grad_of(norm_b), columns, false, on);
-      });
-    } else {
+    if (!fuse) {
       norm_backward(dln.data(), agg, norm_w, norm_b, mean, rstd, dagg.data(), false);
+      hc_backward(m, grad_out, x, y, bias, d, dagg.data(), grad_x, below, below_dropout, c, nullptr);
+      return;
     }
-    const cuda::NormInputGrad norm{dln.data(), agg, value_of(norm_w), mean, rstd, rms, dagg.data()};
-    hc_backward(m, grad_out, x, y, bias, d, dagg.data(), grad_x, below, below_dropout, c, fuse ? &norm : nullptr);
+    float* partials = norm_param_partials[kind == kLn1 ? 0 : 1].data();
+    await_weight_grad(kind);  // the layer above's sums, which read the partials
+    const cuda::NormInputGrad norm{dln.data(), agg, value_of(norm_w), mean, rstd, rms, dagg.data(), partials};
+    hc_backward(m, grad_out, x, y, bias, d, dagg.data(), grad_x, below, below_dropout, c, &norm);
+    weight_grad(kind, [&](cudaStream_t on, float*, void*) {
+      cuda::add_norm_param_partials(partials, cuda::norm_input_grad_runs(N), C, grad_of(norm_w), grad_of(norm_b), on);
+    });
   }
   // The mappings, the aggregate and the sublayer's pre-norm of it (in the aggregate's pass
   // where the kernels can, else after it). x_sumsq: the input's ||x||^2 when its producer
@@ -335,7 +339,6 @@ struct GptCuda::State {
     await_weight_grad(kFc1);  // the layer above's, which reads dfc
     cuda::activation_backward(activation, dact.data(), L.fc.data(), N, F, dfc.data(), grad_of(L.fc1_b), columns,
                               stream);
-    await_weight_grad(kLn1);  // the layer above's, which reads dln
     cuda::linear_backward_input(dfc.data(), half_of(L.fc1_w), N, C, width, dln.data(), stream);
     linear_weight_grad(kFc1, dfc.data(), L.ln2_out, C, width, L.fc1_w, nullptr);
     // dy_mlp is overwritten from here on (the next dy, or dout accumulated in place)
@@ -352,7 +355,6 @@ struct GptCuda::State {
     await_weight_grad(kQkv);  // the layer above's, which reads dqkv
     cuda::attention_backward(shape, dctx.data(), L.qkv.data(), L.ctx.data(), L.lse.data(), L.drop_probs, dqkv.data(),
                              attention_ws.data(), stream, L.keep_mask.data());
-    await_weight_grad(kLn2);  // reads dln
     cuda::linear_backward_input(dqkv.data(), half_of(L.qkv_w), N, C, 3 * C, dln.data(), stream);
     linear_weight_grad(kQkv, dqkv.data(), L.ln1_out, C, 3 * C, L.qkv_w, &L.qkv_b);
     await_weight_grad(kProj);  // dy_attn is overwritten from here on
@@ -650,6 +652,8 @@ GptCuda::GptCuda(const ModelConfig& config, int64_t batch, int64_t seq) : config
   if (s.hc) {
     s.mappings_forward_ws = DeviceBuffer<float>(cuda::mappings_forward_workspace_floats(args));
     s.mappings_backward_ws = DeviceBuffer<float>(cuda::mappings_backward_workspace_floats(args));
+    if (cuda::norm_input_grad_supported(C, {}))
+      for (auto& p : s.norm_param_partials) p = DeviceBuffer<float>(cuda::norm_param_partials_floats(N, C));
   }
   const int64_t widest = std::max({3 * C, s.width, s.V});
   s.columns_ws = DeviceBuffer<float>(std::max({cuda::norm_backward_workspace_floats(N, C),
@@ -657,8 +661,7 @@ GptCuda::GptCuda(const ModelConfig& config, int64_t batch, int64_t seq) : config
                                                cuda::linear_backward_workspace_floats(N, widest),
                                                cuda::activation_backward_workspace_floats(s.activation, N, s.F)}));
   s.side_gemm_ws = DeviceBuffer<unsigned char>(cuda::kGemmWorkspaceBytes);
-  s.side_columns_ws = DeviceBuffer<float>(
-      std::max(cuda::linear_backward_workspace_floats(N, 3 * C), cuda::norm_backward_workspace_floats(N, C)));
+  s.side_columns_ws = DeviceBuffer<float>(cuda::linear_backward_workspace_floats(N, 3 * C));
   s.attention_ws = DeviceBuffer<unsigned char>(cuda::attention_workspace_bytes({batch, seq, s.H, C}));
   s.embedding_ws = DeviceBuffer<unsigned char>(cuda::embedding_backward_workspace_bytes(batch, seq, C));
   s.norm_ws = DeviceBuffer<double>(cuda::grad_norm_workspace_doubles(1));

@@ -12,6 +12,13 @@ bool device_available() {
   return cudaGetDeviceCount(&count) == cudaSuccess && count > 0;
 }
 
+int multiprocessor_count() {
+  int device = 0, sms = 0;
+  MHC_CUDA_CHECK(cudaGetDevice(&device));
+  MHC_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  return sms;
+}
+
 Stream::Stream(Priority priority) {
   int least = 0, greatest = 0;
   MHC_CUDA_CHECK(cudaDeviceGetStreamPriorityRange(&least, &greatest));

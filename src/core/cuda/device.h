@@ -24,6 +24,8 @@ namespace mhc::cuda {
 
 // True when a CUDA device can be used (GPU tests skip themselves otherwise).
 bool device_available();
+// The current device's multiprocessors (grids sized to whole waves of resident blocks).
+int multiprocessor_count();
 
 template <typename T> class DeviceBuffer {
  public:

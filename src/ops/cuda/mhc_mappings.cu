@@ -962,13 +962,6 @@ struct BiasAndAlphaOutputs {
 // Workspace offsets in floats, each a multiple of 4 (16-byte aligned for cuBLASLt).
 inline size_t aligned(size_t floats) { return (floats + 3) / 4 * 4; }
 
-int multiprocessors() {
-  int device = 0, sms = 0;
-  MHC_CUDA_CHECK(cudaGetDevice(&device));
-  MHC_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  return sms;
-}
-
 // The projection's grid: token blocks x K ranges, about one block a multiprocessor (one
 // is resident at a time), at most kMaxProjRanges ranges.
 struct ProjGrid {
@@ -976,7 +969,7 @@ struct ProjGrid {
 };
 template <int N> ProjGrid proj_grid(int64_t tokens, int64_t K) {
   const int64_t blocks = (tokens + proj_tokens<N>() - 1) / proj_tokens<N>(), chunks = (K + kProjChunk - 1) / kProjChunk;
-  return {blocks, std::max<int64_t>(1, std::min({int64_t{kMaxProjRanges}, chunks, multiprocessors() / blocks}))};
+  return {blocks, std::max<int64_t>(1, std::min({int64_t{kMaxProjRanges}, chunks, multiprocessor_count() / blocks}))};
 }
 
 struct ForwardLayout {
@@ -1022,7 +1015,7 @@ template <int N> int64_t dx_resident_blocks() {
   MHC_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
   int per_sm = 0;
   MHC_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, N * 32, bytes));
-  return by_device[device] = std::max<int64_t>(1, static_cast<int64_t>(per_sm) * multiprocessors());
+  return by_device[device] = std::max<int64_t>(1, static_cast<int64_t>(per_sm) * multiprocessor_count());
 }
 
 template <int N> DxGrid dx_grid(int64_t tokens, int64_t C) {

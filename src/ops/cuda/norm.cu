@@ -1,6 +1,9 @@
-#include "ops/cuda/norm.h"
+#include <algorithm>
+#include <string>
 
+#include "core/cuda/device.h"
 #include "ops/cuda/column_sums.cuh"
+#include "ops/cuda/norm.h"
 #include "ops/cuda/norm_row.cuh"
 
 namespace mhc::cuda {
@@ -25,27 +28,35 @@ __global__ void norm_forward_kernel(const bf16* __restrict__ x, const float* __r
                                        rstd + r);
 }
 
-template <int VEC, int STEPS>
+// A warp a row; SUMS: also the weight and bias gradients' partials of the block's run of
+// rows (norm_row.cuh), else one row a warp.
+template <int VEC, int STEPS, bool SUMS>
 __global__ void norm_backward_kernel(const bf16* __restrict__ grad_out, const bf16* __restrict__ x,
                                      const float* __restrict__ weight, const float* __restrict__ mean,
-                                     const float* __restrict__ rstd, int64_t rows, int64_t C, bool rms,
-                                     bool accumulate, bf16* __restrict__ grad_x) {
-  const int lane = threadIdx.x % 32;
-  const int64_t r = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / 32;
-  if (r >= rows) return;
-  RowCache<VEC, STEPS> g{grad_out + r * C}, xr{x + r * C};
-  const float m = rms ? 0.0f : mean[r], s = rstd[r];
-  float mean_gw, mean_gw_xhat;
-  detail::norm_row_grad_means<VEC, STEPS>(g, xr, weight, C, m, s, rms, lane, mean_gw, mean_gw_xhat);
-  for_row<VEC, STEPS>(C, lane, [&](int64_t c, int step) {
-    float gv[VEC], xv[VEC], w[VEC], dx[VEC] = {};
-    g.get(c, step, false, gv);
-    xr.get(c, step, false, xv);
-    load_f32<VEC>(weight + c, w);
-    if (accumulate) detail::load_bf16<VEC>(grad_x + r * C + c, dx);
-    detail::add_norm_input_grad<VEC>(gv, xv, w, m, s, mean_gw, mean_gw_xhat, dx);
-    detail::store_bf16<VEC>(grad_x + r * C + c, dx);
-  });
+                                     const float* __restrict__ rstd, int64_t rows, int64_t C, bool rms, bool accumulate,
+                                     bf16* __restrict__ grad_x, int64_t rows_per_block, float* __restrict__ partials) {
+  extern __shared__ float param_rows[];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+  float* const sums = detail::norm_param_row(param_rows, C);
+  if constexpr (SUMS) detail::zero_norm_param_row(sums, C, lane);
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * rows_per_block, end = min(rows, first + rows_per_block);
+  for (int64_t r = first + warp; r < end; r += warps) {
+    RowCache<VEC, STEPS> g{grad_out + r * C}, xr{x + r * C};
+    const float m = rms ? 0.0f : mean[r], s = rstd[r];
+    float mean_gw, mean_gw_xhat;
+    detail::norm_row_grad_means<VEC, STEPS>(g, xr, weight, C, m, s, rms, lane, mean_gw, mean_gw_xhat);
+    for_row<VEC, STEPS>(C, lane, [&](int64_t c, int step) {
+      float gv[VEC], xv[VEC], w[VEC], dx[VEC] = {};
+      g.get(c, step, false, gv);
+      xr.get(c, step, false, xv);
+      load_f32<VEC>(weight + c, w);
+      if (accumulate) detail::load_bf16<VEC>(grad_x + r * C + c, dx);
+      detail::add_norm_input_grad<VEC>(gv, xv, w, m, s, mean_gw, mean_gw_xhat, dx);
+      detail::store_bf16<VEC>(grad_x + r * C + c, dx);
+      if constexpr (SUMS) detail::add_norm_param_grads(sums, C, c, gv, xv, m, s);
+    });
+  }
+  if constexpr (SUMS) detail::write_norm_param_partial(param_rows, C, partials + blockIdx.x * 2 * C);
 }
 
 // (g xhat, g) at (row, columns c..c + COLS), for the weight and bias gradients.
@@ -81,8 +92,12 @@ template <int VEC, int STEPS> struct ForwardKernel {
   static constexpr auto kernel = norm_forward_kernel<VEC, STEPS>;
 };
 template <int VEC, int STEPS> struct BackwardKernel {
-  static constexpr auto kernel = norm_backward_kernel<VEC, STEPS>;
+  static constexpr auto kernel = norm_backward_kernel<VEC, STEPS, false>;
 };
+
+// The row pass that also sums the parameter gradients (C fits a warp's registers).
+constexpr auto kBackwardWithSums = norm_backward_kernel<8, kCachedSteps, true>;
+constexpr int kMaxNormParamBlocksPerSm = 4;
 
 }  // namespace
 
@@ -97,23 +112,54 @@ void norm_forward(const bf16* x, const float* weight, const float* bias, int64_t
   MHC_CUDA_CHECK(cudaGetLastError());
 }
 
+NormParamRuns norm_param_runs(int64_t rows, int blocks_per_sm) {
+  check(rows >= 1 && blocks_per_sm >= 1 && blocks_per_sm <= kMaxNormParamBlocksPerSm,
+        "norm_param_runs: rows and 1 to " + std::to_string(kMaxNormParamBlocksPerSm) + " blocks a multiprocessor");
+  const int64_t slots = static_cast<int64_t>(blocks_per_sm) * multiprocessor_count();
+  constexpr int64_t W = detail::kNormParamWarps;
+  const int64_t per_run = ((rows + slots - 1) / slots + W - 1) / W * W;
+  return {(rows + per_run - 1) / per_run, per_run};
+}
+
+size_t norm_param_partials_floats(int64_t rows, int64_t C) {
+  // the most runs: more blocks a multiprocessor make shorter runs
+  return static_cast<size_t>(norm_param_runs(rows, kMaxNormParamBlocksPerSm).runs * 2 * C);
+}
+
+void add_norm_param_partials(const float* partials, int64_t runs, int64_t C, float* grad_weight, float* grad_bias,
+                             cudaStream_t stream) {
+  detail::add_chunk_sums<2>(partials, runs, C, detail::ColumnOutputs<2>{{grad_weight, grad_bias}}, stream);
+}
+
 size_t norm_backward_workspace_floats(int64_t rows, int64_t C) {
-  return detail::column_sums_workspace_floats(2, rows, C);
+  return detail::warp_row_fits(C) ? norm_param_partials_floats(rows, C)
+                                  : detail::column_sums_workspace_floats(2, rows, C);
 }
 
 void norm_backward(const bf16* grad_out, const bf16* x, const float* weight, const float* mean, const float* rstd,
                    int64_t rows, int64_t C, bool rms, bf16* grad_x, float* grad_weight, float* grad_bias,
                    float* workspace, bool accumulate, cudaStream_t stream) {
   check(rows >= 1 && C >= 1, "norm: empty input");
+  check(grad_x != nullptr, "norm_backward: grad_x is null");
   if (rms) mean = nullptr, grad_bias = nullptr;
-  const unsigned blocks = detail::blocks_for(rows, kRowsPerBlock);
-  if (grad_x) {
-    dispatch_row<BackwardKernel>(C, [&](auto kernel) {
-      kernel<<<blocks, kRowsPerBlock * 32, 0, stream>>>(grad_out, x, weight, mean, rstd, rows, C, rms, accumulate,
-                                                        grad_x);
-    });
+  if (detail::warp_row_fits(C)) {
+    const int bytes = static_cast<int>(detail::norm_param_shared_bytes(C));
+    MHC_CUDA_CHECK(cudaFuncSetAttribute(kBackwardWithSums, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+    constexpr int kThreads = detail::kNormParamWarps * 32;
+    int per_sm = 0;
+    MHC_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kBackwardWithSums, kThreads, bytes));
+    const NormParamRuns runs = norm_param_runs(rows, std::clamp(per_sm, 1, kMaxNormParamBlocksPerSm));
+    kBackwardWithSums<<<detail::blocks_for(runs.runs, 1), kThreads, bytes, stream>>>(
+        grad_out, x, weight, mean, rstd, rows, C, rms, accumulate, grad_x, runs.rows_per_run, workspace);
     MHC_CUDA_CHECK(cudaGetLastError());
+    add_norm_param_partials(workspace, runs.runs, C, grad_weight, grad_bias, stream);
+    return;
   }
+  dispatch_row<BackwardKernel>(C, [&](auto kernel) {
+    kernel<<<detail::blocks_for(rows, kRowsPerBlock), kRowsPerBlock * 32, 0, stream>>>(
+        grad_out, x, weight, mean, rstd, rows, C, rms, accumulate, grad_x, kRowsPerBlock, nullptr);
+  });
+  MHC_CUDA_CHECK(cudaGetLastError());
   detail::column_sums<2>(NormParameterGrads{grad_out, x, mean, rstd, C}, rows, C, {grad_weight, grad_bias}, workspace,
                          stream);
 }

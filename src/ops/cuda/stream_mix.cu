@@ -4,6 +4,7 @@
 #include "core/rng.h"
 #include "ops/cuda/column_sums.cuh"
 #include "ops/cuda/kernel_utils.cuh"
+#include "ops/cuda/norm.h"
 #include "ops/cuda/norm_row.cuh"
 #include "ops/cuda/stream_mix.h"
 
@@ -190,95 +191,114 @@ __global__ void h_post_bda_forward_kernel(const bf16* x, const float* h_res, con
 // (StreamMixGrad). NORM (with AGG, a warp a token): dagg made here as the pre-norm's input
 // gradient (NormInputGrad: its row means first, then dagg a step at a time, written and
 // used as stored). Two blocks a multiprocessor where n <= 4 fits 128 registers without
-// spilling.
+// spilling. With NORM a block takes a run of tokens (whole waves of two blocks a
+// multiprocessor) and also sums the norm's weight and bias gradients.
+constexpr int kReductionBlocksPerSm = 2;
 template <int N, int VEC, bool AGG, bool DX, Drop DROP, bool NORM>
-__global__ void __launch_bounds__(detail::kBlockThreads, N <= 4 ? 2 : 1)
+__global__ void __launch_bounds__(detail::kBlockThreads, N <= 4 ? kReductionBlocksPerSm : 1)
     h_post_bda_backward_kernel(const bf16* grad_out, const bf16* x, const float* h_res, const float* h_post,
                                const bf16* y, const bf16* y_bias, int64_t tokens, int64_t C, int lanes,
                                cpu::DropoutSpec dropout, bf16* grad_x, float* grad_h_res, float* grad_h_post,
                                bf16* grad_y, const bf16* grad_agg, const float* h_pre, float* grad_h_pre,
-                               NormInputGrad norm) {
+                               NormInputGrad norm, int64_t tokens_per_run) {
   static_assert(!NORM || AGG, "the norm's input gradient is the aggregate's");
   const uint64_t key = DROP == Drop::kPhilox ? detail::dropout_key(dropout) : 0;
   constexpr int P = N * N + N + (AGG ? N : 0);
   const TokenGroup tg = detail::token_group(lanes);
-  const int64_t t = tg.token;
-  if (t >= tokens) return;
-  float norm_m = 0, norm_s = 0, mean_gw = 0, mean_gw_xhat = 0;
-  if constexpr (NORM) {
-    detail::RowCache<VEC, 0> g{norm.grad_out + t * C}, xr{norm.x + t * C};
-    norm_m = norm.rms ? 0.0f : norm.mean[t];
-    norm_s = norm.rstd[t];
-    detail::norm_row_grad_means<VEC, 0>(g, xr, norm.weight, C, norm_m, norm_s, norm.rms, tg.lane, mean_gw,
-                                        mean_gw_xhat);
-  }
-  float mix[N][N], post[N], pre[N];
-  float partial[P];  // dH_res row-major, then dH_post, then dH_pre
-#pragma unroll
-  for (int i = 0; i < N; ++i) {
-    post[i] = h_post[t * N + i];
-#pragma unroll
-    for (int j = 0; j < N; ++j) mix[i][j] = h_res[(t * N + i) * N + j];
-  }
-#pragma unroll
-  for (int j = 0; j < N; ++j) pre[j] = AGG ? h_pre[t * N + j] : 0.0f;
-#pragma unroll
-  for (int k = 0; k < P; ++k) partial[k] = 0;
-  const bf16* xt = x + t * N * C;
-  for (int64_t c = tg.lane * VEC; c < C; c += tg.lanes * VEC) {
-    float sublayer[VEC] = {}, g[N][VEC], xs[N][VEC], dy[VEC] = {}, dagg[VEC] = {};
-    load_sublayer<VEC>(y + t * C, y_bias, c, sublayer);
+  // One token's reductions; NORM: `sums` the warp's row of the norm's parameter sums.
+  auto reduce_token = [&](const int64_t t, float* sums) {
+    float norm_m = 0, norm_s = 0, mean_gw = 0, mean_gw_xhat = 0;
     if constexpr (NORM) {
-      float gv[VEC], xv[VEC], w[VEC];
-      detail::load_bf16<VEC>(norm.grad_out + t * C + c, gv);
-      detail::load_bf16<VEC>(norm.x + t * C + c, xv);
-      detail::load_f32<VEC>(norm.weight + c, w);
-      detail::add_norm_input_grad<VEC>(gv, xv, w, norm_m, norm_s, mean_gw, mean_gw_xhat, dagg);
-      detail::store_bf16<VEC>(norm.grad_x + t * C + c, dagg);
-#pragma unroll
-      for (int v = 0; v < VEC; ++v) dagg[v] = __bfloat162float(__float2bfloat16(dagg[v]));
-    } else if constexpr (AGG) {
-      detail::load_bf16<VEC>(grad_agg + t * C + c, dagg);
+      detail::RowCache<VEC, 0> g{norm.grad_out + t * C}, xr{norm.x + t * C};
+      norm_m = norm.rms ? 0.0f : norm.mean[t];
+      norm_s = norm.rstd[t];
+      detail::norm_row_grad_means<VEC, 0>(g, xr, norm.weight, C, norm_m, norm_s, norm.rms, tg.lane, mean_gw,
+                                          mean_gw_xhat);
     }
+    float mix[N][N], post[N], pre[N];
+    float partial[P];  // dH_res row-major, then dH_post, then dH_pre
 #pragma unroll
     for (int i = 0; i < N; ++i) {
-      detail::load_bf16<VEC>(grad_out + (t * N + i) * C + c, g[i]);
-      detail::load_bf16<VEC>(xt + i * C + c, xs[i]);
-      float keep[VEC];
-      drop_scales<DROP, VEC>(dropout, key, static_cast<uint64_t>(t * N + i) * C + c, keep);
+      post[i] = h_post[t * N + i];
 #pragma unroll
-      for (int v = 0; v < VEC; ++v) {
-        const float masked = g[i][v] * keep[v];
-        dy[v] += masked * post[i];
-        partial[N * N + i] += masked * sublayer[v];
-      }
+      for (int j = 0; j < N; ++j) mix[i][j] = h_res[(t * N + i) * N + j];
     }
 #pragma unroll
-    for (int j = 0; j < N; ++j) {
-      float dx[VEC];
+    for (int j = 0; j < N; ++j) pre[j] = AGG ? h_pre[t * N + j] : 0.0f;
 #pragma unroll
-      for (int v = 0; v < VEC; ++v) {
-        dx[v] = pre[j] * dagg[v];
-        if constexpr (AGG) partial[N * N + N + j] += dagg[v] * xs[j][v];
+    for (int k = 0; k < P; ++k) partial[k] = 0;
+    const bf16* xt = x + t * N * C;
+    for (int64_t c = tg.lane * VEC; c < C; c += tg.lanes * VEC) {
+      float sublayer[VEC] = {}, g[N][VEC], xs[N][VEC], dy[VEC] = {}, dagg[VEC] = {};
+      load_sublayer<VEC>(y + t * C, y_bias, c, sublayer);
+      if constexpr (NORM) {
+        float gv[VEC], xv[VEC], w[VEC];
+        detail::load_bf16<VEC>(norm.grad_out + t * C + c, gv);
+        detail::load_bf16<VEC>(norm.x + t * C + c, xv);
+        detail::load_f32<VEC>(norm.weight + c, w);
+        detail::add_norm_input_grad<VEC>(gv, xv, w, norm_m, norm_s, mean_gw, mean_gw_xhat, dagg);
+        detail::store_bf16<VEC>(norm.grad_x + t * C + c, dagg);
+        detail::add_norm_param_grads(sums, C, c, gv, xv, norm_m, norm_s);
+#pragma unroll
+        for (int v = 0; v < VEC; ++v) dagg[v] = __bfloat162float(__float2bfloat16(dagg[v]));
+      } else if constexpr (AGG) {
+        detail::load_bf16<VEC>(grad_agg + t * C + c, dagg);
       }
 #pragma unroll
-      for (int i = 0; i < N; ++i)
+      for (int i = 0; i < N; ++i) {
+        detail::load_bf16<VEC>(grad_out + (t * N + i) * C + c, g[i]);
+        detail::load_bf16<VEC>(xt + i * C + c, xs[i]);
+        float keep[VEC];
+        drop_scales<DROP, VEC>(dropout, key, static_cast<uint64_t>(t * N + i) * C + c, keep);
 #pragma unroll
         for (int v = 0; v < VEC; ++v) {
-          if constexpr (DX) dx[v] += mix[i][j] * g[i][v];
-          partial[i * N + j] += g[i][v] * xs[j][v];
+          const float masked = g[i][v] * keep[v];
+          dy[v] += masked * post[i];
+          partial[N * N + i] += masked * sublayer[v];
         }
-      if constexpr (DX) detail::store_bf16<VEC>(grad_x + (t * N + j) * C + c, dx);
-    }
-    if (grad_y) detail::store_bf16<VEC>(grad_y + t * C + c, dy);
-  }
-  group_sum<P>(partial, lanes);
+      }
 #pragma unroll
-  for (int k = 0; k < P; ++k) {
-    if (tg.lane != k % tg.lanes) continue;
-    if (k < N * N) grad_h_res[t * N * N + k] = partial[k];
-    else if (k < N * N + N) grad_h_post[t * N + k - N * N] = partial[k];
-    else grad_h_pre[t * N + k - N * N - N] = partial[k];
+      for (int j = 0; j < N; ++j) {
+        float dx[VEC];
+#pragma unroll
+        for (int v = 0; v < VEC; ++v) {
+          dx[v] = pre[j] * dagg[v];
+          if constexpr (AGG) partial[N * N + N + j] += dagg[v] * xs[j][v];
+        }
+#pragma unroll
+        for (int i = 0; i < N; ++i)
+#pragma unroll
+          for (int v = 0; v < VEC; ++v) {
+            if constexpr (DX) dx[v] += mix[i][j] * g[i][v];
+            partial[i * N + j] += g[i][v] * xs[j][v];
+          }
+        if constexpr (DX) detail::store_bf16<VEC>(grad_x + (t * N + j) * C + c, dx);
+      }
+      if (grad_y) detail::store_bf16<VEC>(grad_y + t * C + c, dy);
+    }
+    group_sum<P>(partial, lanes);
+#pragma unroll
+    for (int k = 0; k < P; ++k) {
+      if (tg.lane != k % tg.lanes) continue;
+      if (k < N * N)
+        grad_h_res[t * N * N + k] = partial[k];
+      else if (k < N * N + N)
+        grad_h_post[t * N + k - N * N] = partial[k];
+      else
+        grad_h_pre[t * N + k - N * N - N] = partial[k];
+    }
+  };
+  if constexpr (NORM) {  // the block's run of tokens, a warp a token at a time (norm.h, NormParamRuns)
+    static_assert(detail::kBlockWarps == detail::kNormParamWarps, "a block of the norm's parameter sums");
+    extern __shared__ float param_rows[];
+    const int warp = threadIdx.x / 32;
+    float* const sums = detail::norm_param_row(param_rows, C);
+    detail::zero_norm_param_row(sums, C, tg.lane);
+    const int64_t first = static_cast<int64_t>(blockIdx.x) * tokens_per_run, end = min(tokens, first + tokens_per_run);
+    for (int64_t t = first + warp; t < end; t += detail::kNormParamWarps) reduce_token(t, sums);
+    detail::write_norm_param_partial(param_rows, C, norm.param_partials + blockIdx.x * 2 * C);
+  } else if (tg.token < tokens) {
+    reduce_token(tg.token, nullptr);
   }
 }
 
@@ -437,6 +457,8 @@ bool norm_input_grad_supported(int64_t C, cpu::DropoutSpec dropout) {
   return detail::warp_row_fits(C) && (dropout.p <= 0.0f || dropout.kept);
 }
 
+int64_t norm_input_grad_runs(int64_t tokens) { return norm_param_runs(tokens, kReductionBlocksPerSm).runs; }
+
 void h_post_bda_backward(const bf16* grad_out, const bf16* x, const float* h_res, const float* h_post, const bf16* y,
                          const bf16* y_bias, int64_t tokens, int n, int64_t C, cpu::DropoutSpec dropout, bf16* grad_x,
                          float* grad_h_res, float* grad_h_post, bf16* grad_y, const AggregateGrad* aggregate,
@@ -456,15 +478,21 @@ void h_post_bda_backward(const bf16* grad_out, const bf16* x, const float* h_res
       const TokenLaunch l = token_launch(tokens, C, vec);
       kernel<<<l.grid, l.threads, 0, stream>>>(grad_out, x, h_res, h_post, y, y_bias, tokens, C, l.lanes, dropout,
                                                grad_x, grad_h_res, grad_h_post, grad_y, grad_agg, h_pre, grad_h_pre,
-                                               norm ? *norm : NormInputGrad{});
+                                               NormInputGrad{}, 0);
     };
     // With dx, 4 channels a step: 8 make the fused kernel need 225 registers (one block per
     // multiprocessor); the reductions alone take 8 but with the Philox stream (spills).
     dispatch_drop(dropout.p, dropout.kept != nullptr, [&](auto drop) {
       constexpr Drop DROP = decltype(drop)::value;
       if constexpr (DROP != Drop::kPhilox) {
-        if (norm) {  // (C % 8 == 0)
-          launch(h_post_bda_backward_kernel<N.value, 8, true, false, DROP, true>, 8);
+        if (norm) {  // (C % 8 == 0): a block a run of tokens, the norm's parameter sums in shared memory
+          const auto kernel = h_post_bda_backward_kernel<N.value, 8, true, false, DROP, true>;
+          const int bytes = static_cast<int>(detail::norm_param_shared_bytes(C));
+          MHC_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+          const NormParamRuns runs = norm_param_runs(tokens, kReductionBlocksPerSm);
+          kernel<<<detail::blocks_for(runs.runs, 1), detail::kBlockThreads, bytes, stream>>>(
+              grad_out, x, h_res, h_post, y, y_bias, tokens, C, 32, dropout, grad_x, grad_h_res, grad_h_post, grad_y,
+              grad_agg, h_pre, grad_h_pre, *norm, runs.rows_per_run);
           return;
         }
       }

@@ -63,8 +63,8 @@ void h_post_bda_grad_y(const bf16* grad_out, const float* h_post, int64_t tokens
 // The sublayer's pre-norm backward made in the reductions' pass, where the aggregate's
 // gradient is the norm's input gradient: dagg = the norm's dx of grad_out given x (the
 // aggregate), mean and rstd (ops/cuda/norm.h, not accumulated: norm_backward's bits),
-// written to grad_x and used as the aggregate's gradient. The norm's weight and bias
-// gradients stay norm_backward's (with a null grad_x).
+// written to grad_x and used as the aggregate's gradient; the norm's weight and bias
+// gradients' sums are made in the same pass (param_partials).
 struct NormInputGrad {
   const bf16* grad_out;
   const bf16* x;
@@ -73,10 +73,14 @@ struct NormInputGrad {
   const float* rstd;
   bool rms;
   bf16* grad_x;
+  // The weight and bias gradients' sums of the same pass: [norm_input_grad_runs(tokens)][2][C]
+  // (ops/cuda/norm.h: add_norm_param_partials adds them to the gradients).
+  float* param_partials;
 };
 // Where NormInputGrad can be fused: the reductions alone (no dx), C a multiple of 8 and at
-// most 1024 (a warp a token), no dropout.
+// most 1024 (a warp a token), no dropout or its kept bits.
 bool norm_input_grad_supported(int64_t C, cpu::DropoutSpec dropout);
+int64_t norm_input_grad_runs(int64_t tokens);
 
 struct AggregateGrad {
   const bf16* grad_agg;  // unused with `norm`: the kernel makes dagg
