@@ -70,6 +70,19 @@ TEST_P(CudaLayers, NormForwardAndBackward) {
       const auto only = d_dx_only.download(), zero = d_dx_zero.download();
       EXPECT_EQ(std::memcmp(only.data(), zero.data(), only.size() * sizeof(bf16)), 0) << label << " overwrite";
     }
+    {  // dx's column sums as read (a plain residual's output bias gradient): the same dx bits
+      const std::vector<float> sums0 = random_float(C, 8);
+      DeviceBuffer<bf16> d_dx_summed(dx0.bits);
+      DeviceBuffer<float> d_dw1(dw0), d_db1(db0), d_sums(sums0);
+      cuda::norm_backward(d_g.data(), d_x.data(), d_w.data(), d_mean.data(), d_rstd.data(), rows, C, rms,
+                          d_dx_summed.data(), d_dw1.data(), d_db1.data(), d_work.data(), true, nullptr, d_sums.data());
+      std::vector<double> sums = widen(sums0);
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t c = 0; c < C; ++c) sums[c] += dx0.values[r * C + c];
+      EXPECT_LT(relative_error(widen(d_sums.download()), sums), kFp32Tolerance) << label << " dx sums";
+      EXPECT_EQ(d_dx_summed.download(), d_dx.download()) << label << " dx with its sums";
+      EXPECT_LT(relative_error(widen(d_dw1.download()), dw), kFp32Tolerance) << label << " dw with dx's sums";
+    }
     if (!rms) {
       EXPECT_LT(relative_error(widen(d_mean.download()), mean), kFp32Tolerance) << label;
     }

@@ -177,11 +177,11 @@ struct GptCuda::State {
   }
 
   // dx += the norm's input gradient (accumulate), else dx = it; the weight and bias
-  // gradients accumulate.
+  // gradients accumulate, and dx_sums (may be null) the column sums of dx as read.
   void norm_backward(const bf16* g, const bf16* x, const Slot& w, const Slot& b, const float* mean, const float* rstd,
-                     bf16* dx, bool accumulate) {
+                     bf16* dx, bool accumulate, float* dx_sums = nullptr) {
     cuda::norm_backward(g, x, value_of(w), mean, rstd, N, C, rms, dx, grad_of(w), grad_of(b), columns_ws.data(),
-                        accumulate, stream);
+                        accumulate, stream, dx_sums);
   }
   // H_res/H_post mixing and the bias-dropout-add; residual models are the n = 1 case with
   // H_res = H_post = 1.
@@ -193,6 +193,11 @@ struct GptCuda::State {
   }
   // A plain residual without dropout: out = x + y + bias, in the output product's epilogue.
   bool residual_add_in_epilogue(cpu::DropoutSpec d) const { return !hc && d.p <= 0.0f; }
+  // Where its bias gradient (dout's column sums) is made by the next pre-norm backward, which
+  // reads dout as the dx it adds to: there the bias's gradient, else null.
+  float* output_bias_grad(const Slot& bias, cpu::DropoutSpec d) {
+    return residual_add_in_epilogue(d) ? grad_of(bias) : nullptr;
+  }
   // The sublayer's output product, then the hyper connection (or residual) forward:
   // y = in W^T, out = the bias-dropout-add of y onto x.
   void sublayer_output(HcState& m, const bf16* in, int64_t in_features, const Slot& weight, const Slot& bias,
@@ -206,13 +211,12 @@ struct GptCuda::State {
   }
   // The sublayer's gradient dy (and its bias's), before the sublayer's backward; returns
   // where dy is. A plain residual passes dout through unchanged (dy is dout itself without
-  // dropout; layer_backward accumulates in place); hyper connections get the rest of their
-  // backward in hc_backward, once the aggregate's gradient exists.
+  // dropout; layer_backward accumulates in place, and the bias gradient is made by the
+  // pre-norm's backward below, which reads that dout as the dx it adds to:
+  // output_bias_grad); hyper connections get the rest of their backward in hc_backward,
+  // once the aggregate's gradient exists.
   const bf16* residual_backward(HcState& m, const bf16* grad_out, const Slot& bias, cpu::DropoutSpec d) {
-    if (residual_add_in_epilogue(d)) {
-      if (float* db = grad_of(bias)) cuda::accumulate_column_sums(grad_out, N, C, db, columns_ws.data(), stream);
-      return grad_out;
-    }
+    if (residual_add_in_epilogue(d)) return grad_out;
     if (m.grad_y_written) {  // by the mappings' backward of the hyper connection above, with dy_bias
       m.grad_y_written = false;
       return dy.data();
@@ -347,7 +351,8 @@ struct GptCuda::State {
       norm_and_hc_backward(kLn2, L.hc_mlp, L.agg2, L.ln2_w, L.ln2_b, L.ln2_mean.data(), L.ln2_rstd.data(), grad_out,
                            L.x_mid, L.mlp_y.data(), L.fc2_b, L.drop_mlp, grad_mid, &L.hc_attn, L.drop_attn, c);
     } else {
-      norm_backward(dln.data(), L.x_mid, L.ln2_w, L.ln2_b, L.ln2_mean.data(), L.ln2_rstd.data(), grad_mid, true);
+      norm_backward(dln.data(), L.x_mid, L.ln2_w, L.ln2_b, L.ln2_mean.data(), L.ln2_rstd.data(), grad_mid, true,
+                    output_bias_grad(L.fc2_b, L.drop_mlp));
     }
     const bf16* dy_attn = residual_backward(L.hc_attn, grad_mid, L.proj_b, L.drop_attn);
     cuda::linear_backward_input(dy_attn, half_of(L.proj_w), N, C, C, dctx.data(), stream);
@@ -363,7 +368,8 @@ struct GptCuda::State {
                            grad_mid, x_in, L.attn_y.data(), L.proj_b, L.drop_attn, grad_in,
                            below ? &below->hc_mlp : nullptr, below ? below->drop_mlp : cpu::DropoutSpec{}, c);
     } else {
-      norm_backward(dln.data(), x_in, L.ln1_w, L.ln1_b, L.ln1_mean.data(), L.ln1_rstd.data(), grad_in, true);
+      norm_backward(dln.data(), x_in, L.ln1_w, L.ln1_b, L.ln1_mean.data(), L.ln1_rstd.data(), grad_in, true,
+                    output_bias_grad(L.proj_b, L.drop_attn));
     }
     return grad_in;
   }

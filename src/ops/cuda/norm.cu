@@ -1,8 +1,10 @@
 #include <algorithm>
 #include <string>
+#include <type_traits>
 
 #include "core/cuda/device.h"
 #include "ops/cuda/column_sums.cuh"
+#include "ops/cuda/linear.h"
 #include "ops/cuda/norm.h"
 #include "ops/cuda/norm_row.cuh"
 
@@ -28,17 +30,18 @@ __global__ void norm_forward_kernel(const bf16* __restrict__ x, const float* __r
                                        rstd + r);
 }
 
-// A warp a row; SUMS: also the weight and bias gradients' partials of the block's run of
-// rows (norm_row.cuh), else one row a warp.
-template <int VEC, int STEPS, bool SUMS>
+// A warp a row. SUMS 2 or 3: also the partials of the block's run of rows (norm_row.cuh)
+// of the weight and bias gradients, and with 3 of dx's column sums as read (accumulate);
+// SUMS 0: one row a warp.
+template <int VEC, int STEPS, int SUMS>
 __global__ void norm_backward_kernel(const bf16* __restrict__ grad_out, const bf16* __restrict__ x,
                                      const float* __restrict__ weight, const float* __restrict__ mean,
                                      const float* __restrict__ rstd, int64_t rows, int64_t C, bool rms, bool accumulate,
                                      bf16* __restrict__ grad_x, int64_t rows_per_block, float* __restrict__ partials) {
   extern __shared__ float param_rows[];
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
-  float* const sums = detail::norm_param_row(param_rows, C);
-  if constexpr (SUMS) detail::zero_norm_param_row(sums, C, lane);
+  float* const sums = detail::norm_param_row<SUMS>(param_rows, C);
+  if constexpr (SUMS > 0) detail::zero_norm_param_row<SUMS>(sums, C, lane);
   const int64_t first = static_cast<int64_t>(blockIdx.x) * rows_per_block, end = min(rows, first + rows_per_block);
   for (int64_t r = first + warp; r < end; r += warps) {
     RowCache<VEC, STEPS> g{grad_out + r * C}, xr{x + r * C};
@@ -51,12 +54,13 @@ __global__ void norm_backward_kernel(const bf16* __restrict__ grad_out, const bf
       xr.get(c, step, false, xv);
       load_f32<VEC>(weight + c, w);
       if (accumulate) detail::load_bf16<VEC>(grad_x + r * C + c, dx);
+      if constexpr (SUMS == 3) detail::add_norm_column_values(sums, C, 2, c, dx);
       detail::add_norm_input_grad<VEC>(gv, xv, w, m, s, mean_gw, mean_gw_xhat, dx);
       detail::store_bf16<VEC>(grad_x + r * C + c, dx);
-      if constexpr (SUMS) detail::add_norm_param_grads(sums, C, c, gv, xv, m, s);
+      if constexpr (SUMS > 0) detail::add_norm_param_grads(sums, C, c, gv, xv, m, s);
     });
   }
-  if constexpr (SUMS) detail::write_norm_param_partial(param_rows, C, partials + blockIdx.x * 2 * C);
+  if constexpr (SUMS > 0) detail::write_norm_param_partial<SUMS>(param_rows, C, partials + blockIdx.x * SUMS * C);
 }
 
 // (g xhat, g) at (row, columns c..c + COLS), for the weight and bias gradients.
@@ -92,11 +96,13 @@ template <int VEC, int STEPS> struct ForwardKernel {
   static constexpr auto kernel = norm_forward_kernel<VEC, STEPS>;
 };
 template <int VEC, int STEPS> struct BackwardKernel {
-  static constexpr auto kernel = norm_backward_kernel<VEC, STEPS, false>;
+  static constexpr auto kernel = norm_backward_kernel<VEC, STEPS, 0>;
 };
 
-// The row pass that also sums the parameter gradients (C fits a warp's registers).
-constexpr auto kBackwardWithSums = norm_backward_kernel<8, kCachedSteps, true>;
+// The row pass that also sums the parameter gradients (C fits a warp's registers), and
+// dx's column sums (3).
+template <int SUMS>
+constexpr auto kBackwardWithSums = norm_backward_kernel<8, kCachedSteps, SUMS>;
 constexpr int kMaxNormParamBlocksPerSm = 4;
 
 }  // namespace
@@ -132,29 +138,41 @@ void add_norm_param_partials(const float* partials, int64_t runs, int64_t C, flo
 }
 
 size_t norm_backward_workspace_floats(int64_t rows, int64_t C) {
-  return detail::warp_row_fits(C) ? norm_param_partials_floats(rows, C)
+  // three sums where they are made in the row pass (with dx's column sums)
+  return detail::warp_row_fits(C) ? norm_param_partials_floats(rows, C) / 2 * 3
                                   : detail::column_sums_workspace_floats(2, rows, C);
 }
 
 void norm_backward(const bf16* grad_out, const bf16* x, const float* weight, const float* mean, const float* rstd,
                    int64_t rows, int64_t C, bool rms, bf16* grad_x, float* grad_weight, float* grad_bias,
-                   float* workspace, bool accumulate, cudaStream_t stream) {
+                   float* workspace, bool accumulate, cudaStream_t stream, float* grad_x_sums) {
   check(rows >= 1 && C >= 1, "norm: empty input");
   check(grad_x != nullptr, "norm_backward: grad_x is null");
+  check(!grad_x_sums || accumulate, "norm_backward: grad_x's column sums need accumulate (dx is read)");
   if (rms) mean = nullptr, grad_bias = nullptr;
   if (detail::warp_row_fits(C)) {
-    const int bytes = static_cast<int>(detail::norm_param_shared_bytes(C));
-    MHC_CUDA_CHECK(cudaFuncSetAttribute(kBackwardWithSums, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
-    constexpr int kThreads = detail::kNormParamWarps * 32;
-    int per_sm = 0;
-    MHC_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kBackwardWithSums, kThreads, bytes));
-    const NormParamRuns runs = norm_param_runs(rows, std::clamp(per_sm, 1, kMaxNormParamBlocksPerSm));
-    kBackwardWithSums<<<detail::blocks_for(runs.runs, 1), kThreads, bytes, stream>>>(
-        grad_out, x, weight, mean, rstd, rows, C, rms, accumulate, grad_x, runs.rows_per_run, workspace);
-    MHC_CUDA_CHECK(cudaGetLastError());
-    add_norm_param_partials(workspace, runs.runs, C, grad_weight, grad_bias, stream);
+    auto launch = [&](auto kernel, auto sums) {
+      constexpr int V = decltype(sums)::value;
+      const int bytes = static_cast<int>(detail::norm_param_shared_bytes(C, V));
+      MHC_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+      constexpr int kThreads = detail::kNormParamWarps * 32;
+      int per_sm = 0;
+      MHC_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, bytes));
+      const NormParamRuns runs = norm_param_runs(rows, std::clamp(per_sm, 1, kMaxNormParamBlocksPerSm));
+      kernel<<<detail::blocks_for(runs.runs, 1), kThreads, bytes, stream>>>(
+          grad_out, x, weight, mean, rstd, rows, C, rms, accumulate, grad_x, runs.rows_per_run, workspace);
+      MHC_CUDA_CHECK(cudaGetLastError());
+      detail::ColumnOutputs<V> outputs{{grad_weight, grad_bias}};
+      if constexpr (V == 3) outputs.out[2] = grad_x_sums;
+      detail::add_chunk_sums<V>(workspace, runs.runs, C, outputs, stream);
+    };
+    if (grad_x_sums)
+      launch(kBackwardWithSums<3>, std::integral_constant<int, 3>{});
+    else
+      launch(kBackwardWithSums<2>, std::integral_constant<int, 2>{});
     return;
   }
+  if (grad_x_sums) accumulate_column_sums(grad_x, rows, C, grad_x_sums, workspace, stream);
   dispatch_row<BackwardKernel>(C, [&](auto kernel) {
     kernel<<<detail::blocks_for(rows, kRowsPerBlock), kRowsPerBlock * 32, 0, stream>>>(
         grad_out, x, weight, mean, rstd, rows, C, rms, accumulate, grad_x, kRowsPerBlock, nullptr);

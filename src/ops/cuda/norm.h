@@ -6,6 +6,7 @@
 //   backward: dx += rstd (g w - mean(g w) - xhat mean(g w xhat))   (bf16 accumulate,
 //             or dx = ... with accumulate false: dx is then not read)
 //             dw += sum_rows g xhat, db += sum_rows g                 (fp32, deterministic)
+//             optionally the column sums of dx as read, before the add   (fp32, deterministic)
 //
 // One warp a row. The weight and bias gradients: where a row fits a warp's registers (C a
 // multiple of 8, at most 1024) summed in the same pass over the rows (NormParamRuns), else
@@ -25,10 +26,13 @@ void norm_forward(const bf16* x, const float* weight, const float* bias, int64_t
 
 size_t norm_backward_workspace_floats(int64_t rows, int64_t C);
 
-// grad_bias may be null (RMSNorm has none).
+// grad_bias may be null (RMSNorm has none). grad_x_sums (with accumulate; may be null):
+// += the column sums of grad_x as read, before the norm's gradient is added: a plain
+// residual's output bias gradient, whose dy is the dout that the pre-norm's dx adds to.
 void norm_backward(const bf16* grad_out, const bf16* x, const float* weight, const float* mean, const float* rstd,
                    int64_t rows, int64_t C, bool rms, bf16* grad_x, float* grad_weight, float* grad_bias,
-                   float* workspace, bool accumulate = true, cudaStream_t stream = nullptr);
+                   float* workspace, bool accumulate = true, cudaStream_t stream = nullptr,
+                   float* grad_x_sums = nullptr);
 
 // A pass over the rows that makes the input gradient (norm_backward's, or stream_mix.h's
 // NormInputGrad) also sums the weight and bias gradients where a row fits a warp: a block

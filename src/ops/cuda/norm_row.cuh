@@ -125,18 +125,19 @@ __device__ inline void add_norm_input_grad(const float (&gv)[VEC], const float (
   for (int k = 0; k < VEC; ++k) dx[k] += s * (gv[k] * w[k] - mean_gw - (xv[k] - m) * s * mean_gw_xhat);
 }
 
-// The weight and bias gradients' sums in a row pass (norm.h, NormParamRuns): a block of
-// kNormParamWarps warps takes a run of rows, warp w the rows w, w + warps, ... of it; each
-// warp adds g xhat and g of its rows into its own [2][span] floats of shared memory (in row
-// order), then the block adds its warps' sums in order into its partial [2][C]. Rows of 8
-// columns a lane step (warp_row_fits); a warp's sums lie interleaved by lane, a lane's 8
-// columns of a step as two float4s with the warp's 32 lanes adjacent, so that the
-// accesses are 16 bytes and free of bank conflicts (lane-contiguous columns were 8-way
-// conflicts: the norm's backward 40 -> 83 us a call).
+// Column sums in a row pass (norm.h, NormParamRuns): the weight and bias gradients (g xhat
+// and g) and, in a plain residual's norm backward, the column sums of the dx it adds to
+// (V = 3). A block of kNormParamWarps warps takes a run of rows, warp w the rows w,
+// w + warps, ... of it; each warp adds its rows' values into its own [V][span] floats of
+// shared memory (in row order), then the block adds its warps' sums in order into its
+// partial [V][C]. Rows of 8 columns a lane step (warp_row_fits); a warp's sums lie
+// interleaved by lane, a lane's 8 columns of a step as two float4s with the warp's 32
+// lanes adjacent, so that the accesses are 16 bytes and free of bank conflicts
+// (lane-contiguous columns were 8-way conflicts: the norm's backward 40 -> 83 us a call).
 constexpr int kNormParamWarps = 8;
 __host__ __device__ inline int64_t norm_param_span(int64_t C) { return (C + 255) / 256 * 256; }
-inline size_t norm_param_shared_bytes(int64_t C) {
-  return static_cast<size_t>(kNormParamWarps) * 2 * norm_param_span(C) * sizeof(float);
+inline size_t norm_param_shared_bytes(int64_t C, int V) {
+  return static_cast<size_t>(kNormParamWarps) * V * norm_param_span(C) * sizeof(float);
 }
 // Where column c's sum lies in a warp's span.
 __device__ inline int64_t norm_param_slot(int64_t c) {
@@ -144,39 +145,48 @@ __device__ inline int64_t norm_param_slot(int64_t c) {
   return ((step * 2 + k / 4) * 32 + lane) * 4 + k % 4;
 }
 
-// The calling warp's sums in the block's shared memory.
+// The calling warp's V sums in the block's shared memory.
+template <int V>
 __device__ inline float* norm_param_row(float* shared, int64_t C) {
-  return shared + threadIdx.x / 32 * 2 * norm_param_span(C);
+  return shared + threadIdx.x / 32 * V * norm_param_span(C);
 }
-// Zeroes the calling warp's sums (no block barrier: only the warp uses them until the end).
+// Zeroes the calling warp's V sums (no block barrier: only the warp uses them until the end).
+template <int V>
 __device__ inline void zero_norm_param_row(float* row, int64_t C, int lane) {
-  for (int64_t k = lane; k < 2 * norm_param_span(C); k += 32) row[k] = 0.0f;
+  for (int64_t k = lane; k < V * norm_param_span(C); k += 32) row[k] = 0.0f;
   __syncwarp();
 }
-// Adds (g xhat, g) of the 8 columns from c to the warp's sums.
-__device__ inline void add_norm_param_grads(float* row, int64_t C, int64_t c, const float (&g)[8], const float (&x)[8],
-                                            float m, float s) {
-  const int64_t slot = norm_param_slot(c), span = norm_param_span(C);
+// Adds the 8 values of the columns from c to sum v of the warp's sums.
+__device__ inline void add_norm_column_values(float* row, int64_t C, int v, int64_t c, const float (&values)[8]) {
+  float* const at = row + v * norm_param_span(C) + norm_param_slot(c);
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
-    float4* const weight = reinterpret_cast<float4*>(row + slot + half * 128);
-    float4* const bias = reinterpret_cast<float4*>(row + span + slot + half * 128);
-    float4 w = *weight, b = *bias;
-    const int k = 4 * half;
-    w.x += g[k] * (x[k] - m) * s, w.y += g[k + 1] * (x[k + 1] - m) * s;
-    w.z += g[k + 2] * (x[k + 2] - m) * s, w.w += g[k + 3] * (x[k + 3] - m) * s;
-    b.x += g[k], b.y += g[k + 1], b.z += g[k + 2], b.w += g[k + 3];
-    *weight = w, *bias = b;
+    float4* const sum = reinterpret_cast<float4*>(at + half * 128);
+    float4 t = *sum;
+    const float* in = values + 4 * half;
+    t.x += in[0], t.y += in[1], t.z += in[2], t.w += in[3];
+    *sum = t;
   }
 }
-// The block's partial: its warps' sums added in order (every thread of the block calls it).
+// Adds (g xhat, g) of the 8 columns from c to sums 0 and 1.
+__device__ inline void add_norm_param_grads(float* row, int64_t C, int64_t c, const float (&g)[8], const float (&x)[8],
+                                            float m, float s) {
+  float g_xhat[8];
+#pragma unroll
+  for (int k = 0; k < 8; ++k) g_xhat[k] = g[k] * (x[k] - m) * s;
+  add_norm_column_values(row, C, 0, c, g_xhat);
+  add_norm_column_values(row, C, 1, c, g);
+}
+// The block's partial [V][C]: its warps' sums added in order (every thread of the block
+// calls it).
+template <int V>
 __device__ inline void write_norm_param_partial(const float* rows, int64_t C, float* partial) {
   __syncthreads();
   const int64_t span = norm_param_span(C);
-  for (int64_t k = threadIdx.x; k < 2 * C; k += blockDim.x) {
-    const int64_t at = (k < C ? 0 : span) + norm_param_slot(k % C);
+  for (int64_t k = threadIdx.x; k < V * C; k += blockDim.x) {
+    const int64_t at = k / C * span + norm_param_slot(k % C);
     float sum = 0;
-    for (int w = 0; w < kNormParamWarps; ++w) sum += rows[w * 2 * span + at];
+    for (int w = 0; w < kNormParamWarps; ++w) sum += rows[w * V * span + at];
     partial[k] = sum;
   }
 }

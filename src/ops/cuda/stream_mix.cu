@@ -292,11 +292,11 @@ __global__ void __launch_bounds__(detail::kBlockThreads, N <= 4 ? kReductionBloc
     static_assert(detail::kBlockWarps == detail::kNormParamWarps, "a block of the norm's parameter sums");
     extern __shared__ float param_rows[];
     const int warp = threadIdx.x / 32;
-    float* const sums = detail::norm_param_row(param_rows, C);
-    detail::zero_norm_param_row(sums, C, tg.lane);
+    float* const sums = detail::norm_param_row<2>(param_rows, C);
+    detail::zero_norm_param_row<2>(sums, C, tg.lane);
     const int64_t first = static_cast<int64_t>(blockIdx.x) * tokens_per_run, end = min(tokens, first + tokens_per_run);
     for (int64_t t = first + warp; t < end; t += detail::kNormParamWarps) reduce_token(t, sums);
-    detail::write_norm_param_partial(param_rows, C, norm.param_partials + blockIdx.x * 2 * C);
+    detail::write_norm_param_partial<2>(param_rows, C, norm.param_partials + blockIdx.x * 2 * C);
   } else if (tg.token < tokens) {
     reduce_token(tg.token, nullptr);
   }
@@ -487,7 +487,7 @@ void h_post_bda_backward(const bf16* grad_out, const bf16* x, const float* h_res
       if constexpr (DROP != Drop::kPhilox) {
         if (norm) {  // (C % 8 == 0): a block a run of tokens, the norm's parameter sums in shared memory
           const auto kernel = h_post_bda_backward_kernel<N.value, 8, true, false, DROP, true>;
-          const int bytes = static_cast<int>(detail::norm_param_shared_bytes(C));
+          const int bytes = static_cast<int>(detail::norm_param_shared_bytes(C, 2));
           MHC_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
           const NormParamRuns runs = norm_param_runs(tokens, kReductionBlocksPerSm);
           kernel<<<detail::blocks_for(runs.runs, 1), detail::kBlockThreads, bytes, stream>>>(
