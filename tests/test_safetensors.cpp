@@ -1,8 +1,10 @@
 #include <gtest/gtest.h>
+#include <unistd.h>
 
 #include <filesystem>
 #include <fstream>
 #include <random>
+#include <string>
 
 #include "core/error.h"
 #include "core/safetensors.h"
@@ -21,6 +23,13 @@ Safetensors sample_file() {
   return f;
 }
 
+// A file of this test process's own (ctest runs tests in parallel processes: a shared name
+// let one test's writes land in another's reads).
+std::string scratch_path(const std::string& what) {
+  const std::string name = "mhc_test_" + std::to_string(::getpid()) + "_" + what + ".safetensors";
+  return (std::filesystem::temp_directory_path() / name).string();
+}
+
 TEST(Safetensors, RoundTripInMemoryAndOnDisk) {
   const Safetensors f = sample_file();
   const auto bytes = serialize_safetensors(f);
@@ -32,7 +41,7 @@ TEST(Safetensors, RoundTripInMemoryAndOnDisk) {
     EXPECT_EQ(back.at(name).shape, t.shape) << name;
     EXPECT_EQ(back.at(name).bytes, t.bytes) << name;
   }
-  const auto path = (std::filesystem::temp_directory_path() / "mhc_test_roundtrip.safetensors").string();
+  const auto path = scratch_path("roundtrip");
   write_safetensors(path, f);
   EXPECT_EQ(serialize_safetensors(read_safetensors(path)), bytes);
   EXPECT_EQ(read_safetensors_metadata(path), f.metadata);
@@ -62,7 +71,7 @@ TEST(Safetensors, BF16RoundsToNearestEven) {
 // read_safetensors reads a file's header, then each tensor from its offset: it must judge
 // every file as parse_safetensors judges the same bytes in memory.
 std::string write_bytes(const std::vector<uint8_t>& bytes) {
-  const auto path = (std::filesystem::temp_directory_path() / "mhc_test_bytes.safetensors").string();
+  const auto path = scratch_path("bytes");
   std::ofstream(path, std::ios::binary)
       .write(reinterpret_cast<const char*>(bytes.data()), static_cast<std::streamsize>(bytes.size()));
   return path;
