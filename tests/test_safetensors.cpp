@@ -48,6 +48,32 @@ TEST(Safetensors, RoundTripInMemoryAndOnDisk) {
   std::filesystem::remove(path);
 }
 
+// One tensor at a time into the caller's memory: the bytes of the file's tensor, the
+// size of the destination checked, a missing tensor named.
+TEST(Safetensors, ReaderReadsATensorIntoTheCallersMemory) {
+  const Safetensors f = sample_file();
+  const auto path = scratch_path("reader");
+  write_safetensors(path, f);
+  const SafetensorsReader reader(path);
+  EXPECT_EQ(reader.metadata(), f.metadata);
+  ASSERT_EQ(reader.tensors().size(), f.tensors.size());
+  EXPECT_EQ(reader.tensor("b.f32").shape, f.at("b.f32").shape);
+  EXPECT_TRUE(reader.tensor("b.f32").bytes.empty());
+  std::vector<uint8_t> out(f.at("b.f32").bytes.size());
+  reader.read("b.f32", out);
+  EXPECT_EQ(out, f.at("b.f32").bytes);
+  std::vector<uint8_t> wrong(out.size() - 1);
+  try {
+    reader.read("b.f32", wrong);
+    ADD_FAILURE() << "no error";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("tensor 'b.f32' holds 16 bytes, read into 15"), std::string::npos) << e.what();
+  }
+  EXPECT_THROW(reader.read("absent", out), Error);
+  EXPECT_THROW((void)reader.tensor("absent"), Error);
+  std::filesystem::remove(path);
+}
+
 TEST(Safetensors, ValuesConvert) {
   const Safetensors f = sample_file();
   EXPECT_EQ(f.at("a.f64").to_vector<double>()[5], -6e300);

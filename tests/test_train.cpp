@@ -138,6 +138,14 @@ TEST(Checkpoint, RoundTrip) {
   const auto a = model.parameters(), b = other.parameters();
   for (size_t k = 0; k < a.size(); ++k) EXPECT_EQ(a[k]->value, b[k]->value) << a[k]->name;
   EXPECT_EQ(train_config_to_json(checkpoint_config(path)), train_config_to_json(c));
+  // A tensor stored in another dtype (F64: exact for these values) loads converted.
+  Safetensors converted = read_safetensors(path);
+  converted.tensors[a[0]->name] = HostTensor::from_values<float>(DType::F64, a[0]->shape, a[0]->value);
+  const auto converted_path = (tmp / "f64.safetensors").string();
+  write_safetensors(converted_path, converted);
+  Gpt<float> third(c.model, c.batch_size, c.model.seq_length);
+  load_checkpoint(converted_path, third, nullptr);
+  EXPECT_EQ(third.parameters()[0]->value, a[0]->value);
 }
 
 TEST(Checkpoint, KilledSaveLeavesThePreviousOneLoadable) {

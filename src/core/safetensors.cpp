@@ -161,51 +161,65 @@ std::vector<uint8_t> serialize_safetensors(const Safetensors& file) {
   return out;
 }
 
-namespace {
-// Reads the header, then (with `data`) each tensor's bytes straight into its HostTensor: the
-// file is never held in memory whole.
-Safetensors read_file(const std::string& path, bool data) {
+SafetensorsReader::SafetensorsReader(const std::string& path) : path_(path) {
   std::error_code ignored;
   check(!std::filesystem::is_directory(path, ignored), path + ": is a directory, not a .safetensors file");
-  const int fd = ::open(path.c_str(), O_RDONLY);
-  check(fd >= 0, path + ": cannot open: " + std::strerror(errno));
-  struct Closer {
-    int fd;
-    ~Closer() { ::close(fd); }
-  } closer{fd};
-  struct stat info {};
-  check(::fstat(fd, &info) == 0, path + ": cannot stat: " + std::strerror(errno));
-  const auto file_size = static_cast<uint64_t>(info.st_size);
-  auto read_at = [&](uint8_t* to, uint64_t size, uint64_t offset) {
-    for (uint64_t done = 0; done < size;) {
-      const ssize_t n = ::pread(fd, to + done, size - done, static_cast<off_t>(offset + done));
-      if (n < 0 && errno == EINTR) continue;
-      check(n > 0, path + ": read error: " + (n == 0 ? std::string("the file shrank") : std::strerror(errno)));
-      done += static_cast<uint64_t>(n);
-    }
-  };
-  const std::string where = path + ": ";
-  uint8_t first[8] = {};
-  read_at(first, std::min<uint64_t>(8, file_size), 0);
-  const uint64_t header_len = header_length(first, file_size, where);
-  std::vector<uint8_t> text(header_len);
-  read_at(text.data(), header_len, 8);
-  std::vector<DataRange> ranges;
-  Safetensors file = parse_header(text, file_size - 8 - header_len, where, ranges);
-  if (data)
-    for (const DataRange& r : ranges) {
-      std::vector<uint8_t>& bytes = file.tensors[r.name].bytes;
-      bytes.resize(r.end - r.begin);
-      read_at(bytes.data(), bytes.size(), 8 + header_len + r.begin);
-    }
+  fd_ = ::open(path.c_str(), O_RDONLY);
+  check(fd_ >= 0, path + ": cannot open: " + std::strerror(errno));
+  try {
+    struct stat info {};
+    check(::fstat(fd_, &info) == 0, path + ": cannot stat: " + std::strerror(errno));
+    const auto file_size = static_cast<uint64_t>(info.st_size);
+    const std::string where = path + ": ";
+    uint8_t first[8] = {};
+    read_at(first, std::min<uint64_t>(8, file_size), 0);
+    const uint64_t header_len = header_length(first, file_size, where);
+    std::vector<uint8_t> text(header_len);
+    read_at(text.data(), header_len, 8);
+    std::vector<DataRange> ranges;
+    header_ = parse_header(text, file_size - 8 - header_len, where, ranges);
+    for (const DataRange& r : ranges) ranges_[r.name] = {r.begin, r.end};
+    data_start_ = 8 + header_len;
+  } catch (...) {
+    ::close(fd_);
+    throw;
+  }
+}
+
+SafetensorsReader::~SafetensorsReader() { ::close(fd_); }
+
+void SafetensorsReader::read_at(uint8_t* to, uint64_t size, uint64_t offset) const {
+  for (uint64_t done = 0; done < size;) {
+    const ssize_t n = ::pread(fd_, to + done, size - done, static_cast<off_t>(offset + done));
+    if (n < 0 && errno == EINTR) continue;
+    check(n > 0, path_ + ": read error: " + (n == 0 ? std::string("the file shrank") : std::strerror(errno)));
+    done += static_cast<uint64_t>(n);
+  }
+}
+
+void SafetensorsReader::read(const std::string& name, std::span<uint8_t> out) const {
+  const auto it = ranges_.find(name);
+  check(it != ranges_.end(), path_ + ": missing tensor '" + name + "'");
+  const Range r = it->second;
+  check(out.size() == r.end - r.begin, path_ + ": tensor '" + name + "' holds " + std::to_string(r.end - r.begin) +
+                                           " bytes, read into " + std::to_string(out.size()));
+  read_at(out.data(), out.size(), data_start_ + r.begin);
+}
+
+// The header, then each tensor's bytes straight into its HostTensor: the file is never
+// held in memory whole.
+Safetensors read_safetensors(const std::string& path) {
+  const SafetensorsReader reader(path);
+  Safetensors file{reader.tensors(), reader.metadata()};
+  for (auto& [name, tensor] : file.tensors) {
+    tensor.bytes.resize(static_cast<size_t>(tensor.numel()) * dtype_size(tensor.dtype));
+    reader.read(name, tensor.bytes);
+  }
   return file;
 }
-}  // namespace
-
-Safetensors read_safetensors(const std::string& path) { return read_file(path, true); }
 
 std::map<std::string, std::string> read_safetensors_metadata(const std::string& path) {
-  return read_file(path, false).metadata;
+  return SafetensorsReader(path).metadata();
 }
 
 void write_safetensors(const std::string& path, const TensorViews& tensors,

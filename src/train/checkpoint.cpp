@@ -13,9 +13,9 @@ namespace {
 
 constexpr const char* kFormat = "mhc-checkpoint-1";
 
-int64_t metadata_int(const Safetensors& file, const std::string& key, const std::string& path) {
-  auto it = file.metadata.find(key);
-  check(it != file.metadata.end(), path + ": not an mhc checkpoint (metadata has no '" + key + "')");
+int64_t metadata_int(const SafetensorsReader& file, const std::string& key, const std::string& path) {
+  auto it = file.metadata().find(key);
+  check(it != file.metadata().end(), path + ": not an mhc checkpoint (metadata has no '" + key + "')");
   try {
     return std::stoll(it->second);
   } catch (const std::exception&) {
@@ -23,14 +23,24 @@ int64_t metadata_int(const Safetensors& file, const std::string& key, const std:
   }
 }
 
-void load_into(const Safetensors& file, const std::string& name, const std::vector<int64_t>& shape,
+// The tensor's values into `out`: F32 (what save_checkpoint writes) read straight into it,
+// another dtype through its bytes, converted.
+void load_into(const SafetensorsReader& file, const std::string& name, const std::vector<int64_t>& shape,
                std::vector<float>& out, const std::string& path) {
   check(file.has(name), path + ": checkpoint has no tensor '" + name + "'");
-  const HostTensor& t = file.at(name);
+  const HostTensor& info = file.tensor(name);
   HostTensor expected;
   expected.shape = shape;
-  check(t.shape == shape, path + ": tensor '" + name + "' has shape " + t.shape_string() +
-                              " but the configuration needs " + expected.shape_string());
+  check(info.shape == shape, path + ": tensor '" + name + "' has shape " + info.shape_string() +
+                                 " but the configuration needs " + expected.shape_string());
+  if (info.dtype == DType::F32) {
+    out.resize(static_cast<size_t>(shape_numel(shape)));
+    file.read(name, {reinterpret_cast<uint8_t*>(out.data()), out.size() * sizeof(float)});
+    return;
+  }
+  HostTensor t = info;
+  t.bytes.resize(static_cast<size_t>(t.numel()) * dtype_size(t.dtype));
+  file.read(name, t.bytes);
   out = t.to_vector<float>();
 }
 
@@ -76,9 +86,10 @@ TrainConfig checkpoint_config(const std::string& path) {
 }
 
 TrainingState load_checkpoint(const std::string& path, Gpt<float>& model, AdamW* optimizer) {
-  const Safetensors file = read_safetensors(path);
-  auto it = file.metadata.find("format");
-  check(it != file.metadata.end() && it->second == kFormat, path + ": not an mhc checkpoint");
+  // F32 values as they lie in memory (save_checkpoint's static_assert)
+  const SafetensorsReader file(path);
+  auto it = file.metadata().find("format");
+  check(it != file.metadata().end() && it->second == kFormat, path + ": not an mhc checkpoint");
   TrainingState state;
   state.step = metadata_int(file, "step", path);
   state.data_position = static_cast<uint64_t>(metadata_int(file, "data_position", path));
