@@ -85,9 +85,10 @@ struct GptCuda::State {
   // not added (their part of the arena is not zeroed).
   bool grads_fresh = true;
   // The backward's weight gradients (the layers' dW, qkv's db, the pre-norms' weight and
-  // bias gradients from the sums the reductions' pass made, the mappings' parameter sums) run on a side stream, beside
-  // the rest of the backward on `stream`: no later launch needs them before the optimizer. Each kind's latest one has
-  // an event, which the main stream waits for before it overwrites what that launch reads.
+  // bias gradients from the sums the reductions' pass made, the mappings' parameter sums)
+  // run on a side stream, beside the rest of the backward on `stream`: no later launch
+  // needs them before the optimizer. Each kind's latest one has an event, which the main
+  // stream waits for before it overwrites what that launch reads.
   enum WeightGrad { kFc2, kFc1, kLn2, kProj, kQkv, kLn1, kMappings, kWeightGrads };
   bool overlap = true;
   cuda::Stream side_owner;

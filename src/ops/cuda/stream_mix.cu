@@ -472,6 +472,7 @@ void h_post_bda_backward(const bf16* grad_out, const bf16* x, const float* h_res
         "h_post_bda_backward: the norm's input gradient is fused only into the reductions alone (no dx), without "
         "dropout or with its kept bits, for C a multiple of 8 up to " +
             std::to_string(detail::kWarpRowWidth) + " (got " + std::to_string(C) + ")");
+  check(!norm || norm->param_partials, "h_post_bda_backward: NormInputGrad needs param_partials");
   check_kept(dropout, C, "h_post_bda_backward");
   dispatch_streams(n, [&](auto N) {
     auto launch = [&](auto kernel, int vec) {
