@@ -206,15 +206,20 @@ void SafetensorsReader::read(const std::string& name, std::span<uint8_t> out) co
   read_at(out.data(), out.size(), data_start_ + r.begin);
 }
 
+HostTensor SafetensorsReader::read(const std::string& name) const {
+  HostTensor t = tensor(name);
+  t.bytes.resize(static_cast<size_t>(t.numel()) * dtype_size(t.dtype));
+  read(name, t.bytes);
+  return t;
+}
+
 // The header, then each tensor's bytes straight into its HostTensor: the file is never
 // held in memory whole.
 Safetensors read_safetensors(const std::string& path) {
   const SafetensorsReader reader(path);
-  Safetensors file{reader.tensors(), reader.metadata()};
-  for (auto& [name, tensor] : file.tensors) {
-    tensor.bytes.resize(static_cast<size_t>(tensor.numel()) * dtype_size(tensor.dtype));
-    reader.read(name, tensor.bytes);
-  }
+  Safetensors file;
+  file.metadata = reader.metadata();
+  for (const auto& [name, info] : reader.tensors()) file.tensors.emplace(name, reader.read(name));
   return file;
 }
 

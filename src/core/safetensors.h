@@ -55,6 +55,8 @@ class SafetensorsReader {
   const HostTensor& tensor(const std::string& name) const { return header_.at(name); }
   // The tensor's bytes into `out`, which must be exactly their size.
   void read(const std::string& name, std::span<uint8_t> out) const;
+  // The whole tensor, its bytes read into a HostTensor of its own.
+  HostTensor read(const std::string& name) const;
 
  private:
   struct Range {

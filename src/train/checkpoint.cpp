@@ -38,10 +38,7 @@ void load_into(const SafetensorsReader& file, const std::string& name, const std
     file.read(name, {reinterpret_cast<uint8_t*>(out.data()), out.size() * sizeof(float)});
     return;
   }
-  HostTensor t = info;
-  t.bytes.resize(static_cast<size_t>(t.numel()) * dtype_size(t.dtype));
-  file.read(name, t.bytes);
-  out = t.to_vector<float>();
+  out = file.read(name).to_vector<float>();
 }
 
 }  // namespace
