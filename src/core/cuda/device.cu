@@ -1,3 +1,7 @@
+#include <map>
+#include <mutex>
+#include <tuple>
+
 #include "core/cuda/device.h"
 
 namespace mhc::cuda {
@@ -17,6 +21,21 @@ int multiprocessor_count() {
   MHC_CUDA_CHECK(cudaGetDevice(&device));
   MHC_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
   return sms;
+}
+
+int resident_blocks_per_sm(const void* kernel, int threads, size_t shared_bytes) {
+  static std::mutex mutex;
+  static std::map<std::tuple<int, const void*, int, size_t>, int> known;
+  int device = 0;
+  MHC_CUDA_CHECK(cudaGetDevice(&device));
+  const std::lock_guard<std::mutex> lock(mutex);
+  const auto key = std::make_tuple(device, kernel, threads, shared_bytes);
+  if (auto it = known.find(key); it != known.end()) return it->second;
+  MHC_CUDA_CHECK(
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(shared_bytes)));
+  int blocks = 0;
+  MHC_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, threads, shared_bytes));
+  return known[key] = blocks;
 }
 
 Stream::Stream(Priority priority) {

@@ -26,6 +26,10 @@ namespace mhc::cuda {
 bool device_available();
 // The current device's multiprocessors (grids sized to whole waves of resident blocks).
 int multiprocessor_count();
+// Blocks of `kernel` resident on one of the current device's multiprocessors at `threads`
+// threads and `shared_bytes` of dynamic shared memory, which the kernel is also allowed.
+// Asked of the runtime once per device, kernel and size (launches ask it every call).
+int resident_blocks_per_sm(const void* kernel, int threads, size_t shared_bytes);
 
 template <typename T> class DeviceBuffer {
  public:

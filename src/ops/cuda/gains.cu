@@ -69,13 +69,13 @@ __global__ void max_mean_kernel(const float* per_token, int64_t tokens, float* s
   for (int offset = 16; offset > 0; offset /= 2) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, offset));
   if (threadIdx.x % 32 == 0) maxima[threadIdx.x / 32] = m;
   float s[1] = {v[1]};
-  detail::group_sum<1>(s, static_cast<int>(blockDim.x));  // synchronises: maxima is complete too
-  if (threadIdx.x == 0) {
+  // thread 0, after the block's barrier: maxima is complete too
+  detail::group_sum<1>(s, static_cast<int>(blockDim.x), [&](int, float sum) {
     float best = 0;
     for (int w = 0; w < detail::kBlockWarps; ++w) best = fmaxf(best, maxima[w]);
     stats[2 * blockIdx.x] = best;
-    stats[2 * blockIdx.x + 1] = s[0] / static_cast<float>(tokens);
-  }
+    stats[2 * blockIdx.x + 1] = sum / static_cast<float>(tokens);
+  });
 }
 
 }  // namespace

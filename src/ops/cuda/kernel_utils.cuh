@@ -39,25 +39,62 @@ template <int STRIDE, int COUNT> __device__ inline float lanes_sum(float v) {
 }
 __device__ inline float warp_sum(float v) { return lanes_sum<1, 32>(v); }
 
-// Sums V per-thread values over a token's group; every thread of the group gets the
-// totals, in a fixed order (the xor butterfly's pairwise sums are the same bits in both
-// lanes of a pair). A whole-block group synchronises the block, also after reading the
-// partials, so that calls may follow one another.
-template <int V> __device__ void group_sum(float (&values)[V], int lanes) {
+// One step of group_sum's warp reduction: at each xor offset a lane keeps half of the LIVE
+// values it carries (the upper half where its offset bit is set) and adds its partner's copy
+// of that half, sending the other; once one is left, plain butterfly steps.
+template <int LIVE, int OFFSET, int P>
+__device__ inline void halving_sum(float (&v)[P], int lane) {
+  if constexpr (OFFSET >= 1) {
+    if constexpr (LIVE > 1) {
+      const bool upper = lane & OFFSET;
 #pragma unroll
-  for (int v = 0; v < V; ++v) values[v] = warp_sum(values[v]);
-  if (lanes == 32) return;
+      for (int k = 0; k < LIVE / 2; ++k) {
+        const float send = upper ? v[k] : v[k + LIVE / 2], keep = upper ? v[k + LIVE / 2] : v[k];
+        v[k] = keep + __shfl_xor_sync(0xffffffffu, send, OFFSET);
+      }
+      halving_sum<LIVE / 2, OFFSET / 2>(v, lane);
+    } else {
+      v[0] += __shfl_xor_sync(0xffffffffu, v[0], OFFSET);
+      halving_sum<1, OFFSET / 2>(v, lane);
+    }
+  }
+}
+constexpr int power_of_two_at_least(int v) { return v <= 1 ? 1 : 2 * power_of_two_at_least((v + 1) / 2); }
+
+// Sums V per-thread values over a token's group and calls each(k, total k) once for every
+// k < V, on one thread of the group. Fixed order: within a warp the xor butterfly's pairwise
+// sums (offsets 16, 8, ..., 1), each lane carrying only the half of the values it will hold
+// (halving_sum: the same additions, so the same bits as a butterfly of every value, in
+// about V shuffles instead of 5 V); a whole-block group then adds the warps' totals in warp
+// order through shared memory and synchronises the block, also after reading them, so that
+// calls may follow one another.
+template <int V, typename Each>
+__device__ void group_sum(float (&values)[V], int lanes, Each&& each) {
+  constexpr int P = power_of_two_at_least(V), kHeld = P >= 32 ? P / 32 : 1, kSharing = P >= 32 ? 1 : 32 / P;
+  const int lane = static_cast<int>(threadIdx.x % 32);
+  float v[P];
+#pragma unroll
+  for (int k = 0; k < P; ++k) v[k] = k < V ? values[k] : 0.0f;
+  halving_sum<P, 16>(v, lane);
+  // lane l holds the totals from l P / 32, the lowest lane of those that share them owns them
+  const int first = lane * P / 32;
+  const bool owner = lane % kSharing == 0;
+  if (lanes == 32) {
+#pragma unroll
+    for (int j = 0; j < kHeld; ++j)
+      if (owner && first + j < V) each(first + j, v[j]);
+    return;
+  }
   __shared__ float partial[V][kBlockWarps];
-  const int warp = threadIdx.x / 32, warps = static_cast<int>(blockDim.x) / 32;
-  if (threadIdx.x % 32 == 0)
+  const int warp = static_cast<int>(threadIdx.x / 32), warps = static_cast<int>(blockDim.x) / 32;
 #pragma unroll
-    for (int v = 0; v < V; ++v) partial[v][warp] = values[v];
+  for (int j = 0; j < kHeld; ++j)
+    if (owner && first + j < V) partial[first + j][warp] = v[j];
   __syncthreads();
-#pragma unroll
-  for (int v = 0; v < V; ++v) {
+  for (int k = static_cast<int>(threadIdx.x); k < V; k += static_cast<int>(blockDim.x)) {
     float s = 0;
-    for (int w = 0; w < warps; ++w) s += partial[v][w];
-    values[v] = s;
+    for (int w = 0; w < warps; ++w) s += partial[k][w];
+    each(k, s);
   }
   __syncthreads();
 }

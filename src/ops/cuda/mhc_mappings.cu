@@ -1,10 +1,8 @@
 #include <algorithm>
-#include <map>
-#include <mutex>
 
 #include "core/cuda/device.h"
-#include "ops/cuda/gemm.h"
 #include "ops/cuda/column_sums.cuh"
+#include "ops/cuda/gemm.h"
 #include "ops/cuda/kernel_utils.cuh"
 #include "ops/cuda/mhc_mappings.h"
 #include "ops/cuda/norm_row.cuh"
@@ -247,8 +245,7 @@ template <int VEC> __global__ void row_sumsq_kernel(const bf16* x, int64_t K, fl
 #pragma unroll
     for (int i = 0; i < VEC; ++i) s[0] += v[i] * v[i];
   }
-  detail::group_sum<1>(s, static_cast<int>(blockDim.x));
-  if (threadIdx.x == 0) sumsq[blockIdx.x] = s[0];
+  detail::group_sum<1>(s, static_cast<int>(blockDim.x), [&](int, float total) { sumsq[blockIdx.x] = total; });
 }
 
 // The projection, one pass over x: parts[s][t][o] = the sum over K range s of x[t][k]
@@ -1015,19 +1012,10 @@ struct DxGrid {
 // Blocks of the model's variant of grad_x_kernel<N> resident at once on the current
 // device (queried once a device).
 template <int N> int64_t dx_resident_blocks() {
-  static std::mutex mutex;
-  static std::map<int, int64_t> by_device;
-  int device = 0;
-  MHC_CUDA_CHECK(cudaGetDevice(&device));
-  const std::lock_guard<std::mutex> lock(mutex);
-  auto it = by_device.find(device);
-  if (it != by_device.end()) return it->second;
-  const auto kernel = grad_x_kernel<N, 2 * dx_tiles<N>(), true, true>;
-  constexpr int bytes = dx_shared_bytes<N, true>(true);
-  MHC_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
-  int per_sm = 0;
-  MHC_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, N * 32, bytes));
-  return by_device[device] = std::max<int64_t>(1, static_cast<int64_t>(per_sm) * multiprocessor_count());
+  const int per_sm =
+      resident_blocks_per_sm(reinterpret_cast<const void*>(grad_x_kernel<N, 2 * dx_tiles<N>(), true, true>), N * 32,
+                             dx_shared_bytes<N, true>(true));
+  return std::max<int64_t>(1, static_cast<int64_t>(per_sm) * multiprocessor_count());
 }
 
 template <int N> DxGrid dx_grid(int64_t tokens, int64_t C) {

@@ -39,11 +39,8 @@ __global__ void norm_backward_kernel(const bf16* __restrict__ grad_out, const bf
                                      const float* __restrict__ rstd, int64_t rows, int64_t C, bool rms, bool accumulate,
                                      bf16* __restrict__ grad_x, int64_t rows_per_block, float* __restrict__ partials) {
   extern __shared__ float param_rows[];
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
-  float* const sums = detail::norm_param_row<SUMS>(param_rows, C);
-  if constexpr (SUMS > 0) detail::zero_norm_param_row<SUMS>(sums, C, lane);
-  const int64_t first = static_cast<int64_t>(blockIdx.x) * rows_per_block, end = min(rows, first + rows_per_block);
-  for (int64_t r = first + warp; r < end; r += warps) {
+  const int lane = threadIdx.x % 32;
+  detail::for_norm_param_run<SUMS>(param_rows, C, rows, rows_per_block, partials, [&](int64_t r, float* sums) {
     RowCache<VEC, STEPS> g{grad_out + r * C}, xr{x + r * C};
     const float m = rms ? 0.0f : mean[r], s = rstd[r];
     float mean_gw, mean_gw_xhat;
@@ -59,8 +56,7 @@ __global__ void norm_backward_kernel(const bf16* __restrict__ grad_out, const bf
       detail::store_bf16<VEC>(grad_x + r * C + c, dx);
       if constexpr (SUMS > 0) detail::add_norm_param_grads(sums, C, c, gv, xv, m, s);
     });
-  }
-  if constexpr (SUMS > 0) detail::write_norm_param_partial<SUMS>(param_rows, C, partials + blockIdx.x * SUMS * C);
+  });
 }
 
 // (g xhat, g) at (row, columns c..c + COLS), for the weight and bias gradients.
@@ -153,11 +149,9 @@ void norm_backward(const bf16* grad_out, const bf16* x, const float* weight, con
   if (detail::warp_row_fits(C)) {
     auto launch = [&](auto kernel, auto sums) {
       constexpr int V = decltype(sums)::value;
-      const int bytes = static_cast<int>(detail::norm_param_shared_bytes(C, V));
-      MHC_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+      const size_t bytes = detail::norm_param_shared_bytes(C, V);
       constexpr int kThreads = detail::kNormParamWarps * 32;
-      int per_sm = 0;
-      MHC_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, bytes));
+      const int per_sm = resident_blocks_per_sm(reinterpret_cast<const void*>(kernel), kThreads, bytes);
       const NormParamRuns runs = norm_param_runs(rows, std::clamp(per_sm, 1, kMaxNormParamBlocksPerSm));
       kernel<<<detail::blocks_for(runs.runs, 1), kThreads, bytes, stream>>>(
           grad_out, x, weight, mean, rstd, rows, C, rms, accumulate, grad_x, runs.rows_per_run, workspace);

@@ -191,4 +191,17 @@ __device__ inline void write_norm_param_partial(const float* rows, int64_t C, fl
   }
 }
 
+// The block's run of rows (blockIdx.x's rows_per_run of `rows`), warp w taking the rows w,
+// w + warps, ...: row(r, sums) for each, sums the warp's V sums in `shared` (unused where V
+// is 0), then the block's partial written to partials[blockIdx.x].
+template <int V, typename Row>
+__device__ inline void for_norm_param_run(float* shared, int64_t C, int64_t rows, int64_t rows_per_run, float* partials,
+                                          Row&& row) {
+  float* const sums = norm_param_row<V>(shared, C);
+  if constexpr (V > 0) zero_norm_param_row<V>(sums, C, static_cast<int>(threadIdx.x % 32));
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * rows_per_run, end = min(rows, first + rows_per_run);
+  for (int64_t r = first + threadIdx.x / 32; r < end; r += blockDim.x / 32) row(r, sums);
+  if constexpr (V > 0) write_norm_param_partial<V>(shared, C, partials + static_cast<int64_t>(blockIdx.x) * V * C);
+}
+
 }  // namespace mhc::cuda::detail

@@ -115,10 +115,7 @@ __global__ void aggregate_backward_kernel(const bf16* grad_agg, const bf16* x, c
       detail::store_bf16<VEC>(gxt + j * C + c, gx);
     }
   }
-  group_sum<N>(dot, lanes);
-#pragma unroll
-  for (int j = 0; j < N; ++j)
-    if (tg.lane == j % tg.lanes) grad_h_pre[t * N + j] = dot[j];
+  group_sum<N>(dot, lanes, [&](int j, float total) { grad_h_pre[t * N + j] = total; });
 }
 
 // y + y_bias for VEC channels from c.
@@ -181,8 +178,7 @@ __global__ void h_post_bda_forward_kernel(const bf16* x, const float* h_res, con
     }
   }
   if (out_sumsq) {
-    group_sum<1>(sumsq, lanes);
-    if (tg.lane == 0) out_sumsq[t] = sumsq[0];
+    group_sum<1>(sumsq, lanes, [&](int, float total) { out_sumsq[t] = total; });
   }
 }
 
@@ -276,27 +272,19 @@ __global__ void __launch_bounds__(detail::kBlockThreads, N <= 4 ? kReductionBloc
       }
       if (grad_y) detail::store_bf16<VEC>(grad_y + t * C + c, dy);
     }
-    group_sum<P>(partial, lanes);
-#pragma unroll
-    for (int k = 0; k < P; ++k) {
-      if (tg.lane != k % tg.lanes) continue;
+    group_sum<P>(partial, lanes, [&](int k, float total) {
       if (k < N * N)
-        grad_h_res[t * N * N + k] = partial[k];
+        grad_h_res[t * N * N + k] = total;
       else if (k < N * N + N)
-        grad_h_post[t * N + k - N * N] = partial[k];
+        grad_h_post[t * N + k - N * N] = total;
       else
-        grad_h_pre[t * N + k - N * N - N] = partial[k];
-    }
+        grad_h_pre[t * N + k - N * N - N] = total;
+    });
   };
   if constexpr (NORM) {  // the block's run of tokens, a warp a token at a time (norm.h, NormParamRuns)
     static_assert(detail::kBlockWarps == detail::kNormParamWarps, "a block of the norm's parameter sums");
     extern __shared__ float param_rows[];
-    const int warp = threadIdx.x / 32;
-    float* const sums = detail::norm_param_row<2>(param_rows, C);
-    detail::zero_norm_param_row<2>(sums, C, tg.lane);
-    const int64_t first = static_cast<int64_t>(blockIdx.x) * tokens_per_run, end = min(tokens, first + tokens_per_run);
-    for (int64_t t = first + warp; t < end; t += detail::kNormParamWarps) reduce_token(t, sums);
-    detail::write_norm_param_partial<2>(param_rows, C, norm.param_partials + blockIdx.x * 2 * C);
+    detail::for_norm_param_run<2>(param_rows, C, tokens, tokens_per_run, norm.param_partials, reduce_token);
   } else if (tg.token < tokens) {
     reduce_token(tg.token, nullptr);
   }
