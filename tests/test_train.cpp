@@ -1,5 +1,5 @@
-// Training: resume bit-exactness, checkpoints (round trip, interrupted save, bad files),
-// data sources, bad input, the schedule, generation with a KV cache, and a short default
+// Training: resume bit-exactness, checkpoints (round trip, interrupted save, bad files,
+// written beside training), data sources, bad input, the schedule, generation with a KV cache, and a short default
 // run whose loss falls.
 #include <gtest/gtest.h>
 #include <signal.h>
@@ -15,6 +15,7 @@
 #include "core/safetensors.h"
 #include "train/checkpoint.h"
 #include "train/data.h"
+#include "train/learner.h"
 #include "train/optimizer.h"
 #include "train/trainer.h"
 
@@ -60,13 +61,16 @@ struct Quiet {
   ~Quiet() { std::fclose(sink); }
 };
 
-TrainSummary train(const TrainConfig& c, const fs::path& dir, bool resume = false, int64_t resume_steps = -1) {
+// `cuda_learner`: what device = cuda makes (the tests below give a CPU learner there).
+TrainSummary train(const TrainConfig& c, const fs::path& dir, bool resume = false, int64_t resume_steps = -1,
+                   const LearnerFactory& cuda_learner = {}) {
   static Quiet quiet;
   TrainRunOptions o;
   o.out_dir = dir.string();
   o.resume = resume;
   o.resume_steps = resume_steps;
   o.log = quiet.sink;
+  o.cuda_learner = cuda_learner;
   return run_training(c, o);
 }
 
@@ -95,6 +99,96 @@ TEST(Train, ResumeContinuesBitForBit) {
   ASSERT_EQ(a.size(), 8u);
   ASSERT_EQ(b.size(), 8u);
   for (size_t i = 0; i < a.size(); ++i) EXPECT_EQ(a[i], b[i]) << "step " << i + 1;  // bitwise
+}
+
+// The CPU learner with its checkpoints going through copies, as the GPU's do
+// (host_state_is_a_copy): the trainer writes each checkpoint on a thread of its own while
+// the next steps run. `before_copy` runs at each to_host().
+class CopyingLearner final : public Learner {
+ public:
+  explicit CopyingLearner(const TrainConfig& c, std::function<void()> before_copy = {})
+      : trained_(make_cpu_learner(c)),
+        copy_(c.model, c.batch_size, c.model.seq_length),
+        copy_optimizer_(copy_.parameters()),
+        before_copy_(std::move(before_copy)) {}
+  void zero_grad() override { trained_->zero_grad(); }
+  double forward_backward(const int32_t* tokens, const int32_t* targets, uint64_t key) override {
+    return trained_->forward_backward(tokens, targets, key);
+  }
+  double step(const TrainConfig& c, double lr) override { return trained_->step(c, lr); }
+  double evaluate(const int32_t* tokens, const int32_t* targets) override {
+    return trained_->evaluate(tokens, targets);
+  }
+  std::vector<GainStats> gains() override { return trained_->gains(); }
+  Gpt<float>& host_model() override { return copy_; }
+  AdamW& host_optimizer() override { return copy_optimizer_; }
+  void to_host() override {
+    if (before_copy_) before_copy_();
+    copy(trained_->host_model(), trained_->host_optimizer(), copy_, copy_optimizer_);
+  }
+  void from_host() override { copy(copy_, copy_optimizer_, trained_->host_model(), trained_->host_optimizer()); }
+  bool host_state_is_a_copy() const override { return true; }
+
+ private:
+  static void copy(Gpt<float>& from, const AdamW& from_optimizer, Gpt<float>& to, AdamW& to_optimizer) {
+    const auto a = from.parameters(), b = to.parameters();
+    for (size_t k = 0; k < a.size(); ++k) b[k]->value = a[k]->value;
+    to_optimizer.exp_avg = from_optimizer.exp_avg;
+    to_optimizer.exp_avg_sq = from_optimizer.exp_avg_sq;
+    to_optimizer.steps_taken = from_optimizer.steps_taken;
+  }
+  std::unique_ptr<Learner> trained_;
+  Gpt<float> copy_;
+  AdamW copy_optimizer_;
+  std::function<void()> before_copy_;
+};
+
+TEST(Train, CheckpointsWrittenBesideTrainingResumeBitForBit) {
+  TempDir tmp;
+  const LearnerFactory copying = [](const TrainConfig& c) { return std::make_unique<CopyingLearner>(c); };
+  TrainConfig straight = tiny_config();
+  straight.steps = 8;
+  train(straight, tmp / "plain");  // the CPU learner, checkpoints written in line
+  straight.device = "cuda";        // the copying learner
+  straight.checkpoint_every = 1;   // a write in flight beside every step
+  train(straight, tmp / "straight", false, -1, copying);
+  TrainConfig half = straight;
+  half.steps = 4;
+  half.lr_decay_steps = 8;
+  train(half, tmp / "resumed", false, -1, copying);  // ends by waiting for step 4's write
+  train(TrainConfig{}, tmp / "resumed", true, 8, copying);
+  const auto plain = recorded_losses(tmp / "plain"), a = recorded_losses(tmp / "straight"),
+             b = recorded_losses(tmp / "resumed");
+  ASSERT_EQ(plain.size(), 8u);
+  EXPECT_EQ(a, plain);  // bitwise
+  EXPECT_EQ(b, plain);
+  // the last checkpoint is the final model: both runs' files hold the same tensors
+  const auto x = read_safetensors((tmp / "straight" / "checkpoint.safetensors").string()),
+             y = read_safetensors((tmp / "resumed" / "checkpoint.safetensors").string());
+  ASSERT_EQ(x.tensors.size(), y.tensors.size());
+  for (const auto& [name, tensor] : x.tensors) EXPECT_EQ(tensor.bytes, y.tensors.at(name).bytes) << name;
+}
+
+TEST(Train, ACheckpointWriteFailingBesideTrainingIsANamedError) {
+  TempDir tmp;
+  const fs::path dir = tmp / "run";
+  TrainConfig c = tiny_config();
+  c.device = "cuda";
+  c.checkpoint_every = 1;
+  int copies = 0;
+  // the run directory removed before the last checkpoint, whose write then cannot create
+  // its file: the error comes from the wait at the run's end, not from a later write
+  const LearnerFactory failing = [&](const TrainConfig& config) {
+    return std::make_unique<CopyingLearner>(config, [&] {
+      if (++copies == c.steps) fs::remove_all(dir);
+    });
+  };
+  try {
+    train(c, dir, false, -1, failing);
+    FAIL() << "the failed write was not reported";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("checkpoint.safetensors"), std::string::npos) << e.what();
+  }
 }
 
 TEST(Train, ResumeAfterACheckpointDropsLaterRecords) {

@@ -27,6 +27,7 @@ class CudaLearner final : public ModelLearner<GptCuda> {
     model_.upload();
     model_.upload_optimizer(optimizer_);
   }
+  bool host_state_is_a_copy() const override { return true; }
 
  private:
   AdamW optimizer_;  // host copies of the moments, for checkpoints

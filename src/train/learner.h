@@ -1,7 +1,7 @@
 // What the training loop drives: a model and its optimizer on one device. The CPU learner
 // is Gpt<float> with AdamW; the CUDA one (train/cuda_learner.h, built with the kernels)
 // is GptCuda. Checkpoints go through host copies: to_host() before saving,
-// from_host() after loading.
+// from_host() after loading (the CPU learner's are its own model and moments).
 #pragma once
 #include <cstdint>
 #include <functional>
@@ -30,6 +30,9 @@ class Learner {
   virtual AdamW& host_optimizer() = 0;
   virtual void to_host() = 0;
   virtual void from_host() = 0;
+  // True where host_model() and host_optimizer() are copies that only to_host() and
+  // loading write (the GPU's): a checkpoint is then written from them while training goes on.
+  virtual bool host_state_is_a_copy() const { return false; }
 };
 
 // What every learner does the same way with its model (Gpt<float> or GptCuda).

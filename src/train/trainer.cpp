@@ -4,6 +4,8 @@
 #include <cmath>
 #include <filesystem>
 #include <fstream>
+#include <functional>
+#include <future>
 #include <nlohmann/json.hpp>
 
 #include "core/error.h"
@@ -78,6 +80,26 @@ nlohmann::json gain_record(const std::vector<GainStats>& gains) {
   return r;
 }
 
+// Checkpoint writes on a thread of their own, one at a time, beside training (for learners
+// whose host state is a copy: Learner::host_state_is_a_copy). start() waits for the write
+// before, rethrowing its error, then starts the next; finish() waits for the last. A failed
+// write is reported at the next checkpoint or at the run's end; where the run ends by
+// another error, the future's destructor still waits for the write in flight (each write
+// goes to a temporary file renamed when whole: the checkpoint before stays until then).
+class CheckpointWriter {
+ public:
+  void finish() {
+    if (pending_.valid()) pending_.get();
+  }
+  void start(std::function<void()> write) {
+    finish();
+    pending_ = std::async(std::launch::async, std::move(write));
+  }
+
+ private:
+  std::future<void> pending_;
+};
+
 }  // namespace
 
 TrainSummary run_training(TrainConfig config, const TrainRunOptions& options) {
@@ -113,6 +135,7 @@ TrainSummary run_training(TrainConfig config, const TrainRunOptions& options) {
 
   const int64_t B = config.batch_size, T = config.model.seq_length;
   const std::unique_ptr<Learner> learner = make_learner(config, options.cuda_learner);
+  CheckpointWriter checkpoint_writer;  // after the learner: destroyed first, waiting for its write
   const size_t parameter_tensors = learner->host_model().parameters().size();
   if (options.resume) {
     state = load_checkpoint(checkpoint_path.string(), learner->host_model(), &learner->host_optimizer());
@@ -171,8 +194,15 @@ TrainSummary run_training(TrainConfig config, const TrainRunOptions& options) {
     }
     metrics.flush();
     if (state.step % config.checkpoint_every == 0 || last) {
+      checkpoint_writer.finish();  // to_host() overwrites what the write before reads
       learner->to_host();
-      save_checkpoint(checkpoint_path.string(), config, learner->host_model(), &learner->host_optimizer(), state);
+      auto write = [path = checkpoint_path.string(), config, state, &host = *learner] {
+        save_checkpoint(path, config, host.host_model(), &host.host_optimizer(), state);
+      };
+      if (learner->host_state_is_a_copy())
+        checkpoint_writer.start(write);
+      else
+        write();
     }
 
     const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
@@ -196,6 +226,7 @@ TrainSummary run_training(TrainConfig config, const TrainRunOptions& options) {
       std::fprintf(options.log, "%sstep %6lld  val_loss %.4f  perplexity %.2f\n", options.progress_bar ? "\n" : "",
                    static_cast<long long>(state.step), summary.val_loss, std::exp(summary.val_loss));
   }
+  checkpoint_writer.finish();  // the run is done when its last checkpoint is
   summary.last_step = state.step;
   return summary;
 }
