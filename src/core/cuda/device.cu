@@ -1,8 +1,8 @@
+#include "core/cuda/device.h"
+
 #include <map>
 #include <mutex>
 #include <tuple>
-
-#include "core/cuda/device.h"
 
 namespace mhc::cuda {
 
