@@ -1,3 +1,5 @@
+#include "ops/cuda/norm.h"
+
 #include <algorithm>
 #include <string>
 #include <type_traits>
@@ -5,7 +7,6 @@
 #include "core/cuda/device.h"
 #include "ops/cuda/column_sums.cuh"
 #include "ops/cuda/linear.h"
-#include "ops/cuda/norm.h"
 #include "ops/cuda/norm_row.cuh"
 
 namespace mhc::cuda {
