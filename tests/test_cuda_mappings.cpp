@@ -141,14 +141,25 @@ TEST_P(CudaMappings, ForwardAndBackwardMatchTheCpuReference) {
     }
   }
 
-  // Deterministic: a second backward from the same state gives the same bits, also when it
-  // takes W's split from the forward instead of splitting W itself.
+  // Deterministic: a second forward and backward from the same state give the same bits, also
+  // when they take W's split from split_mappings_weights (here W between two other weights
+  // split in the same launch) instead of splitting W themselves.
   const auto gw_first = d_gw.download();
   const auto gx_first = d_gx.download();
-  auto d_split = poisoned<bf16>(cuda::mappings_weight_split_elements(args));
+  const auto proj_first = d_proj.download();
+  DeviceBuffer<float> d_w_before(random_float(m * K, 14)), d_w_after(random_float(m * K, 15));
+  const size_t split_elements = cuda::mappings_weight_split_elements(args);
+  auto d_split_before = poisoned<bf16>(split_elements);
+  auto d_split = poisoned<bf16>(split_elements);
+  auto d_split_after = poisoned<bf16>(split_elements);
+  const float* weights[] = {d_w_before.data(), d_w.data(), d_w_after.data()};
+  bf16* splits[] = {d_split_before.data(), d_split.data(), d_split_after.data()};
+  cuda::split_mappings_weights(args, weights, splits, 3);
   cuda::mhc_mappings_forward(args, d_x.data(), c.sumsq_given ? d_sumsq.data() : nullptr, d_w.data(), d_alpha.data(),
                              d_bias.data(), d_proj.data(), d_r.data(), d_pre.data(), d_post.data(), d_res.data(),
                              d_forward_work.data(), nullptr, d_split.data());
+  const auto proj_second = d_proj.download();
+  EXPECT_EQ(std::memcmp(proj_first.data(), proj_second.data(), proj_first.size() * sizeof(float)), 0);
   d_gw.upload(gw0);
   d_gx.upload(gx0.bits);
   cuda::mhc_mappings_backward(args, d_x.data(), d_w.data(), d_alpha.data(), d_bias.data(), d_proj.data(), d_r.data(),

@@ -110,20 +110,27 @@ int run_bench_kernels(const std::vector<std::string>& shapes, int repeats) {
     // ||out||^2 is computed (and timed) in bda_fwd_chained: the work of each sublayer of a stack.
     DeviceBuffer<float> x_sumsq(tokens), out_sumsq(tokens), columns_workspace(cuda::column_sums_workspace_floats(tokens, C));
     cuda::row_sumsq(x.data(), tokens, n * C, x_sumsq.data());
-    // with_agg: the aggregate made in the finish's pass (the model's path)
-    auto mappings_fwd_given = [&](const float* given_sumsq, bf16* with_agg = nullptr) {
-      cuda::mhc_mappings_forward(args, x.data(), given_sumsq, weight.data(), alpha.data(), map_bias.data(), proj.data(), r.data(),
-                                 h_pre.data(), h_post.data(), h_res.data(), forward_workspace.data(), nullptr, nullptr,
-                                 with_agg);
+    // with_agg: the aggregate made in the finish's pass; split: W's split made once for the
+    // forward and the backward (the model's path)
+    DeviceBuffer<bf16> weight_split(cuda::mappings_weight_split_elements(args));
+    auto split_weight = [&] {
+      const float* w = weight.data();
+      bf16* split = weight_split.data();
+      cuda::split_mappings_weights(args, &w, &split, 1);
+    };
+    auto mappings_fwd_given = [&](const float* given_sumsq, bf16* with_agg = nullptr, const bf16* split = nullptr) {
+      cuda::mhc_mappings_forward(args, x.data(), given_sumsq, weight.data(), alpha.data(), map_bias.data(), proj.data(),
+                                 r.data(), h_pre.data(), h_post.data(), h_res.data(), forward_workspace.data(), nullptr,
+                                 split, with_agg);
     };
     auto mappings_fwd = [&] { mappings_fwd_given(nullptr); };
     // mix: dx written once with the stream mixing's and the aggregate's terms; next: the dy
     // of the sublayer below written from dx (the model's path)
-    auto mappings_bwd_with = [&](const cuda::StreamMixGrad* mix, const cuda::NextGradY* next) {
+    auto mappings_bwd_with = [&](const cuda::StreamMixGrad* mix, const bf16* split) {
       cuda::mhc_mappings_backward(args, x.data(), weight.data(), alpha.data(), map_bias.data(), proj.data(), r.data(),
                                   h_pre.data(), h_post.data(), grad_pre.data(), grad_post.data(), grad_res.data(),
                                   grad_x.data(), grad_weight.data(), grad_alpha.data(), grad_map_bias.data(),
-                                  workspace.data(), mix, next);
+                                  workspace.data(), mix, nullptr, nullptr, split);
     };
     auto mappings_bwd = [&] { mappings_bwd_with(nullptr, nullptr); };
     auto aggregate_fwd = [&] { cuda::aggregate_forward(x.data(), h_pre.data(), tokens, ni, C, agg.data()); };
@@ -170,15 +177,16 @@ int run_bench_kernels(const std::vector<std::string>& shapes, int repeats) {
            cuda::stream_expand_backward(grad_out.data(), tokens, ni, C, grad_y.data());
          },
          4 * S + 4 * R, 0, 0},
-        // the three forward (the aggregate in the mappings' finish), then h_post_bda's
-        // backward fused with the aggregate's (reads
+        // W split once for both passes, the three forward (the aggregate in the mappings'
+        // finish), then h_post_bda's backward fused with the aggregate's (reads
         // dout, x, dagg, y; writes dy and the per-token reductions), dy_bias, then the
         // mappings' backward writing all of dx once (reads x, dout, dagg). (In a model dy
         // is needed before the sublayer's backward, so it comes from the mappings' backward
         // of the sublayer above instead: NextGradY.)
         {"sublayer (all 3)",
          [&] {
-           mappings_fwd_given(x_sumsq.data(), agg.data());
+           split_weight();
+           mappings_fwd_given(x_sumsq.data(), agg.data(), weight_split.data());
            bda_fwd_chained();
          },
          [&] {
@@ -188,7 +196,7 @@ int run_bench_kernels(const std::vector<std::string>& shapes, int repeats) {
                                      &aggregate);
            cuda::accumulate_column_sums(grad_y.data(), tokens, C, grad_bias.data(), columns_workspace.data());
            const cuda::StreamMixGrad mix{grad_out.data(), h_res.data(), grad_agg.data()};
-           mappings_bwd_with(&mix, nullptr);
+           mappings_bwd_with(&mix, weight_split.data());
          },
          10 * S + 5 * R, 0, megatron ? megatron->sublayer_fwd_bwd : 0},
     };

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <vector>
 
 #include "core/cuda/device.h"
 #include "core/error.h"
@@ -47,7 +48,7 @@ struct HcState {
   Slot weight, alpha, bias;  // alpha: the three gates, consecutive
   DeviceBuffer<float> proj, r, h_pre, h_post, h_res;
   DeviceBuffer<float> input_sumsq;  // ||x||^2 of each token's input row, from its producer
-  DeviceBuffer<bf16> weight_split;  // W's bf16 parts, made by the forward for the backward
+  DeviceBuffer<bf16> weight_split;  // W's bf16 parts, made at the start of each forward
   Slot sublayer_bias;               // the sublayer's output bias: its gradient is dy's column sums
   bool grad_y_written = false;      // dy (and its bias gradient) written by the backward above
 };
@@ -427,6 +428,19 @@ struct GptCuda::State {
     return mean_loss();
   }
 
+  // Every hyper connection's W split into bf16 parts in one launch, for the mappings'
+  // forward and backward (and a recompute's forward) of this step.
+  void split_mapping_weights(const ModelConfig& c) {
+    std::vector<const float*> weights;
+    std::vector<bf16*> splits;
+    for (CudaLayer& L : layers)
+      for (HcState* m : {&L.hc_attn, &L.hc_mlp}) {
+        weights.push_back(value_of(m->weight));
+        splits.push_back(m->weight_split.data());
+      }
+    cuda::split_mappings_weights(mappings_args(c), weights.data(), splits.data(), static_cast<int>(weights.size()),
+                                 stream);
+  }
   // The forward of the uploaded batch and the head (its backward too with `train`).
   void forward(const ModelConfig& c, bool train) {
     const auto hidden_p = train ? static_cast<float>(c.hidden_dropout) : 0.0f;
@@ -436,6 +450,7 @@ struct GptCuda::State {
                          dropout_step.data(), dropout_keys.data(), stream);
     cuda::embedding_forward(tokens.data(), value_of(wte), value_of(wpe), B, S, C, e.data(), stream);
     cuda::stream_expand_forward(e.data(), N, static_cast<int>(n), C, x0.data(), stream);
+    if (hc) split_mapping_weights(c);
     for (size_t l = 0; l < layers.size(); ++l) {
       CudaLayer& L = layers[l];
       const uint64_t* keys = dropout_keys.data() + l * kDropoutSites;  // rng_key(seed, l, step, site)

@@ -9,6 +9,7 @@
 
 #include <array>
 #include <cstdint>
+#include <initializer_list>
 
 #include "core/cuda/device.h"
 #include "ops/cuda/kernel_utils.cuh"
@@ -73,65 +74,24 @@ __global__ void column_partials_kernel(Value value, int64_t rows, int64_t cols, 
   }
 }
 
-// Where the sums go: outputs(v, c, total) adds value v's total of column c (or, with
-// accumulate false, stores it: the output is not read).
-template <int V> struct ColumnOutputs {
-  float* out[V];  // null: that sum is not wanted
+// One output of a second pass: out[k] (+)= sum over the chunks of partial[chunk stride + first
+// + k], k < count (accumulate false: stored, the output is not read). A null out is skipped.
+struct ChunkSum {
+  const float* partial;
+  int64_t chunks, stride, first, count;
+  float* out;
   bool accumulate = true;
-  __device__ void operator()(int v, int64_t c, float total) const {
-    if (out[v]) out[v][c] = accumulate ? out[v][c] + total : total;
-  }
 };
 
-// Second pass: blocks of 256 threads, `rows` rows of threads (a power of two, at most 32)
-// across 256 / rows outputs. A thread sums its output's chunks y, y + rows, ... in order,
-// kChunkLoads loads in flight at a time (few chunks: one row of threads and one batch; the
-// dbias/dalpha rows of grad_h's blocks: 1024 chunks, 32 rows of threads), then row 0 adds
-// the rows' partials in order. (32 x 32 threads a block, one chunk a thread, was 9 us a
-// dW sum of 22 chunks: nine waves of blocks whose threads mostly waited.)
-constexpr int kChunkLoads = 16;
-inline int chunk_sum_rows(int64_t chunks) {
-  int rows = 1;
-  while (rows < 32 && rows * kChunkLoads < chunks) rows *= 2;
-  return rows;
-}
-
-template <int V, typename Outputs>
-__global__ void add_chunk_sums_kernel(const float* partial, int64_t chunks, int64_t cols, Outputs outputs) {
-  __shared__ float sums[256];
-  const int x = threadIdx.x, y = threadIdx.y, width = blockDim.x, rows = blockDim.y;
-  const int64_t e = static_cast<int64_t>(blockIdx.x) * width + x;
-  const bool valid = e < V * cols;
-  const int i = valid ? static_cast<int>(e / cols) : 0;
-  const int64_t c = valid ? e % cols : 0;
-  float s = 0;
-  if (valid)
-    for (int64_t first = y; first < chunks; first += static_cast<int64_t>(kChunkLoads) * rows) {
-      float v[kChunkLoads];
-#pragma unroll
-      for (int u = 0; u < kChunkLoads; ++u) {
-        const int64_t chunk = first + static_cast<int64_t>(u) * rows;
-        v[u] = chunk < chunks ? partial[(chunk * V + i) * cols + c] : 0.0f;
-      }
-#pragma unroll
-      for (int u = 0; u < kChunkLoads; ++u)
-        if (first + static_cast<int64_t>(u) * rows < chunks) s += v[u];
-    }
-  sums[y * width + x] = s;
-  __syncthreads();
-  if (y != 0 || !valid) return;
-  float total = sums[x];
-  for (int k = 1; k < rows; ++k) total += sums[k * width + x];
-  outputs(i, c, total);
-}
-
-// The second pass alone, over partial[chunk][v][c]: outputs(v, c, sum over the chunks).
-template <int V, typename Outputs>
-void add_chunk_sums(const float* partial, int64_t chunks, int64_t cols, Outputs outputs, cudaStream_t stream) {
-  const int rows = chunk_sum_rows(chunks), width = 256 / rows;
-  add_chunk_sums_kernel<V><<<blocks_for(V * cols, width), dim3(width, rows), 0, stream>>>(partial, chunks, cols,
-                                                                                         outputs);
-  MHC_CUDA_CHECK(cudaGetLastError());
+// Second pass, several outputs in one launch (an op's parameter gradients): each block
+// serves one output, its threads in rows, each row summing a column's chunks y, y + rows,
+// ... in order, then the rows in order (column_sums.cu); the rows depend only on the chunk
+// count, so an output's bits do not depend on what else the launch sums.
+constexpr int kMaxChunkSums = 4;
+// The second pass alone: every output of `sums` (at most kMaxChunkSums) in one launch.
+void add_chunk_sums(const ChunkSum* sums, int count, cudaStream_t stream);
+inline void add_chunk_sums(std::initializer_list<ChunkSum> sums, cudaStream_t stream) {
+  add_chunk_sums(sums.begin(), static_cast<int>(sums.size()), stream);
 }
 
 template <int V, typename Value>
@@ -145,10 +105,9 @@ void column_sums(Value value, int64_t rows, int64_t cols, std::array<float*, V> 
   else
     column_partials_kernel<V, 1><<<grid, dim3(32, 8), 0, stream>>>(value, rows, cols, chunk_rows, workspace);
   MHC_CUDA_CHECK(cudaGetLastError());
-  ColumnOutputs<V> outputs;
-  for (int i = 0; i < V; ++i) outputs.out[i] = out[i];
-  outputs.accumulate = accumulate;
-  add_chunk_sums<V>(workspace, chunks, cols, outputs, stream);
+  std::array<ChunkSum, V> sums;
+  for (int i = 0; i < V; ++i) sums[i] = {workspace, chunks, V * cols, i * cols, cols, out[i], accumulate};
+  add_chunk_sums(sums.data(), V, stream);
 }
 
 }  // namespace mhc::cuda::detail

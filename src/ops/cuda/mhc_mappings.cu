@@ -215,11 +215,19 @@ __device__ inline void split3(float v, bf16* hi, bf16* mid, bf16* lo) {
 }
 
 // W [m, K] (fp32) -> [hi; mid; lo] parts of split_part(m) rows each, [split_rows(m), K] of
-// bf16, the padding rows zero. A thread writes one entry's three parts.
-__global__ void split_weight_kernel(const float* weight, int64_t m, int64_t K, bf16* split) {
+// bf16, the padding rows zero: several W of one shape a launch (blockIdx.y), a thread one
+// entry's three parts.
+constexpr int kSplitsALaunch = 32;
+struct WeightSplits {
+  const float* weight[kSplitsALaunch];
+  bf16* split[kSplitsALaunch];
+};
+__global__ void split_weight_kernel(WeightSplits w, int64_t m, int64_t K) {
   const int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t part = split_part(m) * K;
   if (e >= part) return;
+  const float* weight = w.weight[blockIdx.y];
+  bf16* split = w.split[blockIdx.y];
   if (e < m * K) {
     split3(weight[e], &split[e], &split[part + e], &split[2 * part + e]);
   } else {
@@ -227,10 +235,19 @@ __global__ void split_weight_kernel(const float* weight, int64_t m, int64_t K, b
   }
 }
 
+void split_weights(const float* const* weights, bf16* const* splits, int count, int64_t m, int64_t K,
+                   cudaStream_t stream) {
+  for (int first = 0; first < count; first += kSplitsALaunch) {
+    const int here = std::min(kSplitsALaunch, count - first);
+    WeightSplits w{};
+    for (int i = 0; i < here; ++i) w.weight[i] = weights[first + i], w.split[i] = splits[first + i];
+    const dim3 grid(detail::blocks_for(split_part(m) * K, kBlockThreads), static_cast<unsigned>(here));
+    split_weight_kernel<<<grid, kBlockThreads, 0, stream>>>(w, m, K);
+    MHC_CUDA_CHECK(cudaGetLastError());
+  }
+}
 void split_weight(const float* weight, int64_t m, int64_t K, bf16* split, cudaStream_t stream) {
-  split_weight_kernel<<<detail::blocks_for(split_part(m) * K, kBlockThreads), kBlockThreads, 0, stream>>>(weight, m,
-                                                                                                         K, split);
-  MHC_CUDA_CHECK(cudaGetLastError());
+  split_weights(&weight, &split, 1, m, K, stream);
 }
 
 // ---- forward ---------------------------------------------------------------------------
@@ -961,13 +978,6 @@ __global__ void __launch_bounds__(kGradHThreads)
   }
 }
 
-// dbias (columns below M) and dalpha (the last 3) of the summed [dh, alpha terms] rows.
-struct BiasAndAlphaOutputs {
-  float *bias, *alpha;
-  int64_t M;
-  __device__ void operator()(int, int64_t c, float total) const { (c < M ? bias[c] : alpha[c - M]) += total; }
-};
-
 // Workspace offsets in floats, each a multiple of 4 (16-byte aligned for cuBLASLt).
 inline size_t aligned(size_t floats) { return (floats + 3) / 4 * 4; }
 
@@ -1066,16 +1076,16 @@ Layout layout_of(const MappingsArgs& a) {
 
 // The parameter gradients from the partials the backward's kernels left in the workspace:
 // dW (the token runs' partials), the next dy's bias gradient (the runs' column sums) and
-// dbias, dalpha (the grad_h blocks' [dh, alpha terms] rows), each summed in a fixed order.
+// dbias, dalpha (the grad_h blocks' [dh, alpha terms] rows), each summed in a fixed order,
+// in one launch.
 void add_parameter_sums(const MappingsArgs& a, const Layout& l, float* grad_weight, float* grad_alpha,
                         float* grad_bias, float* grad_y_bias, const float* workspace, cudaStream_t stream) {
-  detail::add_chunk_sums<1>(workspace + l.weight_partials, l.grid.runs, l.M * l.K,
-                            detail::ColumnOutputs<1>{{grad_weight}}, stream);
-  if (grad_y_bias)
-    detail::add_chunk_sums<1>(workspace + l.bias_partials, l.grid.runs, a.C, detail::ColumnOutputs<1>{{grad_y_bias}},
-                              stream);
-  detail::add_chunk_sums<1>(workspace + l.grad_h_partials, l.grad_h_blocks, l.M + 3,
-                            BiasAndAlphaOutputs{grad_bias, grad_alpha, l.M}, stream);
+  const float* grad_h_rows = workspace + l.grad_h_partials;  // [dbias | dalpha] a block
+  detail::add_chunk_sums({{workspace + l.weight_partials, l.grid.runs, l.M * l.K, 0, l.M * l.K, grad_weight},
+                          {workspace + l.bias_partials, l.grid.runs, a.C, 0, a.C, grad_y_bias},
+                          {grad_h_rows, l.grad_h_blocks, l.M + 3, 0, l.M, grad_bias},
+                          {grad_h_rows, l.grad_h_blocks, l.M + 3, l.M, 3, grad_alpha}},
+                         stream);
 }
 
 void check_args(const MappingsArgs& a) {
@@ -1100,6 +1110,14 @@ size_t mappings_weight_split_elements(const MappingsArgs& a) {
   return static_cast<size_t>(split_rows(m) * a.n * a.C);
 }
 
+void split_mappings_weights(const MappingsArgs& a, const float* const* weights, bf16* const* splits, int count,
+                            cudaStream_t stream) {
+  check_args(a);
+  check(count >= 0, "split_mappings_weights: a negative count");
+  split_weights(weights, splits, count, static_cast<int64_t>(a.n) * a.n + 2 * a.n, static_cast<int64_t>(a.n) * a.C,
+                stream);
+}
+
 void row_sumsq(const bf16* x, int64_t tokens, int64_t K, float* sumsq, cudaStream_t stream) {
   const unsigned blocks = detail::blocks_for(tokens, 1);
   if (K % 8 == 0) row_sumsq_kernel<8><<<blocks, kBlockThreads, 0, stream>>>(x, K, sumsq);
@@ -1109,15 +1127,16 @@ void row_sumsq(const bf16* x, int64_t tokens, int64_t K, float* sumsq, cudaStrea
 
 void mhc_mappings_forward(const MappingsArgs& a, const bf16* x, const float* x_sumsq, const float* weight,
                           const float* alpha, const float* bias, float* proj, float* r, float* h_pre, float* h_post,
-                          float* h_res, float* workspace, cudaStream_t stream, bf16* weight_split, bf16* agg,
+                          float* h_res, float* workspace, cudaStream_t stream, const bf16* weight_split, bf16* agg,
                           const AggregateNorm* norm) {
   check_args(a);
   check(!norm || (agg && aggregate_norm_supported(a.C)),
         "mhc mappings: the aggregate's norm needs the aggregate and C a multiple of 8, at most " +
             std::to_string(detail::kWarpRowWidth) + " (got " + std::to_string(a.C) + ")");
   const ForwardLayout l = forward_layout_of(a);
-  bf16* split = weight_split ? weight_split : reinterpret_cast<bf16*>(workspace + l.split_weight);
-  split_weight(weight, l.M, l.K, split, stream);
+  bf16* own_split = reinterpret_cast<bf16*>(workspace + l.split_weight);
+  if (!weight_split) split_weight(weight, l.M, l.K, own_split, stream);
+  const bf16* split = weight_split ? weight_split : own_split;
   float* const parts = workspace + l.parts;
   detail::dispatch_streams(a.n, [&](auto Ns) {
     constexpr int N = decltype(Ns)::value;

@@ -41,9 +41,13 @@ struct MappingsArgs {
 size_t mappings_forward_workspace_floats(const MappingsArgs& a);
 
 // W's split into bf16 parts hi, mid, lo ([3][m rounded up to 8][K] bf16) that the products
-// use: the forward makes it, into `weight_split` when that is given (else its workspace),
-// and a backward of the same W may take it back instead of splitting W again.
+// use: made by split_mappings_weights (several W of one shape in one launch: the model's,
+// once a forward), which the forward and backward of that W then take instead of
+// splitting W again in their workspace.
 size_t mappings_weight_split_elements(const MappingsArgs& a);
+// splits[i] (mappings_weight_split_elements) = the split of weights[i], i < count.
+void split_mappings_weights(const MappingsArgs& a, const float* const* weights, bf16* const* splits, int count,
+                            cudaStream_t stream = nullptr);
 
 // ||x_t||^2 of each row of K bf16 values (fp32, fixed-order sums).
 void row_sumsq(const bf16* x, int64_t tokens, int64_t K, float* sumsq, cudaStream_t stream = nullptr);
@@ -64,14 +68,14 @@ struct AggregateNorm {
 bool aggregate_norm_supported(int64_t C);
 
 // x_sumsq: ||x_t||^2 of each token's n-stream row when its producer computed it, else null
-// (computed here, in the projection's pass over x). weight_split: where W's split is
-// written for the backward, or null. agg: when given, also the aggregate sum_j H_pre[j] x_j
+// (computed here, in the projection's pass over x). weight_split: W's split from
+// split_mappings_weights, or null (split here). agg: when given, also the aggregate sum_j H_pre[j] x_j
 // ([tokens, C], the bits of aggregate_forward), made in the gates' and Sinkhorn's launch;
 // norm (with agg, where aggregate_norm_supported): also its pre-norm.
 void mhc_mappings_forward(const MappingsArgs& a, const bf16* x, const float* x_sumsq, const float* weight,
                           const float* alpha, const float* bias, float* proj, float* r, float* h_pre, float* h_post,
-                          float* h_res, float* workspace, cudaStream_t stream = nullptr, bf16* weight_split = nullptr,
-                          bf16* agg = nullptr, const AggregateNorm* norm = nullptr);
+                          float* h_res, float* workspace, cudaStream_t stream = nullptr,
+                          const bf16* weight_split = nullptr, bf16* agg = nullptr, const AggregateNorm* norm = nullptr);
 
 size_t mappings_backward_workspace_floats(const MappingsArgs& a);
 
@@ -99,8 +103,8 @@ bool next_grad_y_supported(const MappingsArgs& a);
 
 // grad_x accumulates (bf16), or with `mix` is overwritten by all of dx (one rounding; then
 // mix->h_res, h_pre and next->h_post must be 16-byte aligned, as cudaMalloc's are);
-// grad_weight, grad_alpha [3], grad_bias accumulate (fp32). weight_split: the forward's
-// split of this W, or null (W is split here). sums_later: the parameter gradients (and
+// grad_weight, grad_alpha [3], grad_bias accumulate (fp32). weight_split: W's split from
+// split_mappings_weights, or null (W is split here). sums_later: the parameter gradients (and
 // NextGradY's grad_y_bias) are left as partials in the workspace, for
 // mhc_mappings_backward_sums.
 void mhc_mappings_backward(const MappingsArgs& a, const bf16* x, const float* weight, const float* alpha,
