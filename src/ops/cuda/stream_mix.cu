@@ -129,10 +129,13 @@ __device__ inline void load_sublayer(const bf16* y, const bf16* y_bias, int64_t 
   for (int v = 0; v < VEC; ++v) out[v] += b[v];
 }
 
+// Three blocks a multiprocessor without dropout (80 registers, no spills; at its own 91, two
+// blocks: too few loads in flight for an H200's bandwidth); with dropout the bound spills.
 template <int N, int VEC, bool DROPOUT>
-__global__ void h_post_bda_forward_kernel(const bf16* x, const float* h_res, const float* h_post, const bf16* y,
-                                          const bf16* y_bias, int64_t tokens, int64_t C, int lanes,
-                                          cpu::DropoutSpec dropout, bf16* out, float* out_sumsq) {
+__global__ void __launch_bounds__(detail::kBlockThreads, DROPOUT ? 1 : 3)
+    h_post_bda_forward_kernel(const bf16* x, const float* h_res, const float* h_post, const bf16* y, const bf16* y_bias,
+                              int64_t tokens, int64_t C, int lanes, cpu::DropoutSpec dropout, bf16* out,
+                              float* out_sumsq) {
   const float p = dropout.p;
   const uint64_t key = DROPOUT ? detail::dropout_key(dropout) : 0;
   const TokenGroup tg = detail::token_group(lanes);
