@@ -231,10 +231,22 @@ template <int BYTES> __device__ inline void copy_async(void* shared, const void*
                  "r"(valid ? BYTES : 0));
   }
 }
-// The first `bytes` (0 to 16) of a 16-byte chunk, zeros after (nothing is read past them).
+// The first `bytes` (0 to 16, a multiple of 4) of a 16-byte chunk, zeros after. A part of a
+// chunk goes as four 4-byte copies, so that nothing past `bytes` is addressed (a 16-byte copy
+// of fewer source bytes reads only those, but compute-sanitizer takes it for 16).
 __device__ inline void copy_async_prefix(void* shared, const void* global, int bytes) {
   const unsigned address = static_cast<unsigned>(__cvta_generic_to_shared(shared));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(address), "l"(global), "r"(bytes));
+  if (bytes == 0 || bytes == 16) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(address), "l"(global), "r"(bytes));
+    return;
+  }
+  const auto* from = static_cast<const unsigned char*>(global);
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    const bool in = 4 * k < bytes;
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(address + 4 * k), "l"(in ? from + 4 * k : from),
+                 "r"(in ? 4 : 0));
+  }
 }
 __device__ inline void commit_async() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int PENDING> __device__ inline void wait_async() { asm volatile("cp.async.wait_group %0;\n" ::"n"(PENDING)); }
