@@ -130,9 +130,10 @@ __device__ inline void load_sublayer(const bf16* y, const bf16* y_bias, int64_t 
 }
 
 // Three blocks a multiprocessor without dropout (80 registers, no spills; at its own 91, two
-// blocks: too few loads in flight for an H200's bandwidth); with dropout the bound spills.
+// blocks: too few loads in flight for an H200's bandwidth); two with dropout (128 registers
+// and 8 bytes of spills, against one block at its own 158; three spill hundreds of bytes).
 template <int N, int VEC, bool DROPOUT>
-__global__ void __launch_bounds__(detail::kBlockThreads, DROPOUT ? 1 : 3)
+__global__ void __launch_bounds__(detail::kBlockThreads, DROPOUT ? 2 : 3)
     h_post_bda_forward_kernel(const bf16* x, const float* h_res, const float* h_post, const bf16* y, const bf16* y_bias,
                               int64_t tokens, int64_t C, int lanes, cpu::DropoutSpec dropout, bf16* out,
                               float* out_sumsq) {
