@@ -131,8 +131,8 @@ int run_bench_kernels(const std::vector<std::string>& shapes, int repeats) {
                                  split, with_agg);
     };
     auto mappings_fwd = [&] { mappings_fwd_given(nullptr); };
-    // mix: dx written once with the stream mixing's and the aggregate's terms; next: the dy
-    // of the sublayer below written from dx (the model's path)
+    // mix: dx written once with the stream mixing's and the aggregate's terms (the model's
+    // path); split: W's split as the forward made it, or null
     auto mappings_bwd_with = [&](const cuda::StreamMixGrad* mix, const bf16* split) {
       cuda::mhc_mappings_backward(args, x.data(), weight.data(), alpha.data(), map_bias.data(), proj.data(), r.data(),
                                   h_pre.data(), h_post.data(), grad_pre.data(), grad_post.data(), grad_res.data(),
