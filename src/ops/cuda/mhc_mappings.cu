@@ -246,8 +246,12 @@ void split_weights(const float* const* weights, bf16* const* splits, int count, 
     MHC_CUDA_CHECK(cudaGetLastError());
   }
 }
-void split_weight(const float* weight, int64_t m, int64_t K, bf16* split, cudaStream_t stream) {
-  split_weights(&weight, &split, 1, m, K, stream);
+// W's split: the one given (made by split_mappings_weights), else made here into `own`.
+const bf16* given_or_split(const bf16* given, const float* weight, int64_t m, int64_t K, bf16* own,
+                           cudaStream_t stream) {
+  if (given) return given;
+  split_weights(&weight, &own, 1, m, K, stream);
+  return own;
 }
 
 // ---- forward ---------------------------------------------------------------------------
@@ -1134,9 +1138,8 @@ void mhc_mappings_forward(const MappingsArgs& a, const bf16* x, const float* x_s
         "mhc mappings: the aggregate's norm needs the aggregate and C a multiple of 8, at most " +
             std::to_string(detail::kWarpRowWidth) + " (got " + std::to_string(a.C) + ")");
   const ForwardLayout l = forward_layout_of(a);
-  bf16* own_split = reinterpret_cast<bf16*>(workspace + l.split_weight);
-  if (!weight_split) split_weight(weight, l.M, l.K, own_split, stream);
-  const bf16* split = weight_split ? weight_split : own_split;
+  const bf16* split =
+      given_or_split(weight_split, weight, l.M, l.K, reinterpret_cast<bf16*>(workspace + l.split_weight), stream);
   float* const parts = workspace + l.parts;
   detail::dispatch_streams(a.n, [&](auto Ns) {
     constexpr int N = decltype(Ns)::value;
@@ -1215,7 +1218,6 @@ void mhc_mappings_backward(const MappingsArgs& a, const bf16* x, const float* we
   float* coef = workspace + l.coef;
   bf16* grad_proj_parts = reinterpret_cast<bf16*>(workspace + l.grad_proj_parts);
   bf16* grad_proj_fragments = reinterpret_cast<bf16*>(workspace + l.grad_proj_fragments);
-  bf16* own_split = reinterpret_cast<bf16*>(workspace + l.weight_split);
   float* weight_partials = workspace + l.weight_partials;
   float* bias_partials = workspace + l.bias_partials;
   detail::dispatch_streams(a.n, [&](auto Ns) {
@@ -1228,8 +1230,8 @@ void mhc_mappings_backward(const MappingsArgs& a, const bf16* x, const float* we
         proj, r, alpha, bias, h_pre, h_post, grad_h_pre, grad_h_post, grad_h_res, a.tokens, l.K,
         a.sinkhorn_iterations, grad_h_partials, grad_proj_parts, grad_proj_fragments, coef);
     MHC_CUDA_CHECK(cudaGetLastError());
-    if (!weight_split) split_weight(weight, l.M, l.K, own_split, stream);
-    const bf16* split = weight_split ? weight_split : own_split;
+    const bf16* split =
+        given_or_split(weight_split, weight, l.M, l.K, reinterpret_cast<bf16*>(workspace + l.weight_split), stream);
     // Blocks of N warps over dx_channels<N>() channels, a token run each (DxGrid).
     const dim3 grid(detail::blocks_for(l.grid.channel_blocks, 1), detail::blocks_for(l.grid.runs, 1));
     auto launch = [&](auto kernel, auto with_mix, auto with_next) {
