@@ -94,6 +94,16 @@ inline void add_chunk_sums(std::initializer_list<ChunkSum> sums, cudaStream_t st
   add_chunk_sums(sums.begin(), static_cast<int>(sums.size()), stream);
 }
 
+// The second pass over partials laid out [chunk][V][cols]: out[v] (+)= the sum over the
+// chunks of each one's row v (a null out is skipped).
+template <int V>
+void add_column_chunk_sums(const float* partial, int64_t chunks, int64_t cols, std::array<float*, V> out,
+                           cudaStream_t stream, bool accumulate = true) {
+  std::array<ChunkSum, V> sums;
+  for (int i = 0; i < V; ++i) sums[i] = {partial, chunks, V * cols, i * cols, cols, out[i], accumulate};
+  add_chunk_sums(sums.data(), V, stream);
+}
+
 template <int V, typename Value>
 void column_sums(Value value, int64_t rows, int64_t cols, std::array<float*, V> out, float* workspace,
                  cudaStream_t stream, bool accumulate = true) {
@@ -105,9 +115,7 @@ void column_sums(Value value, int64_t rows, int64_t cols, std::array<float*, V> 
   else
     column_partials_kernel<V, 1><<<grid, dim3(32, 8), 0, stream>>>(value, rows, cols, chunk_rows, workspace);
   MHC_CUDA_CHECK(cudaGetLastError());
-  std::array<ChunkSum, V> sums;
-  for (int i = 0; i < V; ++i) sums[i] = {workspace, chunks, V * cols, i * cols, cols, out[i], accumulate};
-  add_chunk_sums(sums.data(), V, stream);
+  add_column_chunk_sums<V>(workspace, chunks, cols, out, stream, accumulate);
 }
 
 }  // namespace mhc::cuda::detail

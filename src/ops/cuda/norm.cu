@@ -1,6 +1,7 @@
 #include "ops/cuda/norm.h"
 
 #include <algorithm>
+#include <array>
 #include <string>
 #include <type_traits>
 
@@ -131,8 +132,7 @@ size_t norm_param_partials_floats(int64_t rows, int64_t C) {
 
 void add_norm_param_partials(const float* partials, int64_t runs, int64_t C, float* grad_weight, float* grad_bias,
                              cudaStream_t stream) {
-  detail::add_chunk_sums({{partials, runs, 2 * C, 0, C, grad_weight}, {partials, runs, 2 * C, C, C, grad_bias}},
-                         stream);
+  detail::add_column_chunk_sums<2>(partials, runs, C, {grad_weight, grad_bias}, stream);
 }
 
 size_t norm_backward_workspace_floats(int64_t rows, int64_t C) {
@@ -158,11 +158,9 @@ void norm_backward(const bf16* grad_out, const bf16* x, const float* weight, con
       kernel<<<detail::blocks_for(runs.runs, 1), kThreads, bytes, stream>>>(
           grad_out, x, weight, mean, rstd, rows, C, rms, accumulate, grad_x, runs.rows_per_run, workspace);
       MHC_CUDA_CHECK(cudaGetLastError());
-      const int64_t stride = V * C;  // the partials' [run][V][C]
-      detail::add_chunk_sums({{workspace, runs.runs, stride, 0, C, grad_weight},
-                              {workspace, runs.runs, stride, C, C, grad_bias},
-                              {workspace, runs.runs, stride, 2 * C, C, V == 3 ? grad_x_sums : nullptr}},
-                             stream);
+      std::array<float*, V> outputs{grad_weight, grad_bias};  // the partials' [run][V][C]
+      if constexpr (V == 3) outputs[2] = grad_x_sums;
+      detail::add_column_chunk_sums<V>(workspace, runs.runs, C, outputs, stream);
     };
     if (grad_x_sums)
       launch(kBackwardWithSums<3>, std::integral_constant<int, 3>{});
