@@ -251,6 +251,43 @@ __device__ inline void copy_async_prefix(void* shared, const void* global, int b
 __device__ inline void commit_async() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int PENDING> __device__ inline void wait_async() { asm volatile("cp.async.wait_group %0;\n" ::"n"(PENDING)); }
 
+// Bulk copies (sm_90+): one thread moves a contiguous run of bytes global -> shared without
+// per-chunk address arithmetic, and an mbarrier in shared memory counts its bytes in. The
+// barrier's phase completes when its `arrivals` have arrived and every byte they announced
+// has landed; waiters pass the parity of the phase they wait for (0, 1, 0, ... per use).
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+constexpr bool kBulkCopies = true;
+#else
+constexpr bool kBulkCopies = false;
+#endif
+__device__ inline unsigned shared_address(const void* p) { return static_cast<unsigned>(__cvta_generic_to_shared(p)); }
+__device__ inline void barrier_init(uint64_t* barrier, int arrivals) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(shared_address(barrier)), "r"(arrivals) : "memory");
+}
+// Arrives, announcing `bytes` still to land (0: a plain arrival).
+__device__ inline void barrier_arrive(uint64_t* barrier, unsigned bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(shared_address(barrier)), "r"(bytes)
+               : "memory");
+}
+__device__ inline void barrier_wait(uint64_t* barrier, unsigned parity) {
+  unsigned done = 0;
+  while (!done)
+    asm volatile(
+        "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(shared_address(barrier)), "r"(parity)
+        : "memory");
+}
+// `bytes` (a multiple of 16; both addresses 16-byte aligned), counted on `barrier`. The
+// block's earlier reads of `shared` need only a block barrier before it (the copy's writes
+// are not ordered against them by a proxy fence, as for TMA loads).
+__device__ inline void copy_bulk(void* shared, const void* global, unsigned bytes, uint64_t* barrier) {
+  const unsigned to = shared_address(shared), landed = shared_address(barrier);
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(to),
+               "l"(global), "r"(bytes), "r"(landed)
+               : "memory");
+}
+
 // A dropout spec's key where the kernel runs (cpu::DropoutSpec::key_on_device).
 __device__ inline uint64_t dropout_key(const cpu::DropoutSpec& d) { return d.key_on_device ? *d.key_on_device : d.key; }
 
