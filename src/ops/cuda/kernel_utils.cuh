@@ -255,21 +255,29 @@ template <int PENDING> __device__ inline void wait_async() { asm volatile("cp.as
 // per-chunk address arithmetic, and an mbarrier in shared memory counts its bytes in. The
 // barrier's phase completes when its `arrivals` have arrived and every byte they announced
 // has landed; waiters pass the parity of the phase they wait for (0, 1, 0, ... per use).
+// Below sm_90 kBulkCopies is false and the helpers compile to nothing (callers test it, but
+// a debug build keeps their dead branches, whose instructions that target would reject).
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-constexpr bool kBulkCopies = true;
+#define MHC_BULK_COPIES 1
 #else
-constexpr bool kBulkCopies = false;
+#define MHC_BULK_COPIES 0
 #endif
+constexpr bool kBulkCopies = MHC_BULK_COPIES;
 __device__ inline unsigned shared_address(const void* p) { return static_cast<unsigned>(__cvta_generic_to_shared(p)); }
 __device__ inline void barrier_init(uint64_t* barrier, int arrivals) {
+#if MHC_BULK_COPIES
   asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(shared_address(barrier)), "r"(arrivals) : "memory");
+#endif
 }
 // Arrives, announcing `bytes` still to land (0: a plain arrival).
 __device__ inline void barrier_arrive(uint64_t* barrier, unsigned bytes) {
+#if MHC_BULK_COPIES
   asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(shared_address(barrier)), "r"(bytes)
                : "memory");
+#endif
 }
 __device__ inline void barrier_wait(uint64_t* barrier, unsigned parity) {
+#if MHC_BULK_COPIES
   unsigned done = 0;
   while (!done)
     asm volatile(
@@ -277,16 +285,20 @@ __device__ inline void barrier_wait(uint64_t* barrier, unsigned parity) {
         : "=r"(done)
         : "r"(shared_address(barrier)), "r"(parity)
         : "memory");
+#endif
 }
 // `bytes` (a multiple of 16; both addresses 16-byte aligned), counted on `barrier`. The
 // block's earlier reads of `shared` need only a block barrier before it (the copy's writes
 // are not ordered against them by a proxy fence, as for TMA loads).
 __device__ inline void copy_bulk(void* shared, const void* global, unsigned bytes, uint64_t* barrier) {
+#if MHC_BULK_COPIES
   const unsigned to = shared_address(shared), landed = shared_address(barrier);
   asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(to),
                "l"(global), "r"(bytes), "r"(landed)
                : "memory");
+#endif
 }
+#undef MHC_BULK_COPIES
 
 // A dropout spec's key where the kernel runs (cpu::DropoutSpec::key_on_device).
 __device__ inline uint64_t dropout_key(const cpu::DropoutSpec& d) { return d.key_on_device ? *d.key_on_device : d.key; }
