@@ -3,6 +3,7 @@
 #include <map>
 #include <mutex>
 #include <tuple>
+#include <utility>
 
 namespace mhc::cuda {
 
@@ -23,6 +24,18 @@ int multiprocessor_count() {
   return sms;
 }
 
+void allow_shared_bytes(const void* kernel, size_t bytes) {
+  static std::mutex mutex;
+  static std::map<std::pair<int, const void*>, size_t> allowed;  // nothing set: not in the map
+  int device = 0;
+  MHC_CUDA_CHECK(cudaGetDevice(&device));
+  const std::lock_guard<std::mutex> lock(mutex);
+  const auto key = std::make_pair(device, kernel);
+  if (auto it = allowed.find(key); it != allowed.end() && it->second >= bytes) return;
+  MHC_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+  allowed[key] = bytes;
+}
+
 int resident_blocks_per_sm(const void* kernel, int threads, size_t shared_bytes) {
   static std::mutex mutex;
   static std::map<std::tuple<int, const void*, int, size_t>, int> known;
@@ -31,8 +44,7 @@ int resident_blocks_per_sm(const void* kernel, int threads, size_t shared_bytes)
   const std::lock_guard<std::mutex> lock(mutex);
   const auto key = std::make_tuple(device, kernel, threads, shared_bytes);
   if (auto it = known.find(key); it != known.end()) return it->second;
-  MHC_CUDA_CHECK(
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(shared_bytes)));
+  allow_shared_bytes(kernel, shared_bytes);
   int blocks = 0;
   MHC_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, threads, shared_bytes));
   return known[key] = blocks;

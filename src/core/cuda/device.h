@@ -26,6 +26,15 @@ namespace mhc::cuda {
 bool device_available();
 // The current device's multiprocessors (grids sized to whole waves of resident blocks).
 int multiprocessor_count();
+// Lets `kernel` launch with `bytes` of dynamic shared memory on the current device: raises
+// its limit (cudaFuncAttributeMaxDynamicSharedMemorySize) the first time and whenever a
+// launch asks for more, never lowers it; a launch calls it each time, the runtime is asked
+// only when the limit changes.
+void allow_shared_bytes(const void* kernel, size_t bytes);
+template <typename... Args>
+void allow_shared_bytes(void (*kernel)(Args...), size_t bytes) {
+  allow_shared_bytes(reinterpret_cast<const void*>(kernel), bytes);
+}
 // Blocks of `kernel` resident on one of the current device's multiprocessors at `threads`
 // threads and `shared_bytes` of dynamic shared memory, which the kernel is also allowed.
 // Asked of the runtime once per device, kernel and size (launches ask it every call).

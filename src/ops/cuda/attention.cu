@@ -1130,7 +1130,7 @@ void attention_forward(const cpu::AttentionShape& s, const bf16* qkv, cpu::Dropo
   if (use_wgmma(g)) {
     detail::dispatch_drop(dropout.p, keep_mask != nullptr, [&](auto drop) {
       const auto kernel = flash_forward_wgmma_kernel<decltype(drop)::value>;
-      MHC_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kWgSharedBytes));
+      allow_shared_bytes(kernel, kWgSharedBytes);
       kernel<<<grid, kWgThreads, kWgSharedBytes, stream>>>(
           qkv, g.T, g.C, g.H, scale, dropout, keep_mask_of(g, static_cast<const uint32_t*>(keep_mask)), out, lse);
     });
@@ -1141,7 +1141,7 @@ void attention_forward(const cpu::AttentionShape& s, const bf16* qkv, cpu::Dropo
     constexpr int D = decltype(Dc)::value;
     const auto kernel = flash_forward_kernel<D, decltype(drop)::value>;
     const int shared = (kOwnRows + 4 * kBlock) * kStride<D> * static_cast<int>(sizeof(bf16));
-    MHC_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, shared));
+    allow_shared_bytes(kernel, shared);
     kernel<<<grid, kThreads, shared, stream>>>(qkv, g.T, g.C, g.H, scale, dropout,
                                                keep_mask_of(g, static_cast<const uint32_t*>(keep_mask)), out, lse);
   });
@@ -1162,8 +1162,7 @@ void attention_backward(const cpu::AttentionShape& s, const bf16* grad_out, cons
     constexpr Drop DROP = decltype(drop)::value;
     if (wgmma) {
       const auto q_kernel = flash_backward_q_wgmma_kernel<DROP>;
-      MHC_CUDA_CHECK(
-          cudaFuncSetAttribute(q_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kWgGradQSharedBytes));
+      allow_shared_bytes(q_kernel, kWgGradQSharedBytes);
       q_kernel<<<grid, kWgThreads, kWgGradQSharedBytes, stream>>>(qkv, grad_out, out, lse, g.T, g.C, g.H, scale,
                                                                    dropout, mask, delta, grad_qkv);
     } else {
@@ -1173,14 +1172,13 @@ void attention_backward(const cpu::AttentionShape& s, const bf16* grad_out, cons
     MHC_CUDA_CHECK(cudaGetLastError());
     if (wgmma) {
       const auto kv_kernel = flash_backward_kv_wgmma_kernel<DROP>;
-      MHC_CUDA_CHECK(
-          cudaFuncSetAttribute(kv_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kWgGradKvSharedBytes));
+      allow_shared_bytes(kv_kernel, kWgGradKvSharedBytes);
       kv_kernel<<<attention_grid(s, g, kWgRows), kWarpgroupThreads, kWgGradKvSharedBytes, stream>>>(
           qkv, grad_out, lse, delta, g.T, g.C, g.H, scale, dropout, mask, grad_qkv);
       return;
     }
     const auto kv_kernel = flash_backward_kv_kernel<D, DROP>;
-    MHC_CUDA_CHECK(cudaFuncSetAttribute(kv_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kv_shared_bytes<D>()));
+    allow_shared_bytes(kv_kernel, kv_shared_bytes<D>());
     kv_kernel<<<grid, kThreads, kv_shared_bytes<D>(), stream>>>(qkv, grad_out, lse, delta, g.T, g.C, g.H, scale,
                                                                 dropout, mask, grad_qkv);
   });

@@ -247,8 +247,7 @@ void cross_entropy(bf16* logits, const int32_t* targets, int64_t rows, int64_t V
   // Leave room for the kernel's static shared memory (the per-warp pairs).
   const bool staged = row_bytes + 1024 <= static_cast<size_t>(shared_limit);
   auto launch = [&](auto kernel, size_t shared) {
-    if (shared > 48 * 1024)
-      MHC_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(shared)));
+    allow_shared_bytes(kernel, shared);
     kernel<<<static_cast<unsigned>(rows), kLossThreads, shared, stream>>>(logits, targets, V, scale, losses);
   };
   if (V % 8 == 0) {

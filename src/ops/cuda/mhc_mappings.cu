@@ -1217,7 +1217,7 @@ void mhc_mappings_forward(const MappingsArgs& a, const bf16* x, const float* x_s
       float* sumsq = workspace + l.sumsq;
       const auto kernel = l.K % 8 == 0 ? projection_kernel<N, true> : projection_kernel<N, false>;
       constexpr int bytes = proj_shared_bytes<N>();
-      MHC_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+      allow_shared_bytes(kernel, bytes);
       const dim3 grid(detail::blocks_for(l.grid.blocks, 1), detail::blocks_for(l.grid.ranges, 1));
       kernel<<<grid, kProjWarps * 32, bytes, stream>>>(x, split, a.tokens, l.K, parts, sumsq);
       MHC_CUDA_CHECK(cudaGetLastError());
@@ -1257,9 +1257,7 @@ void mhc_mappings_backward(const MappingsArgs& a, const bf16* x, const float* we
   detail::dispatch_streams(a.n, [&](auto Ns) {
     constexpr int N = decltype(Ns)::value;
     const size_t divisor_bytes = grad_h_shared_bytes<N>(a.sinkhorn_iterations);
-    if (divisor_bytes > 48 * 1024)  // n = 1 past 24 iterations, n = 2 and 4 past 48
-      MHC_CUDA_CHECK(cudaFuncSetAttribute(grad_h_kernel<N>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                          static_cast<int>(divisor_bytes)));
+    allow_shared_bytes(grad_h_kernel<N>, divisor_bytes);  // past 48 KB: n = 1 past 24 iterations, 2 and 4 past 48
     grad_h_kernel<N><<<static_cast<unsigned>(l.grad_h_blocks), kGradHThreads, divisor_bytes, stream>>>(
         proj, r, alpha, bias, h_pre, h_post, grad_h_pre, grad_h_post, grad_h_res, a.tokens, l.K,
         a.sinkhorn_iterations, grad_h_partials, grad_proj_parts, grad_proj_fragments, coef);
@@ -1270,7 +1268,7 @@ void mhc_mappings_backward(const MappingsArgs& a, const bf16* x, const float* we
     const dim3 grid(detail::blocks_for(l.grid.channel_blocks, 1), detail::blocks_for(l.grid.runs, 1));
     auto launch = [&](auto kernel, auto with_mix, auto with_next) {
       constexpr int bytes = dx_shared_bytes<N, decltype(with_next)::value>(decltype(with_mix)::value);
-      MHC_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+      allow_shared_bytes(kernel, bytes);
       kernel<<<grid, N * 32, bytes, stream>>>(x, split, grad_proj_fragments, grad_proj_parts, coef,
                                               mix ? *mix : StreamMixGrad{}, next ? *next : NextGradY{}, h_pre, a.tokens,
                                               a.C, l.grid.order, grad_x, weight_partials, bias_partials);

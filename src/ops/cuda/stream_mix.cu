@@ -481,7 +481,7 @@ void h_post_bda_backward(const bf16* grad_out, const bf16* x, const float* h_res
         if (norm) {  // (C % 8 == 0): a block a run of tokens, the norm's parameter sums in shared memory
           const auto kernel = h_post_bda_backward_kernel<N.value, 8, true, false, DROP, true>;
           const int bytes = static_cast<int>(detail::norm_param_shared_bytes(C, 2));
-          MHC_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+          allow_shared_bytes(kernel, bytes);
           const NormParamRuns runs = norm_param_runs(tokens, kReductionBlocksPerSm);
           kernel<<<detail::blocks_for(runs.runs, 1), detail::kBlockThreads, bytes, stream>>>(
               grad_out, x, h_res, h_post, y, y_bias, tokens, C, 32, dropout, grad_x, grad_h_res, grad_h_post, grad_y,
