@@ -191,12 +191,15 @@ __device__ inline void mma_bf16(float (&c)[4], const uint32_t (&a)[4], uint32_t 
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
+// A shared-memory pointer as the 32-bit shared-window address that PTX instructions take.
+__device__ inline unsigned shared_address(const void* p) { return static_cast<unsigned>(__cvta_generic_to_shared(p)); }
+
 // COUNT (2 or 4) 8x8 bf16 matrices from shared memory; lane i gives the address of row
 // i % 8 of matrix i / 8 (lanes past 8 COUNT: any valid address). TRANS delivers each
 // matrix transposed.
 template <int COUNT, bool TRANS> __device__ inline void ldmatrix(uint32_t (&r)[COUNT], const void* shared_row) {
   static_assert(COUNT == 2 || COUNT == 4, "ldmatrix: 2 or 4 matrices");
-  const unsigned address = static_cast<unsigned>(__cvta_generic_to_shared(shared_row));
+  const unsigned address = shared_address(shared_row);
   if constexpr (COUNT == 2 && TRANS)
     asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];\n" : "=r"(r[0]), "=r"(r[1]) : "r"(address));
   else if constexpr (COUNT == 2)
@@ -219,7 +222,7 @@ __device__ inline uint32_t pack_bf16(float lo, float hi) {
 // Asynchronous global -> shared copies (cp.async): BYTES of 4, 8 or a multiple of 16; zeros where !valid
 // (global must still be a valid address).
 template <int BYTES> __device__ inline void copy_async(void* shared, const void* global, bool valid) {
-  const unsigned address = static_cast<unsigned>(__cvta_generic_to_shared(shared));
+  const unsigned address = shared_address(shared);
   const int bytes = valid ? 16 : 0;
   if constexpr (BYTES % 16 == 0) {
 #pragma unroll
@@ -235,7 +238,7 @@ template <int BYTES> __device__ inline void copy_async(void* shared, const void*
 // chunk goes as four 4-byte copies, so that nothing past `bytes` is addressed (a 16-byte copy
 // of fewer source bytes reads only those, but compute-sanitizer takes it for 16).
 __device__ inline void copy_async_prefix(void* shared, const void* global, int bytes) {
-  const unsigned address = static_cast<unsigned>(__cvta_generic_to_shared(shared));
+  const unsigned address = shared_address(shared);
   if (bytes == 0 || bytes == 16) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(address), "l"(global), "r"(bytes));
     return;
@@ -263,7 +266,6 @@ template <int PENDING> __device__ inline void wait_async() { asm volatile("cp.as
 #define MHC_BULK_COPIES 0
 #endif
 constexpr bool kBulkCopies = MHC_BULK_COPIES;
-__device__ inline unsigned shared_address(const void* p) { return static_cast<unsigned>(__cvta_generic_to_shared(p)); }
 __device__ inline void barrier_init(uint64_t* barrier, int arrivals) {
 #if MHC_BULK_COPIES
   asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(shared_address(barrier)), "r"(arrivals) : "memory");
