@@ -50,6 +50,7 @@ std::vector<int32_t> batch_tokens(int64_t count, int64_t vocab, uint64_t seed) {
 struct ModelCase {
   std::string connection;
   double dropout;
+  int64_t streams = 4;  // with mHC; one stream: expand and contract in place
 };
 
 class CudaModel : public ::testing::TestWithParam<ModelCase> {
@@ -60,7 +61,8 @@ class CudaModel : public ::testing::TestWithParam<ModelCase> {
 };
 
 TEST_P(CudaModel, TwentyStepsMatchTheCpuModel) {
-  const TrainConfig config = tiny(GetParam().connection, GetParam().dropout);
+  TrainConfig config = tiny(GetParam().connection, GetParam().dropout);
+  config.model.num_residual_streams = GetParam().streams;
   const int64_t B = config.batch_size, T = config.model.seq_length, V = config.model.vocab_size;
   Gpt<float> cpu_model(config.model, B, T);
   cpu_model.init(5);
@@ -141,10 +143,11 @@ TEST_P(CudaModel, TwentyStepsMatchTheCpuModel) {
 
 INSTANTIATE_TEST_SUITE_P(Connections, CudaModel,
                          ::testing::Values(ModelCase{"mhc", 0.1}, ModelCase{"mhc", 0}, ModelCase{"residual", 0.1},
-                                           ModelCase{"residual", 0}, ModelCase{"hc", 0.1}),
+                                           ModelCase{"residual", 0}, ModelCase{"hc", 0.1}, ModelCase{"mhc", 0, 1}),
                          [](const auto& param_info) {
                            const ModelCase& m = param_info.param;
-                           return m.connection + (m.dropout > 0 ? "" : "_no_dropout");
+                           return m.connection + (m.dropout > 0 ? "" : "_no_dropout") +
+                                  (m.streams != 4 ? "_n" + std::to_string(m.streams) : "");
                          });
 
 // Selective recompute re-runs deterministic kernels on the same inputs: losses and the

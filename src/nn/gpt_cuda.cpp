@@ -377,6 +377,8 @@ struct GptCuda::State {
   }
 
   const bf16* layer_input(size_t l) const { return l == 0 ? x0.data() : layers[l - 1].x_out; }
+  // The final norm's input: the streams' mean (h), or with one stream the last layer's output.
+  const bf16* contracted() const { return n == 1 ? layers.back().x_out : h.data(); }
 
   // Final norm, logits and loss per chunk of rows; with `train`, the head's backward too
   // (dhf, and dwte accumulated). The per-row losses stay on the device (mean_loss()).
@@ -448,8 +450,12 @@ struct GptCuda::State {
     if (hidden_p > 0 || attention_p > 0)  // from the step upload_batch gave
       cuda::dropout_keys(seed, static_cast<int64_t>(layers.size()), {kAttentionResidual, kMlpResidual, kAttentionProbs},
                          dropout_step.data(), dropout_keys.data(), stream);
-    cuda::embedding_forward(tokens.data(), value_of(wte), value_of(wpe), B, S, C, e.data(), stream);
-    cuda::stream_expand_forward(e.data(), N, static_cast<int>(n), C, x0.data(), stream);
+    // With one stream the expansion and the contraction are the identity (the same bits):
+    // the embedding is x0, the final norm reads the last layer's output, and the gradients
+    // pass through in place (e, h, dh and de are then not allocated).
+    cuda::embedding_forward(tokens.data(), value_of(wte), value_of(wpe), B, S, C, n == 1 ? x0.data() : e.data(),
+                            stream);
+    if (n > 1) cuda::stream_expand_forward(e.data(), N, static_cast<int>(n), C, x0.data(), stream);
     if (hc) split_mapping_weights(c);
     for (size_t l = 0; l < layers.size(); ++l) {
       CudaLayer& L = layers[l];
@@ -462,15 +468,16 @@ struct GptCuda::State {
       float* next_sumsq = hc && l + 1 < layers.size() ? layers[l + 1].hc_attn.input_sumsq.data() : nullptr;
       layer_forward(L, layer_input(l), in_sumsq, next_sumsq, c);
     }
-    cuda::stream_contract_forward(layers.back().x_out, N, static_cast<int>(n), C, h.data(), stream);
-    norm(h.data(), lnf_w, lnf_b, hf.data(), lnf_mean.data(), lnf_rstd.data());
+    if (n > 1) cuda::stream_contract_forward(layers.back().x_out, N, static_cast<int>(n), C, h.data(), stream);
+    norm(contracted(), lnf_w, lnf_b, hf.data(), lnf_mean.data(), lnf_rstd.data());
     head(train);
   }
 
   void backward(const ModelConfig& c) {
     for (CudaLayer& L : layers) L.hc_attn.grad_y_written = L.hc_mlp.grad_y_written = false;
-    norm_backward(dhf.data(), h.data(), lnf_w, lnf_b, lnf_mean.data(), lnf_rstd.data(), dh.data(), false);
-    cuda::stream_contract_backward(dh.data(), N, static_cast<int>(n), C, dx_a.data(), stream);
+    norm_backward(dhf.data(), contracted(), lnf_w, lnf_b, lnf_mean.data(), lnf_rstd.data(),
+                  n == 1 ? dx_a.data() : dh.data(), false);
+    if (n > 1) cuda::stream_contract_backward(dh.data(), N, static_cast<int>(n), C, dx_a.data(), stream);
     bf16* grad_out = dx_a.data();
     bf16* grad_in = dx_b.data();
     for (size_t l = layers.size(); l-- > 0;) {
@@ -485,9 +492,9 @@ struct GptCuda::State {
         std::swap(grad_out, grad_in);
     }
     await_weight_grads();
-    cuda::stream_expand_backward(grad_out, N, static_cast<int>(n), C, de.data(), stream);
-    cuda::embedding_backward(de.data(), tokens.data(), B, S, C, V, grad_of(wte), grad_of(wpe), embedding_ws.data(),
-                             stream);
+    if (n > 1) cuda::stream_expand_backward(grad_out, N, static_cast<int>(n), C, de.data(), stream);
+    cuda::embedding_backward(n == 1 ? grad_out : de.data(), tokens.data(), B, S, C, V, grad_of(wte), grad_of(wpe),
+                             embedding_ws.data(), stream);
     grads_fresh = false;
   }
 
@@ -655,14 +662,15 @@ GptCuda::GptCuda(const ModelConfig& config, int64_t batch, int64_t seq) : config
   s.tokens = DeviceBuffer<int32_t>(N), s.targets = DeviceBuffer<int32_t>(N);
   s.dropout_step = DeviceBuffer<uint64_t>(1);
   s.dropout_keys = DeviceBuffer<uint64_t>(static_cast<size_t>(c.num_layers) * kDropoutSites);
-  s.e = DeviceBuffer<bf16>(N * C), s.x0 = DeviceBuffer<bf16>(N * n * C), s.h = DeviceBuffer<bf16>(N * C);
-  s.hf = DeviceBuffer<bf16>(N * C);
+  s.x0 = DeviceBuffer<bf16>(N * n * C), s.hf = DeviceBuffer<bf16>(N * C);
+  if (n > 1)  // expand's and contract's own rows; with one stream they work in place (forward())
+    for (auto* b : {&s.e, &s.h, &s.dh, &s.de}) *b = DeviceBuffer<bf16>(N * C);
   s.lnf_mean = DeviceBuffer<float>(s.rms ? 0 : N), s.lnf_rstd = DeviceBuffer<float>(N);
   s.logits = DeviceBuffer<bf16>(s.head_rows * s.V);
   s.losses = DeviceBuffer<float>(N);
   s.ones = DeviceBuffer<float>(std::vector<float>(N, 1.0f));
   s.dx_a = DeviceBuffer<bf16>(N * n * C);
-  for (auto* b : {&s.dln, &s.dctx, &s.dh, &s.dhf, &s.de}) *b = DeviceBuffer<bf16>(N * C);
+  for (auto* b : {&s.dln, &s.dctx, &s.dhf}) *b = DeviceBuffer<bf16>(N * C);
   if (!epilogue_add) s.dy = DeviceBuffer<bf16>(N * C);
   s.dqkv = DeviceBuffer<bf16>(N * 3 * C), s.dfc = DeviceBuffer<bf16>(N * s.width), s.dact = DeviceBuffer<bf16>(N * s.F);
   if (s.hc) {  // the hyper connections' backward only (a plain residual accumulates into dx_a in place)
