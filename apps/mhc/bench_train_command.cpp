@@ -1,22 +1,28 @@
 // `mhc bench train`: the whole training step on one GPU (nn/gpt_cuda.h) for a plain
 // residual GPT, mHC without recompute and mHC with selective recompute: step time,
-// tokens/s and peak GPU memory, a table, then one JSON line per row.
+// tokens/s and peak GPU memory, a table, then one JSON line per row. With --trace, each
+// variant also runs a step recorded as a device timeline (core/cuda/cupti_timeline.h): a
+// Chrome trace file and a summary of where that step's time went.
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <filesystem>
+#include <fstream>
 #include <memory>
+#include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
-#include <nlohmann/json.hpp>
 
 #include "apps/mhc/commands.h"
 #include "apps/mhc/gpt_shape.h"
 #include "core/error.h"
 #include "core/rng.h"
+#include "core/timeline.h"
 #include "train/train_config.h"
 #if MHC_WITH_CUDA
 #include <cuda_runtime.h>
 
+#include "core/cuda/cupti_timeline.h"
 #include "core/cuda/device.h"
 #include "nn/gpt_cuda.h"
 #endif
@@ -31,6 +37,7 @@ struct BenchTrainOptions : GptShape {
   bool graphs = true;   // each micro-batch as one CUDA graph (nn/gpt_cuda.h)
   bool overlap = true;  // the backward's weight gradients on a second stream (nn/gpt_cuda.h)
   std::vector<std::string> variants{"residual", "mhc", "mhc-recompute"};
+  std::string trace;  // Chrome trace file of each variant's recorded step; empty: none
 };
 
 #if MHC_WITH_CUDA
@@ -40,8 +47,47 @@ size_t used_device_bytes() {
   return total - free;
 }
 
+// A traced step's summary: the span, the idle and two-stream times, each stream's busy
+// time, and the kernels that took the most time.
+void print_timeline(const std::string& variant, const TimelineSummary& t) {
+  std::printf("== timeline of one step, %s: span %.2f ms, device idle %.2f ms, two or more streams at once %.2f ms\n",
+              variant.c_str(), t.span_ms, t.idle_ms, t.overlap_ms);
+  // A CUDA graph runs its branches on streams of its own: the busiest few, then the rest.
+  constexpr size_t kStreamsShown = 3;
+  double others_ms = 0;
+  int64_t others_records = 0;
+  for (size_t i = 0; i < t.streams.size(); ++i) {
+    const StreamBusy& b = t.streams[i];
+    if (i < kStreamsShown)
+      std::printf("   stream %-6u busy %8.2f ms  %6lld records\n", b.stream, b.busy_ms,
+                  static_cast<long long>(b.records));
+    else
+      others_ms += b.busy_ms, others_records += b.records;
+  }
+  if (t.streams.size() > kStreamsShown)
+    std::printf("   %zu more streams  %8.2f ms  %6lld records (busy times summed)\n", t.streams.size() - kStreamsShown,
+                others_ms, static_cast<long long>(others_records));
+  std::printf("   %-60s %6s %9s %8s\n", "kernel (the most time first)", "calls", "ms", "of span");
+  constexpr size_t kShown = 16;
+  for (size_t i = 0; i < std::min(kShown, t.names.size()); ++i) {
+    const NameTotal& n = t.names[i];
+    std::printf("   %-60.60s %6lld %9.3f %7.1f%%\n", n.name.c_str(), static_cast<long long>(n.calls), n.total_ms,
+                100.0 * n.total_ms / t.span_ms);
+  }
+}
+
 int run_bench_train(const BenchTrainOptions& o) {
   check(cuda::device_available(), "bench train: no CUDA device");
+  // The trace file is created first: a bad path fails before the benchmark, not after it.
+  check(o.trace.empty() || !std::filesystem::exists(o.trace),
+        "bench train: --trace " + o.trace + " exists (not overwritten)");
+  std::ofstream trace_file;
+  if (!o.trace.empty()) {
+    trace_file.open(o.trace);
+    check(trace_file.good(), "bench train: cannot write --trace " + o.trace);
+  }
+  nlohmann::json trace_events = nlohmann::json::array();
+  std::vector<std::pair<std::string, TimelineSummary>> timelines;
   cudaDeviceProp prop{};
   MHC_CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
   std::printf(
@@ -97,21 +143,44 @@ int run_bench_train(const BenchTrainOptions& o) {
       tokens[i] = static_cast<int32_t>(rng_uniform(rng_key(7, 1), static_cast<uint64_t>(i)) * o.vocab) % o.vocab;
       targets[i] = static_cast<int32_t>(rng_uniform(rng_key(7, 2), static_cast<uint64_t>(i)) * o.vocab) % o.vocab;
     }
+    const auto train_step = [&](int step) {
+      model->zero_grad();
+      model->forward_backward(tokens.data(), targets.data(), static_cast<uint64_t>(step));
+      model->step(config, 1e-4);
+      MHC_CUDA_CHECK(cudaDeviceSynchronize());
+    };
     std::vector<double> times;
     size_t peak = 0;
     for (int step = 0; step < o.warmup + o.steps; ++step) {
       MHC_CUDA_CHECK(cudaDeviceSynchronize());
       const auto start = std::chrono::steady_clock::now();
-      model->zero_grad();
-      model->forward_backward(tokens.data(), targets.data(), static_cast<uint64_t>(step));
-      model->step(config, 1e-4);
-      MHC_CUDA_CHECK(cudaDeviceSynchronize());
+      train_step(step);
       const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
       peak = std::max(peak, used_device_bytes() - before);
       if (step >= o.warmup) times.push_back(ms);
     }
     std::sort(times.begin(), times.end());
     const double ms = times[times.size() / 2];
+    nlohmann::json timeline_row;
+    if (!o.trace.empty()) {
+      // Two more steps under CUPTI, the second recorded: the first after enabling it waits
+      // about 4 ms for its graph's launch (H200).
+      cuda::start_timeline();
+      train_step(o.warmup + o.steps);
+      const uint64_t begin = cuda::timeline_now_ns();
+      train_step(o.warmup + o.steps + 1);
+      std::vector<TimelineRecord> step_records;
+      for (TimelineRecord& r : cuda::stop_timeline())
+        if (r.start_ns >= begin) step_records.push_back(std::move(r));
+      const TimelineSummary t = summarize_timeline(step_records);
+      const nlohmann::json events = timeline_trace_events(step_records, static_cast<int>(timelines.size()), label);
+      trace_events.insert(trace_events.end(), events.begin(), events.end());
+      timelines.emplace_back(label, t);
+      timeline_row = {{"span_ms", t.span_ms},
+                      {"idle_ms", t.idle_ms},
+                      {"two_streams_ms", t.overlap_ms},
+                      {"busiest_stream_ms", t.streams.empty() ? 0.0 : t.streams.front().busy_ms}};
+    }
     const double gib = static_cast<double>(peak) / (1u << 30);
     if (v.connection == "residual") residual_ms = ms, residual_gib = gib;
     const double tokens_per_s = static_cast<double>(N) / (ms / 1e3);
@@ -135,6 +204,13 @@ int run_bench_train(const BenchTrainOptions& o) {
                     {"graphs", o.graphs},
                     {"overlap", o.overlap},
                     {"device", prop.name}});
+    if (!timeline_row.is_null()) rows.back()["timeline"] = timeline_row;
+  }
+  for (const auto& [variant, t] : timelines) print_timeline(variant, t);
+  if (!o.trace.empty()) {
+    trace_file << nlohmann::json{{"traceEvents", trace_events}, {"displayTimeUnit", "ms"}}.dump() << "\n";
+    check(trace_file.good(), "bench train: writing --trace " + o.trace + " failed");
+    std::printf("trace: %s (chrome://tracing or ui.perfetto.dev)\n", o.trace.c_str());
   }
   for (const auto& r : rows) std::printf("%s\n", r.dump().c_str());
   return 0;
@@ -170,6 +246,11 @@ Command add_bench_train_command(CLI::App& bench) {
       ->delimiter(',')
       ->check(CLI::IsMember({"residual", "mhc", "mhc-recompute"}))
       ->capture_default_str();
+  cmd->add_option("--trace", o->trace,
+                  "after the timed steps, run a step of each variant recorded with CUPTI, write its device "
+                  "timeline to this new file (a Chrome trace: chrome://tracing or ui.perfetto.dev) and print where "
+                  "that step's time went: the busiest streams, the time two or more ran at once, the device's idle "
+                  "time and the kernels that took the most time");
   return [cmd, o]() -> int {
     if (!cmd->parsed()) return -1;
 #if MHC_WITH_CUDA

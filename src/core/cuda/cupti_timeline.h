@@ -1,0 +1,21 @@
+// Device timelines through CUPTI's activity API: every kernel, memset and memcpy the device
+// runs between start_timeline() and stop_timeline(), those inside CUDA graphs too, with its
+// stream and its start and end on the device's clock (core/timeline.h summarises them).
+// One timeline at a time in a process; records are collected beside the run (a few
+// percent of overhead on short kernels), not by replaying kernels as Nsight Compute does.
+#pragma once
+#include <cstdint>
+#include <vector>
+
+#include "core/timeline.h"
+
+namespace mhc::cuda {
+
+void start_timeline();
+// Now, on the clock of the records' timestamps.
+uint64_t timeline_now_ns();
+// Waits for the device, then returns the records since start_timeline, by start time.
+// Throws if CUPTI dropped any (its buffers are allocated as it asks for them).
+std::vector<TimelineRecord> stop_timeline();
+
+}  // namespace mhc::cuda
