@@ -40,16 +40,18 @@ void CUPTIAPI buffer_completed(CUcontext, uint32_t, uint8_t* buffer, size_t, siz
   std::vector<TimelineRecord> records;
   CUpti_Activity* record = nullptr;
   while (cuptiActivityGetNextRecord(buffer, valid_bytes, &record) == CUPTI_SUCCESS) {
+    TimelineRecord r;
     if (record->kind == CUPTI_ACTIVITY_KIND_CONCURRENT_KERNEL || record->kind == CUPTI_ACTIVITY_KIND_KERNEL) {
       const auto* k = reinterpret_cast<const CUpti_ActivityKernel10*>(record);
-      records.push_back({timeline_kernel_name(k->name), k->streamId, k->start, k->end});
+      r = {timeline_kernel_name(k->name), k->streamId, k->start, k->end};
     } else if (record->kind == CUPTI_ACTIVITY_KIND_MEMSET) {
       const auto* m = reinterpret_cast<const CUpti_ActivityMemset4*>(record);
-      records.push_back({"memset", m->streamId, m->start, m->end});
+      r = {"memset", m->streamId, m->start, m->end};
     } else if (record->kind == CUPTI_ACTIVITY_KIND_MEMCPY) {
       const auto* m = reinterpret_cast<const CUpti_ActivityMemcpy6*>(record);
-      records.push_back({"memcpy", m->streamId, m->start, m->end});
+      r = {"memcpy", m->streamId, m->start, m->end};
     }
+    if (r.start_ns > 0 && r.end_ns >= r.start_ns) records.push_back(std::move(r));  // without times: left out
   }
   std::free(buffer);
   const std::lock_guard<std::mutex> lock(collected_mutex);
