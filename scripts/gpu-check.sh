@@ -6,7 +6,8 @@
 #   machine lacks them, the shared libraries they were linked against: DIR is put on
 #   LD_LIBRARY_PATH). A DIR/mhc_base (an earlier build) is benchmarked first, as the
 #   baseline of the same run: `bench kernels` once each, `bench train` alternated twice,
-#   then a table of both builds' step times.
+#   then a table of both builds' step times. This build's last `bench train` also prints
+#   the timeline of a step of each variant (`--trace`).
 set -euo pipefail
 dir=${1:?usage: gpu-check.sh DIR}
 export LD_LIBRARY_PATH="$dir${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
@@ -21,19 +22,22 @@ echo "== mhc train --device cuda (30 steps, resumed to 40), eval"
 "$dir/mhc" eval "$run/r" | tail -1
 if [ ! -x "$dir/mhc_base" ]; then
   "$dir/mhc" bench kernels | grep -v '^{'
-  "$dir/mhc" bench train | grep -v '^{'
+  "$dir/mhc" bench train --trace "$run/trace.json" | grep -v '^{'
   exit 0
 fi
 echo "== baseline: $dir/mhc_base"
 "$dir/mhc_base" bench kernels | grep -v '^{'
 echo "== this build"
 "$dir/mhc" bench kernels | grep -v '^{'
-# bench train: baseline, this build, twice; each run's JSON rows kept for the table
+# bench train: baseline, this build, twice; each run's JSON rows kept for the table. This
+# build's last run also records a step of each variant after its timed ones (--trace: where
+# the step's time goes, at the card's own clocks).
 for round in 1 2; do
   for build in base this; do
     binary="$dir/mhc"; [ "$build" = base ] && binary="$dir/mhc_base"
+    trace=(); [ "$build$round" = this2 ] && trace=(--trace "$run/trace.json")
     echo "== bench train, $build build, round $round"
-    "$binary" bench train | tee "$run/train-$build-$round" | grep -v '^{'
+    "$binary" bench train "${trace[@]}" | tee "$run/train-$build-$round" | grep -v '^{'
   done
 done
 echo "== step ms: baseline, baseline | this build, this build (same card, alternated)"
