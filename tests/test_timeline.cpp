@@ -32,15 +32,20 @@ TEST(Timeline, BusyIdleAndTwoStreamTimes) {
   EXPECT_EQ(t.names[0].name, "a");  // the largest totals first, equal ones by name
   EXPECT_DOUBLE_EQ(t.names[0].total_ms, 20);
   EXPECT_EQ(t.names[0].calls, 2);
+  EXPECT_DOUBLE_EQ(t.names[0].alone_ms, 15);  // [0, 5] and [30, 40]
   EXPECT_EQ(t.names[1].name, "c");
+  EXPECT_DOUBLE_EQ(t.names[1].alone_ms, 10);  // [50, 60]
   EXPECT_EQ(t.names[2].name, "b");
   EXPECT_DOUBLE_EQ(t.names[2].total_ms, 10);
   EXPECT_EQ(t.names[2].calls, 1);
+  EXPECT_DOUBLE_EQ(t.names[2].alone_ms, 5);  // [15, 20]
 }
 
 TEST(Timeline, OverlappingRecordsOfOneStreamCountOnce) {
   const TimelineSummary t = summarize_timeline({{"a", 1, 0, 10 * kMs}, {"b", 1, 5 * kMs, 12 * kMs}});
   EXPECT_DOUBLE_EQ(t.streams[0].busy_ms, 12);
+  EXPECT_DOUBLE_EQ(t.names[0].alone_ms, 5);  // a: [0, 5]
+  EXPECT_DOUBLE_EQ(t.names[1].alone_ms, 2);  // b: [10, 12]
   EXPECT_DOUBLE_EQ(t.overlap_ms, 0);
   EXPECT_DOUBLE_EQ(t.idle_ms, 0);
   EXPECT_DOUBLE_EQ(summarize_timeline({}).span_ms, 0);

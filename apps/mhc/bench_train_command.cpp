@@ -48,7 +48,7 @@ size_t used_device_bytes() {
 }
 
 // A traced step's summary: the span, the idle and two-stream times, each stream's busy
-// time, and the kernels that took the most time.
+// time, and the kernels that took the most time (and how much of it with nothing beside).
 void print_timeline(const std::string& variant, const TimelineSummary& t) {
   std::printf("== timeline of one step, %s: span %.2f ms, device idle %.2f ms, two or more streams at once %.2f ms\n",
               variant.c_str(), t.span_ms, t.idle_ms, t.overlap_ms);
@@ -67,12 +67,12 @@ void print_timeline(const std::string& variant, const TimelineSummary& t) {
   if (t.streams.size() > kStreamsShown)
     std::printf("   %zu more streams  %8.2f ms  %6lld records (busy times summed)\n", t.streams.size() - kStreamsShown,
                 others_ms, static_cast<long long>(others_records));
-  std::printf("   %-60s %6s %9s %8s\n", "kernel (the most time first)", "calls", "ms", "of span");
+  std::printf("   %-60s %6s %9s %8s %9s\n", "kernel (the most time first)", "calls", "ms", "of span", "alone ms");
   constexpr size_t kShown = 16;
   for (size_t i = 0; i < std::min(kShown, t.names.size()); ++i) {
     const NameTotal& n = t.names[i];
-    std::printf("   %-60.60s %6lld %9.3f %7.1f%%\n", n.name.c_str(), static_cast<long long>(n.calls), n.total_ms,
-                100.0 * n.total_ms / t.span_ms);
+    std::printf("   %-60.60s %6lld %9.3f %7.1f%% %9.3f\n", n.name.c_str(), static_cast<long long>(n.calls), n.total_ms,
+                100.0 * n.total_ms / t.span_ms, n.alone_ms);
   }
 }
 
@@ -250,7 +250,7 @@ Command add_bench_train_command(CLI::App& bench) {
                   "after the timed steps, run a step of each variant recorded with CUPTI, write its device "
                   "timeline to this new file (a Chrome trace: chrome://tracing or ui.perfetto.dev) and print where "
                   "that step's time went: the busiest streams, the time two or more ran at once, the device's idle "
-                  "time and the kernels that took the most time");
+                  "time and the kernels that took the most time, with how much of it nothing else ran");
   return [cmd, o]() -> int {
     if (!cmd->parsed()) return -1;
 #if MHC_WITH_CUDA

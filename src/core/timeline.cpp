@@ -14,18 +14,21 @@ TimelineSummary summarize_timeline(const std::vector<TimelineRecord>& records) {
   TimelineSummary s;
   if (records.empty()) return s;
   // A sweep over the records' ends and starts (ends first at equal times: back-to-back
-  // records do not overlap), counting the running records of each stream.
+  // records do not overlap), counting the running records of each stream, and of all
+  // (with the sum of their indices: where one runs, which one).
   struct Event {
     uint64_t t;
     int delta;
     uint32_t stream;
+    size_t record;
   };
   std::vector<Event> events;
   std::map<uint32_t, StreamBusy> streams;
   std::map<std::string, NameTotal> names;
-  for (const TimelineRecord& r : records) {
-    events.push_back({r.start_ns, +1, r.stream});
-    events.push_back({r.end_ns, -1, r.stream});
+  for (size_t k = 0; k < records.size(); ++k) {
+    const TimelineRecord& r = records[k];
+    events.push_back({r.start_ns, +1, r.stream, k});
+    events.push_back({r.end_ns, -1, r.stream, k});
     streams[r.stream].stream = r.stream;
     ++streams[r.stream].records;
     NameTotal& n = names[r.name];
@@ -36,16 +39,20 @@ TimelineSummary summarize_timeline(const std::vector<TimelineRecord>& records) {
   std::sort(events.begin(), events.end(),
             [](const Event& a, const Event& b) { return std::tie(a.t, a.delta) < std::tie(b.t, b.delta); });
   std::map<uint32_t, int> running;
-  int streams_running = 0;
+  int streams_running = 0, records_running = 0;
+  size_t running_sum = 0;
   uint64_t busy_ns = 0, overlap_ns = 0;
   for (size_t i = 0; i < events.size(); ++i) {
     if (i > 0) {
       const uint64_t dt = events[i].t - events[i - 1].t;
       if (streams_running >= 1) busy_ns += dt;
       if (streams_running >= 2) overlap_ns += dt;
+      if (records_running == 1) names[records[running_sum].name].alone_ms += static_cast<double>(dt) / 1e6;
       for (const auto& [stream, count] : running)
         if (count > 0) streams[stream].busy_ms += static_cast<double>(dt) / 1e6;
     }
+    records_running += events[i].delta;
+    running_sum = events[i].delta > 0 ? running_sum + events[i].record : running_sum - events[i].record;
     int& count = running[events[i].stream];
     if (count == 0 && events[i].delta > 0) ++streams_running;
     count += events[i].delta;

@@ -1,7 +1,8 @@
 // A device timeline: what ran on which stream and when (core/cuda/cupti_timeline.h records
 // one), its summary (how busy each stream was, how long two ran at once, how long the
-// device idled, which kernels took the time) and its Chrome trace events (chrome://tracing
-// or ui.perfetto.dev). CPU code: the summary is tested without a GPU.
+// device idled, which kernels took the time and how much of it alone) and its Chrome trace
+// events (chrome://tracing or ui.perfetto.dev). CPU code: the summary is tested without a
+// GPU.
 #pragma once
 #include <cstdint>
 #include <nlohmann/json.hpp>
@@ -25,6 +26,7 @@ struct StreamBusy {
 struct NameTotal {
   std::string name;
   double total_ms = 0;  // summed durations
+  double alone_ms = 0;  // of which nothing else ran
   int64_t calls = 0;
 };
 
