@@ -77,15 +77,15 @@ void print_timeline(const std::string& variant, const TimelineSummary& t) {
 }
 
 int run_bench_train(const BenchTrainOptions& o) {
-  check(cuda::device_available(), "bench train: no CUDA device");
-  // The trace file is created first: a bad path fails before the benchmark, not after it.
-  check(o.trace.empty() || !std::filesystem::exists(o.trace),
-        "bench train: --trace " + o.trace + " exists (not overwritten)");
-  std::ofstream trace_file;
+  // The trace file's path is checked first (a bad one fails before the benchmark) and the
+  // file written at the end (a run that fails leaves nothing behind).
   if (!o.trace.empty()) {
-    trace_file.open(o.trace);
-    check(trace_file.good(), "bench train: cannot write --trace " + o.trace);
+    check(!std::filesystem::exists(o.trace), "bench train: --trace " + o.trace + " exists (not overwritten)");
+    const std::filesystem::path folder = std::filesystem::path(o.trace).parent_path();
+    check(folder.empty() || std::filesystem::is_directory(folder),
+          "bench train: --trace " + o.trace + ": no folder " + folder.string());
   }
+  check(cuda::device_available(), "bench train: no CUDA device");
   nlohmann::json trace_events = nlohmann::json::array();
   std::vector<std::pair<std::string, TimelineSummary>> timelines;
   cudaDeviceProp prop{};
@@ -208,6 +208,7 @@ int run_bench_train(const BenchTrainOptions& o) {
   }
   for (const auto& [variant, t] : timelines) print_timeline(variant, t);
   if (!o.trace.empty()) {
+    std::ofstream trace_file(o.trace);
     trace_file << nlohmann::json{{"traceEvents", trace_events}, {"displayTimeUnit", "ms"}}.dump() << "\n";
     check(trace_file.good(), "bench train: writing --trace " + o.trace + " failed");
     std::printf("trace: %s (chrome://tracing or ui.perfetto.dev)\n", o.trace.c_str());
