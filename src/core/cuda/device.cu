@@ -1,9 +1,11 @@
-#include "core/cuda/device.h"
-
+#include <algorithm>
 #include <map>
 #include <mutex>
 #include <tuple>
 #include <utility>
+#include <vector>
+
+#include "core/cuda/device.h"
 
 namespace mhc::cuda {
 
@@ -66,6 +68,76 @@ Event::~Event() {
 void Event::record(cudaStream_t stream) { MHC_CUDA_CHECK(cudaEventRecord(event_, stream)); }
 void Event::wait_on(cudaStream_t stream) const { MHC_CUDA_CHECK(cudaStreamWaitEvent(stream, event_, 0)); }
 
+namespace {
+
+constexpr size_t kLargestReplacedMemset = size_t{1} << 20;
+
+// A memset node's writes: `height` rows of `width` elements of `element_size` bytes (1, 2
+// or 4) set to `value`, rows `pitch` bytes apart.
+__global__ void memset_kernel(unsigned char* dst, size_t pitch, unsigned value, unsigned element_size, size_t width,
+                              size_t height) {
+  const size_t count = width * height;
+  for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < count;
+       i += static_cast<size_t>(gridDim.x) * blockDim.x) {
+    unsigned char* element = dst + (i / width) * pitch + (i % width) * element_size;
+    if (element_size == 4)
+      *reinterpret_cast<unsigned*>(element) = value;
+    else if (element_size == 2)
+      *reinterpret_cast<unsigned short*>(element) = static_cast<unsigned short>(value);
+    else
+      *element = static_cast<unsigned char>(value);
+  }
+}
+
+// The nodes before (dependencies) or after (dependents) `node`, with their edges' data.
+struct Edges {
+  std::vector<cudaGraphNode_t> nodes;
+  std::vector<cudaGraphEdgeData> data;
+};
+Edges edges_of(cudaGraphNode_t node, bool dependencies) {
+  const auto get = dependencies ? cudaGraphNodeGetDependencies : cudaGraphNodeGetDependentNodes;
+  size_t count = 0;
+  MHC_CUDA_CHECK(get(node, nullptr, nullptr, &count));
+  Edges e{std::vector<cudaGraphNode_t>(count), std::vector<cudaGraphEdgeData>(count)};
+  MHC_CUDA_CHECK(get(node, e.nodes.data(), e.data.data(), &count));
+  return e;
+}
+
+}  // namespace
+
+void replace_memset_nodes(cudaGraph_t graph) {
+  size_t count = 0;
+  MHC_CUDA_CHECK(cudaGraphGetNodes(graph, nullptr, &count));
+  std::vector<cudaGraphNode_t> nodes(count);
+  MHC_CUDA_CHECK(cudaGraphGetNodes(graph, nodes.data(), &count));
+  for (cudaGraphNode_t node : nodes) {
+    cudaGraphNodeType type{};
+    MHC_CUDA_CHECK(cudaGraphNodeGetType(node, &type));
+    if (type != cudaGraphNodeTypeMemset) continue;
+    cudaMemsetParams m{};
+    MHC_CUDA_CHECK(cudaGraphMemsetNodeGetParams(node, &m));
+    // Large fills are bandwidth-bound and left to the copy engine.
+    if (m.width * m.height * m.elementSize > kLargestReplacedMemset) continue;
+    auto* dst = static_cast<unsigned char*>(m.dst);
+    void* args[] = {&dst, &m.pitch, &m.value, &m.elementSize, &m.width, &m.height};
+    constexpr unsigned kThreads = 256;
+    const size_t blocks = (m.width * m.height + kThreads - 1) / kThreads;
+    cudaKernelNodeParams k{};
+    k.func = reinterpret_cast<void*>(memset_kernel);
+    k.gridDim = dim3(static_cast<unsigned>(std::min<size_t>(blocks, 4096)));
+    k.blockDim = dim3(kThreads);
+    k.kernelParams = args;
+    const Edges before = edges_of(node, true), after = edges_of(node, false);
+    cudaGraphNode_t fill = nullptr;
+    MHC_CUDA_CHECK(cudaGraphAddKernelNode(&fill, graph, nullptr, 0, &k));
+    for (size_t i = 0; i < before.nodes.size(); ++i)
+      MHC_CUDA_CHECK(cudaGraphAddDependencies(graph, &before.nodes[i], &fill, &before.data[i], 1));
+    for (size_t i = 0; i < after.nodes.size(); ++i)
+      MHC_CUDA_CHECK(cudaGraphAddDependencies(graph, &fill, &after.nodes[i], &after.data[i], 1));
+    MHC_CUDA_CHECK(cudaGraphDestroyNode(node));  // and its edges
+  }
+}
+
 Graph::~Graph() { reset(); }
 
 void Graph::reset() {
@@ -85,6 +157,12 @@ void Graph::capture(cudaStream_t stream, const std::function<void()>& launches) 
     throw;
   }
   MHC_CUDA_CHECK(cudaStreamEndCapture(stream, &graph));
+  try {
+    replace_memset_nodes(graph);
+  } catch (...) {
+    cudaGraphDestroy(graph);
+    throw;
+  }
   const cudaError_t status = cudaGraphInstantiate(&exec_, graph, 0);
   cudaGraphDestroy(graph);
   if (status != cudaSuccess) {
