@@ -195,20 +195,23 @@ TEST_P(CudaStreamMix, BackwardFusedWithTheAggregate) {
   EXPECT_LT(relative_error(widen(d_dpre.download()), dpre), kFp32Tolerance);
 
   // With dagg made in the same pass as the pre-norm's input gradient (the model's path where
-  // C allows; LayerNorm and RMSNorm): dagg the bits of norm_backward's, the reductions the
-  // bits of the pass given that dagg, and the norm's weight and bias gradients from the
-  // pass's sums against the CPU reference (accumulated onto random values).
-  const Bf16Data gln = random_bf16(tokens * C, 38), agg = random_bf16(tokens * C, 39);
+  // C allows; LayerNorm and RMSNorm), the norm's input made again from x: dagg the bits of
+  // norm_backward's given aggregate_forward's agg, the reductions the bits of the pass given
+  // that dagg, and the norm's weight and bias gradients from the pass's sums against the CPU
+  // reference (accumulated onto random values).
+  const Bf16Data gln = random_bf16(tokens * C, 38);
   const std::vector<float> norm_w = random_float(C, 40, 0.5, 1.5), norm_mean = random_float(tokens, 41, -0.1, 0.1),
                            norm_rstd = random_float(tokens, 42, 0.5, 2.0);
-  DeviceBuffer<bf16> d_gln(gln.bits), d_agg(agg.bits);
+  DeviceBuffer<bf16> d_gln(gln.bits), d_agg(tokens * C);
+  cuda::aggregate_forward(d_x.data(), d_pre.data(), tokens, n, C, d_agg.data());
+  const std::vector<double> agg = widen(d_agg.download());
   const std::vector<float> norm_gw0 = random_float(C, 43), norm_gb0 = random_float(C, 44);
   DeviceBuffer<float> d_norm_w(norm_w), d_norm_mean(norm_mean), d_norm_rstd(norm_rstd),
       d_norm_gw(std::vector<float>(C, 0.0f));
   auto d_norm_ws = poisoned<float>(cuda::norm_backward_workspace_floats(tokens, C));
   if (!cuda::norm_input_grad_supported(C, {})) {
-    const cuda::NormInputGrad norm{d_gln.data(),       d_agg.data(), d_norm_w.data(), d_norm_mean.data(),
-                                   d_norm_rstd.data(), false,        d_gagg.data(),   nullptr};
+    const cuda::NormInputGrad norm{d_gln.data(),  d_norm_w.data(), d_norm_mean.data(), d_norm_rstd.data(), false,
+                                   d_gagg.data(), nullptr};
     const cuda::AggregateGrad fused{nullptr, d_pre.data(), d_dpre.data(), &norm};
     EXPECT_THROW(cuda::h_post_bda_backward(d_gout.data(), d_x.data(), d_res.data(), d_post.data(), d_y.data(), nullptr,
                                            tokens, n, C, {}, nullptr, d_dres.data(), d_dpost.data(), nullptr, &fused),
@@ -221,8 +224,8 @@ TEST_P(CudaStreamMix, BackwardFusedWithTheAggregate) {
     cuda::norm_backward(d_gln.data(), d_agg.data(), d_norm_w.data(), mean, d_norm_rstd.data(), tokens, C, rms,
                         d_dagg_alone.data(), d_norm_gw.data(), nullptr, d_norm_ws.data(), false);
     auto d_partials = poisoned<float>(cuda::norm_param_partials_floats(tokens, C));
-    const cuda::NormInputGrad norm{d_gln.data(),       d_agg.data(), d_norm_w.data(), mean,
-                                   d_norm_rstd.data(), rms,          d_dagg.data(),   d_partials.data()};
+    const cuda::NormInputGrad norm{d_gln.data(),  d_norm_w.data(),  mean, d_norm_rstd.data(), rms,
+                                   d_dagg.data(), d_partials.data()};
     for (auto* b : {&d_dres, &d_dpost, &d_dpre}) *b = poisoned<float>(b->size());
     const cuda::AggregateGrad fused{nullptr, d_pre.data(), d_dpre.data(), &norm};
     cuda::h_post_bda_backward(d_gout.data(), d_x.data(), d_res.data(), d_post.data(), d_y.data(), nullptr, tokens, n,
@@ -234,8 +237,8 @@ TEST_P(CudaStreamMix, BackwardFusedWithTheAggregate) {
                                   rms ? nullptr : d_gb.data());
     const auto wd = widen(norm_w), mean_d = widen(norm_mean), rstd_d = widen(norm_rstd);
     std::vector<double> scratch_dx(tokens * C, 0.0), gw = widen(norm_gw0), gb = widen(norm_gb0);
-    cpu::norm_backward(gln.values.data(), agg.values.data(), wd.data(), rms ? nullptr : mean_d.data(), rstd_d.data(),
-                       tokens, C, rms, scratch_dx.data(), gw.data(), rms ? nullptr : gb.data());
+    cpu::norm_backward(gln.values.data(), agg.data(), wd.data(), rms ? nullptr : mean_d.data(), rstd_d.data(), tokens,
+                       C, rms, scratch_dx.data(), gw.data(), rms ? nullptr : gb.data());
     EXPECT_LT(relative_error(widen(d_gw.download()), gw), kFp32Tolerance) << "rms " << rms;
     EXPECT_LT(relative_error(widen(d_gb.download()), gb), kFp32Tolerance) << "rms " << rms;  // untouched for rms
     for (auto* b : {&d_dres, &d_dpost, &d_dpre}) *b = poisoned<float>(b->size());

@@ -100,6 +100,7 @@ struct GptCuda::State {
   DeviceBuffer<float> side_columns_ws;
   int64_t B, S, N, C, n, F, width, V, H, head_rows;
   bool hc, rms, recompute;
+  bool aggregates_kept;  // the layers' agg1 and agg2 (see the constructor)
   RecomputePlan plan;
   DeviceBuffer<bf16> workspace;  // the restorable tensors of one recompute block
   cpu::Activation activation;
@@ -266,6 +267,7 @@ struct GptCuda::State {
                             const Slot& bias, cpu::DropoutSpec d, bf16* grad_x, HcState* below,
                             cpu::DropoutSpec below_dropout, const ModelConfig& c) {
     const bool fuse = cuda::norm_input_grad_supported(C, d);
+    check(fuse || agg, "GptCuda: the pre-norm's backward needs the aggregate, which the forward did not keep");
     if (!fuse) {
       norm_backward(dln.data(), agg, norm_w, norm_b, mean, rstd, dagg.data(), false);
       hc_backward(m, grad_out, x, y, bias, d, dagg.data(), grad_x, below, below_dropout, c, nullptr);
@@ -273,7 +275,7 @@ struct GptCuda::State {
     }
     float* partials = norm_param_partials[kind == kLn1 ? 0 : 1].data();
     await_weight_grad(kind);  // the layer above's sums, which read the partials
-    const cuda::NormInputGrad norm{dln.data(), agg, value_of(norm_w), mean, rstd, rms, dagg.data(), partials};
+    const cuda::NormInputGrad norm{dln.data(), value_of(norm_w), mean, rstd, rms, dagg.data(), partials};
     hc_backward(m, grad_out, x, y, bias, d, dagg.data(), grad_x, below, below_dropout, c, &norm);
     weight_grad(kind, [&](cudaStream_t on, float*, void*) {
       cuda::add_norm_param_partials(partials, cuda::norm_input_grad_runs(N), C, grad_of(norm_w), grad_of(norm_b), on);
@@ -596,7 +598,11 @@ GptCuda::GptCuda(const ModelConfig& config, int64_t batch, int64_t seq) : config
   // A plain residual without dropout adds in the output products' epilogues: no sublayer
   // outputs y and no dy buffer (see residual_add_in_epilogue).
   const bool epilogue_add = !s.hc && c.hidden_dropout <= 0;
-  const int64_t restorable = restorable_elements(N, C, n, s.hc);
+  // Where the aggregate's norm is fused both ways, the forward does not keep the aggregate
+  // and the backward's reductions make it again from x; recompute still restores it, as its
+  // norm's input.
+  s.aggregates_kept = s.hc && (s.recompute || !cuda::aggregate_norm_supported(C));
+  const int64_t restorable = restorable_elements(N, C, n, s.aggregates_kept);
   if (s.recompute) s.workspace = DeviceBuffer<bf16>(s.plan.max_block_size() * restorable);
   s.layers.resize(static_cast<size_t>(c.num_layers));
   for (int64_t l = 0; l < c.num_layers; ++l) {
@@ -654,7 +660,7 @@ GptCuda::GptCuda(const ModelConfig& config, int64_t batch, int64_t seq) : config
       L.own = DeviceBuffer<bf16>(restorable);
       base = L.own.data();
     }
-    static_cast<RestorableTensors<bf16>&>(L) = carve_restorable(base, N, C, n, s.hc);
+    static_cast<RestorableTensors<bf16>&>(L) = carve_restorable(base, N, C, n, s.aggregates_kept);
     if (s.recompute && s.plan.ends_block(static_cast<int>(l))) L.x_out = L.own.data();
   }
   // At most about 512 MB of bf16 logits (then their gradient) at a time.

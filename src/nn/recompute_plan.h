@@ -34,27 +34,29 @@ class RecomputePlan {
 
 // The tensors of a layer that selective recompute discards (the aggregates of the two
 // hyper connections, the norm outputs, the two fused-add outputs), carved from one slab in
-// this order; the aggregates exist for hyper connections only. Both models (CPU, CUDA) use
-// this layout.
+// this order; the aggregates only where `aggregates` (hyper connections whose model keeps
+// them: the CPU's, the GPU's where its kernels cannot make them again in the backward).
+// Both models (CPU, CUDA) use this layout.
 template <typename T> struct RestorableTensors {
   T *agg1 = nullptr, *ln1_out = nullptr, *x_mid = nullptr, *agg2 = nullptr, *ln2_out = nullptr, *x_out = nullptr;
 };
 
-inline int64_t restorable_elements(int64_t tokens, int64_t C, int64_t n, bool hc) {
-  return (hc ? 4 : 2) * tokens * C + 2 * tokens * n * C;
+inline int64_t restorable_elements(int64_t tokens, int64_t C, int64_t n, bool aggregates) {
+  return (aggregates ? 4 : 2) * tokens * C + 2 * tokens * n * C;
 }
 
-template <typename T> RestorableTensors<T> carve_restorable(T* base, int64_t tokens, int64_t C, int64_t n, bool hc) {
+template <typename T>
+RestorableTensors<T> carve_restorable(T* base, int64_t tokens, int64_t C, int64_t n, bool aggregates) {
   RestorableTensors<T> r;
   auto take = [&base](int64_t elements) {
     T* slice = base;
     base += elements;
     return slice;
   };
-  if (hc) r.agg1 = take(tokens * C);
+  if (aggregates) r.agg1 = take(tokens * C);
   r.ln1_out = take(tokens * C);
   r.x_mid = take(tokens * n * C);
-  if (hc) r.agg2 = take(tokens * C);
+  if (aggregates) r.agg2 = take(tokens * C);
   r.ln2_out = take(tokens * C);
   r.x_out = take(tokens * n * C);
   return r;

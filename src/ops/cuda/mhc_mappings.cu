@@ -490,27 +490,6 @@ __global__ void finish_kernel(ProjectionPieces<N, RANGES> pieces, const float* a
   finish_token(token_lane<FinishLanes<N>>(pieces.tokens), pieces, alpha, bias, iterations, out);
 }
 
-// A row for norm_row_forward that makes the aggregate on first use: stores it (bf16) and
-// keeps it as stored, in registers, for the norm's passes.
-template <int N, int VEC, int STEPS> struct AggregateRow {
-  const bf16* xt;
-  const float* gate;
-  int64_t C;
-  bf16* agg;
-  float v[STEPS][VEC];
-  __device__ void get(int64_t c, int step, bool first_use, float (&out)[VEC]) {
-    if (first_use) {
-      float acc[VEC];
-      detail::aggregate_values<N, VEC>(xt, gate, C, c, acc);
-      detail::store_bf16<VEC>(agg + c, acc);
-#pragma unroll
-      for (int k = 0; k < VEC; ++k) v[step][k] = __bfloat162float(__float2bfloat16(acc[k]));
-    }
-#pragma unroll
-    for (int k = 0; k < VEC; ++k) out[k] = v[step][k];
-  }
-};
-
 // The finish and the aggregate in one launch: the first `finish_blocks` blocks are the
 // finish's (Sinkhorn chains, latency-bound: launched first, they run beside the rest), the
 // others the aggregate's (TokenGroup of block blockIdx.x - finish_blocks), each token's
@@ -538,7 +517,7 @@ __device__ __forceinline__ void finish_aggregate(ProjectionPieces<N, RANGES> pie
 #pragma unroll
   for (int j = 0; j < N; ++j) gate[j] = pre_gate(rt, pieces.entry(t, j), alpha[0], bias[j]);
   if constexpr (NORM) {
-    AggregateRow<N, VEC, detail::kCachedSteps> row{x + t * N * C, gate, C, agg + t * C};
+    detail::AggregateRow<N, VEC, detail::kCachedSteps> row{x + t * N * C, gate, C, agg ? agg + t * C : nullptr};
     detail::norm_row_forward<VEC, detail::kCachedSteps>(row, norm.weight, norm.rms ? nullptr : norm.bias, C, norm.eps,
                                                         norm.rms, tg.lane, norm.out + t * C,
                                                         norm.rms || !norm.mean ? nullptr : norm.mean + t,
@@ -1168,9 +1147,9 @@ void mhc_mappings_forward(const MappingsArgs& a, const bf16* x, const float* x_s
                           float* h_res, float* workspace, cudaStream_t stream, const bf16* weight_split, bf16* agg,
                           const AggregateNorm* norm) {
   check_args(a);
-  check(!norm || (agg && aggregate_norm_supported(a.C)),
-        "mhc mappings: the aggregate's norm needs the aggregate and C a multiple of 8, at most " +
-            std::to_string(detail::kWarpRowWidth) + " (got " + std::to_string(a.C) + ")");
+  check(!norm || aggregate_norm_supported(a.C), "mhc mappings: the aggregate's norm needs C a multiple of 8, at most " +
+                                                    std::to_string(detail::kWarpRowWidth) + " (got " +
+                                                    std::to_string(a.C) + ")");
   const ForwardLayout l = forward_layout_of(a);
   const bf16* split =
       given_or_split(weight_split, weight, l.M, l.K, reinterpret_cast<bf16*>(workspace + l.split_weight), stream);
@@ -1181,7 +1160,7 @@ void mhc_mappings_forward(const MappingsArgs& a, const bf16* x, const float* x_s
     // The finish after the products: alone, or with the aggregate in its pass over x.
     auto finish = [&](const auto& pieces) {
       constexpr bool kRanges = std::decay_t<decltype(pieces)>::kRanges;
-      if (!agg) {
+      if (!agg && !norm) {
         finish_kernel<N, kRanges><<<detail::blocks_for(a.tokens * FinishLanes<N>::L, 128), 128, 0, stream>>>(
             pieces, alpha, bias, a.sinkhorn_iterations, out);
         return;

@@ -71,7 +71,9 @@ bool aggregate_norm_supported(int64_t C);
 // (computed here, in the projection's pass over x). weight_split: W's split from
 // split_mappings_weights, or null (split here). agg: when given, also the aggregate sum_j H_pre[j] x_j
 // ([tokens, C], the bits of aggregate_forward), made in the gates' and Sinkhorn's launch;
-// norm (with agg, where aggregate_norm_supported): also its pre-norm.
+// norm (where aggregate_norm_supported): also its pre-norm, of the aggregate made in that
+// launch, which is then stored only where agg is given (h_post_bda_backward's NormInputGrad
+// makes it again from x).
 void mhc_mappings_forward(const MappingsArgs& a, const bf16* x, const float* x_sumsq, const float* weight,
                           const float* alpha, const float* bias, float* proj, float* r, float* h_pre, float* h_post,
                           float* h_res, float* workspace, cudaStream_t stream = nullptr,

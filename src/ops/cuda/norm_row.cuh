@@ -56,6 +56,34 @@ constexpr int64_t kWarpRowWidth = 32 * 8 * kCachedSteps;
 // can normalise it (or take its norm's gradient) in the same pass.
 inline bool warp_row_fits(int64_t C) { return C % 8 == 0 && C <= kWarpRowWidth; }
 
+// A row that is the aggregate sum_j gate[j] x_j of one token's N streams xt
+// (aggregate_values: every kernel's bits), as stored in bf16. With STEPS > 0 it is made on
+// first use, kept in registers and, where agg is not null, stored there; with 0 it is made
+// again at every use (from x, which the kernels using it read anyway) and never stored.
+template <int N, int VEC, int STEPS>
+struct AggregateRow {
+  const __nv_bfloat16* xt;
+  const float* gate;
+  int64_t C;
+  __nv_bfloat16* agg;
+  float v[STEPS > 0 ? STEPS : 1][VEC];
+  __device__ void get(int64_t c, int step, bool first_use, float (&out)[VEC]) {
+    if (STEPS > 0 && !first_use) {
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) out[k] = v[step][k];
+      return;
+    }
+    float acc[VEC];
+    aggregate_values<N, VEC>(xt, gate, C, c, acc);
+    if (STEPS > 0 && agg) store_bf16<VEC>(agg + c, acc);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+      out[k] = __bfloat162float(__float2bfloat16(acc[k]));
+      if constexpr (STEPS > 0) v[step][k] = out[k];
+    }
+  }
+};
+
 // out = (x - mean) rstd w + b (LayerNorm; RMSNorm: mean 0, no b) of the row that `row`
 // gives (get(c, step, first_use, values)); *mean (when not null) and *rstd from lane 0.
 template <int VEC, int STEPS, class Row>
@@ -96,9 +124,9 @@ __device__ void norm_row_forward(Row& row, const float* __restrict__ weight, con
 
 // The backward's row means of one row (g: the output's gradient, x: the input):
 // mean(g w) (0 for RMSNorm) and mean(g w xhat).
-template <int VEC, int STEPS, class Row>
-__device__ void norm_row_grad_means(Row& g, Row& x, const float* __restrict__ weight, int64_t C, float m, float s,
-                                    bool rms, int lane, float& mean_gw, float& mean_gw_xhat) {
+template <int VEC, int STEPS, class GradRow, class InputRow>
+__device__ void norm_row_grad_means(GradRow& g, InputRow& x, const float* __restrict__ weight, int64_t C, float m,
+                                    float s, bool rms, int lane, float& mean_gw, float& mean_gw_xhat) {
   const float inv_c = 1.0f / static_cast<float>(C);
   float sum_gw = 0, sum_gw_xhat = 0;
   for_row<VEC, STEPS>(C, lane, [&](int64_t c, int step) {

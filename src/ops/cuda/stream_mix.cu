@@ -207,15 +207,20 @@ __global__ void __launch_bounds__(detail::kBlockThreads, N <= 4 ? kReductionBloc
   const TokenGroup tg = detail::token_group(lanes);
   // One token's reductions; NORM: `sums` the warp's row of the norm's parameter sums.
   auto reduce_token = [&](const int64_t t, float* sums) {
+    float mix[N][N], post[N], pre[N];
+#pragma unroll
+    for (int j = 0; j < N; ++j) pre[j] = AGG ? h_pre[t * N + j] : 0.0f;
+    const bf16* xt = x + t * N * C;
+    // NORM: the norm's input, the aggregate, made from x at each use (read again from cache)
+    [[maybe_unused]] detail::AggregateRow<N, VEC, 0> agg{xt, pre, C, nullptr};
     float norm_m = 0, norm_s = 0, mean_gw = 0, mean_gw_xhat = 0;
     if constexpr (NORM) {
-      detail::RowCache<VEC, 0> g{norm.grad_out + t * C}, xr{norm.x + t * C};
+      detail::RowCache<VEC, 0> g{norm.grad_out + t * C};
       norm_m = norm.rms ? 0.0f : norm.mean[t];
       norm_s = norm.rstd[t];
-      detail::norm_row_grad_means<VEC, 0>(g, xr, norm.weight, C, norm_m, norm_s, norm.rms, tg.lane, mean_gw,
+      detail::norm_row_grad_means<VEC, 0>(g, agg, norm.weight, C, norm_m, norm_s, norm.rms, tg.lane, mean_gw,
                                           mean_gw_xhat);
     }
-    float mix[N][N], post[N], pre[N];
     float partial[P];  // dH_res row-major, then dH_post, then dH_pre
 #pragma unroll
     for (int i = 0; i < N; ++i) {
@@ -224,17 +229,14 @@ __global__ void __launch_bounds__(detail::kBlockThreads, N <= 4 ? kReductionBloc
       for (int j = 0; j < N; ++j) mix[i][j] = h_res[(t * N + i) * N + j];
     }
 #pragma unroll
-    for (int j = 0; j < N; ++j) pre[j] = AGG ? h_pre[t * N + j] : 0.0f;
-#pragma unroll
     for (int k = 0; k < P; ++k) partial[k] = 0;
-    const bf16* xt = x + t * N * C;
     for (int64_t c = tg.lane * VEC; c < C; c += tg.lanes * VEC) {
       float sublayer[VEC] = {}, g[N][VEC], xs[N][VEC], dy[VEC] = {}, dagg[VEC] = {};
       load_sublayer<VEC>(y + t * C, y_bias, c, sublayer);
       if constexpr (NORM) {
         float gv[VEC], xv[VEC], w[VEC];
         detail::load_bf16<VEC>(norm.grad_out + t * C + c, gv);
-        detail::load_bf16<VEC>(norm.x + t * C + c, xv);
+        agg.get(c, 0, true, xv);
         detail::load_f32<VEC>(norm.weight + c, w);
         detail::add_norm_input_grad<VEC>(gv, xv, w, norm_m, norm_s, mean_gw, mean_gw_xhat, dagg);
         detail::store_bf16<VEC>(norm.grad_x + t * C + c, dagg);

@@ -61,13 +61,13 @@ void h_post_bda_grad_y(const bf16* grad_out, const float* h_post, int64_t tokens
 // h_post_bda_backward: then dx = H_res^T dout + H_pre dagg is written once and dH_pre is
 // reduced alongside dH_res and dH_post.
 // The sublayer's pre-norm backward made in the reductions' pass, where the aggregate's
-// gradient is the norm's input gradient: dagg = the norm's dx of grad_out given x (the
-// aggregate), mean and rstd (ops/cuda/norm.h, not accumulated: norm_backward's bits),
-// written to grad_x and used as the aggregate's gradient; the norm's weight and bias
-// gradients' sums are made in the same pass (param_partials).
+// gradient is the norm's input gradient: dagg = the norm's dx of grad_out given its input
+// (the aggregate, made again from x and H_pre with aggregate_forward's bits, so that the
+// forward need not keep it), mean and rstd (ops/cuda/norm.h, not accumulated:
+// norm_backward's bits), written to grad_x and used as the aggregate's gradient; the norm's
+// weight and bias gradients' sums are made in the same pass (param_partials).
 struct NormInputGrad {
   const bf16* grad_out;
-  const bf16* x;
   const float* weight;
   const float* mean;  // null for RMSNorm
   const float* rstd;
