@@ -131,8 +131,30 @@ TEST_P(CudaMappings, ForwardAndBackwardMatchTheCpuReference) {
         if (!rms) {
           EXPECT_EQ(d_mean.download(), d_mean_alone.download());
         }
+        // The same pass without storing the aggregate, and the aggregate of the kept H_pre
+        // with its norm in one pass (recompute's restore): the same bits.
+        for (const bool restore : {false, true}) {
+          auto d_out2 = poisoned<bf16>(T * c.C);
+          auto d_mean2 = poisoned<float>(T), d_rstd2 = poisoned<float>(T);
+          const cuda::AggregateNorm norm2{d_norm_w.data(), d_norm_b.data(), 1e-5f,         rms,
+                                          d_out2.data(),   d_mean2.data(),  d_rstd2.data()};
+          if (restore)
+            cuda::aggregate_norm_forward(d_x.data(), d_pre.data(), T, c.n, c.C, norm2);
+          else
+            cuda::mhc_mappings_forward(args, d_x.data(), c.sumsq_given ? d_sumsq.data() : nullptr, d_w.data(),
+                                       d_alpha.data(), d_bias.data(), d_proj.data(), d_r.data(), d_pre.data(),
+                                       d_post.data(), d_res.data(), d_forward_work.data(), nullptr, nullptr, nullptr,
+                                       &norm2);
+          EXPECT_EQ(d_out2.download(), d_out_alone.download()) << "rms " << rms << " restore " << restore;
+          EXPECT_EQ(d_rstd2.download(), d_rstd_alone.download()) << "rms " << rms << " restore " << restore;
+          if (!rms) {
+            EXPECT_EQ(d_mean2.download(), d_mean_alone.download()) << "restore " << restore;
+          }
+        }
       }
     } else {
+      const cuda::AggregateNorm unsupported{};
+      EXPECT_THROW(cuda::aggregate_norm_forward(d_x.data(), d_pre.data(), T, c.n, c.C, unsupported), Error);
       const cuda::AggregateNorm norm{};
       EXPECT_THROW(cuda::mhc_mappings_forward(args, d_x.data(), nullptr, d_w.data(), d_alpha.data(), d_bias.data(),
                                               d_proj.data(), d_r.data(), d_pre.data(), d_post.data(), d_res.data(),

@@ -318,16 +318,26 @@ struct GptCuda::State {
                     next_sumsq);
   }
 
+  // The aggregate of x with the kept H_pre and its pre-norm: in one pass where the kernels
+  // fuse them (the aggregate then not kept), else into agg and then normalised.
+  void restore_norm_input(const bf16* x, const HcState& m, bf16* agg, const Slot& norm_w, const Slot& norm_b, bf16* out,
+                          float* mean, float* rstd) {
+    if (!aggregates_kept) {
+      const cuda::AggregateNorm fused{value_of(norm_w), value_of(norm_b), eps, rms, out, mean, rstd};
+      cuda::aggregate_norm_forward(x, m.h_pre.data(), N, static_cast<int>(n), C, fused, stream);
+      return;
+    }
+    cuda::aggregate_forward(x, m.h_pre.data(), N, static_cast<int>(n), C, agg, stream);
+    norm(agg, norm_w, norm_b, out, mean, rstd);
+  }
   // What selective recompute discarded, re-run from the layer input with the kept mappings
   // (the same arithmetic on the same inputs: the same bits, also where the forward made the
   // aggregate and its norm in the mappings' pass): aggregates, norms, fused-add outputs (the
   // MLP one only when `with_output`).
   void restore(CudaLayer& L, const bf16* x_in, bool with_output) {
-    cuda::aggregate_forward(x_in, L.hc_attn.h_pre.data(), N, static_cast<int>(n), C, L.agg1, stream);
-    norm(L.agg1, L.ln1_w, L.ln1_b, L.ln1_out, L.ln1_mean.data(), L.ln1_rstd.data());
+    restore_norm_input(x_in, L.hc_attn, L.agg1, L.ln1_w, L.ln1_b, L.ln1_out, L.ln1_mean.data(), L.ln1_rstd.data());
     residual_forward(L.hc_attn, x_in, L.attn_y.data(), L.proj_b, L.drop_attn, L.x_mid);
-    cuda::aggregate_forward(L.x_mid, L.hc_mlp.h_pre.data(), N, static_cast<int>(n), C, L.agg2, stream);
-    norm(L.agg2, L.ln2_w, L.ln2_b, L.ln2_out, L.ln2_mean.data(), L.ln2_rstd.data());
+    restore_norm_input(L.x_mid, L.hc_mlp, L.agg2, L.ln2_w, L.ln2_b, L.ln2_out, L.ln2_mean.data(), L.ln2_rstd.data());
     if (with_output) residual_forward(L.hc_mlp, L.x_mid, L.mlp_y.data(), L.fc2_b, L.drop_mlp, L.x_out);
   }
 
@@ -598,10 +608,9 @@ GptCuda::GptCuda(const ModelConfig& config, int64_t batch, int64_t seq) : config
   // A plain residual without dropout adds in the output products' epilogues: no sublayer
   // outputs y and no dy buffer (see residual_add_in_epilogue).
   const bool epilogue_add = !s.hc && c.hidden_dropout <= 0;
-  // Where the aggregate's norm is fused both ways, the forward does not keep the aggregate
-  // and the backward's reductions make it again from x; recompute still restores it, as its
-  // norm's input.
-  s.aggregates_kept = s.hc && (s.recompute || !cuda::aggregate_norm_supported(C));
+  // Where the aggregate's norm is fused both ways, neither the forward nor recompute's
+  // restore keeps the aggregate: the backward's reductions make it again from x.
+  s.aggregates_kept = s.hc && !cuda::aggregate_norm_supported(C);
   const int64_t restorable = restorable_elements(N, C, n, s.aggregates_kept);
   if (s.recompute) s.workspace = DeviceBuffer<bf16>(s.plan.max_block_size() * restorable);
   s.layers.resize(static_cast<size_t>(c.num_layers));

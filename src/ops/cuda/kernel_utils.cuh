@@ -360,20 +360,25 @@ void launch_by_width(int64_t tokens, int64_t C, Vec8 vec8, Vec1 vec1, Launch&& l
   else launch(vec1, token_launch(tokens, C, 1));
 }
 
-// The aggregate of one token at channels c..c + VEC: acc = sum_j gate[j] x_j, in the order
-// j = 0, 1, ... (every kernel that makes it gives the same bits).
+// The aggregate of one token at VEC channels: acc = sum_j gate[j] xs[j], in the order
+// j = 0, 1, ... (every kernel that makes it gives the same bits), from the streams' values
+// at those channels (aggregate_of) or from x (aggregate_values: channels c..c + VEC).
 template <int N, int VEC>
-__device__ inline void aggregate_values(const __nv_bfloat16* xt, const float* gate, int64_t C, int64_t c,
-                                        float (&acc)[VEC]) {
+__device__ inline void aggregate_of(const float (&xs)[N][VEC], const float* gate, float (&acc)[VEC]) {
 #pragma unroll
   for (int v = 0; v < VEC; ++v) acc[v] = 0;
 #pragma unroll
-  for (int j = 0; j < N; ++j) {
-    float xs[VEC];
-    load_bf16<VEC>(xt + j * C + c, xs);
+  for (int j = 0; j < N; ++j)
 #pragma unroll
-    for (int v = 0; v < VEC; ++v) acc[v] += gate[j] * xs[v];
-  }
+    for (int v = 0; v < VEC; ++v) acc[v] += gate[j] * xs[j][v];
+}
+template <int N, int VEC>
+__device__ inline void aggregate_values(const __nv_bfloat16* xt, const float* gate, int64_t C, int64_t c,
+                                        float (&acc)[VEC]) {
+  float xs[N][VEC];
+#pragma unroll
+  for (int j = 0; j < N; ++j) load_bf16<VEC>(xt + j * C + c, xs[j]);
+  aggregate_of<N, VEC>(xs, gate, acc);
 }
 // The aggregate row of one token on its group's threads.
 template <int N, int VEC>

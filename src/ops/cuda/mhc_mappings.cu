@@ -490,6 +490,18 @@ __global__ void finish_kernel(ProjectionPieces<N, RANGES> pieces, const float* a
   finish_token(token_lane<FinishLanes<N>>(pieces.tokens), pieces, alpha, bias, iterations, out);
 }
 
+// Token t's aggregate (stored where agg is not null) and its pre-norm, on one warp: the row
+// made once and kept in registers for the norm's passes (norm_row_forward: norm_forward's
+// bits).
+template <int N, int VEC>
+__device__ __forceinline__ void aggregate_norm_token(const bf16* x, const float (&gate)[N], int64_t t, int64_t C,
+                                                     int lane, bf16* agg, const AggregateNorm& norm) {
+  detail::AggregateRow<N, VEC, detail::kCachedSteps> row{x + t * N * C, gate, C, agg ? agg + t * C : nullptr};
+  detail::norm_row_forward<VEC, detail::kCachedSteps>(row, norm.weight, norm.rms ? nullptr : norm.bias, C, norm.eps,
+                                                      norm.rms, lane, norm.out + t * C,
+                                                      norm.rms || !norm.mean ? nullptr : norm.mean + t, norm.rstd + t);
+}
+
 // The finish and the aggregate in one launch: the first `finish_blocks` blocks are the
 // finish's (Sinkhorn chains, latency-bound: launched first, they run beside the rest), the
 // others the aggregate's (TokenGroup of block blockIdx.x - finish_blocks), each token's
@@ -517,11 +529,7 @@ __device__ __forceinline__ void finish_aggregate(ProjectionPieces<N, RANGES> pie
 #pragma unroll
   for (int j = 0; j < N; ++j) gate[j] = pre_gate(rt, pieces.entry(t, j), alpha[0], bias[j]);
   if constexpr (NORM) {
-    detail::AggregateRow<N, VEC, detail::kCachedSteps> row{x + t * N * C, gate, C, agg ? agg + t * C : nullptr};
-    detail::norm_row_forward<VEC, detail::kCachedSteps>(row, norm.weight, norm.rms ? nullptr : norm.bias, C, norm.eps,
-                                                        norm.rms, tg.lane, norm.out + t * C,
-                                                        norm.rms || !norm.mean ? nullptr : norm.mean + t,
-                                                        norm.rstd + t);
+    aggregate_norm_token<N, VEC>(x, gate, t, C, tg.lane, agg, norm);
   } else {
     detail::aggregate_row<N, VEC>(x + t * N * C, gate, C, tg, agg + t * C);
   }
@@ -542,6 +550,20 @@ __global__ void __launch_bounds__(detail::kBlockThreads, 4)
                                  int iterations, FinishOutputs out, unsigned finish_blocks, const bf16* x, int64_t C,
                                  int lanes, bf16* agg, AggregateNorm norm) {
   finish_aggregate<N, VEC, RANGES, true>(pieces, alpha, bias, iterations, out, finish_blocks, x, C, lanes, agg, norm);
+}
+
+// The aggregate of given gates h_pre and its pre-norm (aggregate_norm_forward), a warp a
+// token: the bits of the finish-aggregate-norm pass that made them from the projection.
+template <int N>
+__global__ void __launch_bounds__(detail::kBlockThreads, 4)
+    aggregate_norm_kernel(const bf16* x, const float* h_pre, int64_t tokens, int64_t C, AggregateNorm norm) {
+  const detail::TokenGroup tg = detail::token_group(32);
+  const int64_t t = tg.token;
+  if (t >= tokens) return;
+  float gate[N];
+#pragma unroll
+  for (int j = 0; j < N; ++j) gate[j] = h_pre[t * N + j];
+  aggregate_norm_token<N, 8>(x, gate, t, C, tg.lane, nullptr, norm);
 }
 
 // ---- dx and dW on tensor cores, one pass over x ---------------------------------------------
@@ -1120,6 +1142,19 @@ size_t mappings_forward_workspace_floats(const MappingsArgs& a) {
 }
 
 bool aggregate_norm_supported(int64_t C) { return detail::warp_row_fits(C); }
+
+void aggregate_norm_forward(const bf16* x, const float* h_pre, int64_t tokens, int n, int64_t C,
+                            const AggregateNorm& norm, cudaStream_t stream) {
+  check(aggregate_norm_supported(C), "aggregate_norm_forward: C must be a multiple of 8, at most " +
+                                         std::to_string(detail::kWarpRowWidth) + " (got " + std::to_string(C) + ")");
+  check(tokens >= 1 && tokens <= 0x7fffffff, "aggregate_norm_forward: token count out of range");
+  detail::dispatch_streams(n, [&](auto N) {
+    aggregate_norm_kernel<N.value>
+        <<<detail::blocks_for(tokens, detail::kBlockThreads / 32), detail::kBlockThreads, 0, stream>>>(x, h_pre, tokens,
+                                                                                                       C, norm);
+  });
+  MHC_CUDA_CHECK(cudaGetLastError());
+}
 
 size_t mappings_weight_split_elements(const MappingsArgs& a) {
   check_args(a);

@@ -66,6 +66,11 @@ struct AggregateNorm {
 // Where the aggregate's norm can be fused: C a multiple of 8, at most 1024 (a row held in a
 // warp's registers).
 bool aggregate_norm_supported(int64_t C);
+// The aggregate sum_j h_pre[j] x_j of kept gates and its pre-norm in one pass, the
+// aggregate not stored: the bits of mhc_mappings_forward's (selective recompute's restore).
+// Where aggregate_norm_supported.
+void aggregate_norm_forward(const bf16* x, const float* h_pre, int64_t tokens, int n, int64_t C,
+                            const AggregateNorm& norm, cudaStream_t stream = nullptr);
 
 // x_sumsq: ||x_t||^2 of each token's n-stream row when its producer computed it, else null
 // (computed here, in the projection's pass over x). weight_split: W's split from

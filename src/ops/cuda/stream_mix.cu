@@ -211,10 +211,9 @@ __global__ void __launch_bounds__(detail::kBlockThreads, N <= 4 ? kReductionBloc
 #pragma unroll
     for (int j = 0; j < N; ++j) pre[j] = AGG ? h_pre[t * N + j] : 0.0f;
     const bf16* xt = x + t * N * C;
-    // NORM: the norm's input, the aggregate, made from x at each use (read again from cache)
-    [[maybe_unused]] detail::AggregateRow<N, VEC, 0> agg{xt, pre, C, nullptr};
     float norm_m = 0, norm_s = 0, mean_gw = 0, mean_gw_xhat = 0;
-    if constexpr (NORM) {
+    if constexpr (NORM) {  // the row means first, of the aggregate made from x (read again below, from cache)
+      detail::AggregateRow<N, VEC, 0> agg{xt, pre, C, nullptr};
       detail::RowCache<VEC, 0> g{norm.grad_out + t * C};
       norm_m = norm.rms ? 0.0f : norm.mean[t];
       norm_s = norm.rstd[t];
@@ -233,19 +232,7 @@ __global__ void __launch_bounds__(detail::kBlockThreads, N <= 4 ? kReductionBloc
     for (int64_t c = tg.lane * VEC; c < C; c += tg.lanes * VEC) {
       float sublayer[VEC] = {}, g[N][VEC], xs[N][VEC], dy[VEC] = {}, dagg[VEC] = {};
       load_sublayer<VEC>(y + t * C, y_bias, c, sublayer);
-      if constexpr (NORM) {
-        float gv[VEC], xv[VEC], w[VEC];
-        detail::load_bf16<VEC>(norm.grad_out + t * C + c, gv);
-        agg.get(c, 0, true, xv);
-        detail::load_f32<VEC>(norm.weight + c, w);
-        detail::add_norm_input_grad<VEC>(gv, xv, w, norm_m, norm_s, mean_gw, mean_gw_xhat, dagg);
-        detail::store_bf16<VEC>(norm.grad_x + t * C + c, dagg);
-        detail::add_norm_param_grads(sums, C, c, gv, xv, norm_m, norm_s);
-#pragma unroll
-        for (int v = 0; v < VEC; ++v) dagg[v] = __bfloat162float(__float2bfloat16(dagg[v]));
-      } else if constexpr (AGG) {
-        detail::load_bf16<VEC>(grad_agg + t * C + c, dagg);
-      }
+      if constexpr (AGG && !NORM) detail::load_bf16<VEC>(grad_agg + t * C + c, dagg);
 #pragma unroll
       for (int i = 0; i < N; ++i) {
         detail::load_bf16<VEC>(grad_out + (t * N + i) * C + c, g[i]);
@@ -258,6 +245,19 @@ __global__ void __launch_bounds__(detail::kBlockThreads, N <= 4 ? kReductionBloc
           dy[v] += masked * post[i];
           partial[N * N + i] += masked * sublayer[v];
         }
+      }
+      if constexpr (NORM) {  // dagg, the norm's input (the aggregate) made from the streams just read
+        float gv[VEC], xv[VEC], w[VEC];
+        detail::aggregate_of<N, VEC>(xs, pre, xv);
+#pragma unroll
+        for (int v = 0; v < VEC; ++v) xv[v] = __bfloat162float(__float2bfloat16(xv[v]));
+        detail::load_bf16<VEC>(norm.grad_out + t * C + c, gv);
+        detail::load_f32<VEC>(norm.weight + c, w);
+        detail::add_norm_input_grad<VEC>(gv, xv, w, norm_m, norm_s, mean_gw, mean_gw_xhat, dagg);
+        detail::store_bf16<VEC>(norm.grad_x + t * C + c, dagg);
+        detail::add_norm_param_grads(sums, C, c, gv, xv, norm_m, norm_s);
+#pragma unroll
+        for (int v = 0; v < VEC; ++v) dagg[v] = __bfloat162float(__float2bfloat16(dagg[v]));
       }
 #pragma unroll
       for (int j = 0; j < N; ++j) {
