@@ -1,11 +1,11 @@
+#include "core/cuda/device.h"
+
 #include <algorithm>
 #include <map>
 #include <mutex>
 #include <tuple>
 #include <utility>
 #include <vector>
-
-#include "core/cuda/device.h"
 
 namespace mhc::cuda {
 
