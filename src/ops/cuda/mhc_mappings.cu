@@ -1143,10 +1143,16 @@ size_t mappings_forward_workspace_floats(const MappingsArgs& a) {
 
 bool aggregate_norm_supported(int64_t C) { return detail::warp_row_fits(C); }
 
+namespace {
+void check_aggregate_norm(int64_t C, const char* op) {
+  check(aggregate_norm_supported(C), std::string(op) + ": the aggregate's norm needs C a multiple of 8, at most " +
+                                         std::to_string(detail::kWarpRowWidth) + " (got " + std::to_string(C) + ")");
+}
+}  // namespace
+
 void aggregate_norm_forward(const bf16* x, const float* h_pre, int64_t tokens, int n, int64_t C,
                             const AggregateNorm& norm, cudaStream_t stream) {
-  check(aggregate_norm_supported(C), "aggregate_norm_forward: C must be a multiple of 8, at most " +
-                                         std::to_string(detail::kWarpRowWidth) + " (got " + std::to_string(C) + ")");
+  check_aggregate_norm(C, "aggregate_norm_forward");
   check(tokens >= 1 && tokens <= 0x7fffffff, "aggregate_norm_forward: token count out of range");
   detail::dispatch_streams(n, [&](auto N) {
     aggregate_norm_kernel<N.value>
@@ -1182,9 +1188,7 @@ void mhc_mappings_forward(const MappingsArgs& a, const bf16* x, const float* x_s
                           float* h_res, float* workspace, cudaStream_t stream, const bf16* weight_split, bf16* agg,
                           const AggregateNorm* norm) {
   check_args(a);
-  check(!norm || aggregate_norm_supported(a.C), "mhc mappings: the aggregate's norm needs C a multiple of 8, at most " +
-                                                    std::to_string(detail::kWarpRowWidth) + " (got " +
-                                                    std::to_string(a.C) + ")");
+  if (norm) check_aggregate_norm(a.C, "mhc mappings");
   const ForwardLayout l = forward_layout_of(a);
   const bf16* split =
       given_or_split(weight_split, weight, l.M, l.K, reinterpret_cast<bf16*>(workspace + l.split_weight), stream);
