@@ -1,5 +1,6 @@
-// CUDA norms and activations against the CPU double reference, on fresh random inputs
-// with every output poisoned first (accumulated outputs start from random values).
+// CUDA norms, activations, linear layers and attention against the CPU double reference,
+// on fresh random inputs with every output poisoned first (accumulated outputs start from
+// random values); products on concurrent streams against the same products alone.
 // Skipped without a GPU.
 #include <gtest/gtest.h>
 
@@ -13,6 +14,7 @@
 #include "ops/cpu/linear.h"
 #include "ops/cuda/activation.h"
 #include "ops/cuda/attention.h"
+#include "ops/cuda/gemm.h"
 #include "ops/cuda/linear.h"
 #include "ops/cuda/norm.h"
 
@@ -174,6 +176,48 @@ TEST_P(CudaLayers, LinearBackwardAccumulatesOrOverwrites) {
     EXPECT_LT(relative_error(widen(d_dw.download()), want_dw), kFp32Tolerance) << label;
     EXPECT_LT(relative_error(widen(d_db.download()), want_db), kFp32Tolerance) << label;
   }
+}
+
+// Products on two streams at once, each stream with a cuBLASLt workspace of its own (as a
+// model's main and side streams, or two models, have): each result has the bits of the
+// same product run alone. The shape, a weight gradient's (few outputs, many rows summed),
+// is one cuBLASLt splits over k, keeping partial sums in the workspace; sharing one
+// workspace, such products running at once overwrite each other's.
+TEST(CudaGemm, StreamsWithWorkspacesOfTheirOwnRunProductsAtOnce) {
+  if (!cuda::device_available()) GTEST_SKIP() << "no CUDA device";
+  constexpr int64_t m = 256, n = 256, k = 32768;
+  constexpr int kStreams = 2, kProducts = 6;
+  auto product = [&](const DeviceBuffer<bf16>& a, const DeviceBuffer<bf16>& b, DeviceBuffer<float>& d) {
+    cuda::Gemm g;  // D [m, n] = A [m, k] B^T, column-major (a dW^T of rows k)
+    g.trans_b = true;
+    g.m = m, g.n = n, g.k = k;
+    g.a = a.data(), g.lda = m;
+    g.b = b.data(), g.ldb = n;
+    g.d = d.data(), g.ldd = m;
+    return g;
+  };
+  std::vector<DeviceBuffer<bf16>> a, b;
+  std::vector<DeviceBuffer<float>> alone, at_once;
+  for (int i = 0; i < kStreams * kProducts; ++i) {
+    a.emplace_back(random_bf16(m * k, 700 + i).bits);
+    b.emplace_back(random_bf16(n * k, 800 + i).bits);
+    alone.push_back(poisoned<float>(m * n));
+    at_once.push_back(poisoned<float>(m * n));
+    cuda::gemm(product(a[i], b[i], alone[i]));
+    MHC_CUDA_CHECK(cudaDeviceSynchronize());
+  }
+  {
+    cuda::Stream s0, s1;
+    cuda::StreamGemmWorkspace w0(s0.get()), w1(s1.get());
+    for (int p = 0; p < kProducts; ++p)
+      for (int s = 0; s < kStreams; ++s) {
+        const int i = s * kProducts + p;
+        cuda::gemm(product(a[i], b[i], at_once[i]), (s == 0 ? s0 : s1).get());
+      }
+    MHC_CUDA_CHECK(cudaDeviceSynchronize());
+  }
+  for (int i = 0; i < kStreams * kProducts; ++i)
+    EXPECT_EQ(at_once[i].download(), alone[i].download()) << "stream " << i / kProducts << " product " << i % kProducts;
 }
 
 TEST(CudaAttention, ForwardAndBackwardMatchTheCpuReference) {

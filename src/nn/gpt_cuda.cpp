@@ -94,9 +94,11 @@ struct GptCuda::State {
   bool overlap = true;
   cuda::Stream side_owner;
   cudaStream_t side = side_owner.get();
+  // The cuBLASLt workspaces of the two streams: the model's products never share one with
+  // another stream's that may run at the same time (its other stream's, another model's).
+  cuda::StreamGemmWorkspace gemm_ws{stream}, side_gemm_ws{side};
   cuda::Event side_fork, side_done[kWeightGrads];
   bool side_pending[kWeightGrads] = {};
-  DeviceBuffer<unsigned char> side_gemm_ws;
   DeviceBuffer<float> side_columns_ws;
   int64_t B, S, N, C, n, F, width, V, H, head_rows;
   bool hc, rms, recompute;
@@ -147,25 +149,25 @@ struct GptCuda::State {
   void norm(const bf16* x, const Slot& w, const Slot& b, bf16* out, float* mean, float* rstd) {
     cuda::norm_forward(x, value_of(w), value_of(b), N, C, eps, rms, out, mean, rstd, stream);
   }
-  // `launch(stream, column_sums_workspace, gemm_workspace)`: on the side stream after what
-  // `stream` has queued so far, or on `stream` itself without overlap.
+  // `launch(stream, column_sums_workspace)`: on the side stream after what `stream` has
+  // queued so far, or on `stream` itself without overlap.
   template <typename Launch> void weight_grad(WeightGrad kind, const Launch& launch) {
     if (!overlap) {
-      launch(stream, columns_ws.data(), nullptr);
+      launch(stream, columns_ws.data());
       return;
     }
     side_fork.record(stream);
     side_fork.wait_on(side);
-    launch(side, side_columns_ws.data(), side_gemm_ws.data());
+    launch(side, side_columns_ws.data());
     side_done[kind].record(side);
     side_pending[kind] = true;
   }
   // dW += x^T dy (and db += dy's column sums) of a [N, in] -> [N, out] layer.
   void linear_weight_grad(WeightGrad kind, const bf16* grad_y, const bf16* x, int64_t in, int64_t out,
                           const Slot& w, const Slot* b) {
-    weight_grad(kind, [&](cudaStream_t on, float* columns, void* gemm_ws) {
+    weight_grad(kind, [&](cudaStream_t on, float* columns) {
       cuda::linear_backward_weight(grad_y, x, N, in, out, grad_of(w), b ? grad_of(*b) : nullptr, columns, on,
-                                   gemm_ws, /*accumulate=*/!grads_fresh);
+                                   /*accumulate=*/!grads_fresh);
     });
   }
   // `stream` waits for the latest weight gradient of that kind (before it overwrites its
@@ -252,7 +254,7 @@ struct GptCuda::State {
                                 grad_h_post.data(), grad_h_res.data(), grad_x, grad_of(m.weight), grad_of(m.alpha),
                                 grad_of(m.bias), mappings_backward_ws.data(), &mix, write_dy ? &next : nullptr,
                                 stream, m.weight_split.data(), /*sums_later=*/true);
-    weight_grad(kMappings, [&](cudaStream_t on, float*, void*) {
+    weight_grad(kMappings, [&](cudaStream_t on, float*) {
       cuda::mhc_mappings_backward_sums(mappings_args(c), grad_of(m.weight), grad_of(m.alpha), grad_of(m.bias),
                                        write_dy ? next.grad_y_bias : nullptr, mappings_backward_ws.data(), on);
     });
@@ -277,7 +279,7 @@ struct GptCuda::State {
     await_weight_grad(kind);  // the layer above's sums, which read the partials
     const cuda::NormInputGrad norm{dln.data(), value_of(norm_w), mean, rstd, rms, dagg.data(), partials};
     hc_backward(m, grad_out, x, y, bias, d, dagg.data(), grad_x, below, below_dropout, c, &norm);
-    weight_grad(kind, [&](cudaStream_t on, float*, void*) {
+    weight_grad(kind, [&](cudaStream_t on, float*) {
       cuda::add_norm_param_partials(partials, cuda::norm_input_grad_runs(N), C, grad_of(norm_w), grad_of(norm_b), on);
     });
   }
@@ -707,7 +709,6 @@ GptCuda::GptCuda(const ModelConfig& config, int64_t batch, int64_t seq) : config
                                                cuda::h_post_bda_grad_y_workspace_floats(N, C),
                                                cuda::linear_backward_workspace_floats(N, widest),
                                                cuda::activation_backward_workspace_floats(s.activation, N, s.F)}));
-  s.side_gemm_ws = DeviceBuffer<unsigned char>(cuda::kGemmWorkspaceBytes);
   s.side_columns_ws = DeviceBuffer<float>(cuda::linear_backward_workspace_floats(N, 3 * C));
   s.attention_ws = DeviceBuffer<unsigned char>(cuda::attention_workspace_bytes({batch, seq, s.H, C}));
   s.embedding_ws = DeviceBuffer<unsigned char>(cuda::embedding_backward_workspace_bytes(batch, seq, C));

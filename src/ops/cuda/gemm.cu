@@ -36,13 +36,14 @@ struct Plan {
   cublasLtMatmulAlgo_t algo{};
 };
 
-// The handle, workspace and plans of one device. Kept for the life of the process: their
+// The handle, workspaces and plans of one device. Kept for the life of the process: their
 // destruction at exit could run after the CUDA driver has shut down.
 struct Context {
   cublasLtHandle_t handle = nullptr;
-  void* workspace = nullptr;
-  std::mutex mutex;  // guards plans
+  void* workspace = nullptr;  // of the streams without one bound
+  std::mutex mutex;           // guards plans and bound
   std::map<Key, Plan> plans;
+  std::map<cudaStream_t, void*> bound;
 };
 
 Context& context_of_current_device() {
@@ -129,8 +130,10 @@ void gemm(const Gemm& g, cudaStream_t stream) {
                 g.ldd,     static_cast<int>(g.output), align_a, align_b, align_d, g.beta != 0.0f,
                 g.batch,   g.stride_a, g.stride_b, g.stride_d, g.bias != nullptr};
   Plan p;
+  void* workspace = c.workspace;
   {
     const std::lock_guard<std::mutex> lock(c.mutex);
+    if (const auto b = c.bound.find(stream); b != c.bound.end()) workspace = b->second;
     auto it = c.plans.find(key);
     if (it == c.plans.end()) it = c.plans.emplace(key, make_plan(c.handle, g, align_a, align_b, align_d)).first;
     p = it->second;
@@ -138,7 +141,20 @@ void gemm(const Gemm& g, cudaStream_t stream) {
       MHC_BLAS_CHECK(cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &g.bias, sizeof(g.bias)));
   }
   MHC_BLAS_CHECK(cublasLtMatmul(c.handle, p.desc, &g.alpha, g.a, p.a, g.b, p.b, &g.beta, c_matrix, p.d, g.d, p.d,
-                                &p.algo, g.workspace ? g.workspace : c.workspace, kGemmWorkspaceBytes, stream));
+                                &p.algo, workspace, kGemmWorkspaceBytes, stream));
+}
+
+StreamGemmWorkspace::StreamGemmWorkspace(cudaStream_t stream) : stream_(stream), bytes_(kGemmWorkspaceBytes) {
+  check(stream != nullptr, "StreamGemmWorkspace: the legacy default stream uses the device's workspace");
+  Context& c = context_of_current_device();
+  const std::lock_guard<std::mutex> lock(c.mutex);
+  check(c.bound.emplace(stream, bytes_.data()).second, "StreamGemmWorkspace: the stream has one already");
+}
+
+StreamGemmWorkspace::~StreamGemmWorkspace() {
+  Context& c = context_of_current_device();
+  const std::lock_guard<std::mutex> lock(c.mutex);
+  c.bound.erase(stream_);
 }
 
 }  // namespace mhc::cuda

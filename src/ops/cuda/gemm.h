@@ -5,11 +5,13 @@
 // optionally strided-batched.
 //
 // A and B are bf16, the products are summed in fp32, C and D are fp32 or bf16; C is D
-// itself (beta != 0 then reads the D it overwrites) unless given (same layout as D). Row-major callers swap the operands: a row-major [rows, cols]
-// matrix is the column-major [cols, rows] one.
+// itself (beta != 0 then reads the D it overwrites) unless given (same layout as D).
+// Row-major callers swap the operands: a row-major [rows, cols] matrix is the
+// column-major [cols, rows] one.
 //
-// One cuBLASLt handle and workspace per device (a product may bring its own workspace),
-// created on first use; the algorithm of each shape (and pointer alignment) is chosen once
+// One cuBLASLt handle per device, created on first use, and a workspace per stream: the
+// one bound to the product's stream (StreamGemmWorkspace), else the device's, which all
+// unbound streams share; the algorithm of each shape (and pointer alignment) is chosen once
 // by cuBLASLt's heuristic and reused, and split-K reductions that accumulate in place
 // (whose order can vary) are excluded, so the same inputs give the same bits.
 #pragma once
@@ -18,6 +20,8 @@
 
 #include <cstddef>
 #include <cstdint>
+
+#include "core/cuda/device.h"
 
 namespace mhc::cuda {
 
@@ -44,11 +48,25 @@ struct Gemm {
   int64_t stride_a = 0, stride_b = 0, stride_d = 0;
   // When set: D += bias broadcast over columns (bias[i] added to row i; m values, of D's type).
   const void* bias = nullptr;
-  // A product that may run at the same time as another stream's brings its own workspace
-  // of kGemmWorkspaceBytes; null: the device's, shared by every product without one.
-  void* workspace = nullptr;
 };
 
 void gemm(const Gemm& g, cudaStream_t stream = nullptr);
+
+// A cuBLASLt workspace of kGemmWorkspaceBytes bound to `stream` (of the current device)
+// for its life: the products on that stream use it. cuBLASLt's split-K products keep
+// partial sums and counters in their workspace, so streams whose products may run at the
+// same time (a model's main and side streams, two models' streams) each need one of their
+// own; the products of one stream run in order and share it.
+class StreamGemmWorkspace {
+ public:
+  explicit StreamGemmWorkspace(cudaStream_t stream);
+  ~StreamGemmWorkspace();
+  StreamGemmWorkspace(const StreamGemmWorkspace&) = delete;
+  StreamGemmWorkspace& operator=(const StreamGemmWorkspace&) = delete;
+
+ private:
+  cudaStream_t stream_;
+  DeviceBuffer<unsigned char> bytes_;
+};
 
 }  // namespace mhc::cuda

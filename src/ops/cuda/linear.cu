@@ -57,7 +57,7 @@ void linear_backward_input(const bf16* grad_y, const bf16* weight, int64_t rows,
 
 void linear_backward_weight(const bf16* grad_y, const bf16* x, int64_t rows, int64_t in, int64_t out,
                             float* grad_weight, float* grad_bias, float* workspace, cudaStream_t stream,
-                            void* gemm_workspace, bool accumulate) {
+                            bool accumulate) {
   // dW^T [in, out] += x^T [in, rows] dy [rows, out] (= without accumulate: beta 0, D not read)
   Gemm g;
   g.trans_b = true;
@@ -66,7 +66,6 @@ void linear_backward_weight(const bf16* grad_y, const bf16* x, int64_t rows, int
   g.b = grad_y, g.ldb = out;
   g.d = grad_weight, g.ldd = in;
   g.beta = accumulate ? 1.0f : 0.0f;
-  g.workspace = gemm_workspace;
   gemm(g, stream);
   if (grad_bias) accumulate_column_sums(grad_y, rows, out, grad_bias, workspace, stream, accumulate);
 }
@@ -75,7 +74,7 @@ void linear_backward(const bf16* grad_y, const bf16* x, const bf16* weight, int6
                      bf16* grad_x, float* grad_weight, float* grad_bias, float* workspace, cudaStream_t stream,
                      bool accumulate) {
   if (grad_x) linear_backward_input(grad_y, weight, rows, in, out, grad_x, stream);
-  linear_backward_weight(grad_y, x, rows, in, out, grad_weight, grad_bias, workspace, stream, nullptr, accumulate);
+  linear_backward_weight(grad_y, x, rows, in, out, grad_weight, grad_bias, workspace, stream, accumulate);
 }
 
 }  // namespace mhc::cuda

@@ -29,16 +29,15 @@ size_t column_sums_workspace_floats(int64_t rows, int64_t cols);
 void accumulate_column_sums(const bf16* grad_y, int64_t rows, int64_t cols, float* grad_bias, float* workspace,
                             cudaStream_t stream = nullptr, bool accumulate = true);
 
-// The backward's two halves, which may run on different streams: dx (overwritten), and
-// dW with db (when grad_bias is not null), accumulated or, with accumulate false,
-// overwritten (not read). A dW that may run at
-// the same time as another product brings its own cuBLASLt workspace (gemm_workspace,
-// kGemmWorkspaceBytes: ops/cuda/gemm.h).
+// The backward's two halves, which may run on different streams (each with a cuBLASLt
+// workspace of its own where they run at once: bind_gemm_workspace in ops/cuda/gemm.h):
+// dx (overwritten), and dW with db (when grad_bias is not null), accumulated or, with
+// accumulate false, overwritten (not read).
 void linear_backward_input(const bf16* grad_y, const bf16* weight, int64_t rows, int64_t in, int64_t out,
                            bf16* grad_x, cudaStream_t stream = nullptr);
 void linear_backward_weight(const bf16* grad_y, const bf16* x, int64_t rows, int64_t in, int64_t out,
                             float* grad_weight, float* grad_bias, float* workspace, cudaStream_t stream = nullptr,
-                            void* gemm_workspace = nullptr, bool accumulate = true);
+                            bool accumulate = true);
 
 // Both halves. grad_x may be null (not wanted); grad_bias may be null.
 void linear_backward(const bf16* grad_y, const bf16* x, const bf16* weight, int64_t rows, int64_t in, int64_t out,
