@@ -112,10 +112,10 @@ class CopyingLearner final : public Learner {
         copy_optimizer_(copy_.parameters()),
         before_copy_(std::move(before_copy)) {}
   void zero_grad() override { trained_->zero_grad(); }
-  double forward_backward(const int32_t* tokens, const int32_t* targets, uint64_t key) override {
-    return trained_->forward_backward(tokens, targets, key);
+  void forward_backward(const int32_t* tokens, const int32_t* targets, uint64_t key) override {
+    trained_->forward_backward(tokens, targets, key);
   }
-  double step(const TrainConfig& c, double lr) override { return trained_->step(c, lr); }
+  StepResult step(const TrainConfig& c, double lr) override { return trained_->step(c, lr); }
   double evaluate(const int32_t* tokens, const int32_t* targets) override {
     return trained_->evaluate(tokens, targets);
   }

@@ -122,6 +122,26 @@ struct GptCuda::State {
   DeviceBuffer<uint64_t> dropout_step, dropout_keys;
   DeviceBuffer<bf16> e, x0, h, hf, logits;
   DeviceBuffer<float> lnf_mean, lnf_rstd, losses, ones;
+  // The host side of a micro-batch, in page-locked memory, so that its copies run on the
+  // stream without the host waiting: its tokens, targets and step (the caller's arrays may
+  // be gone before the copies run), and its per-row losses, copied back behind its backward
+  // and read after the step's one wait (micro_batch_losses()). Slot k is micro-batch k of a
+  // step (zero_grad() starts again at 0); the host rewrites a slot's inputs only once its
+  // last uploads are done.
+  struct HostSlot {
+    explicit HostSlot(int64_t N)
+        : tokens(static_cast<size_t>(N)), targets(static_cast<size_t>(N)), step(1), losses(static_cast<size_t>(N)) {}
+    cuda::HostBuffer<int32_t> tokens, targets;
+    cuda::HostBuffer<uint64_t> step;
+    cuda::HostBuffer<float> losses;
+    cuda::Event uploaded;
+  };
+  std::vector<std::unique_ptr<HostSlot>> host_slots;
+  size_t micro_batches = 0;  // forward_backward() calls since zero_grad()
+  HostSlot& host_slot(size_t k) {
+    while (host_slots.size() <= k) host_slots.push_back(std::make_unique<HostSlot>(N));
+    return *host_slots[k];
+  }
   DeviceBuffer<bf16> dx_a, dx_b, dx_mid, dagg, dln, dy, dctx, dh, dhf, de, dqkv, dfc, dact;
   DeviceBuffer<float> grad_h_pre, grad_h_post, grad_h_res;
   DeviceBuffer<float> mappings_forward_ws, mappings_backward_ws, columns_ws, norm_result;
@@ -417,29 +437,37 @@ struct GptCuda::State {
                             grad_of(wte), nullptr, nullptr, stream, /*accumulate=*/!grads_fresh || r0 > 0);
     }
   }
-  // The mean of the last forward's per-row losses, summed in order (waits for the stream).
-  double mean_loss() const {
-    const std::vector<float> per_row = losses.download();
+  // The mean of N per-row losses, summed in order.
+  double mean_of_rows(const float* per_row) const {
     double total = 0;
-    for (float l : per_row) total += l;
+    for (int64_t r = 0; r < N; ++r) total += per_row[r];
     return total / static_cast<double>(N);
   }
+  // The last forward's mean loss (waits for the stream).
+  double mean_loss() const { return mean_of_rows(losses.download().data()); }
 
-  // The batch, and the step the forward's dropout keys are made from.
-  void upload_batch(const int32_t* tokens_host, const int32_t* targets_host, uint64_t step) {
+  // The batch, and the step the forward's dropout keys are made from, through host slot k.
+  void upload_batch(const int32_t* tokens_host, const int32_t* targets_host, uint64_t step, size_t k) {
     check_token_ids(tokens_host, N, V, "token");
     check_token_ids(targets_host, N, V, "target");
+    HostSlot& slot = host_slot(k);
+    slot.uploaded.synchronize();
+    std::copy(tokens_host, tokens_host + N, slot.tokens.data());
+    std::copy(targets_host, targets_host + N, slot.targets.data());
+    slot.step.data()[0] = step;
     MHC_CUDA_CHECK(
-        cudaMemcpyAsync(tokens.data(), tokens_host, N * sizeof(int32_t), cudaMemcpyHostToDevice, stream));
+        cudaMemcpyAsync(tokens.data(), slot.tokens.data(), N * sizeof(int32_t), cudaMemcpyHostToDevice, stream));
     MHC_CUDA_CHECK(
-        cudaMemcpyAsync(targets.data(), targets_host, N * sizeof(int32_t), cudaMemcpyHostToDevice, stream));
-    MHC_CUDA_CHECK(cudaMemcpyAsync(dropout_step.data(), &step, sizeof(step), cudaMemcpyHostToDevice, stream));
+        cudaMemcpyAsync(targets.data(), slot.targets.data(), N * sizeof(int32_t), cudaMemcpyHostToDevice, stream));
+    MHC_CUDA_CHECK(
+        cudaMemcpyAsync(dropout_step.data(), slot.step.data(), sizeof(uint64_t), cudaMemcpyHostToDevice, stream));
+    slot.uploaded.record(stream);
   }
 
   // The mean loss of a batch: upload, forward and head (its backward too with `train`).
   double loss(const int32_t* tokens_host, const int32_t* targets_host, uint64_t step, const ModelConfig& c,
               bool train) {
-    upload_batch(tokens_host, targets_host, step);
+    upload_batch(tokens_host, targets_host, step, micro_batches);  // a slot no queued micro-batch uses
     forward(c, train);
     return mean_loss();
   }
@@ -512,9 +540,9 @@ struct GptCuda::State {
     grads_fresh = false;
   }
 
-  double forward_backward(const int32_t* tokens_host, const int32_t* targets_host, uint64_t step,
-                          const ModelConfig& c) {
-    upload_batch(tokens_host, targets_host, step);
+  void forward_backward(const int32_t* tokens_host, const int32_t* targets_host, uint64_t step, const ModelConfig& c) {
+    const size_t k = micro_batches++;
+    upload_batch(tokens_host, targets_host, step, k);
     const auto launches = [&] {
       forward(c, true);
       backward(c);
@@ -532,7 +560,8 @@ struct GptCuda::State {
       warmed_up = true;
     }
     grads_fresh = false;  // as backward() does; a replay runs none of its host code
-    return mean_loss();
+    MHC_CUDA_CHECK(
+        cudaMemcpyAsync(host_slot(k).losses.data(), losses.data(), N * sizeof(float), cudaMemcpyDeviceToHost, stream));
   }
 };
 
@@ -756,6 +785,7 @@ void GptCuda::zero_grad() {
   MHC_CUDA_CHECK(cudaMemsetAsync(s.grad.data() + s.products_end, 0,
                                  (s.grad.size() - static_cast<size_t>(s.products_end)) * sizeof(float), s.stream));
   s.grads_fresh = true;
+  s.micro_batches = 0;
 }
 
 double GptCuda::forward(const int32_t* tokens, const int32_t* targets, uint64_t step) {
@@ -764,8 +794,16 @@ double GptCuda::forward(const int32_t* tokens, const int32_t* targets, uint64_t 
 
 void GptCuda::backward() { s_->backward(config_); }
 
-double GptCuda::forward_backward(const int32_t* tokens, const int32_t* targets, uint64_t step) {
-  return s_->forward_backward(tokens, targets, step, config_);
+void GptCuda::forward_backward(const int32_t* tokens, const int32_t* targets, uint64_t step) {
+  s_->forward_backward(tokens, targets, step, config_);
+}
+
+std::vector<double> GptCuda::micro_batch_losses() {
+  State& s = *s_;
+  MHC_CUDA_CHECK(cudaStreamSynchronize(s.stream));
+  std::vector<double> means;
+  for (size_t k = 0; k < s.micro_batches; ++k) means.push_back(s.mean_of_rows(s.host_slot(k).losses.data()));
+  return means;
 }
 
 void GptCuda::set_overlap(bool on) {

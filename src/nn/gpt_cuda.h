@@ -4,7 +4,8 @@
 // initialisation): upload() copies them to the device, download() back (checkpoints).
 //
 // One step: zero_grad(); forward_backward() (or forward() + backward()) per micro-batch;
-// step(). Every launch goes on the model's own stream. The LM head's
+// step(). Every launch goes on the model's own stream; forward_backward() and step() only
+// queue work and copies, so the host waits once a step (step()'s norm). The LM head's
 // backward runs inside forward (per chunk of rows, so that the fp32 logits of only one
 // chunk exist at a time): forward() is for training; evaluate() computes the loss only.
 //
@@ -45,12 +46,16 @@ class GptCuda {
   // the dropout masks as on the CPU. Gradients accumulate over micro-batches.
   double forward(const int32_t* tokens, const int32_t* targets, uint64_t step);
   void backward();
-  // forward() then backward() of one micro-batch. From the second call on, as one CUDA
-  // graph captured at that call and replayed (the same kernels on the same buffers, the
-  // dropout keys made on the device from the step: the same bits as the two calls;
-  // set_graphs(false) launches them one by one). A step's first micro-batch has a graph of
-  // its own: it writes the products' weight gradients, the others add to them.
-  double forward_backward(const int32_t* tokens, const int32_t* targets, uint64_t step);
+  // forward() then backward() of one micro-batch, queued: it returns without waiting for
+  // the device, and its mean loss is read later (micro_batch_losses()). From the second
+  // call on, as one CUDA graph captured at that call and replayed (the same kernels on the
+  // same buffers, the dropout keys made on the device from the step: the same bits as the
+  // two calls; set_graphs(false) launches them one by one). A step's first micro-batch has
+  // a graph of its own: it writes the products' weight gradients, the others add to them.
+  void forward_backward(const int32_t* tokens, const int32_t* targets, uint64_t step);
+  // The mean loss of each forward_backward() since zero_grad(), in order (waits for them;
+  // after step(), which waits, nothing is left to wait for).
+  std::vector<double> micro_batch_losses();
   void set_graphs(bool on);
   // The backward's weight gradients on a second stream, beside the rest of the backward
   // (the same kernels on the same inputs: the same bits); off: everything on one stream.

@@ -11,10 +11,13 @@ class CudaLearner final : public ModelLearner<GptCuda> {
     model_.init(static_cast<uint64_t>(c.seed));
     model_.set_graphs(c.cuda_graphs);
   }
-  double forward_backward(const int32_t* tokens, const int32_t* targets, uint64_t key) override {
-    return model_.forward_backward(tokens, targets, key);
+  void forward_backward(const int32_t* tokens, const int32_t* targets, uint64_t key) override {
+    model_.forward_backward(tokens, targets, key);
   }
-  double step(const TrainConfig& c, double lr) override { return model_.step(c, lr); }
+  StepResult step(const TrainConfig& c, double lr) override {
+    const double norm = model_.step(c, lr);  // the step's one wait for the device
+    return {mean_in_order(model_.micro_batch_losses()), norm};
+  }
   double evaluate(const int32_t* tokens, const int32_t* targets) override { return model_.evaluate(tokens, targets); }
   std::vector<GainStats> gains() override { return model_.gains(); }
   Gpt<float>& host_model() override { return model_.host(); }

@@ -11,11 +11,19 @@ class CpuLearner final : public ModelLearner<Gpt<float>> {
   explicit CpuLearner(const TrainConfig& c) : ModelLearner(c), optimizer_(model_.parameters()) {
     model_.init(static_cast<uint64_t>(c.seed));
   }
-  double step(const TrainConfig& c, double lr) override {
+  void zero_grad() override {
+    ModelLearner::zero_grad();
+    losses_.clear();
+  }
+  void forward_backward(const int32_t* tokens, const int32_t* targets, uint64_t key) override {
+    losses_.push_back(model_.forward(tokens, targets, key));
+    model_.backward();
+  }
+  StepResult step(const TrainConfig& c, double lr) override {
     const double norm =
         scale_and_clip_gradients(model_.parameters(), 1.0f / static_cast<float>(c.grad_accumulation), c.grad_clip);
     optimizer_.step(c, lr);
-    return norm;
+    return {mean_in_order(losses_), norm};
   }
   double evaluate(const int32_t* tokens, const int32_t* targets) override {
     model_.set_training(false);
@@ -31,9 +39,16 @@ class CpuLearner final : public ModelLearner<Gpt<float>> {
 
  private:
   AdamW optimizer_;
+  std::vector<double> losses_;  // of the micro-batches since zero_grad
 };
 
 }  // namespace
+
+double mean_in_order(const std::vector<double>& values) {
+  double total = 0;
+  for (double v : values) total += v;
+  return values.empty() ? 0.0 : total / static_cast<double>(values.size());
+}
 
 std::unique_ptr<Learner> make_cpu_learner(const TrainConfig& config) { return std::make_unique<CpuLearner>(config); }
 

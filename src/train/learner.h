@@ -14,14 +14,22 @@
 
 namespace mhc {
 
+// What a step reports: the mean loss of its micro-batches and the gradients' global norm
+// before clipping.
+struct StepResult {
+  double loss = 0, grad_norm = 0;
+};
+
 class Learner {
  public:
   virtual ~Learner() = default;
   virtual void zero_grad() = 0;
-  // One micro-batch: returns its mean loss; gradients accumulate. `key` keys dropout.
-  virtual double forward_backward(const int32_t* tokens, const int32_t* targets, uint64_t key) = 0;
-  // Gradients scaled by 1 / grad_accumulation, clipped, AdamW; returns the norm before clipping.
-  virtual double step(const TrainConfig& config, double lr) = 0;
+  // One micro-batch; gradients accumulate. `key` keys dropout. A device learner only
+  // queues it: its loss comes with step().
+  virtual void forward_backward(const int32_t* tokens, const int32_t* targets, uint64_t key) = 0;
+  // Gradients scaled by 1 / grad_accumulation, clipped, AdamW; the micro-batches' losses
+  // (since zero_grad) averaged, and the norm.
+  virtual StepResult step(const TrainConfig& config, double lr) = 0;
   // Mean loss of one batch with dropout off; no gradients.
   virtual double evaluate(const int32_t* tokens, const int32_t* targets) = 0;
   // Stability metrics of the last forward (empty where a learner has none).
@@ -40,11 +48,6 @@ template <typename Model> class ModelLearner : public Learner {
  public:
   explicit ModelLearner(const TrainConfig& c) : model_(c.model, c.batch_size, c.model.seq_length) {}
   void zero_grad() override { model_.zero_grad(); }
-  double forward_backward(const int32_t* tokens, const int32_t* targets, uint64_t key) override {
-    const double loss = model_.forward(tokens, targets, key);
-    model_.backward();
-    return loss;
-  }
 
  protected:
   Model model_;
@@ -56,6 +59,9 @@ std::unique_ptr<Learner> make_cpu_learner(const TrainConfig& config);
 // The learner of config.device: the CPU's, or cuda_learner's (empty in a build without
 // CUDA, which then is a named error).
 std::unique_ptr<Learner> make_learner(const TrainConfig& config, const LearnerFactory& cuda_learner);
+
+// The mean of `values` summed in order (0 for none): a step's loss from its micro-batches'.
+double mean_in_order(const std::vector<double>& values);
 
 // Mean loss over `batches` batches of the stream from its start.
 double evaluate_loss(const std::function<double(const int32_t*, const int32_t*)>& batch_loss,

@@ -167,14 +167,12 @@ TrainSummary run_training(TrainConfig config, const TrainRunOptions& options) {
     const auto step_start = std::chrono::steady_clock::now();
     const double lr = learning_rate_at(config, step);
     learner->zero_grad();
-    double loss = 0;
     for (int64_t micro = 0; micro < config.grad_accumulation; ++micro) {
       batcher.next(state.data_position, tokens.data(), targets.data());
-      loss += learner->forward_backward(tokens.data(), targets.data(),
-                                        static_cast<uint64_t>(step * config.grad_accumulation + micro));
+      learner->forward_backward(tokens.data(), targets.data(),
+                                static_cast<uint64_t>(step * config.grad_accumulation + micro));
     }
-    loss /= static_cast<double>(config.grad_accumulation);
-    const double grad_norm = learner->step(config, lr);
+    const auto [loss, grad_norm] = learner->step(config, lr);
     state.step = step + 1;
     const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - step_start).count();
     const double tokens_per_s = static_cast<double>(B * T * config.grad_accumulation) / seconds;

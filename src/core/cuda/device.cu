@@ -67,6 +67,7 @@ Event::~Event() {
 }
 void Event::record(cudaStream_t stream) { MHC_CUDA_CHECK(cudaEventRecord(event_, stream)); }
 void Event::wait_on(cudaStream_t stream) const { MHC_CUDA_CHECK(cudaStreamWaitEvent(stream, event_, 0)); }
+void Event::synchronize() const { MHC_CUDA_CHECK(cudaEventSynchronize(event_)); }
 
 namespace {
 

@@ -1,7 +1,8 @@
 // The one place for CUDA error checking, device memory, streams and graphs. Every runtime
 // call goes through MHC_CUDA_CHECK, which turns a failure into an mhc::Error naming the call
-// and the place; DeviceBuffer owns one cudaMalloc allocation (never managed memory); Stream
-// and Graph own a stream and an instantiated CUDA graph.
+// and the place; DeviceBuffer owns one cudaMalloc allocation (never managed memory),
+// HostBuffer one page-locked host allocation; Stream and Graph own a stream and an
+// instantiated CUDA graph.
 #pragma once
 #include <cuda_runtime.h>
 
@@ -85,6 +86,37 @@ template <typename T> class DeviceBuffer {
   size_t count_ = 0;
 };
 
+// Page-locked host memory (cudaMallocHost) of `count` T: the destination of copies from the
+// device that a stream runs without the host waiting (pageable memory would make them wait).
+template <typename T> class HostBuffer {
+ public:
+  explicit HostBuffer(size_t count) : count_(count) {
+    if (count) MHC_CUDA_CHECK(cudaMallocHost(&data_, count * sizeof(T)));
+  }
+  ~HostBuffer() {
+    if (data_) cudaFreeHost(data_);
+  }
+  HostBuffer(HostBuffer&& other) noexcept : data_(other.data_), count_(other.count_) {
+    other.data_ = nullptr;
+    other.count_ = 0;
+  }
+  HostBuffer& operator=(HostBuffer&& other) noexcept {
+    std::swap(data_, other.data_);
+    std::swap(count_, other.count_);
+    return *this;
+  }
+  HostBuffer(const HostBuffer&) = delete;
+  HostBuffer& operator=(const HostBuffer&) = delete;
+
+  T* data() { return data_; }
+  const T* data() const { return data_; }
+  size_t size() const { return count_; }
+
+ private:
+  T* data_ = nullptr;
+  size_t count_ = 0;
+};
+
 // A blocking stream (cudaStreamCreate): the legacy default stream, on which
 // DeviceBuffer's copies and fills run, stays ordered with its work. A high-priority
 // stream's waiting blocks are scheduled before those of other streams.
@@ -112,6 +144,8 @@ class Event {
   void record(cudaStream_t stream);
   // `stream` waits for the work before the latest record.
   void wait_on(cudaStream_t stream) const;
+  // The host waits for the work before the latest record (at once where there is none).
+  void synchronize() const;
 
  private:
   cudaEvent_t event_ = nullptr;
