@@ -1,8 +1,8 @@
 // The one place for CUDA error checking, device memory, streams and graphs. Every runtime
 // call goes through MHC_CUDA_CHECK, which turns a failure into an mhc::Error naming the call
 // and the place; DeviceBuffer owns one cudaMalloc allocation (never managed memory),
-// HostBuffer one page-locked host allocation; Stream and Graph own a stream and an
-// instantiated CUDA graph.
+// HostBuffer one page-locked host allocation (both an Allocation); Stream and Graph own a
+// stream and an instantiated CUDA graph.
 #pragma once
 #include <cuda_runtime.h>
 
@@ -41,80 +41,72 @@ void allow_shared_bytes(void (*kernel)(Args...), size_t bytes) {
 // Asked of the runtime once per device, kernel and size (launches ask it every call).
 int resident_blocks_per_sm(const void* kernel, int threads, size_t shared_bytes);
 
-template <typename T> class DeviceBuffer {
+// Where an Allocation lives: device memory (cudaMalloc, never managed memory) or
+// page-locked host memory (cudaMallocHost: the destination, or source, of copies that a
+// stream runs without the host waiting; pageable memory would make it wait).
+enum class Memory { kDevice, kPinnedHost };
+
+// One allocation of `count` T, freed with it; movable, not copyable.
+template <typename T, Memory M> class Allocation {
  public:
-  DeviceBuffer() = default;
-  explicit DeviceBuffer(size_t count) : count_(count) {
-    if (count) MHC_CUDA_CHECK(cudaMalloc(&data_, count * sizeof(T)));
+  Allocation() = default;
+  explicit Allocation(size_t count) : count_(count) {
+    if (!count) return;
+    void* p = nullptr;
+    MHC_CUDA_CHECK(M == Memory::kDevice ? cudaMalloc(&p, count * sizeof(T)) : cudaMallocHost(&p, count * sizeof(T)));
+    data_ = static_cast<T*>(p);
   }
-  explicit DeviceBuffer(const std::vector<T>& host) : DeviceBuffer(host.size()) { upload(host); }
-  ~DeviceBuffer() {
-    if (data_) cudaFree(data_);
+  ~Allocation() {
+    if (!data_) return;
+    if constexpr (M == Memory::kDevice)
+      cudaFree(data_);
+    else
+      cudaFreeHost(data_);
   }
-  DeviceBuffer(DeviceBuffer&& other) noexcept : data_(other.data_), count_(other.count_) {
+  Allocation(Allocation&& other) noexcept : data_(other.data_), count_(other.count_) {
     other.data_ = nullptr;
     other.count_ = 0;
   }
-  DeviceBuffer& operator=(DeviceBuffer&& other) noexcept {
+  Allocation& operator=(Allocation&& other) noexcept {
     std::swap(data_, other.data_);
     std::swap(count_, other.count_);
     return *this;
   }
-  DeviceBuffer(const DeviceBuffer&) = delete;
-  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
+  Allocation(const Allocation&) = delete;
+  Allocation& operator=(const Allocation&) = delete;
 
   T* data() { return data_; }
   const T* data() const { return data_; }
   size_t size() const { return count_; }
-
-  void upload(const std::vector<T>& host) {
-    check(host.size() == count_, "DeviceBuffer::upload: size mismatch");
-    if (count_) MHC_CUDA_CHECK(cudaMemcpy(data_, host.data(), count_ * sizeof(T), cudaMemcpyHostToDevice));
-  }
-  std::vector<T> download() const {
-    std::vector<T> host(count_);
-    if (count_) MHC_CUDA_CHECK(cudaMemcpy(host.data(), data_, count_ * sizeof(T), cudaMemcpyDeviceToHost));
-    return host;
-  }
-  // Fills every byte with `byte` (tests poison outputs with 0xFF: NaN in bf16 and fp32).
-  void fill_bytes(int byte) {
-    if (count_) MHC_CUDA_CHECK(cudaMemset(data_, byte, count_ * sizeof(T)));
-  }
 
  private:
   T* data_ = nullptr;
   size_t count_ = 0;
 };
 
-// Page-locked host memory (cudaMallocHost) of `count` T: the destination of copies from the
-// device that a stream runs without the host waiting (pageable memory would make them wait).
-template <typename T> class HostBuffer {
+template <typename T> using HostBuffer = Allocation<T, Memory::kPinnedHost>;
+
+template <typename T> class DeviceBuffer : public Allocation<T, Memory::kDevice> {
  public:
-  explicit HostBuffer(size_t count) : count_(count) {
-    if (count) MHC_CUDA_CHECK(cudaMallocHost(&data_, count * sizeof(T)));
-  }
-  ~HostBuffer() {
-    if (data_) cudaFreeHost(data_);
-  }
-  HostBuffer(HostBuffer&& other) noexcept : data_(other.data_), count_(other.count_) {
-    other.data_ = nullptr;
-    other.count_ = 0;
-  }
-  HostBuffer& operator=(HostBuffer&& other) noexcept {
-    std::swap(data_, other.data_);
-    std::swap(count_, other.count_);
-    return *this;
-  }
-  HostBuffer(const HostBuffer&) = delete;
-  HostBuffer& operator=(const HostBuffer&) = delete;
+  DeviceBuffer() = default;
+  explicit DeviceBuffer(size_t count) : Allocation<T, Memory::kDevice>(count) {}
+  explicit DeviceBuffer(const std::vector<T>& host) : DeviceBuffer(host.size()) { upload(host); }
 
-  T* data() { return data_; }
-  const T* data() const { return data_; }
-  size_t size() const { return count_; }
-
- private:
-  T* data_ = nullptr;
-  size_t count_ = 0;
+  void upload(const std::vector<T>& host) {
+    check(host.size() == this->size(), "DeviceBuffer::upload: size mismatch");
+    if (!host.empty())
+      MHC_CUDA_CHECK(cudaMemcpy(this->data(), host.data(), host.size() * sizeof(T), cudaMemcpyHostToDevice));
+  }
+  std::vector<T> download() const {
+    std::vector<T> host(this->size());
+    if (!host.empty())
+      MHC_CUDA_CHECK(cudaMemcpy(host.data(), this->data(), host.size() * sizeof(T), cudaMemcpyDeviceToHost));
+    return host;
+  }
+  // Fills every byte with `byte` (tests poison outputs with 0xFF: NaN in bf16 and fp32).
+  void fill_bytes(int byte) {
+    if (this->size()) MHC_CUDA_CHECK(cudaMemset(this->data(), byte, this->size() * sizeof(T)));
+  }
 };
 
 // A blocking stream (cudaStreamCreate): the legacy default stream, on which
