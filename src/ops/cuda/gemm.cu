@@ -40,7 +40,7 @@ struct Plan {
 // destruction at exit could run after the CUDA driver has shut down.
 struct Context {
   cublasLtHandle_t handle = nullptr;
-  void* workspace = nullptr;  // of the streams without one bound
+  void* workspace = nullptr;  // of the streams without one bound, made when the first needs it
   std::mutex mutex;           // guards plans and bound
   std::map<Key, Plan> plans;
   std::map<cudaStream_t, void*> bound;
@@ -56,7 +56,6 @@ Context& context_of_current_device() {
   if (!c) {
     c = new Context;
     MHC_BLAS_CHECK(cublasLtCreate(&c->handle));
-    MHC_CUDA_CHECK(cudaMalloc(&c->workspace, kGemmWorkspaceBytes));
   }
   return *c;
 }
@@ -130,10 +129,15 @@ void gemm(const Gemm& g, cudaStream_t stream) {
                 g.ldd,     static_cast<int>(g.output), align_a, align_b, align_d, g.beta != 0.0f,
                 g.batch,   g.stride_a, g.stride_b, g.stride_d, g.bias != nullptr};
   Plan p;
-  void* workspace = c.workspace;
+  void* workspace = nullptr;
   {
     const std::lock_guard<std::mutex> lock(c.mutex);
-    if (const auto b = c.bound.find(stream); b != c.bound.end()) workspace = b->second;
+    if (const auto b = c.bound.find(stream); b != c.bound.end()) {
+      workspace = b->second;
+    } else {
+      if (!c.workspace) MHC_CUDA_CHECK(cudaMalloc(&c.workspace, kGemmWorkspaceBytes));
+      workspace = c.workspace;
+    }
     auto it = c.plans.find(key);
     if (it == c.plans.end()) it = c.plans.emplace(key, make_plan(c.handle, g, align_a, align_b, align_d)).first;
     p = it->second;
