@@ -154,6 +154,29 @@ INSTANTIATE_TEST_SUITE_P(Connections, CudaModel,
 
 // Selective recompute re-runs deterministic kernels on the same inputs: losses and the
 // trained weights are bitwise those without it.
+// A token id out of the vocabulary is a named error before anything is queued: the step's
+// losses are those of the micro-batches that were queued.
+TEST(CudaModelQueue, ABadBatchQueuesNothing) {
+  if (!cuda::device_available()) GTEST_SKIP() << "no CUDA device";
+  const TrainConfig c = tiny("mhc", 0.0);
+  const int64_t B = c.batch_size, T = c.model.seq_length, V = c.model.vocab_size;
+  GptCuda model(c.model, B, T);
+  model.init(3);
+  const std::vector<int32_t> seq = batch_tokens(B * T + 1, V, 40);
+  const std::vector<int32_t> tokens(seq.begin(), seq.end() - 1), targets(seq.begin() + 1, seq.end());
+  std::vector<int32_t> bad = tokens;
+  bad[5] = static_cast<int32_t>(V);
+  model.zero_grad();
+  model.forward_backward(tokens.data(), targets.data(), 0);
+  EXPECT_THROW(model.forward_backward(bad.data(), targets.data(), 0), Error);
+  EXPECT_THROW(model.forward_backward(tokens.data(), bad.data(), 0), Error);
+  model.step(c, 1e-3);
+  const std::vector<double> losses = model.micro_batch_losses();
+  ASSERT_EQ(losses.size(), 1u);
+  EXPECT_TRUE(std::isfinite(losses[0]));
+  EXPECT_NEAR(losses[0], std::log(static_cast<double>(V)), 0.5) << "an untrained model's loss";
+}
+
 TEST(CudaModelRecompute, BitwiseEqualToNoRecompute) {
   if (!cuda::device_available()) GTEST_SKIP() << "no CUDA device";
   for (const double dropout : {0.1, 0.0})

@@ -541,7 +541,7 @@ struct GptCuda::State {
   }
 
   void forward_backward(const int32_t* tokens_host, const int32_t* targets_host, uint64_t step, const ModelConfig& c) {
-    const size_t k = micro_batches++;
+    const size_t k = micro_batches;
     upload_batch(tokens_host, targets_host, step, k);
     const auto launches = [&] {
       forward(c, true);
@@ -562,6 +562,7 @@ struct GptCuda::State {
     grads_fresh = false;  // as backward() does; a replay runs none of its host code
     MHC_CUDA_CHECK(
         cudaMemcpyAsync(host_slot(k).losses.data(), losses.data(), N * sizeof(float), cudaMemcpyDeviceToHost, stream));
+    ++micro_batches;  // counted once queued: a micro-batch that threw has no loss to read
   }
 };
 
