@@ -35,9 +35,10 @@ expect_2 "unknown bench row" "bogus" "$mhc" bench train --variants residual,bogu
 expect_2 "zero bench steps" "steps: must be a whole number of at least 1, got 0" "$mhc" bench train --steps 0
 expect_2 "negative kernel repeats" "at least 1, got -3" "$mhc" bench kernels --repeats -3
 expect_2 "negative warmup" "warmup: must be a whole number of at least 0, got -1" "$mhc" bench train --warmup -1
+expect_2 "zero bench rounds" "rounds: must be a whole number of at least 1, got 0" "$mhc" bench train --rounds 0
 # A comma-separated row list parses (then runs a tiny bench, or names the missing GPU).
 "$mhc" bench train --variants residual,mhc --layers 1 --hidden 64 --heads 4 --seq 32 --batch 2 --vocab 61 \
-  --steps 1 --warmup 0 > /dev/null 2> "$tmp/err"
+  --steps 1 --warmup 0 --rounds 2 > /dev/null 2> "$tmp/err"
 grep -q "not in" "$tmp/err" && fail "--variants residual,mhc: $(cat "$tmp/err")"
 expect_2 "missing data" "nope.txt" "$mhc" train --out "$tmp/x" --data "$tmp/nope.txt"
 : > "$tmp/empty.txt"

@@ -10,6 +10,7 @@
 #include <fstream>
 #include <memory>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -33,6 +34,7 @@ namespace {
 struct BenchTrainOptions : GptShape {
   int64_t recompute_layers = 1;  // mhc_recompute_layer_num of the recompute row
   int steps = 10, warmup = 3;
+  int rounds = 1;       // times each row is built and timed, in turn
   double dropout = 0;   // hidden and attention dropout
   bool graphs = true;   // each micro-batch as one CUDA graph (nn/gpt_cuda.h)
   bool overlap = true;  // the backward's weight gradients on a second stream (nn/gpt_cuda.h)
@@ -76,6 +78,84 @@ void print_timeline(const std::string& variant, const TimelineSummary& t) {
   }
 }
 
+// One variant's model: its configuration from the options and the row.
+struct Variant {
+  std::string key, name, connection, recompute;
+};
+
+// What one round of a variant measured: its timed steps (ms), the peak memory and, with
+// --trace, the recorded step's summary and trace events.
+struct Measurement {
+  std::vector<double> step_ms;
+  double peak_gib = 0;
+  std::optional<TimelineSummary> timeline;
+  nlohmann::json trace_events;
+};
+
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
+}
+
+TrainConfig variant_config(const BenchTrainOptions& o, const Variant& v) {
+  TrainConfig config = default_train_config();
+  ModelConfig& m = config.model;
+  o.apply(m);
+  m.connection = v.connection;
+  m.recompute = v.recompute;
+  if (v.recompute == "mhc") m.mhc_recompute_layer_num = o.recompute_layers;
+  m.hidden_dropout = m.attention_dropout = o.dropout;
+  config.batch_size = o.batch;
+  config.validate();
+  return config;
+}
+
+// Times the steps of a model just built (`before`: the device memory in use before it)
+// and, with `trace`, records one more.
+Measurement measure_model(const BenchTrainOptions& o, const TrainConfig& config, GptCuda* model, size_t before,
+                          bool trace, int trace_process, const std::string& label) {
+  model->init(1);
+  model->set_graphs(o.graphs);
+  model->set_overlap(o.overlap);
+  const int64_t N = o.batch * o.seq;
+  std::vector<int32_t> tokens(N), targets(N);
+  for (int64_t i = 0; i < N; ++i) {
+    tokens[i] = static_cast<int32_t>(rng_uniform(rng_key(7, 1), static_cast<uint64_t>(i)) * o.vocab) % o.vocab;
+    targets[i] = static_cast<int32_t>(rng_uniform(rng_key(7, 2), static_cast<uint64_t>(i)) * o.vocab) % o.vocab;
+  }
+  const auto train_step = [&](int step) {
+    model->zero_grad();
+    model->forward_backward(tokens.data(), targets.data(), static_cast<uint64_t>(step));
+    model->step(config, 1e-4);
+    MHC_CUDA_CHECK(cudaDeviceSynchronize());
+  };
+  Measurement out;
+  size_t peak = 0;
+  for (int step = 0; step < o.warmup + o.steps; ++step) {
+    MHC_CUDA_CHECK(cudaDeviceSynchronize());
+    const auto start = std::chrono::steady_clock::now();
+    train_step(step);
+    const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
+    peak = std::max(peak, used_device_bytes() - before);
+    if (step >= o.warmup) out.step_ms.push_back(ms);
+  }
+  out.peak_gib = static_cast<double>(peak) / (1u << 30);
+  if (trace) {
+    // Two more steps under CUPTI, the second recorded: the first after enabling it waits
+    // about 4 ms for its graph's launch (H200).
+    cuda::start_timeline();
+    train_step(o.warmup + o.steps);
+    const uint64_t begin = cuda::timeline_now_ns();
+    train_step(o.warmup + o.steps + 1);
+    std::vector<TimelineRecord> step_records;
+    for (TimelineRecord& r : cuda::stop_timeline())
+      if (r.start_ns >= begin) step_records.push_back(std::move(r));
+    out.timeline = summarize_timeline(step_records);
+    out.trace_events = timeline_trace_events(step_records, trace_process, label);
+  }
+  return out;
+}
+
 int run_bench_train(const BenchTrainOptions& o) {
   // The trace file's path is checked first (a bad one fails before the benchmark) and the
   // file written at the end (a run that fails leaves nothing behind).
@@ -86,22 +166,17 @@ int run_bench_train(const BenchTrainOptions& o) {
           "bench train: --trace " + o.trace + ": no folder " + folder.string());
   }
   check(cuda::device_available(), "bench train: no CUDA device");
-  nlohmann::json trace_events = nlohmann::json::array();
-  std::vector<std::pair<std::string, TimelineSummary>> timelines;
   cudaDeviceProp prop{};
   MHC_CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
+  const std::string rounds = o.rounds > 1 ? " a round, " + std::to_string(o.rounds) + " rounds" : "";
   std::printf(
       "device: %s; GPT %lld layers, C=%lld, %lld heads, T=%lld, micro-batch %lld, vocab %lld; "
-      "dropout %g; median of %d steps after %d warm-up steps; %s; %s\n",
+      "dropout %g; median of %d steps after %d warm-up steps%s; %s; %s\n",
       prop.name, static_cast<long long>(o.layers), static_cast<long long>(o.hidden), static_cast<long long>(o.heads),
       static_cast<long long>(o.seq), static_cast<long long>(o.batch), static_cast<long long>(o.vocab), o.dropout,
-      o.steps, o.warmup, o.graphs ? "each micro-batch one CUDA graph" : "kernels launched one by one (--no-graphs)",
+      o.steps * o.rounds, o.warmup, rounds.c_str(),
+      o.graphs ? "each micro-batch one CUDA graph" : "kernels launched one by one (--no-graphs)",
       o.overlap ? "weight gradients on a second stream" : "one stream (--no-overlap)");
-  std::printf("%-26s %10s %12s %10s %10s %10s\n", "variant", "step ms", "tokens/s", "peak GiB", "step x res",
-              "mem x res");
-  struct Variant {
-    std::string key, name, connection, recompute;
-  };
   const Variant all[] = {{"residual", "residual", "residual", "none"},
                          {"mhc", "mhc n=" + std::to_string(o.streams), "mhc", "none"},
                          {"mhc-recompute",
@@ -110,110 +185,121 @@ int run_bench_train(const BenchTrainOptions& o) {
   std::vector<Variant> variants;
   for (const Variant& v : all)
     if (std::find(o.variants.begin(), o.variants.end(), v.key) != o.variants.end()) variants.push_back(v);
-  std::vector<nlohmann::json> rows;
-  double residual_ms = 0;
-  double residual_gib = 0;
-  for (const Variant& v : variants) {
-    TrainConfig config = default_train_config();
-    ModelConfig& m = config.model;
-    o.apply(m);
-    m.connection = v.connection;
-    m.recompute = v.recompute;
-    if (v.recompute == "mhc") m.mhc_recompute_layer_num = o.recompute_layers;
-    m.hidden_dropout = m.attention_dropout = o.dropout;
-    config.batch_size = o.batch;
-    config.validate();
-    const std::string& label = v.name;
-    std::unique_ptr<GptCuda> model;
-    MHC_CUDA_CHECK(cudaDeviceSynchronize());
-    const size_t before = used_device_bytes();
-    try {
-      model = std::make_unique<GptCuda>(config.model, o.batch, o.seq);
-    } catch (const Error& e) {
-      std::printf("%-26s %s\n", label.c_str(), e.what());
-      rows.push_back({{"variant", label}, {"error", e.what()}, {"device", prop.name}});
+  // Each round builds and times every row in turn, so that a drift of the card's clocks
+  // over the run falls on every row alike; the trace is recorded in the last round.
+  struct Row {
+    std::vector<double> step_ms, round_ms;  // every timed step; each round's median
+    double peak_gib = 0;
+    std::string error;
+    std::optional<TimelineSummary> timeline;
+  };
+  std::vector<Row> rows(variants.size());
+  nlohmann::json trace_events = nlohmann::json::array();
+  for (int round = 0; round < o.rounds; ++round) {
+    for (size_t k = 0; k < variants.size(); ++k) {
+      Row& row = rows[k];
+      if (!row.error.empty()) continue;
+      const TrainConfig config = variant_config(o, variants[k]);
+      // A model that cannot be built (out of memory, say) is that row's error; the others run.
+      std::unique_ptr<GptCuda> model;
+      MHC_CUDA_CHECK(cudaDeviceSynchronize());
+      const size_t before = used_device_bytes();
+      try {
+        model = std::make_unique<GptCuda>(config.model, o.batch, o.seq);
+      } catch (const Error& e) {
+        row.error = e.what();
+      }
+      std::string result = row.error;
+      if (model) {
+        const bool trace = round + 1 == o.rounds && !o.trace.empty();
+        Measurement m = measure_model(o, config, model.get(), before, trace, static_cast<int>(k), variants[k].name);
+        row.step_ms.insert(row.step_ms.end(), m.step_ms.begin(), m.step_ms.end());
+        row.round_ms.push_back(median(m.step_ms));
+        row.peak_gib = std::max(row.peak_gib, m.peak_gib);
+        if (m.timeline) {
+          row.timeline = m.timeline;
+          trace_events.insert(trace_events.end(), m.trace_events.begin(), m.trace_events.end());
+        }
+        char figure[32];
+        std::snprintf(figure, sizeof figure, "%.2f ms", row.round_ms.back());
+        result = figure;
+      }
+      if (o.rounds > 1) {  // progress, and each round's figure
+        std::printf("round %d/%d %-26s %s\n", round + 1, o.rounds, variants[k].name.c_str(), result.c_str());
+        std::fflush(stdout);
+      }
+    }
+  }
+  // The residual row (where it ran) is the base of the ratios; with rounds, each round's
+  // ratio too, whose spread says how far the step's ratio can be trusted.
+  const Row* residual = nullptr;
+  for (size_t k = 0; k < variants.size(); ++k)
+    if (variants[k].connection == "residual" && rows[k].error.empty()) residual = &rows[k];
+  std::printf("%-26s %10s %12s %10s %10s %10s%s\n", "variant", "step ms", "tokens/s", "peak GiB", "step x res",
+              "mem x res", o.rounds > 1 ? "  rounds' x res" : "");
+  std::vector<nlohmann::json> json_rows;
+  const int64_t N = o.batch * o.seq;
+  for (size_t k = 0; k < variants.size(); ++k) {
+    const Row& row = rows[k];
+    const std::string& label = variants[k].name;
+    if (!row.error.empty()) {
+      std::printf("%-26s %s\n", label.c_str(), row.error.c_str());
+      json_rows.push_back({{"variant", label}, {"error", row.error}, {"device", prop.name}});
       continue;
     }
-    model->init(1);
-    model->set_graphs(o.graphs);
-    model->set_overlap(o.overlap);
-    const int64_t N = o.batch * o.seq;
-    std::vector<int32_t> tokens(N), targets(N);
-    for (int64_t i = 0; i < N; ++i) {
-      tokens[i] = static_cast<int32_t>(rng_uniform(rng_key(7, 1), static_cast<uint64_t>(i)) * o.vocab) % o.vocab;
-      targets[i] = static_cast<int32_t>(rng_uniform(rng_key(7, 2), static_cast<uint64_t>(i)) * o.vocab) % o.vocab;
-    }
-    const auto train_step = [&](int step) {
-      model->zero_grad();
-      model->forward_backward(tokens.data(), targets.data(), static_cast<uint64_t>(step));
-      model->step(config, 1e-4);
-      MHC_CUDA_CHECK(cudaDeviceSynchronize());
-    };
-    std::vector<double> times;
-    size_t peak = 0;
-    for (int step = 0; step < o.warmup + o.steps; ++step) {
-      MHC_CUDA_CHECK(cudaDeviceSynchronize());
-      const auto start = std::chrono::steady_clock::now();
-      train_step(step);
-      const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
-      peak = std::max(peak, used_device_bytes() - before);
-      if (step >= o.warmup) times.push_back(ms);
-    }
-    std::sort(times.begin(), times.end());
-    const double ms = times[times.size() / 2];
-    nlohmann::json timeline_row;
-    if (!o.trace.empty()) {
-      // Two more steps under CUPTI, the second recorded: the first after enabling it waits
-      // about 4 ms for its graph's launch (H200).
-      cuda::start_timeline();
-      train_step(o.warmup + o.steps);
-      const uint64_t begin = cuda::timeline_now_ns();
-      train_step(o.warmup + o.steps + 1);
-      std::vector<TimelineRecord> step_records;
-      for (TimelineRecord& r : cuda::stop_timeline())
-        if (r.start_ns >= begin) step_records.push_back(std::move(r));
-      const TimelineSummary t = summarize_timeline(step_records);
-      const nlohmann::json events = timeline_trace_events(step_records, static_cast<int>(timelines.size()), label);
-      trace_events.insert(trace_events.end(), events.begin(), events.end());
-      timelines.emplace_back(label, t);
-      timeline_row = {{"span_ms", t.span_ms},
-                      {"idle_ms", t.idle_ms},
-                      {"two_streams_ms", t.overlap_ms},
-                      {"busiest_stream_ms", t.streams.empty() ? 0.0 : t.streams.front().busy_ms}};
-    }
-    const double gib = static_cast<double>(peak) / (1u << 30);
-    if (v.connection == "residual") residual_ms = ms, residual_gib = gib;
+    const double ms = median(row.step_ms);
     const double tokens_per_s = static_cast<double>(N) / (ms / 1e3);
+    const double residual_ms = residual ? median(residual->step_ms) : 0.0;
+    const double residual_gib = residual ? residual->peak_gib : 0.0;
     auto ratio = [](double value, double base) { return base > 0 ? std::to_string(value / base).substr(0, 5) : "-"; };
-    std::printf("%-26s %10.2f %12.0f %10.2f %10s %10s\n", label.c_str(), ms, tokens_per_s, gib,
-                ratio(ms, residual_ms).c_str(), ratio(gib, residual_gib).c_str());
-    rows.push_back({{"variant", label},
-                    {"step_ms", ms},
-                    {"tokens_per_s", tokens_per_s},
-                    {"peak_gib", gib},
-                    {"step_vs_residual", residual_ms > 0 ? ms / residual_ms : 0.0},
-                    {"memory_vs_residual", residual_gib > 0 ? gib / residual_gib : 0.0},
-                    {"layers", o.layers},
-                    {"hidden", o.hidden},
-                    {"heads", o.heads},
-                    {"seq", o.seq},
-                    {"batch", o.batch},
-                    {"streams", o.streams},
-                    {"recompute_layers", v.recompute == "mhc" ? o.recompute_layers : 0},
-                    {"dropout", o.dropout},
-                    {"graphs", o.graphs},
-                    {"overlap", o.overlap},
-                    {"device", prop.name}});
-    if (!timeline_row.is_null()) rows.back()["timeline"] = timeline_row;
+    std::vector<double> round_ratios;
+    if (residual)
+      for (size_t r = 0; r < std::min(row.round_ms.size(), residual->round_ms.size()); ++r)
+        round_ratios.push_back(row.round_ms[r] / residual->round_ms[r]);
+    std::string spread;
+    if (o.rounds > 1 && !round_ratios.empty()) {
+      const auto [lo, hi] = std::minmax_element(round_ratios.begin(), round_ratios.end());
+      spread = "  " + ratio(*lo, 1.0) + " - " + ratio(*hi, 1.0);
+    }
+    std::printf("%-26s %10.2f %12.0f %10.2f %10s %10s%s\n", label.c_str(), ms, tokens_per_s, row.peak_gib,
+                ratio(ms, residual_ms).c_str(), ratio(row.peak_gib, residual_gib).c_str(), spread.c_str());
+    json_rows.push_back({{"variant", label},
+                         {"step_ms", ms},
+                         {"tokens_per_s", tokens_per_s},
+                         {"peak_gib", row.peak_gib},
+                         {"step_vs_residual", residual_ms > 0 ? ms / residual_ms : 0.0},
+                         {"memory_vs_residual", residual_gib > 0 ? row.peak_gib / residual_gib : 0.0},
+                         {"rounds", o.rounds},
+                         {"round_step_ms", row.round_ms},
+                         {"round_step_vs_residual", round_ratios},
+                         {"layers", o.layers},
+                         {"hidden", o.hidden},
+                         {"heads", o.heads},
+                         {"seq", o.seq},
+                         {"batch", o.batch},
+                         {"streams", o.streams},
+                         {"recompute_layers", variants[k].recompute == "mhc" ? o.recompute_layers : 0},
+                         {"dropout", o.dropout},
+                         {"graphs", o.graphs},
+                         {"overlap", o.overlap},
+                         {"device", prop.name}});
+    if (row.timeline) {
+      const TimelineSummary& t = *row.timeline;
+      json_rows.back()["timeline"] = {{"span_ms", t.span_ms},
+                                      {"idle_ms", t.idle_ms},
+                                      {"two_streams_ms", t.overlap_ms},
+                                      {"busiest_stream_ms", t.streams.empty() ? 0.0 : t.streams.front().busy_ms}};
+    }
   }
-  for (const auto& [variant, t] : timelines) print_timeline(variant, t);
+  for (size_t k = 0; k < variants.size(); ++k)
+    if (rows[k].timeline) print_timeline(variants[k].name, *rows[k].timeline);
   if (!o.trace.empty()) {
     std::ofstream trace_file(o.trace);
     trace_file << nlohmann::json{{"traceEvents", trace_events}, {"displayTimeUnit", "ms"}}.dump() << "\n";
     check(trace_file.good(), "bench train: writing --trace " + o.trace + " failed");
     std::printf("trace: %s (chrome://tracing or ui.perfetto.dev)\n", o.trace.c_str());
   }
-  for (const auto& r : rows) std::printf("%s\n", r.dump().c_str());
+  for (const auto& r : json_rows) std::printf("%s\n", r.dump().c_str());
   return 0;
 }
 #endif
@@ -236,6 +322,12 @@ Command add_bench_train_command(CLI::App& bench) {
       ->check(at_least(1, true))
       ->capture_default_str();
   cmd->add_option("--warmup", o->warmup, "untimed steps first")->check(at_least(0, true))->capture_default_str();
+  cmd->add_option("--rounds", o->rounds,
+                  "build and time the rows this many times in turn (a fresh model each time), so that the card's "
+                  "clock drift over the run falls on every row alike; each row reports the median of all its "
+                  "rounds' steps, and the table the lowest and highest of the rounds' step ratios to the residual")
+      ->check(at_least(1, true))
+      ->capture_default_str();
   cmd->add_option("--dropout", o->dropout, "hidden and attention dropout probability")
       ->check(CLI::Range(0.0, 0.99))
       ->capture_default_str();
