@@ -168,14 +168,17 @@ int run_bench_train(const BenchTrainOptions& o) {
   check(cuda::device_available(), "bench train: no CUDA device");
   cudaDeviceProp prop{};
   MHC_CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
-  const std::string rounds = o.rounds > 1 ? " a round, " + std::to_string(o.rounds) + " rounds" : "";
+  const std::string steps = std::to_string(o.steps), warmup = std::to_string(o.warmup) + " warm-up steps";
+  const std::string timing = o.rounds > 1
+                                 ? "median of " + std::to_string(o.steps * o.rounds) + " steps (" + steps +
+                                       " a round after " + warmup + ", " + std::to_string(o.rounds) + " rounds)"
+                                 : "median of " + steps + " steps after " + warmup;
   std::printf(
       "device: %s; GPT %lld layers, C=%lld, %lld heads, T=%lld, micro-batch %lld, vocab %lld; "
-      "dropout %g; median of %d steps after %d warm-up steps%s; %s; %s\n",
+      "dropout %g; %s; %s; %s\n",
       prop.name, static_cast<long long>(o.layers), static_cast<long long>(o.hidden), static_cast<long long>(o.heads),
       static_cast<long long>(o.seq), static_cast<long long>(o.batch), static_cast<long long>(o.vocab), o.dropout,
-      o.steps * o.rounds, o.warmup, rounds.c_str(),
-      o.graphs ? "each micro-batch one CUDA graph" : "kernels launched one by one (--no-graphs)",
+      timing.c_str(), o.graphs ? "each micro-batch one CUDA graph" : "kernels launched one by one (--no-graphs)",
       o.overlap ? "weight gradients on a second stream" : "one stream (--no-overlap)");
   const Variant all[] = {{"residual", "residual", "residual", "none"},
                          {"mhc", "mhc n=" + std::to_string(o.streams), "mhc", "none"},
@@ -256,8 +259,10 @@ int run_bench_train(const BenchTrainOptions& o) {
     if (residual)
       for (size_t r = 0; r < std::min(row.round_ms.size(), residual->round_ms.size()); ++r)
         round_ratios.push_back(row.round_ms[r] / residual->round_ms[r]);
-    std::string spread;
-    if (o.rounds > 1 && !round_ratios.empty()) {
+    std::string spread;  // the rounds' ratios' range; "-" for the residual row, the base
+    if (o.rounds > 1 && &row == residual) {
+      spread = "  -";
+    } else if (o.rounds > 1 && !round_ratios.empty()) {
       const auto [lo, hi] = std::minmax_element(round_ratios.begin(), round_ratios.end());
       spread = "  " + ratio(*lo, 1.0) + " - " + ratio(*hi, 1.0);
     }
