@@ -152,8 +152,6 @@ INSTANTIATE_TEST_SUITE_P(Connections, CudaModel,
                                   (m.streams != 4 ? "_n" + std::to_string(m.streams) : "");
                          });
 
-// Selective recompute re-runs deterministic kernels on the same inputs: losses and the
-// trained weights are bitwise those without it.
 // A token id out of the vocabulary is a named error before anything is queued: the step's
 // losses are those of the micro-batches that were queued.
 TEST(CudaModelQueue, ABadBatchQueuesNothing) {
@@ -177,6 +175,8 @@ TEST(CudaModelQueue, ABadBatchQueuesNothing) {
   EXPECT_NEAR(losses[0], std::log(static_cast<double>(V)), 0.5) << "an untrained model's loss";
 }
 
+// Selective recompute re-runs deterministic kernels on the same inputs: losses and the
+// trained weights are bitwise those without it.
 TEST(CudaModelRecompute, BitwiseEqualToNoRecompute) {
   if (!cuda::device_available()) GTEST_SKIP() << "no CUDA device";
   for (const double dropout : {0.1, 0.0})
